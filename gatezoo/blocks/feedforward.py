@@ -1,0 +1,145 @@
+"""Feed-forward blocks: gated activations, GLU feed-forwards and the plain MLP baseline.
+
+``GLUFeedForward`` and ``Mlp`` take timm's MLP signature (``in_features, hidden_features,
+out_features, act_layer, norm_layer, bias, drop``), so either plugs into
+``timm.models.vision_transformer.VisionTransformer(mlp_layer=...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gatezoo.kernels import KINDS, gated_act, glu_packed
+
+# timm passes an activation class; a GLU reads it as the gate it should use.
+_ACT_TO_KIND = {nn.GELU: "gelu", nn.SiLU: "silu", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+
+# Paper names of the GLU variants -> (kind, expanded).
+GLU_VARIANTS = {
+    "glu": ("sigmoid", False), "xglu": ("sigmoid", True),
+    "bilinear": ("identity", False), "reglu": ("relu", False),
+    "geglu": ("gelu", False), "xgeglu": ("gelu", True),
+    "swiglu": ("silu", False), "xswiglu": ("silu", True),
+    "atglu": ("atlu", False), "xatglu": ("atlu", True),
+    "xatglu1": ("arctan", True), "xnormglu": ("normcdf", True),
+}
+
+
+def glu_hidden_features(dim: int) -> int:
+    """2/3 of 4*dim (the parameter count of a 4x MLP), rounded up to a multiple of 8 so the
+    matmuls map onto tensor-core tiles."""
+    hidden = (8 * dim + 2) // 3  # ceil(2/3 * 4 * dim)
+    return (hidden + 7) // 8 * 8
+
+
+class GatedAct(nn.Module):
+    """phi(x) for one kind of :data:`gatezoo.kernels.KINDS` (``silu`` is SiLU, ``gelu`` GELU...).
+
+    Args:
+        kind: activation kind.
+        expanded: hold a trainable ``alpha`` (init 0, so training starts from the plain
+            activation), turning SiLU into xSiLU, GELU into xGELU, ATLU into xATLU.
+        backend: ``"auto" | "torch" | "triton"``.
+    """
+
+    def __init__(self, kind: str = "silu", expanded: bool = False, backend: str = "auto"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        if expanded and not KINDS[kind].takes_alpha:
+            raise ValueError(f"expanded=True needs a gated kind; {kind!r} has no gate to expand")
+        self.kind, self.expanded, self.backend = kind, expanded, backend
+        self.alpha = nn.Parameter(torch.zeros(())) if expanded else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_act(x, self.kind, self.alpha, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, expanded={self.expanded}"
+
+
+class GLUFeedForward(nn.Module):
+    """x -> fc2(phi(x W) * (x V)): a GLU feed-forward with one fused input projection.
+
+    ``fc1`` projects to ``2 * hidden`` features laid out as ``[a | b]``, and the gate is fused
+    with the product by :func:`gatezoo.kernels.glu_packed` (no copy of either half).
+
+    Args:
+        in_features: model width.
+        hidden_features: GLU width; default 2/3 * 4 * in_features rounded up to a multiple of 8.
+        out_features: output width (default ``in_features``).
+        act_layer: timm-style activation class, read as the gate kind (``nn.GELU`` -> GEGLU,
+            ``nn.SiLU`` -> SwiGLU ...) when ``kind`` is not given.
+        norm_layer: optional norm class applied to the hidden features (as timm's Mlp).
+        bias: biases on both projections (default False, as in Shazeer 2020).
+        drop: dropout after the gate and after ``fc2``.
+        kind: activation kind of :data:`~gatezoo.kernels.KINDS`, or a GLU name of
+            :data:`GLU_VARIANTS` such as ``"xswiglu"``; default ``"silu"`` (SwiGLU).
+        expanded: one trainable ``alpha`` for the block (init 0): SwiGLU -> xSwiGLU.
+        backend: ``"auto" | "torch" | "triton"``.
+        device, dtype: factory arguments for the parameters (timm passes them).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer=None, norm_layer=None, bias: bool = False, drop: float = 0.0, *,
+                 kind: str | None = None, expanded: bool = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if kind is None:
+            kind = _ACT_TO_KIND.get(act_layer, "silu") if act_layer is not None else "silu"
+            if act_layer is not None and act_layer not in _ACT_TO_KIND:
+                raise ValueError(f"act_layer {act_layer!r} has no GLU gate; pass kind= one of {sorted(KINDS)}")
+        if kind in GLU_VARIANTS:
+            kind, expanded = GLU_VARIANTS[kind][0], GLU_VARIANTS[kind][1] or expanded
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)} or {sorted(GLU_VARIANTS)}, got {kind!r}")
+        if expanded and not KINDS[kind].takes_alpha:
+            raise ValueError(f"expanded=True needs a gated kind; {kind!r} has no gate to expand")
+        if not isinstance(in_features, int) or in_features < 1:
+            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
+        hidden = hidden_features or glu_hidden_features(in_features)
+        out_features = out_features or in_features
+        self.kind, self.expanded, self.backend = kind, expanded, backend
+        self.hidden_features = hidden
+        self.fc1 = nn.Linear(in_features, 2 * hidden, bias=bias, **dd)
+        self.alpha = nn.Parameter(torch.zeros((), **dd)) if expanded else None
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden, out_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = glu_packed(self.fc1(x), self.kind, self.alpha, backend=self.backend)
+        return self.drop2(self.fc2(self.norm(self.drop1(h))))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, expanded={self.expanded}, hidden_features={self.hidden_features}"
+
+
+class Mlp(nn.Module):
+    """The plain two-layer baseline: fc2(drop(act(fc1(x)))), hidden default 4 * in_features.
+
+    Same signature as timm's ``Mlp``; ``act_layer`` is a class such as ``nn.GELU`` or
+    ``nn.ReLU``, or the strings ``"gelu"`` / ``"relu"``.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer=nn.GELU, norm_layer=None, bias: bool = True, drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        if isinstance(act_layer, str):
+            named = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+            if act_layer not in named:
+                raise ValueError(f"act_layer must be one of {sorted(named)} or an nn.Module class, got {act_layer!r}")
+            act_layer = named[act_layer]
+        hidden = hidden_features or 4 * in_features
+        self.fc1 = nn.Linear(in_features, hidden, bias=bias, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden, **dd) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden, out_features or in_features, bias=bias, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))

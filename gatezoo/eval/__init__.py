@@ -1,0 +1,1 @@
+"""Evaluation: metrics, decoding helpers and kernel microbenchmarks (:mod:`gatezoo.eval.bench`)."""

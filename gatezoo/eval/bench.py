@@ -1,0 +1,260 @@
+"""Kernel microbenchmarks: gatezoo ops against their peers, forward and forward+backward.
+
+    python -m gatezoo.eval.bench --op glu           # every GLU kind, 4096 x 4096 fp32 halves
+    python -m gatezoo.eval.bench --op gated_act     # the activations on a 4096 x 4096 tensor
+    python -m gatezoo.eval.bench --op glu --kinds silu gelu --size 2048 --reps 20
+
+For each variant (plain, and expanded with a trainable alpha where the kind has a gate) it times
+the eager PyTorch composition, ``torch.compile`` of that composition, gatezoo's torch path and,
+on CUDA, gatezoo's Triton path. Each row holds the median (and p20/p80) time, the achieved GB/s
+counting the bytes an ideal fused kernel must move, the ratio to eager, and the bytes autograd
+saves for backward (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``).
+Rows go to ``benchmarks/<op>-<device>.csv`` and a plot to ``benchmarks/<op>-<device>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from gatezoo.kernels import KINDS, gated_act, glu
+from gatezoo.kernels.activation.reference import phi_composed
+
+OPS = ("glu", "gated_act")
+
+
+@dataclass
+class Row:
+    op: str
+    variant: str
+    impl: str
+    mode: str
+    shape: str
+    dtype: str
+    device: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gbps: float
+    ratio_vs_eager: float
+    saved_bytes: int
+    saved_vs_eager: float
+
+
+def device_name(device: torch.device) -> str:
+    """A short, human description of the machine the figures come from."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, reps: int, warmup: int = 2):
+    """(median, p20, p80) wall time in ms of ``fn()`` over ``reps`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
+
+
+def saved_bytes(fn, inputs) -> int:
+    """Bytes autograd keeps for backward after ``fn(*inputs)``: unique storages packed."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    del out
+    return sum(seen.values())
+
+
+def variants(op: str, kinds):
+    """(variant name, kind, uses alpha) for the kinds asked for."""
+    for kind in kinds:
+        spec = KINDS[kind]
+        yield kind, kind, False
+        if spec.takes_alpha:
+            yield "x" + kind, kind, True
+
+
+def make_impls(op: str, kind: str, device: torch.device, use_compile: bool):
+    spec = KINDS[kind]
+    if op == "glu":
+        def eager(a, b, alpha=None):
+            return phi_composed(a, spec, alpha) * b
+
+        def ours(backend):
+            return lambda a, b, alpha=None: glu(a, b, kind, alpha, backend=backend)
+    else:
+        def eager(a, alpha=None):
+            return phi_composed(a, spec, alpha)
+
+        def ours(backend):
+            return lambda a, alpha=None: gated_act(a, kind, alpha, backend=backend)
+
+    impls = {"eager": eager}
+    if use_compile:
+        # every variant recompiles the same code object; start each from a clean cache so
+        # dynamo's recompile limit never silently drops a variant back to eager
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(eager, dynamic=False)
+    impls["gatezoo-torch"] = ours("torch")
+    if device.type == "cuda":
+        impls["gatezoo-triton"] = ours("triton")
+    return impls
+
+
+def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device, reps: int,
+             use_compile: bool = True, progress: bool = True) -> list[Row]:
+    rows_out: list[Row] = []
+    machine = device_name(device)
+    numel = size * size
+    elem = torch.finfo(dtype).bits // 8
+    n_in = 2 if op == "glu" else 1
+    # ideal traffic: forward reads the inputs and writes y; backward reads dy and the inputs
+    # and writes one gradient per input
+    ideal = {"fwd": (n_in + 1) * numel * elem, "fwd+bwd": (n_in + 1 + 1 + 2 * n_in) * numel * elem}
+    todo = list(variants(op, kinds))
+    bar = tqdm(todo, desc=f"bench {op}", disable=not progress, file=sys.stderr)
+    for name, kind, with_alpha in bar:
+        bar.set_postfix_str(name)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        base = [torch.randn(size, size, generator=gen, dtype=torch.float32).to(device, dtype) for _ in range(n_in)]
+        dy = torch.randn(size, size, generator=gen, dtype=torch.float32).to(device, dtype)
+        alpha = torch.tensor(0.1, device=device, requires_grad=True) if with_alpha else None
+        results = {}
+        for impl, fn in make_impls(op, kind, device, use_compile).items():
+            leaf = [t.detach().clone().requires_grad_() for t in base]
+            args = leaf + ([alpha] if with_alpha else [])
+
+            def fwd(fn=fn, args=args):
+                with torch.no_grad():
+                    return fn(*args)
+
+            def fwd_bwd(fn=fn, args=args, dy=dy):
+                for t in args:
+                    t.grad = None
+                fn(*args).backward(dy)
+
+            saved = saved_bytes(fn, args)
+            for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                med, p20, p80 = time_fn(f, device, reps)
+                results[(impl, mode)] = (med, p20, p80, saved)
+            del leaf, args
+        for (impl, mode), (med, p20, p80, saved) in results.items():
+            eager_med = results[("eager", mode)][0]
+            eager_saved = results[("eager", mode)][3]
+            rows_out.append(Row(
+                op, name, impl, mode, f"{size}x{size}", str(dtype).replace("torch.", ""), machine,
+                round(med, 3), round(p20, 3), round(p80, 3), round(ideal[mode] / med / 1e6, 2),
+                round(med / eager_med, 3), saved, round(saved / eager_saved, 3) if eager_saved else float("nan"),
+            ))
+    return rows_out
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(Row.__dataclass_fields__))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r))
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Two panels: forward+backward median time and saved bytes, one bar group per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.mode == "fwd+bwd"]
+    names = list(dict.fromkeys(r.variant for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, len(names) * 0.9), 8), sharex=True)
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        by = {r.variant: r for r in rows if r.impl == impl}
+        xs = [i + j * width for i in range(len(names))]
+        axes[0].bar(xs, [by[n].median_ms if n in by else 0 for n in names], width, label=impl)
+        axes[1].bar(xs, [by[n].saved_bytes / 2**20 if n in by else 0 for n in names], width, label=impl)
+    axes[0].set_ylabel("forward+backward median (ms)")
+    axes[1].set_ylabel("saved for backward (MiB)")
+    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=45, ha="right")
+    r0 = rows[0]
+    axes[0].set_title(f"{r0.op}: {r0.shape} {r0.dtype} on {r0.device}", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_rows(rows: list[Row]) -> str:
+    head = ("variant", "impl", "mode", "median ms", "p20-p80", "GB/s", "x eager", "saved MiB", "saved x eager")
+    body = [(r.variant, r.impl, r.mode, f"{r.median_ms:.2f}", f"{r.p20_ms:.1f}-{r.p80_ms:.1f}", f"{r.gbps:.1f}",
+             f"{r.ratio_vs_eager:.2f}", f"{r.saved_bytes / 2**20:.0f}", f"{r.saved_vs_eager:.2f}") for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head)] + [fmt.format(*b) for b in body])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gatezoo.eval.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=OPS, action="append", help="op to benchmark (repeatable; default: all)")
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), help="kinds to run (default: all)")
+    parser.add_argument("--size", type=int, default=4096, help="rows = columns of each input (default 4096)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    parser.add_argument("--out", default="benchmarks", help="folder for the CSV and PNG")
+    args = parser.parse_args(argv)
+    if args.size < 1 or args.reps < 1:
+        parser.error("--size and --reps must be positive")
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    kinds = args.kinds or list(KINDS)
+    for op in args.op or OPS:
+        rows = bench_op(op, kinds, args.size, dtype, device, args.reps, not args.no_compile)
+        stem = os.path.join(args.out, f"{op}-{device.type}")
+        write_csv(rows, stem + ".csv")
+        plot(rows, stem + ".png")
+        print(f"\n{op} on {rows[0].device}, {rows[0].shape} {rows[0].dtype}")
+        print(format_rows(rows))
+        print(f"wrote {stem}.csv and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

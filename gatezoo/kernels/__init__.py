@@ -1,0 +1,10 @@
+"""Functional ops on tensors: fused Triton kernels, their PyTorch references and autograd.
+
+Every op takes ``backend="auto" | "torch" | "triton"`` (DESIGN.md §2): Triton on CUDA tensors,
+the memory-lean PyTorch path elsewhere. ``GATEZOO_BACKEND`` sets the default.
+"""
+
+from .activation import KINDS, ActKind, gated_act, glu, glu_packed
+from .backend import BACKENDS, resolve_backend, triton_available
+
+__all__ = ["BACKENDS", "KINDS", "ActKind", "gated_act", "glu", "glu_packed", "resolve_backend", "triton_available"]

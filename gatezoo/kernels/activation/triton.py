@@ -1,0 +1,257 @@
+"""Fused Triton kernels for the gated-activation / GLU family.
+
+One forward and one backward kernel cover the whole table: the gate, the order, the second
+operand (GLU) and the trainable ``alpha`` are compile-time flags, so each variant is a
+straight-line elementwise kernel. Inputs are (R, N) row views with unit column stride (the
+halves of a packed GLU input are read in place through the row stride); all math is float32.
+The backward recomputes the gate from the inputs and reduces ``dalpha`` per program into a
+buffer that is summed on the host, so gradients are deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..aot import KernelSpec, register
+from .kinds import IDENTITY, KINDS, RELU, ActKind
+
+INV_PI = tl.constexpr(0.3183098861837907)
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+# Elements per program: enough work per program to hide memory latency on a GPU, and with
+# 8 warps 16 elements (four 128-bit loads of float32) per thread and operand.
+TILE = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _atan(x):
+    # libdevice.atan is not available in the CPU interpreter, so use a Cephes-style
+    # reduction to |t| <= tan(pi/8) and an odd polynomial (float32 accurate).
+    ax = tl.abs(x)
+    big = ax > 2.414213562373095
+    mid = ax > 0.4142135623730950
+    t = tl.where(big, -1.0 / tl.maximum(ax, 1e-30), tl.where(mid, (ax - 1.0) / (ax + 1.0), ax))
+    base = tl.where(big, 1.5707963267948966, tl.where(mid, 0.7853981633974483, 0.0))
+    z = t * t
+    p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * t + t
+    r = base + p
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _gate(a, GATE: tl.constexpr):
+    if GATE == 0:
+        g = tl.sigmoid(a)
+    elif GATE == 1:
+        g = _atan(a) * INV_PI + 0.5
+    else:
+        g = 0.5 + 0.5 * tl.erf(a * SQRT1_2)
+    return g
+
+
+@triton.jit
+def _gate_slope(a, g, GATE: tl.constexpr):
+    if GATE == 0:
+        s = g * (1.0 - g)
+    elif GATE == 1:
+        s = INV_PI / (1.0 + a * a)
+    else:
+        s = tl.exp(-0.5 * a * a) * INV_SQRT_2PI
+    return s
+
+
+@triton.jit
+def _glu_fwd_kernel(
+    A, B, Y, ALPHA,
+    R, N, stride_a, stride_b, stride_y,
+    GATE: tl.constexpr, ORDER: tl.constexpr, HAS_B: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < R) & (cols[None, :] < N)
+    r = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+    a = tl.load(A + r * stride_a + c, mask=mask, other=0.0).to(tl.float32)
+    if GATE == 3:
+        phi = a
+    elif GATE == 4:
+        phi = tl.maximum(a, 0.0)
+    else:
+        g = _gate(a, GATE)
+        if HAS_ALPHA:
+            al = tl.load(ALPHA).to(tl.float32)
+            g = (1.0 + 2.0 * al) * g - al
+        if ORDER == 2:
+            phi = a * g
+        else:
+            phi = g
+    if HAS_B:
+        phi = phi * tl.load(B + r * stride_b + c, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + r * stride_y + c, phi.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(
+    A, B, DY, DA, DB, ALPHA, DALPHA,
+    R, N, stride_a, stride_b, stride_dy, stride_da, stride_db,
+    GATE: tl.constexpr, ORDER: tl.constexpr, HAS_B: tl.constexpr, HAS_ALPHA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < R) & (cols[None, :] < N)
+    r = rows.to(tl.int64)[:, None]
+    c = cols[None, :]
+    a = tl.load(A + r * stride_a + c, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r * stride_dy + c, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        w = dy * tl.load(B + r * stride_b + c, mask=mask, other=0.0).to(tl.float32)
+    else:
+        w = dy
+    if GATE == 3:
+        phi = a
+        da = w
+    elif GATE == 4:
+        phi = tl.maximum(a, 0.0)
+        da = tl.where(a > 0.0, w, 0.0)
+    else:
+        g = _gate(a, GATE)
+        slope = _gate_slope(a, g, GATE)
+        if HAS_ALPHA:
+            al = tl.load(ALPHA).to(tl.float32)
+            e = (1.0 + 2.0 * al) * g - al
+            slope = (1.0 + 2.0 * al) * slope
+        else:
+            e = g
+        if ORDER == 2:
+            phi = a * e
+            da = w * (e + a * slope)
+            t = a * (2.0 * g - 1.0)
+        else:
+            phi = e
+            da = w * slope
+            t = 2.0 * g - 1.0
+        if HAS_ALPHA:
+            # masked lanes hold a = dy = 0, so they add nothing
+            tl.store(DALPHA + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(w * t, axis=1), axis=0))
+    tl.store(DA + r * stride_da + c, da.to(DA.dtype.element_ty), mask=mask)
+    if HAS_B:
+        tl.store(DB + r * stride_db + c, (dy * phi).to(DB.dtype.element_ty), mask=mask)
+
+
+def _tiles(rows: int, cols: int):
+    block_n = min(triton.next_power_of_2(max(cols, 1)), 1024)
+    block_m = max(1, min(triton.next_power_of_2(max(rows, 1)), TILE // block_n))
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    return block_m, block_n, grid
+
+
+def _unit_cols(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _flags(spec: ActKind, has_b: bool, alpha):
+    return dict(GATE=spec.gate, ORDER=spec.order, HAS_B=has_b, HAS_ALPHA=alpha is not None)
+
+
+def glu_forward(a, b, alpha, spec: ActKind) -> torch.Tensor:
+    """phi(a) [* b] for (R, N) views with unit column stride; returns a new (R, N) tensor."""
+    rows, cols = a.shape
+    y = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
+    block_m, block_n, grid = _tiles(rows, cols)
+    al = a if alpha is None else alpha
+    _glu_fwd_kernel[grid](
+        a, a if b is None else b, y, al,
+        rows, cols, a.stride(0), 0 if b is None else b.stride(0), y.stride(0),
+        **_flags(spec, b is not None, alpha), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )
+    return y
+
+
+def glu_backward(a, b, dy, alpha, spec: ActKind, da, db):
+    """Writes dL/da into ``da`` and dL/db into ``db``; returns dL/dalpha (float32) or None."""
+    rows, cols = a.shape
+    dy = _unit_cols(dy)
+    block_m, block_n, grid = _tiles(rows, cols)
+    partial = None
+    if alpha is not None and spec.gate not in (IDENTITY, RELU):
+        partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
+    _glu_bwd_kernel[grid](
+        a, a if b is None else b, dy, da, da if db is None else db,
+        a if alpha is None else alpha, a if partial is None else partial,
+        rows, cols, a.stride(0), 0 if b is None else b.stride(0), dy.stride(0), da.stride(0),
+        0 if db is None else db.stride(0),
+        **_flags(spec, b is not None, alpha), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+    )
+    return None if partial is None else partial.sum()
+
+
+class GatedActTriton(torch.autograd.Function):
+    """Same contract as :class:`~gatezoo.kernels.activation.reference.GatedActFunction`."""
+
+    @staticmethod
+    def forward(ctx, a, b, alpha, spec: ActKind, packed: bool):
+        x = a
+        if packed:
+            n = x.shape[1] // 2
+            a, b = x[:, :n], x[:, n:]
+        al = None if alpha is None else alpha.detach().float().reshape(())
+        y = glu_forward(a, b, al, spec)
+        ctx.spec, ctx.packed = spec, packed
+        ctx.save_for_backward(x, None if packed else b, alpha)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, b, alpha = ctx.saved_tensors
+        if ctx.packed:
+            n = x.shape[1] // 2
+            a, b = x[:, :n], x[:, n:]
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            da, db = dx[:, :n], dx[:, n:]
+        else:
+            a, dx = x, None
+            da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+            db = None if b is None else torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        al = None if alpha is None else alpha.detach().float().reshape(())
+        dal = glu_backward(a, b, dy, al, ctx.spec, da, db)
+        dalpha = None
+        if alpha is not None and ctx.needs_input_grad[2]:
+            dalpha = dal.to(alpha.dtype).reshape(alpha.shape)
+        if ctx.packed:
+            return dx, None, dalpha, None, None
+        return da, db, dalpha, None, None
+
+
+def _aot_specs():
+    """Variants compiled by ``python -m gatezoo.kernels.aot``: every kind, GLU with alpha where
+    the kind takes one (the superset of work), in float32 and bfloat16, plus plain activations."""
+    specs = []
+    for dtype in ("fp32", "bf16"):
+        for spec in KINDS.values():
+            flags = _flags(spec, True, 0.0 if spec.takes_alpha else None)
+            tile = dict(BLOCK_M=4, BLOCK_N=1024)
+            specs.append(KernelSpec(
+                f"glu_fwd[{spec.name},{dtype}]", _glu_fwd_kernel,
+                dict(A=f"*{dtype}", B=f"*{dtype}", Y=f"*{dtype}", ALPHA="*fp32", R="i32", N="i32",
+                     stride_a="i32", stride_b="i32", stride_y="i32"),
+                {**flags, **tile}, NUM_WARPS,
+            ))
+            specs.append(KernelSpec(
+                f"glu_bwd[{spec.name},{dtype}]", _glu_bwd_kernel,
+                dict(A=f"*{dtype}", B=f"*{dtype}", DY=f"*{dtype}", DA=f"*{dtype}", DB=f"*{dtype}",
+                     ALPHA="*fp32", DALPHA="*fp32", R="i32", N="i32", stride_a="i32", stride_b="i32",
+                     stride_dy="i32", stride_da="i32", stride_db="i32"),
+                {**flags, **tile}, NUM_WARPS,
+            ))
+    return specs
+
+
+register(_aot_specs)

@@ -1,0 +1,1 @@
+"""Data pipelines, training loops and command-line entry points (arrive with the models)."""

@@ -1,0 +1,49 @@
+"""The benchmark CLI runs end to end on a tiny size, and the saved-bytes goals hold.
+
+Times are not asserted here (they are figures, in benchmarks/); saved bytes are a property of
+the autograd graph and are deterministic, so they are checked.
+"""
+
+import csv
+
+from gatezoo.eval import bench
+
+
+def test_bench_cli_writes_csv_and_png(tmp_path):
+    assert bench.main(["--op", "glu", "--kinds", "silu", "relu", "--size", "48", "--reps", "2",
+                       "--no-compile", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "glu-cpu.csv")))
+    assert {r["variant"] for r in rows} == {"silu", "xsilu", "relu"}
+    assert {r["impl"] for r in rows} == {"eager", "gatezoo-torch"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert (tmp_path / "glu-cpu.png").stat().st_size > 1000
+
+
+def _saved(op, kind, with_alpha):
+    import torch
+
+    n = 64
+    impls = bench.make_impls(op, kind, torch.device("cpu"), use_compile=False)
+    args = [torch.randn(n, n, requires_grad=True) for _ in range(2 if op == "glu" else 1)]
+    if with_alpha:
+        args.append(torch.tensor(0.1, requires_grad=True))
+    return {name: bench.saved_bytes(fn, args) for name, fn in impls.items()}
+
+
+def test_glu_saves_only_its_inputs():
+    elem = 64 * 64 * 4
+    for name, kind, with_alpha in bench.variants("glu", list(bench.KINDS)):
+        saved = _saved("glu", kind, with_alpha)
+        assert saved["gatezoo-torch"] <= 2 * elem + 8, name  # a, b (+ alpha)
+        assert saved["gatezoo-torch"] <= saved["eager"], name
+    # the issue's goals, where the eager composition keeps more than the two inputs
+    for kind in ("silu", "gelu"):
+        s = _saved("glu", kind, False)
+        assert s["gatezoo-torch"] <= 2 / 3 * s["eager"], kind
+    for kind in ("sigmoid", "arctan", "normcdf"):
+        s = _saved("glu", kind, True)
+        assert s["gatezoo-torch"] <= 2 / 3 * s["eager"], kind
+    for kind in ("silu", "gelu", "atlu"):
+        s = _saved("glu", kind, True)
+        assert s["gatezoo-torch"] <= 1 / 2 * s["eager"], kind
