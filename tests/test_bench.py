@@ -20,6 +20,16 @@ def test_bench_cli_writes_csv_and_png(tmp_path):
     assert (tmp_path / "glu-cpu.png").stat().st_size > 1000
 
 
+def test_bench_summary_reads_the_csv(tmp_path, capsys):
+    assert bench.main(["--op", "gated_act", "--kinds", "gelu", "--size", "32", "--reps", "2",
+                       "--no-compile", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert bench.main(["--summary", str(tmp_path / "gated_act-cpu.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "| variant | eager ms | gatezoo-torch ms |" in out
+    assert "| xgelu |" in out and "| gelu |" in out
+
+
 def _saved(op, kind, with_alpha):
     import torch
 

@@ -68,20 +68,28 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device, reps: int, warmup: int = 2):
-    """(median, p20, p80) wall time in ms of ``fn()`` over ``reps`` runs after ``warmup``."""
-    for _ in range(warmup):
-        fn()
+def time_interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
+    """{name: (median, p20, p80)} wall time in ms of each ``fns[name]()``.
+
+    The functions take turns, one call each per round, so a slow spell of a shared machine
+    lands on every peer alike instead of on whichever ran at that moment.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        out[name] = (statistics.median(ts), q[0], q[3])
+    return out
 
 
 def saved_bytes(fn, inputs) -> int:
@@ -153,7 +161,7 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
         base = [torch.randn(size, size, generator=gen, dtype=torch.float32).to(device, dtype) for _ in range(n_in)]
         dy = torch.randn(size, size, generator=gen, dtype=torch.float32).to(device, dtype)
         alpha = torch.tensor(0.1, device=device, requires_grad=True) if with_alpha else None
-        results = {}
+        results, calls, saved = {}, {}, {}
         for impl, fn in make_impls(op, kind, device, use_compile).items():
             leaf = [t.detach().clone().requires_grad_() for t in base]
             args = leaf + ([alpha] if with_alpha else [])
@@ -167,11 +175,13 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
                     t.grad = None
                 fn(*args).backward(dy)
 
-            saved = saved_bytes(fn, args)
-            for mode, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-                med, p20, p80 = time_fn(f, device, reps)
-                results[(impl, mode)] = (med, p20, p80, saved)
-            del leaf, args
+            saved[impl] = saved_bytes(fn, args)
+            calls[impl] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+        for mode in ("fwd", "fwd+bwd"):
+            timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, reps)
+            for impl, (med, p20, p80) in timed.items():
+                results[(impl, mode)] = (med, p20, p80, saved[impl])
+        del calls
         for (impl, mode), (med, p20, p80, saved) in results.items():
             eager_med = results[("eager", mode)][0]
             eager_saved = results[("eager", mode)][3]
@@ -229,6 +239,33 @@ def format_rows(rows: list[Row]) -> str:
     return "\n".join([fmt.format(*head)] + [fmt.format(*b) for b in body])
 
 
+def read_csv(path: str) -> list[Row]:
+    """Rows of a CSV written by :func:`write_csv`."""
+    types = {name: f.type for name, f in Row.__dataclass_fields__.items()}
+    conv = {"float": float, "int": int, "str": str}
+    with open(path, newline="") as f:
+        return [Row(**{k: conv[types[k]](v) for k, v in r.items()}) for r in csv.DictReader(f)]
+
+
+def markdown_summary(rows: list[Row]) -> str:
+    """Forward+backward table, one line per variant: each impl's median and the ratios that the
+    goals are stated in (time and saved bytes against eager, time against torch.compile)."""
+    rows = [r for r in rows if r.mode == "fwd+bwd"]
+    by = {(r.variant, r.impl): r for r in rows}
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    ours = "gatezoo-triton" if "gatezoo-triton" in impls else "gatezoo-torch"
+    head = ["variant"] + [f"{i} ms" for i in impls] + [f"{ours} / eager", f"{ours} / compile", "saved / eager"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v in dict.fromkeys(r.variant for r in rows):
+        cells = [v] + [f"{by[(v, i)].median_ms:.1f}" if (v, i) in by else "-" for i in impls]
+        o = by[(v, ours)]
+        comp = by.get((v, "compile"))
+        cells += [f"{o.ratio_vs_eager:.2f}", f"{o.median_ms / comp.median_ms:.2f}" if comp else "-",
+                  f"{o.saved_vs_eager:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gatezoo.eval.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--op", choices=OPS, action="append", help="op to benchmark (repeatable; default: all)")
@@ -239,7 +276,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--out", default="benchmarks", help="folder for the CSV and PNG")
+    parser.add_argument("--summary", metavar="CSV", help="print the markdown summary of an earlier run and exit")
     args = parser.parse_args(argv)
+    if args.summary:
+        rows = read_csv(args.summary)
+        print(f"{rows[0].op}, {rows[0].shape} {rows[0].dtype}, forward+backward, on {rows[0].device}\n")
+        print(markdown_summary(rows))
+        return 0
     if args.size < 1 or args.reps < 1:
         parser.error("--size and --reps must be positive")
     device = torch.device(args.device)

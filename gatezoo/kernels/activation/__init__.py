@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from ..backend import resolve_backend
-from .kinds import KINDS, ActKind, get_kind
+from .kinds import IDENTITY, KINDS, ActKind, get_kind
 from .reference import GatedActFunction, phi_composed
 
 __all__ = ["KINDS", "ActKind", "gated_act", "glu", "glu_packed", "phi_composed"]
@@ -92,12 +92,14 @@ def gated_act(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") 
         alpha: expansion scalar (float or 0-dim tensor, differentiable), or None for 0.
             Not allowed for ``identity`` and ``relu``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`gatezoo.kernels.backend`).
+
+    ``kind="identity"`` computes nothing and returns a view of ``x``, like ``nn.Identity``.
     """
     spec = get_kind(kind)
     _check_tensor("x", x)
     alpha_t = _check_alpha(alpha, spec, x)
-    if x.numel() == 0:
-        return phi_composed(x, spec, alpha_t)
+    if x.numel() == 0 or spec.gate == IDENTITY:  # nothing to compute: a view, as nn.Identity
+        return phi_composed(x, spec, alpha_t).view_as(x)
     be = _pick_backend(backend, x)
     y = _apply(_as_rows(x, be == "triton"), None, alpha_t, spec, False, be)
     return y.view(x.shape)

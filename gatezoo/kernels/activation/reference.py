@@ -8,7 +8,9 @@ Two things live here:
 * :class:`GatedActFunction`, the memory-lean torch path used on CPU: one autograd node that saves
   only its inputs and recomputes the gate in backward. It walks the rows in chunks small enough
   to stay in cache, so the several elementwise passes of each formula read main memory once,
-  and computes in float32 whatever the input dtype.
+  and computes in float32 whatever the input dtype. Every temporary lives in a few chunk-sized
+  scratch buffers reused from chunk to chunk: fresh allocations would be handed back to the OS
+  and page-faulted in again for every chunk, which costs more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from .kinds import ARCTAN, IDENTITY, NORMCDF, RELU, SIGMOID, ActKind
 _INV_PI = 1.0 / math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
-# Elements per chunk on CPU: about 1 MiB of float32 per live tensor, so the handful of
+# Elements per chunk on CPU: about 2 MiB of float32 per live tensor, so the handful of
 # temporaries of one chunk stays in L2/L3 while the next is read from memory.
-CPU_CHUNK_ELEMENTS = 1 << 18
+CPU_CHUNK_ELEMENTS = 1 << 19
 
 
 def expand(g: torch.Tensor, alpha) -> torch.Tensor:
@@ -64,47 +66,67 @@ def phi_composed(a: torch.Tensor, spec: ActKind, alpha=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Chunked, memory-lean autograd function (the torch backend)
 
-
 # Order-2 kinds whose a * g(a) has a fused ATen kernel and backward (SiLU, GELU): much cheaper
 # on CPU than composing sigmoid / ndtr with products.
 _FUSED_ORDER2 = {
-    "silu": (F.silu, torch.ops.aten.silu_backward),
-    "gelu": (F.gelu, torch.ops.aten.gelu_backward),
+    "silu": (torch.ops.aten.silu.out, torch.ops.aten.silu_backward.grad_input),
+    "gelu": (torch.ops.aten.gelu.out, torch.ops.aten.gelu_backward.grad_input),
 }
 
 
-def _gate(a: torch.Tensor, gate: int) -> torch.Tensor:
-    """g(a) into a fresh float32 tensor."""
+# Plain activations that ATen already computes in one pass each way: chunking cannot save a
+# memory pass there, so the whole tensor goes through the fused op (as eager does).
+_ONE_PASS = {
+    "silu": (F.silu, torch.ops.aten.silu_backward),
+    "gelu": (F.gelu, torch.ops.aten.gelu_backward),
+    "relu": (F.relu, lambda dy, x: torch.ops.aten.threshold_backward(dy, x, 0.0)),
+}
+
+
+class _Scratch:
+    """Chunk-sized buffers, allocated once per call and reused by every chunk."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.numel, self.dtype, self.device = numel, dtype, device
+        self.bufs: list[torch.Tensor] = []
+
+    def __call__(self, i: int, like: torch.Tensor) -> torch.Tensor:
+        while len(self.bufs) <= i:
+            self.bufs.append(torch.empty(self.numel, dtype=self.dtype, device=self.device))
+        return self.bufs[i][: like.numel()].view(like.shape)
+
+
+def _gate(a: torch.Tensor, gate: int, out: torch.Tensor) -> torch.Tensor:
+    """g(a) into ``out``."""
     if gate == SIGMOID:
-        return torch.sigmoid(a)
+        return torch.sigmoid(a, out=out)
     if gate == ARCTAN:
-        return torch.atan(a).mul_(_INV_PI).add_(0.5)
-    return torch.special.ndtr(a)
+        return torch.atan(a, out=out).mul_(_INV_PI).add_(0.5)
+    return torch.special.ndtr(a, out=out)
 
 
-def _times_gate_slope(x: torch.Tensor, a: torch.Tensor, g: torch.Tensor, gate: int):
-    """x * g'(a) into a fresh tensor, using g = g(a) where that is cheaper."""
+def _times_gate_slope(x, a, g, gate: int, out: torch.Tensor) -> torch.Tensor:
+    """x * g'(a) into ``out``, using g = g(a) where that is cheaper."""
     if gate == SIGMOID:
-        return torch.ops.aten.sigmoid_backward(x, g)  # x * g * (1 - g), one pass
-    if gate == ARCTAN:
-        t = torch.mul(a, a).add_(1.0).mul_(math.pi)  # g'(a) = 1 / (pi (1 + a^2))
-        return torch.div(x, t)
-    t = torch.mul(a, a).mul_(-0.5).exp_().mul_(_INV_SQRT_2PI)  # standard normal pdf
-    return t.mul_(x)
+        return torch.ops.aten.sigmoid_backward.grad_input(x, g, grad_input=out)  # x g (1 - g)
+    if gate == ARCTAN:  # g'(a) = 1 / (pi (1 + a^2))
+        torch.mul(a, a, out=out).add_(1.0).mul_(math.pi)
+        return torch.div(x, out, out=out)
+    return torch.mul(a, a, out=out).mul_(-0.5).exp_().mul_(_INV_SQRT_2PI).mul_(x)  # x * normal pdf
 
 
-def _phi_chunk(a, spec: ActKind, alpha: float | None):
-    """phi(a) for one float32 chunk, as a fresh tensor (never aliases ``a``)."""
+def _phi_chunk(a, spec: ActKind, alpha: float | None, out: torch.Tensor) -> torch.Tensor:
+    """phi(a) for one float32 chunk, into ``out``."""
     if spec.gate == IDENTITY:
-        return a.clone()
+        return out.copy_(a)
     if spec.gate == RELU:
-        return torch.relu(a)
+        return torch.clamp_min(a, 0.0, out=out)
     if spec.name in _FUSED_ORDER2:
-        p = _FUSED_ORDER2[spec.name][0](a)  # a g(a)
+        p = _FUSED_ORDER2[spec.name][0](a, out=out)  # a g(a)
         if alpha is not None:  # a expand(g) = (1 + 2 alpha) a g - alpha a
             p.mul_(1.0 + 2.0 * alpha).sub_(a, alpha=alpha)
         return p
-    g = _gate(a, spec.gate)
+    g = _gate(a, spec.gate, out)
     if alpha is not None:
         g.mul_(1.0 + 2.0 * alpha).sub_(alpha)
     if spec.order == 2:
@@ -112,52 +134,53 @@ def _phi_chunk(a, spec: ActKind, alpha: float | None):
     return g
 
 
-def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, da_out):
-    """For one float32 chunk, with ``w`` the gradient reaching phi (dy, or dy * b for a GLU):
-    writes w * phi'(a) into ``da_out`` (when given) and returns (phi(a), sum(w * dphi/dalpha)).
-    The sum is a float64 0-dim tensor, or None when not wanted.
+def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, need_phi: bool, da_out, tmp):
+    """One float32 chunk of the backward, with ``w`` the gradient reaching phi (dy, or dy * b for
+    a GLU). Writes w * phi'(a) into ``da_out`` (when given) and returns (phi(a) when
+    ``need_phi`` else None, sum(w * dphi/dalpha) as float64 when ``want_alpha`` else None).
+    ``tmp(i)`` is the i-th scratch buffer shaped like the chunk.
     """
-    def put(t):
-        if da_out is not None:
-            da_out.copy_(t)
-
     if spec.gate == IDENTITY:
-        put(w)
+        if da_out is not None:
+            da_out.copy_(w)
         return a, None
     if spec.gate == RELU:
         if da_out is not None:
             torch.ops.aten.threshold_backward.grad_input(w, a, 0.0, grad_input=da_out)
-        return torch.relu(a), None
+        return (torch.clamp_min(a, 0.0, out=tmp(1)) if need_phi else None), None
     scale = 1.0 if alpha is None else 1.0 + 2.0 * alpha
+    dalpha = None
     if spec.name in _FUSED_ORDER2:
         # phi = scale (a g) - alpha a, so phi' = scale (a g)' - alpha and dphi/dalpha = 2 a g - a
         act, act_backward = _FUSED_ORDER2[spec.name]
-        p = act(a)
-        dalpha = None
+        p = act(a, out=tmp(1)) if need_phi or want_alpha else None
         if want_alpha:
-            dalpha = 2.0 * torch.dot(w.reshape(-1), torch.sub(p, a, alpha=0.5).reshape(-1)).double()
+            t = torch.sub(p, a, alpha=0.5, out=tmp(2))
+            dalpha = 2.0 * torch.dot(w.reshape(-1), t.reshape(-1)).double()
         if da_out is not None:
             if alpha is None:
-                act_backward.grad_input(w, a, grad_input=da_out)
+                act_backward(w, a, grad_input=da_out)
             else:
-                torch.sub(act_backward(w, a).mul_(scale), w, alpha=alpha, out=da_out)
-        if alpha is not None:
+                torch.sub(act_backward(w, a, grad_input=tmp(2)).mul_(scale), w, alpha=alpha, out=da_out)
+        if p is not None and alpha is not None:
             p.mul_(scale).sub_(a, alpha=alpha)
         return p, dalpha
-    g = _gate(a, spec.gate)
-    # order 1: phi = expand(g),    phi' = scale g',            dphi/dalpha = 2g - 1
+    # order 1: phi = expand(g),    phi' = scale g',                dphi/dalpha = 2g - 1
     # order 2: phi = a expand(g),  phi' = expand(g) + a scale g',  dphi/dalpha = a (2g - 1)
-    v = w if spec.order == 1 else torch.mul(w, a)
-    dalpha = None
+    g = _gate(a, spec.gate, tmp(1))
+    v = w if spec.order == 1 else torch.mul(w, a, out=tmp(3))
     if want_alpha:
-        dalpha = torch.dot(v.reshape(-1), torch.mul(g, 2.0).sub_(1.0).reshape(-1)).double()
+        t = torch.mul(g, 2.0, out=tmp(2)).sub_(1.0)
+        dalpha = torch.dot(v.reshape(-1), t.reshape(-1)).double()
     if da_out is not None:
-        s = _times_gate_slope(v, a, g, spec.gate)
+        # order 1 ends with the slope itself: build it in the output when the dtypes agree
+        direct = spec.order == 1 and da_out.dtype == a.dtype
+        s = _times_gate_slope(v, a, g, spec.gate, da_out if direct else tmp(2))
         if scale != 1.0:
             s.mul_(scale)
     e = g if alpha is None else g.mul_(scale).sub_(alpha)  # expand(g, alpha), in place
     if spec.order == 1:
-        if da_out is not None:
+        if da_out is not None and s is not da_out:
             da_out.copy_(s)
         return e, dalpha
     if da_out is not None:
@@ -171,8 +194,47 @@ def _rows_per_chunk(rows: int, cols: int, device: torch.device) -> int:
     return max(1, CPU_CHUNK_ELEMENTS // max(cols, 1))
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None) -> None:
+    """y = phi(a) [* b], chunk by chunk in the compute dtype."""
+    rows, cols = a.shape
+    cdt = _compute_dtype(a.dtype)
+    step = _rows_per_chunk(rows, cols, a.device)
+    tmp = _Scratch(min(step, rows) * cols, cdt, a.device)
+    for r0 in range(0, rows, step):
+        sl = slice(r0, r0 + step)
+        ac = a[sl] if a.dtype == cdt else tmp(0, a[sl]).copy_(a[sl])
+        direct = b is None and y.dtype == cdt  # write phi straight into the output
+        p = _phi_chunk(ac, spec, alpha, y[sl] if direct else tmp(1, ac))
+        if b is not None:
+            torch.mul(p, b[sl], out=y[sl])
+        elif not direct:
+            y[sl].copy_(p)
+
+
+def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_alpha: bool):
+    """Writes dL/da into ``da`` and dL/db into ``db`` (either may be None), chunk by chunk;
+    returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``."""
+    rows, cols = a.shape
+    cdt = _compute_dtype(a.dtype)
+    step = _rows_per_chunk(rows, cols, a.device)
+    scratch = _Scratch(min(step, rows) * cols, cdt, a.device)
+    partials = []
+    for r0 in range(0, rows, step):
+        sl = slice(r0, r0 + step)
+        ac = a[sl] if a.dtype == cdt else scratch(4, a[sl]).copy_(a[sl])
+        dyc = dy[sl] if dy.dtype == cdt else scratch(5, dy[sl]).copy_(dy[sl])
+        w = dyc if b is None else torch.mul(dyc, b[sl], out=scratch(0, ac))
+        phi, dal = _backward_chunk(ac, w, spec, alpha, want_alpha, db is not None,
+                                   None if da is None else da[sl], lambda i, like=ac: scratch(i, like))
+        if db is not None:
+            torch.mul(dyc, phi, out=db[sl])
+        if dal is not None:
+            partials.append(dal)
+    return torch.stack(partials).sum() if want_alpha else None
 
 
 class GatedActFunction(torch.autograd.Function):
@@ -188,21 +250,15 @@ class GatedActFunction(torch.autograd.Function):
         if packed:
             n = x.shape[1] // 2
             a, b = x[:, :n], x[:, n:]
-        rows, cols = a.shape
-        y = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
         al = None if alpha is None else float(alpha)
-        # Bilinear has nothing to recompute or keep in cache: one product over the whole tensor
-        step = rows if spec.gate == IDENTITY and b is not None else _rows_per_chunk(rows, cols, a.device)
-        for r0 in range(0, rows, step):
-            sl = slice(r0, r0 + step)
-            if spec.gate == IDENTITY and b is not None:
-                torch.mul(a[sl], b[sl], out=y[sl])
-                continue
-            p = _phi_chunk(_f32(a[sl]), spec, al)
-            if b is None:
-                y[sl].copy_(p)
+        if b is None and al is None and spec.name in _ONE_PASS:
+            y = _ONE_PASS[spec.name][0](a)
+        else:
+            y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+            if spec.gate == IDENTITY and b is not None:  # Bilinear: one product, nothing to keep in cache
+                torch.mul(a, b, out=y)
             else:
-                torch.mul(p, b[sl], out=y[sl])
+                _forward_chunks(a, b, y, spec, al)
         # alpha is kept as a number: backward needs its value, not the (tiny) tensor
         ctx.spec, ctx.packed, ctx.alpha = spec, packed, al
         ctx.alpha_like = None if alpha is None else (alpha.dtype, alpha.shape)
@@ -213,8 +269,6 @@ class GatedActFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, b = ctx.saved_tensors
         spec, packed, al = ctx.spec, ctx.packed, ctx.alpha
-        need_a = ctx.needs_input_grad[0]
-        need_b = packed or ctx.needs_input_grad[1]
         want_alpha = al is not None and ctx.needs_input_grad[2]
         if packed:
             n = x.shape[1] // 2
@@ -222,31 +276,24 @@ class GatedActFunction(torch.autograd.Function):
             dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             da, db = dx[:, :n], dx[:, n:]
         else:
-            a = x
-            da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if need_a else None
-            db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if b is not None and need_b else None
-        rows, cols = a.shape
-        partials = []
-        step = rows if spec.gate == IDENTITY and b is not None else _rows_per_chunk(rows, cols, a.device)
-        for r0 in range(0, rows, step):
-            sl = slice(r0, r0 + step)
-            if spec.gate == IDENTITY and b is not None:  # Bilinear: two products straight into the outputs
-                if da is not None:
-                    torch.mul(dy[sl], b[sl], out=da[sl])
-                if db is not None:
-                    torch.mul(dy[sl], a[sl], out=db[sl])
-                continue
-            ac, dyc = _f32(a[sl]), _f32(dy[sl])
-            w = dyc if b is None else torch.mul(dyc, b[sl])
-            phi, dal = _backward_chunk(ac, w, spec, al, want_alpha, None if da is None else da[sl])
-            if db is not None:
-                torch.mul(dyc, phi, out=db[sl])
-            if dal is not None:
-                partials.append(dal)
+            a, dx = x, None
+            da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if ctx.needs_input_grad[0] else None
+            db = None
+            if b is not None and ctx.needs_input_grad[1]:
+                db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
         dalpha = None
-        if want_alpha:
+        if b is None and al is None and spec.name in _ONE_PASS:
+            da = _ONE_PASS[spec.name][1](dy, a) if da is not None else None
+        elif spec.gate == IDENTITY and b is not None:  # Bilinear: two products straight into the outputs
+            if da is not None:
+                torch.mul(dy, b, out=da)
+            if db is not None:
+                torch.mul(dy, a, out=db)
+        else:
+            dalpha = _backward_chunks(a, b, dy, da, db, spec, al, want_alpha)
+        if dalpha is not None:
             dtype, shape = ctx.alpha_like
-            dalpha = torch.stack(partials).sum().to(dtype).reshape(shape)
+            dalpha = dalpha.to(dtype).reshape(shape)
         if packed:
             return dx, None, dalpha, None, None
         return da, db, dalpha, None, None
