@@ -240,6 +240,30 @@ def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_
     return torch.stack(partials).sum() if want_alpha else None
 
 
+def unpack(x, b, packed: bool):
+    """(a, b) from the arguments of the autograd functions: the two halves of ``x`` when packed."""
+    if packed:
+        n = x.shape[1] // 2
+        return x[:, :n], x[:, n:]
+    return x, b
+
+
+def grad_buffers(x, b, packed: bool, need_a: bool, need_b: bool):
+    """(dx, da, db) to write gradients into: for a packed input one buffer ``dx`` whose halves
+    are ``da`` and ``db``, else separate buffers (None where not needed)."""
+    if packed:
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return (dx, *unpack(dx, None, True))
+    da = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_a else None
+    db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if b is not None and need_b else None
+    return None, da, db
+
+
+def input_grads(packed: bool, dx, da, db, dalpha):
+    """The tuple ``backward`` returns for (a or x, b, alpha, spec, packed)."""
+    return (dx, None, dalpha, None, None) if packed else (da, db, dalpha, None, None)
+
+
 class GatedActFunction(torch.autograd.Function):
     """phi(a) [* b] on 2-D row views, saving only the inputs.
 
@@ -250,9 +274,7 @@ class GatedActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, alpha, spec: ActKind, packed: bool):
         x = a
-        if packed:
-            n = x.shape[1] // 2
-            a, b = x[:, :n], x[:, n:]
+        a, b = unpack(x, b, packed)
         al = None if alpha is None else float(alpha)
         if b is None and al is None and spec.name in _ONE_PASS:
             y = _ONE_PASS[spec.name][0](a)
@@ -273,17 +295,8 @@ class GatedActFunction(torch.autograd.Function):
         x, b = ctx.saved_tensors
         spec, packed, al = ctx.spec, ctx.packed, ctx.alpha
         want_alpha = al is not None and ctx.needs_input_grad[2]
-        if packed:
-            n = x.shape[1] // 2
-            a, b = x[:, :n], x[:, n:]
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            da, db = dx[:, :n], dx[:, n:]
-        else:
-            a, dx = x, None
-            da = torch.empty(a.shape, dtype=a.dtype, device=a.device) if ctx.needs_input_grad[0] else None
-            db = None
-            if b is not None and ctx.needs_input_grad[1]:
-                db = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        a, b = unpack(x, b, packed)
+        dx, da, db = grad_buffers(x, b, packed, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dalpha = None
         if b is None and al is None and spec.name in _ONE_PASS:
             da = _ONE_PASS[spec.name][1](dy, a) if da is not None else None
@@ -297,6 +310,4 @@ class GatedActFunction(torch.autograd.Function):
         if dalpha is not None:
             dtype, shape = ctx.alpha_like
             dalpha = dalpha.to(dtype).reshape(shape)
-        if packed:
-            return dx, None, dalpha, None, None
-        return da, db, dalpha, None, None
+        return input_grads(packed, dx, da, db, dalpha)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ..aot import KernelSpec, register
 from .kinds import IDENTITY, KINDS, RELU, ActKind
+from .reference import grad_buffers, input_grads, unpack
 
 INV_PI = tl.constexpr(0.3183098861837907)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -199,9 +200,7 @@ class GatedActTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, alpha, spec: ActKind, packed: bool):
         x = a
-        if packed:
-            n = x.shape[1] // 2
-            a, b = x[:, :n], x[:, n:]
+        a, b = unpack(x, b, packed)
         al = None if alpha is None else alpha.detach().float().reshape(())
         y = glu_forward(a, b, al, spec)
         ctx.spec, ctx.packed = spec, packed
@@ -211,23 +210,14 @@ class GatedActTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, b, alpha = ctx.saved_tensors
-        if ctx.packed:
-            n = x.shape[1] // 2
-            a, b = x[:, :n], x[:, n:]
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-            da, db = dx[:, :n], dx[:, n:]
-        else:
-            a, dx = x, None
-            da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
-            db = None if b is None else torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        a, b = unpack(x, b, ctx.packed)
+        dx, da, db = grad_buffers(x, b, ctx.packed, True, True)  # the kernel writes both
         al = None if alpha is None else alpha.detach().float().reshape(())
         dal = glu_backward(a, b, dy, al, ctx.spec, da, db)
         dalpha = None
         if alpha is not None and ctx.needs_input_grad[2]:
             dalpha = dal.to(alpha.dtype).reshape(alpha.shape)
-        if ctx.packed:
-            return dx, None, dalpha, None, None
-        return da, db, dalpha, None, None
+        return input_grads(ctx.packed, dx, da, db, dalpha)
 
 
 def _aot_specs():
