@@ -18,14 +18,25 @@ def _case_id(case):
 
 
 def _fresh(shape, layout, dtype):
-    """Random non-zero input of ``shape`` in the given memory layout."""
-    if layout == "contig":
-        t = torch.randn(shape, dtype=torch.float64)
-    elif layout == "transposed":  # last dim not contiguous
-        t = torch.randn(shape[::-1], dtype=torch.float64).permute(*reversed(range(len(shape))))
-    else:  # "rowstride": rows padded, last dim contiguous (a slice of a wider buffer)
-        t = torch.randn(shape[:-1] + (shape[-1] + 7,), dtype=torch.float64)[..., 3 : 3 + shape[-1]]
-    return t.to(dtype)
+    """Random non-zero input of ``shape`` (rounded to ``dtype``) in the given memory layout."""
+    if layout == "transposed":  # last dim not contiguous
+        return torch.randn(shape[::-1], dtype=torch.float64).to(dtype).permute(*reversed(range(len(shape))))
+    return torch.randn(shape, dtype=torch.float64).to(dtype)
+
+
+def _leaf(t, layout):
+    """(leaf, input): the input handed to the op in ``layout``, and the leaf it is a view of.
+    "rowstride" puts the rows inside a wider buffer, so the last dim is contiguous but the row
+    stride is not the row length (what glu_packed's halves look like)."""
+    if layout != "rowstride":
+        leaf = t.detach().clone().requires_grad_()  # clone keeps a transposed layout
+        return leaf, leaf
+    wide = torch.zeros(t.shape[:-1] + (t.shape[-1] + 7,), dtype=t.dtype)
+    wide[..., 3 : 3 + t.shape[-1]] = t
+    wide.requires_grad_()
+    view = wide[..., 3 : 3 + t.shape[-1]]
+    assert not view.is_contiguous() and view.stride(-1) == 1
+    return wide, view
 
 
 def _oracle(op, inputs, kind, alpha):
@@ -43,8 +54,9 @@ def _oracle(op, inputs, kind, alpha):
     return y, leaves, al
 
 
-def _run(op, inputs, kind, alpha, backend):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+def _run(op, inputs, kind, alpha, backend, layout="contig"):
+    """Forward through gatezoo; returns (y, tensors to differentiate with respect to, alpha)."""
+    leaves = [_leaf(t, layout)[1] for t in inputs]
     al = None if alpha is None else torch.tensor(alpha, requires_grad=True)
     if op == "gated_act":
         y = gated_act(leaves[0], kind, al, backend=backend)
@@ -73,7 +85,7 @@ def test_matches_float64(case, op, layout, dtype, backend):
     kind, alpha = case
     inputs = _inputs(op, layout, dtype)
     y_ref, leaves_ref, al_ref = _oracle(op, inputs, kind, alpha)
-    y, leaves, al = _run(op, inputs, kind, alpha, backend)
+    y, leaves, al = _run(op, inputs, kind, alpha, backend, layout)
     assert y.dtype == dtype and y.shape == y_ref.shape
     tol = TOL[dtype]
     assert_close("y", y_ref, y, tol)
@@ -121,67 +133,78 @@ def test_gradcheck_torch_path(case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_extreme_inputs_stay_finite(case, backend):
+def test_extreme_inputs(case, backend):
+    """Huge, tiny and zero pre-activations: finite, and still equal to the float64 oracle."""
     kind, alpha = case
-    a = torch.tensor([[-1e4, -80.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 80.0, 1e4]], requires_grad=True)
-    b = torch.full_like(a, 0.5).requires_grad_()
-    y = glu(a, b, kind, alpha, backend=backend)
-    y.sum().backward()
-    assert torch.isfinite(y).all() and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
-
-
-def test_float_alpha_and_one_element_alpha():
-    a, b = torch.randn(5, 9), torch.randn(5, 9)
-    ref = glu(a, b, "silu", torch.tensor(0.25))
-    assert_close("float alpha", ref, glu(a, b, "silu", 0.25), 1e-6)
-    al = torch.tensor([0.25], requires_grad=True)
-    glu(a, b, "silu", al).sum().backward()
-    assert al.grad.shape == (1,)
-
-
-def test_alpha_zero_is_the_plain_activation():
-    x = torch.randn(6, 11)
-    for kind, spec in KINDS.items():
-        if spec.takes_alpha:
-            assert_close(kind, gated_act(x, kind), gated_act(x, kind, 0.0), 1e-6)
-    assert_close("silu", torch.nn.functional.silu(x), gated_act(x, "silu"), 1e-6)
-    assert_close("gelu", torch.nn.functional.gelu(x), gated_act(x, "gelu"), 1e-6)
+    a = torch.tensor([[-1e4, -80.0, -5.0, -1e-30, 0.0, 1e-30, 5.0, 80.0, 1e4]])
+    b = torch.linspace(-1.0, 1.0, 9).reshape(1, 9)
+    y_ref, leaves_ref, al_ref = _oracle("glu", [a, b], kind, alpha)
+    y, leaves, al = _run("glu", [a, b], kind, alpha, backend)
+    dy = torch.full_like(y, 0.5)
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads_ref = torch.autograd.grad(y_ref, leaves_ref, dy.double())
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    assert_close("y", y_ref, y, 1e-5)
+    for name, g_ref, g in zip(["da", "db"], grads_ref, grads):
+        assert_close(name, g_ref, g, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_and_scalar_inputs(backend):
-    assert glu(torch.randn(0, 4), torch.randn(0, 4), "silu", backend=backend).shape == (0, 4)
-    assert glu_packed(torch.randn(3, 0), "gelu", backend=backend).shape == (3, 0)
-    x = torch.tensor(0.7)
-    assert_close("0-dim", torch.nn.functional.silu(x), gated_act(x, "silu", backend=backend), 1e-6)
+def test_gradient_for_a_subset_of_inputs(backend):
+    """Only b, or only alpha, requiring a gradient still gives the right gradient."""
+    a, b, dy = torch.randn(6, 13), torch.randn(6, 13), torch.randn(6, 13)
+    al_ref = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    b_ref = b.double().requires_grad_()
+    y_ref = phi_composed(a.double(), KINDS["silu"], al_ref) * b_ref
+    db_ref, dal_ref = torch.autograd.grad(y_ref, [b_ref, al_ref], dy.double())
+    bb = b.clone().requires_grad_()
+    (db,) = torch.autograd.grad(glu(a, bb, "silu", 0.2, backend=backend), [bb], dy)
+    assert_close("db", db_ref, db, 1e-5)
+    al = torch.tensor(0.2, requires_grad=True)
+    (dal,) = torch.autograd.grad(glu(a, b, "silu", al, backend=backend), [al], dy)
+    assert_close("dalpha", dal_ref, dal, 1e-5)
 
 
-def test_packed_reads_halves_in_place():
-    """glu_packed saves only its packed input: one storage, no copy of the halves."""
-    x = torch.randn(8, 2 * 33, requires_grad=True)
-    seen = set()
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["gated_act", "glu", "glu_packed"])
+def test_second_order_gradients(op, backend):
+    """create_graph=True (gradient penalties, Hessian-vector products) gives exact second-order
+    gradients, alpha included."""
+    inputs = _inputs(op, "contig", torch.float64)
+    y_ref, leaves_ref, al_ref = _oracle(op, inputs, "silu", 0.3)
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    al = torch.tensor(0.3, requires_grad=True)
+    if op == "gated_act":
+        y = gated_act(leaves[0], "silu", al, backend=backend)
+    elif op == "glu":
+        y = glu(leaves[0], leaves[1], "silu", al, backend=backend)
+    else:
+        y = glu_packed(leaves[0], "silu", al, backend=backend)
+    for out, wrt in ((y_ref, leaves_ref + [al_ref]), (y, leaves + [al])):
+        g = torch.autograd.grad((out + wrt[0].sum()).square().sum(), wrt[0], create_graph=True)[0]
+        g.square().sum().backward()
+    for t_ref, t in zip(leaves_ref + [al_ref], leaves + [al]):
+        assert_close("second-order grad", t_ref.grad, t.grad, 1e-4)
 
-    def pack(t):
-        seen.add(t.untyped_storage().data_ptr())
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        glu_packed(x, "silu", backend="torch")
-    assert seen == {x.untyped_storage().data_ptr()}
-
-
-def test_chunked_torch_path_crosses_chunks(monkeypatch):
-    """Force many small chunks so the chunk loop and the dalpha accumulation are exercised."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(50, 45), (3, 200)], ids=["row-chunks", "column-chunks"])
+@pytest.mark.parametrize("op", ["gated_act", "glu", "glu_packed"])
+def test_chunked_torch_path_crosses_chunks(monkeypatch, op, shape, dtype):
+    """Force many small chunks (whole rows, or pieces of rows wider than a chunk) so the chunk
+    loop, the float32 scratch copies and the dalpha accumulation are exercised."""
     from gatezoo.kernels.activation import reference
 
     monkeypatch.setattr(reference, "CPU_CHUNK_ELEMENTS", 64)
-    inputs = [torch.randn(50, 45, dtype=torch.float64) for _ in range(2)]
+    packed_shape = shape[:-1] + (2 * shape[-1],)
+    n_in = 2 if op == "glu" else 1
+    inputs = [torch.randn(packed_shape if op == "glu_packed" else shape).to(dtype) for _ in range(n_in)]
     for kind, alpha in CASES:
-        y_ref, leaves_ref, al_ref = _oracle("glu", inputs, kind, alpha)
-        y, leaves, al = _run("glu", [t.float() for t in inputs], kind, alpha, "torch")
-        assert_close(kind, y_ref, y, 1e-5)
-        dy = torch.randn(y.shape, dtype=torch.float64)
+        y_ref, leaves_ref, al_ref = _oracle(op, inputs, kind, alpha)
+        y, leaves, al = _run(op, inputs, kind, alpha, "torch")
+        assert_close(kind, y_ref, y, TOL[dtype])
+        dy = torch.randn(y.shape).to(dtype)
         wrt_ref = leaves_ref + ([al_ref] if al_ref is not None else [])
         wrt = leaves + ([al] if al is not None else [])
-        for g_ref, g in zip(torch.autograd.grad(y_ref, wrt_ref, dy), torch.autograd.grad(y, wrt, dy.float())):
-            assert_close(kind + " grad", g_ref, g, 1e-5)
+        for g_ref, g in zip(torch.autograd.grad(y_ref, wrt_ref, dy.double()), torch.autograd.grad(y, wrt, dy)):
+            assert_close(kind + " grad", g_ref, g, TOL[dtype])

@@ -89,3 +89,22 @@ def test_timm_vision_transformer_mlp_layer(mlp_layer):
     logits.logsumexp(-1).sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient for {missing}"
+
+
+def test_timm_activation_classes_and_names_pick_the_gate():
+    timm_layers = pytest.importorskip("timm.layers")
+    assert GLUFeedForward(16, act_layer=timm_layers.get_act_layer("gelu")).kind == "gelu"
+    assert GLUFeedForward(16, act_layer=timm_layers.get_act_layer("silu")).kind == "silu"
+    assert GLUFeedForward(16, act_layer=functools.partial(nn.GELU, approximate="none")).kind == "gelu"
+    assert GLUFeedForward(16, act_layer="relu").kind == "relu"
+    with pytest.raises(ValueError, match="has no GLU gate"):
+        GLUFeedForward(16, act_layer=timm_layers.get_act_layer("gelu_tanh"))
+
+
+def test_torch_compile_fullgraph_traces_the_composition():
+    ff = GLUFeedForward(16, kind="xswiglu")
+    with torch.no_grad():
+        ff.alpha.fill_(0.3)
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(ff, backend="eager", fullgraph=True)
+    assert_close("compiled", ff(x), compiled(x), 1e-6)

@@ -7,13 +7,33 @@ out_features, act_layer, norm_layer, bias, drop``), so either plugs into
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from gatezoo.kernels import KINDS, gated_act, glu_packed
 
-# timm passes an activation class; a GLU reads it as the gate it should use.
-_ACT_TO_KIND = {nn.GELU: "gelu", nn.SiLU: "silu", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+# timm passes an activation class (torch's or timm's own of the same name); a GLU reads it as
+# the gate it should use.
+_ACT_TO_KIND = {"GELU": "gelu", "SiLU": "silu", "Swish": "silu", "ReLU": "relu", "Sigmoid": "sigmoid",
+                "Identity": "identity"}
+
+
+def _kind_from_act_layer(act_layer) -> str:
+    """The GLU kind an activation class stands for (``nn.GELU`` -> ``"gelu"``, ...)."""
+    if isinstance(act_layer, str):
+        name = {k.lower(): k for k in _ACT_TO_KIND}.get(act_layer.lower(), act_layer)
+    else:
+        while isinstance(act_layer, functools.partial):
+            act_layer = act_layer.func
+        name = getattr(act_layer, "__name__", type(act_layer).__name__)
+    if name not in _ACT_TO_KIND:
+        raise ValueError(
+            f"act_layer {act_layer!r} has no GLU gate (known: {sorted(_ACT_TO_KIND)}); "
+            f"pass kind= one of {sorted(KINDS)} instead"
+        )
+    return _ACT_TO_KIND[name]
 
 # Paper names of the GLU variants -> (kind, expanded).
 GLU_VARIANTS = {
@@ -65,12 +85,16 @@ class GLUFeedForward(nn.Module):
     ``fc1`` projects to ``2 * hidden`` features laid out as ``[a | b]``, and the gate is fused
     with the product by :func:`gatezoo.kernels.glu_packed` (no copy of either half).
 
+    Inside timm, ``hidden_features`` is ``int(dim * mlp_ratio)``: pass ``mlp_ratio=8/3`` to keep
+    the parameter count of a 4x MLP (with timm's default of 4 the GLU has 1.5x the weights).
+
     Args:
         in_features: model width.
         hidden_features: GLU width; default 2/3 * 4 * in_features rounded up to a multiple of 8.
         out_features: output width (default ``in_features``).
-        act_layer: timm-style activation class, read as the gate kind (``nn.GELU`` -> GEGLU,
-            ``nn.SiLU`` -> SwiGLU ...) when ``kind`` is not given.
+        act_layer: timm-style activation class (torch's or timm's, or a partial of one, or its
+            name), read as the gate kind (``nn.GELU`` -> GEGLU, ``nn.SiLU`` -> SwiGLU ...) when
+            ``kind`` is not given.
         norm_layer: optional norm class applied to the hidden features (as timm's Mlp).
         bias: biases on both projections (default False, as in Shazeer 2020).
         drop: dropout after the gate and after ``fc2``.
@@ -87,9 +111,7 @@ class GLUFeedForward(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if kind is None:
-            kind = _ACT_TO_KIND.get(act_layer, "silu") if act_layer is not None else "silu"
-            if act_layer is not None and act_layer not in _ACT_TO_KIND:
-                raise ValueError(f"act_layer {act_layer!r} has no GLU gate; pass kind= one of {sorted(KINDS)}")
+            kind = "silu" if act_layer is None else _kind_from_act_layer(act_layer)
         if kind in GLU_VARIANTS:
             kind, expanded = GLU_VARIANTS[kind][0], GLU_VARIANTS[kind][1] or expanded
         if kind not in KINDS:

@@ -157,6 +157,7 @@ def _problems(row: dict) -> list[str]:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The report rows as an aligned text table with a status column."""
     head = ("kernel", "target", "regs", "spills", "smem", "ldg.128", "tensor cores", "status")
     lines = []
     for r in rows:

@@ -48,17 +48,19 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if not isinstance(backend, str) or backend.lower() not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     backend = backend.lower()
+    source = f"backend={backend!r}"
     if backend == "auto":
         backend = default_backend()
+        source = f"GATEZOO_BACKEND={backend!r}"
     on_cuda = all(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
     if backend == "triton":
         if not triton_available():
-            raise RuntimeError("backend='triton' needs the triton package, which did not import")
+            raise RuntimeError(f"{source} needs the triton package, which did not import")
         if not on_cuda and not interpret_mode():
             raise RuntimeError(
-                "backend='triton' got CPU tensors; run Triton on CPU by setting "
-                "TRITON_INTERPRET=1 before importing gatezoo, or use backend='torch'"
+                f"{source} got CPU tensors; run Triton on CPU by setting TRITON_INTERPRET=1 "
+                "before importing gatezoo, or use backend='torch'"
             )
     return backend

@@ -20,7 +20,7 @@ import torch
 
 from ..backend import resolve_backend
 from .kinds import IDENTITY, KINDS, ActKind, get_kind
-from .reference import GatedActFunction, phi_composed
+from .reference import GatedActFunction, phi_composed, unpack
 
 __all__ = ["KINDS", "ActKind", "gated_act", "glu", "glu_packed", "phi_composed"]
 
@@ -75,6 +75,11 @@ def _pick_backend(backend: str, t: torch.Tensor) -> str:
 
 
 def _apply(a2, b2, alpha, spec, packed, backend):
+    if torch.compiler.is_compiling():
+        # under torch.compile the composition is traced instead, so the compiler fuses it
+        a2, b2 = unpack(a2, b2, packed)
+        y = phi_composed(a2, spec, alpha)
+        return y if b2 is None else y * b2
     if backend == "triton":
         from .triton import GatedActTriton
 
@@ -97,10 +102,10 @@ def gated_act(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") 
     """
     spec = get_kind(kind)
     _check_tensor("x", x)
+    be = _pick_backend(backend, x)
     alpha_t = _check_alpha(alpha, spec, x)
     if x.numel() == 0 or spec.gate == IDENTITY:  # nothing to compute: a view, as nn.Identity
         return phi_composed(x, spec, alpha_t).view_as(x)
-    be = _pick_backend(backend, x)
     y = _apply(_as_rows(x, be == "triton"), None, alpha_t, spec, False, be)
     return y.view(x.shape)
 
@@ -122,10 +127,10 @@ def glu(a: torch.Tensor, b: torch.Tensor, kind: str, alpha=None, *, backend: str
         raise TypeError(f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got a on {a.device} and b on {b.device}")
+    be = _pick_backend(backend, a)
     alpha_t = _check_alpha(alpha, spec, a)
     if a.numel() == 0:
         return phi_composed(a, spec, alpha_t) * b
-    be = _pick_backend(backend, a)
     y = _apply(_as_rows(a, be == "triton"), _as_rows(b, be == "triton"), alpha_t, spec, False, be)
     return y.view(a.shape)
 
@@ -142,11 +147,11 @@ def glu_packed(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto")
     _check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension (the [a | b] halves), got shape {tuple(x.shape)}")
+    be = _pick_backend(backend, x)
     alpha_t = _check_alpha(alpha, spec, x)
     h = x.shape[-1] // 2
     out_shape = x.shape[:-1] + (h,)
     if x.numel() == 0:
         return phi_composed(x[..., :h], spec, alpha_t) * x[..., h:]
-    be = _pick_backend(backend, x)
     y = _apply(_as_rows(x, be == "triton"), None, alpha_t, spec, True, be)
     return y.view(out_shape)

@@ -26,6 +26,7 @@ class ActKind:
 
     @property
     def gate_name(self) -> str:
+        """The gate in words: sigmoid, arctan, normcdf, identity or relu."""
         return ("sigmoid", "arctan", "normcdf", "identity", "relu")[self.gate]
 
 

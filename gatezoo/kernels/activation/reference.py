@@ -191,10 +191,16 @@ def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, 
     return e.mul_(a), dalpha
 
 
-def _rows_per_chunk(rows: int, cols: int, device: torch.device) -> int:
+def _blocks(rows: int, cols: int, device: torch.device):
+    """(index of each block, elements per block): whole rows up to CPU_CHUNK_ELEMENTS, and
+    rows wider than that (a 1-D input, say) cut into column pieces, so the scratch stays small."""
     if device.type != "cpu":  # on accelerators chunking only adds launches
-        return max(rows, 1)
-    return max(1, CPU_CHUNK_ELEMENTS // max(cols, 1))
+        return [(slice(None), slice(None))], rows * cols
+    if cols <= CPU_CHUNK_ELEMENTS:
+        step = CPU_CHUNK_ELEMENTS // max(cols, 1)
+        return [(slice(r, r + step), slice(None)) for r in range(0, rows, step)], min(step, rows) * cols
+    w = CPU_CHUNK_ELEMENTS
+    return [(slice(r, r + 1), slice(c, c + w)) for r in range(rows) for c in range(0, cols, w)], w
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,12 +209,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None) -> None:
     """y = phi(a) [* b], chunk by chunk in the compute dtype."""
-    rows, cols = a.shape
     cdt = _compute_dtype(a.dtype)
-    step = _rows_per_chunk(rows, cols, a.device)
-    tmp = _Scratch(min(step, rows) * cols, cdt, a.device)
-    for r0 in range(0, rows, step):
-        sl = slice(r0, r0 + step)
+    blocks, numel = _blocks(*a.shape, a.device)
+    tmp = _Scratch(numel, cdt, a.device)
+    for sl in blocks:
         ac = a[sl] if a.dtype == cdt else tmp(0, a[sl]).copy_(a[sl])
         direct = b is None and y.dtype == cdt  # write phi straight into the output
         p = _phi_chunk(ac, spec, alpha, y[sl] if direct else tmp(1, ac))
@@ -221,13 +225,11 @@ def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None) -> None:
 def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_alpha: bool):
     """Writes dL/da into ``da`` and dL/db into ``db`` (either may be None), chunk by chunk;
     returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``."""
-    rows, cols = a.shape
     cdt = _compute_dtype(a.dtype)
-    step = _rows_per_chunk(rows, cols, a.device)
-    scratch = _Scratch(min(step, rows) * cols, cdt, a.device)
+    blocks, numel = _blocks(*a.shape, a.device)
+    scratch = _Scratch(numel, cdt, a.device)
     partials = []
-    for r0 in range(0, rows, step):
-        sl = slice(r0, r0 + step)
+    for sl in blocks:
         ac = a[sl] if a.dtype == cdt else scratch(4, a[sl]).copy_(a[sl])
         dyc = dy[sl] if dy.dtype == cdt else scratch(5, dy[sl]).copy_(dy[sl])
         w = dyc if b is None else torch.mul(dyc, b[sl], out=scratch(0, ac))
@@ -259,6 +261,23 @@ def grad_buffers(x, b, packed: bool, need_a: bool, need_b: bool):
     return None, da, db
 
 
+def composed_grads(ctx, x, b, alpha, dy, spec: ActKind, packed: bool):
+    """Backward through :func:`phi_composed` with a graph, for when the backward itself is
+    differentiated (``create_graph=True``): the fused backward is not differentiable, the
+    composition is, so second-order gradients stay right."""
+    a, b2 = unpack(x, b, packed)
+    wrt = [(i, t) for i, t in enumerate((x, b, alpha)) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        y = phi_composed(a, spec, alpha)
+        if b2 is not None:
+            y = y * b2
+        grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
+    out = [None] * 5
+    for (i, t), g in zip(wrt, grads):
+        out[i] = torch.zeros_like(t) if g is None else g
+    return tuple(out)
+
+
 def input_grads(packed: bool, dx, da, db, dalpha):
     """The tuple ``backward`` returns for (a or x, b, alpha, spec, packed)."""
     return (dx, None, dalpha, None, None) if packed else (da, db, dalpha, None, None)
@@ -284,8 +303,9 @@ class GatedActFunction(torch.autograd.Function):
                 torch.mul(a, b, out=y)
             else:
                 _forward_chunks(a, b, y, spec, al)
-        # alpha is kept as a number: backward needs its value, not the (tiny) tensor
-        ctx.spec, ctx.packed, ctx.alpha = spec, packed, al
+        # alpha is kept as a number: backward needs its value, not the (tiny) tensor; the tensor
+        # itself is only read again by a double backward
+        ctx.spec, ctx.packed, ctx.alpha, ctx.alpha_tensor = spec, packed, al, alpha
         ctx.alpha_like = None if alpha is None else (alpha.dtype, alpha.shape)
         ctx.save_for_backward(x, None if packed else b)
         return y
@@ -294,6 +314,8 @@ class GatedActFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, b = ctx.saved_tensors
         spec, packed, al = ctx.spec, ctx.packed, ctx.alpha
+        if torch.is_grad_enabled():  # create_graph=True
+            return composed_grads(ctx, x, b, ctx.alpha_tensor, dy, spec, packed)
         want_alpha = al is not None and ctx.needs_input_grad[2]
         a, b = unpack(x, b, packed)
         dx, da, db = grad_buffers(x, b, packed, ctx.needs_input_grad[0], ctx.needs_input_grad[1])

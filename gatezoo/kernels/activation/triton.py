@@ -10,21 +10,25 @@ buffer that is summed on the host, so gradients are deterministic (no atomics).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from ..aot import KernelSpec, register
 from .kinds import IDENTITY, KINDS, RELU, ActKind
-from .reference import grad_buffers, input_grads, unpack
+from .reference import composed_grads, grad_buffers, input_grads, unpack
 
 INV_PI = tl.constexpr(0.3183098861837907)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
-# Elements per program: enough work per program to hide memory latency on a GPU, and with
-# 8 warps 16 elements (four 128-bit loads of float32) per thread and operand.
-TILE = 4096
+# Elements per program: enough work per program to hide memory latency on a GPU; with 8 warps
+# the forward holds 16 elements per thread and operand (four 128-bit loads of float32), the
+# backward, which keeps three inputs and several gate terms live, 8 so that it never spills.
+TILE_FWD = 4096
+TILE_BWD = 2048
 NUM_WARPS = 8
 
 
@@ -72,8 +76,11 @@ def _glu_fwd_kernel(
     GATE: tl.constexpr, ORDER: tl.constexpr, HAS_B: tl.constexpr, HAS_ALPHA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one flat grid axis (axis 0 allows 2^31 - 1 programs; axes 1 and 2 only 65535)
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    rows = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < R) & (cols[None, :] < N)
     r = rows.to(tl.int64)[:, None]
     c = cols[None, :]
@@ -103,10 +110,10 @@ def _glu_bwd_kernel(
     GATE: tl.constexpr, ORDER: tl.constexpr, HAS_B: tl.constexpr, HAS_ALPHA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    rows = (pid // n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < R) & (cols[None, :] < N)
     r = rows.to(tl.int64)[:, None]
     c = cols[None, :]
@@ -141,17 +148,22 @@ def _glu_bwd_kernel(
             t = 2.0 * g - 1.0
         if HAS_ALPHA:
             # masked lanes hold a = dy = 0, so they add nothing
-            tl.store(DALPHA + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(w * t, axis=1), axis=0))
+            tl.store(DALPHA + pid, tl.sum(tl.sum(w * t, axis=1), axis=0))
     tl.store(DA + r * stride_da + c, da.to(DA.dtype.element_ty), mask=mask)
     if HAS_B:
         tl.store(DB + r * stride_db + c, (dy * phi).to(DB.dtype.element_ty), mask=mask)
 
 
-def _tiles(rows: int, cols: int):
+def _tiles(rows: int, cols: int, tile: int):
     block_n = min(triton.next_power_of_2(max(cols, 1)), 1024)
-    block_m = max(1, min(triton.next_power_of_2(max(rows, 1)), TILE // block_n))
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    block_m = max(1, min(triton.next_power_of_2(max(rows, 1)), tile // block_n))
+    grid = (triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n),)
     return block_m, block_n, grid
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU, not whichever is current (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _unit_cols(t: torch.Tensor) -> torch.Tensor:
@@ -166,13 +178,14 @@ def glu_forward(a, b, alpha, spec: ActKind) -> torch.Tensor:
     """phi(a) [* b] for (R, N) views with unit column stride; returns a new (R, N) tensor."""
     rows, cols = a.shape
     y = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
-    block_m, block_n, grid = _tiles(rows, cols)
+    block_m, block_n, grid = _tiles(rows, cols, TILE_FWD)
     al = a if alpha is None else alpha
-    _glu_fwd_kernel[grid](
-        a, a if b is None else b, y, al,
-        rows, cols, a.stride(0), 0 if b is None else b.stride(0), y.stride(0),
-        **_flags(spec, b is not None, alpha), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
-    )
+    with _on_device(a):
+        _glu_fwd_kernel[grid](
+            a, a if b is None else b, y, al,
+            rows, cols, a.stride(0), 0 if b is None else b.stride(0), y.stride(0),
+            **_flags(spec, b is not None, alpha), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+        )
     return y
 
 
@@ -180,17 +193,18 @@ def glu_backward(a, b, dy, alpha, spec: ActKind, da, db):
     """Writes dL/da into ``da`` and dL/db into ``db``; returns dL/dalpha (float32) or None."""
     rows, cols = a.shape
     dy = _unit_cols(dy)
-    block_m, block_n, grid = _tiles(rows, cols)
+    block_m, block_n, grid = _tiles(rows, cols, TILE_BWD)
     partial = None
     if alpha is not None and spec.gate not in (IDENTITY, RELU):
-        partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=a.device)
-    _glu_bwd_kernel[grid](
-        a, a if b is None else b, dy, da, da if db is None else db,
-        a if alpha is None else alpha, a if partial is None else partial,
-        rows, cols, a.stride(0), 0 if b is None else b.stride(0), dy.stride(0), da.stride(0),
-        0 if db is None else db.stride(0),
-        **_flags(spec, b is not None, alpha), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
-    )
+        partial = torch.empty(grid[0], dtype=torch.float32, device=a.device)
+    with _on_device(a):
+        _glu_bwd_kernel[grid](
+            a, a if b is None else b, dy, da, da if db is None else db,
+            a if alpha is None else alpha, a if partial is None else partial,
+            rows, cols, a.stride(0), 0 if b is None else b.stride(0), dy.stride(0), da.stride(0),
+            0 if db is None else db.stride(0),
+            **_flags(spec, b is not None, alpha), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+        )
     return None if partial is None else partial.sum()
 
 
@@ -210,6 +224,8 @@ class GatedActTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, b, alpha = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
+            return composed_grads(ctx, x, b, alpha, dy, ctx.spec, ctx.packed)
         a, b = unpack(x, b, ctx.packed)
         dx, da, db = grad_buffers(x, b, ctx.packed, True, True)  # the kernel writes both
         al = None if alpha is None else alpha.detach().float().reshape(())
@@ -221,25 +237,29 @@ class GatedActTriton(torch.autograd.Function):
 
 
 def _aot_specs():
-    """Variants compiled by ``python -m gatezoo.kernels.aot``: every kind, GLU with alpha where
-    the kind takes one (the superset of work), in float32 and bfloat16, plus plain activations."""
+    """Variants compiled by ``python -m gatezoo.kernels.aot``: every kind as a GLU (with alpha
+    where the kind takes one, the superset of work) in float32, float16 and bfloat16, and every
+    kind as a plain activation (no second operand) in float32."""
     specs = []
-    for dtype in ("fp32", "bf16"):
+    variants = [(dtype, True) for dtype in ("fp32", "fp16", "bf16")] + [("fp32", False)]
+    for dtype, has_b in variants:
         for spec in KINDS.values():
-            flags = _flags(spec, True, 0.0 if spec.takes_alpha else None)
-            tile = dict(BLOCK_M=4, BLOCK_N=1024)
+            if spec.gate == IDENTITY and not has_b:
+                continue  # gated_act(x, "identity") launches nothing
+            flags = _flags(spec, has_b, 0.0 if spec.takes_alpha else None)
+            label = f"{'glu' if has_b else 'act'}_{{}}[{spec.name},{dtype}]"
+            ptr = f"*{dtype}"
             specs.append(KernelSpec(
-                f"glu_fwd[{spec.name},{dtype}]", _glu_fwd_kernel,
-                dict(A=f"*{dtype}", B=f"*{dtype}", Y=f"*{dtype}", ALPHA="*fp32", R="i32", N="i32",
+                label.format("fwd"), _glu_fwd_kernel,
+                dict(A=ptr, B=ptr, Y=ptr, ALPHA="*fp32", R="i32", N="i32",
                      stride_a="i32", stride_b="i32", stride_y="i32"),
-                {**flags, **tile}, NUM_WARPS,
+                {**flags, "BLOCK_M": TILE_FWD // 1024, "BLOCK_N": 1024}, NUM_WARPS,
             ))
             specs.append(KernelSpec(
-                f"glu_bwd[{spec.name},{dtype}]", _glu_bwd_kernel,
-                dict(A=f"*{dtype}", B=f"*{dtype}", DY=f"*{dtype}", DA=f"*{dtype}", DB=f"*{dtype}",
-                     ALPHA="*fp32", DALPHA="*fp32", R="i32", N="i32", stride_a="i32", stride_b="i32",
-                     stride_dy="i32", stride_da="i32", stride_db="i32"),
-                {**flags, **tile}, NUM_WARPS,
+                label.format("bwd"), _glu_bwd_kernel,
+                dict(A=ptr, B=ptr, DY=ptr, DA=ptr, DB=ptr, ALPHA="*fp32", DALPHA="*fp32", R="i32", N="i32",
+                     stride_a="i32", stride_b="i32", stride_dy="i32", stride_da="i32", stride_db="i32"),
+                {**flags, "BLOCK_M": TILE_BWD // 1024, "BLOCK_N": 1024}, NUM_WARPS,
             ))
     return specs
 
