@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # torch first, pinned with the torchvision built against it (timm, a test and benchmark
-# peer, imports torchvision); a bare "torch" could pull an unpinned multi-GB build.
+# peer, imports torchvision only beside its own torch); installed first so that the package's
+# "torch>=2.4" is already met and pip does not pick some other multi-GB build. This pair runs
+# on the CPU as well as on CUDA and brings triton 3.8.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
