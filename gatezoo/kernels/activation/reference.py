@@ -75,12 +75,14 @@ _FUSED_ORDER2 = {
 }
 
 
-# Plain activations that ATen already computes in one pass each way: chunking cannot save a
-# memory pass there, so the whole tensor goes through the fused op (as eager does).
-_ONE_PASS = {
-    "silu": (F.silu, torch.ops.aten.silu_backward),
-    "gelu": (F.gelu, torch.ops.aten.gelu_backward),
-    "relu": (F.relu, lambda dy, x: torch.ops.aten.threshold_backward(dy, x, 0.0)),
+# Plain activations that ATen already computes in one pass: chunking cannot save a memory pass
+# there, so the whole tensor goes through the fused op (as eager does). Sigmoid's backward
+# needs sigmoid(x) again, which the chunked path recomputes in cache.
+_ONE_PASS_FORWARD = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid}
+_ONE_PASS_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": torch.ops.aten.gelu_backward,
+    "relu": lambda dy, x: torch.ops.aten.threshold_backward(dy, x, 0.0),
 }
 
 
@@ -295,8 +297,8 @@ class GatedActFunction(torch.autograd.Function):
         x = a
         a, b = unpack(x, b, packed)
         al = None if alpha is None else float(alpha)
-        if b is None and al is None and spec.name in _ONE_PASS:
-            y = _ONE_PASS[spec.name][0](a)
+        if b is None and al is None and spec.name in _ONE_PASS_FORWARD:
+            y = _ONE_PASS_FORWARD[spec.name](a)
         else:
             y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
             if spec.gate == IDENTITY and b is not None:  # Bilinear: one product, nothing to keep in cache
@@ -320,8 +322,8 @@ class GatedActFunction(torch.autograd.Function):
         a, b = unpack(x, b, packed)
         dx, da, db = grad_buffers(x, b, packed, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dalpha = None
-        if b is None and al is None and spec.name in _ONE_PASS:
-            da = _ONE_PASS[spec.name][1](dy, a) if da is not None else None
+        if b is None and al is None and spec.name in _ONE_PASS_BACKWARD:
+            da = _ONE_PASS_BACKWARD[spec.name](dy, a) if da is not None else None
         elif spec.gate == IDENTITY and b is not None:  # Bilinear: two products straight into the outputs
             if da is not None:
                 torch.mul(dy, b, out=da)
