@@ -68,7 +68,7 @@ def phi_composed(a: torch.Tensor, spec: ActKind, alpha=None) -> torch.Tensor:
 # Chunked, memory-lean autograd function (the torch backend)
 
 # Order-2 kinds whose a * g(a) has a fused ATen kernel and backward (SiLU, GELU): much cheaper
-# on CPU than composing sigmoid / ndtr with products.
+# on CPU than composing sigmoid or erf with products.
 _FUSED_ORDER2 = {
     "silu": (torch.ops.aten.silu.out, torch.ops.aten.silu_backward.grad_input),
     "gelu": (torch.ops.aten.gelu.out, torch.ops.aten.gelu_backward.grad_input),
