@@ -6,5 +6,9 @@ the memory-lean PyTorch path elsewhere. ``GATEZOO_BACKEND`` sets the default.
 
 from .activation import KINDS, ActKind, gated_act, glu, glu_packed
 from .backend import BACKENDS, resolve_backend, triton_available
+from .rela import rela_attention
 
-__all__ = ["BACKENDS", "KINDS", "ActKind", "gated_act", "glu", "glu_packed", "resolve_backend", "triton_available"]
+__all__ = [
+    "BACKENDS", "KINDS", "ActKind", "gated_act", "glu", "glu_packed", "rela_attention", "resolve_backend",
+    "triton_available",
+]

@@ -1,0 +1,77 @@
+"""ReLA, rectified linear attention: ``relu(q k^T * scale) v`` with masks, causal decoding
+and grouped-query attention (see :mod:`.reference` for the exact definition)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import resolve_backend
+from .reference import ReLAFunction, rela_composed
+
+__all__ = ["MAX_HEAD_DIM", "rela_attention", "rela_composed"]
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(q, k, v, key_padding_mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, heads, seq, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    b, h, _, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[0] != b:
+        raise ValueError(f"k and v must have batch {b} like q, got {k.shape[0]}")
+    if k.shape[3] != d:
+        raise ValueError(f"k and v must have head_dim {d} like q, got {k.shape[3]}")
+    if k.shape[1] < 1 or h % k.shape[1]:
+        raise ValueError(f"k and v heads ({k.shape[1]}) must divide q heads ({h}) (grouped-query attention)")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM}, got {d}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
+            raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got {got}")
+        if tuple(key_padding_mask.shape) != (b, k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, key_len) = {(b, k.shape[2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+
+
+def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                   key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Rectified linear attention: ``relu(q k^T * scale) v``, no normalisation over keys.
+
+    Args:
+        q: (B, H, Tq, D) queries.
+        k, v: (B, Hk, Tk, D) keys and values; ``Hk`` must divide ``H`` (grouped-query attention).
+        causal: mask future keys. With ``Tq != Tk`` the mask is aligned bottom-right: query ``i``
+            sees keys ``j <= i + Tk - Tq``, which is what incremental decoding needs.
+        key_padding_mask: bool (B, Tk), **True = keep** (a real token), False = padding.
+        scale: score scale, default ``D ** -0.5``.
+        backend: ``"auto" | "torch" | "triton"``. Only the PyTorch path exists so far (it runs
+            on CPU and CUDA); the fused Triton kernel is still to come.
+
+    Masked scores are set to 0 before the ReLU, so a query whose keys are all masked gets 0.
+    D may be any size up to 256. Returns (B, H, Tq, D) in q's dtype.
+    """
+    _check(q, k, v, key_padding_mask)
+    if resolve_backend(backend, q) == "triton" and backend != "auto":
+        raise NotImplementedError("rela_attention has no Triton kernel yet; use backend='torch' (or 'auto')")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(q.device)
+    if q.numel() == 0 or k.shape[2] == 0 or torch.compiler.is_compiling():
+        return rela_composed(q, k, v, causal, key_padding_mask, scale)
+    return ReLAFunction.apply(q, k, v, key_padding_mask, bool(causal), scale)

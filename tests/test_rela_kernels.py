@@ -1,0 +1,132 @@
+"""rela_attention (torch path so far) against a float64 oracle."""
+
+import pytest
+import torch
+from closeness import TOL, assert_close
+
+from gatezoo.kernels.rela import rela_attention, rela_composed
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# (B, H, Hk, Tq, Tk, D, causal, padding)
+SHAPES = [
+    (2, 3, 3, 7, 7, 16, False, False),
+    (2, 4, 2, 5, 9, 40, True, True),  # GQA, decoding-style causal (Tq < Tk), padding
+    (1, 2, 1, 9, 9, 64, True, False),  # MQA, causal
+    (2, 2, 2, 6, 11, 40, False, True),
+    (1, 2, 2, 9, 4, 16, True, False),  # Tq > Tk: the first queries see no key at all
+]
+
+
+def _id(s):
+    b, h, hk, tq, tk, d, causal, pad = s
+    return f"B{b}-H{h}-Hk{hk}-Tq{tq}-Tk{tk}-D{d}" + ("-causal" if causal else "") + ("-pad" if pad else "")
+
+
+def _inputs(shape, dtype, layout):
+    b, h, hk, tq, tk, d, causal, pad = shape
+    if layout == "transposed":  # (B, T, H, D) storage, as a fused projection produces
+        q = torch.randn(b, tq, h, d).to(dtype).transpose(1, 2)
+        k = torch.randn(b, tk, hk, d).to(dtype).transpose(1, 2)
+        v = torch.randn(b, tk, hk, d).to(dtype).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(b, n, t, d).to(dtype) for n, t in ((h, tq), (hk, tk), (hk, tk)))
+    mask = None
+    if pad:
+        mask = torch.rand(b, tk) > 0.3
+        mask[0] = False  # a fully padded sequence: its queries get 0, not NaN
+        mask[-1, 0] = True
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("layout", ["contig", "transposed"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=[_id(s) for s in SHAPES])
+def test_torch_path_matches_float64(shape, dtype, layout, chunked, monkeypatch):
+    from gatezoo.kernels.rela import reference
+
+    if chunked:
+        monkeypatch.setattr(reference, "CPU_CHUNK_SCORES", 8)
+    causal = shape[6]
+    q, k, v, mask = _inputs(shape, dtype, layout)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = rela_composed(*ref_in, causal, mask)
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = rela_attention(*ins, causal=causal, key_padding_mask=mask, backend="torch")
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert_close("o", ref, out, TOL[dtype])
+    do = torch.randn(out.shape).to(dtype)
+    for name, g_ref, g in zip(("dq", "dk", "dv"), torch.autograd.grad(ref, ref_in, do.double()),
+                              torch.autograd.grad(out, ins, do)):
+        assert g.dtype == dtype
+        assert_close(name, g_ref, g, TOL[dtype])
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = (torch.randn(2, 2, 5, 16) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    out = rela_attention(q, k, v, key_padding_mask=mask)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.isfinite(out).all()
+
+
+def test_gradcheck_torch_path():
+    q = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 6, 5, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 6, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, True, True]])
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: rela_attention(q, k, v, causal=True, key_padding_mask=mask, backend="torch"), (q, k, v))
+
+
+def test_second_order_gradients():
+    q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    for fn, ins in ((lambda *a: rela_composed(*a, True), ref_in),
+                    (lambda *a: rela_attention(*a, causal=True), [q, k, v])):
+        (gq,) = torch.autograd.grad(fn(*ins).square().sum(), ins[0], create_graph=True)
+        gq.square().sum().backward()
+    for t_ref, t in zip(ref_in, (q, k, v)):
+        assert_close("second order", t_ref.grad, t.grad, 1e-10)
+
+
+def test_saves_no_quadratic_tensor():
+    q, k, v = (torch.randn(1, 2, 64, 8, requires_grad=True) for _ in range(3))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        rela_attention(q, k, v, causal=True)
+    assert sum(saved) == 3 * q.numel()
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        (((2, 2, 4, 8), (2, 2, 4), (2, 2, 4, 8)), {}, ValueError, "k must have shape"),
+        (((2, 3, 4, 8), (2, 2, 4, 8), (2, 2, 4, 8)), {}, ValueError, "must divide q heads"),
+        (((2, 2, 4, 8), (3, 2, 4, 8), (3, 2, 4, 8)), {}, ValueError, "batch 2"),
+        (((2, 2, 4, 8), (2, 2, 4, 6), (2, 2, 4, 6)), {}, ValueError, "head_dim 8"),
+        (((2, 2, 4, 8), (2, 2, 4, 8), (2, 2, 5, 8)), {}, ValueError, "k and v must have the same shape"),
+        (((1, 1, 2, 300), (1, 1, 2, 300), (1, 1, 2, 300)), {}, ValueError, "at most 256"),
+        (((2, 2, 4, 8), (2, 2, 4, 8), (2, 2, 4, 8)), {"key_padding_mask": torch.ones(2, 4)}, TypeError, "bool"),
+        (((2, 2, 4, 8), (2, 2, 4, 8), (2, 2, 4, 8)), {"key_padding_mask": torch.ones(2, 5, dtype=torch.bool)},
+         ValueError, r"\(batch, key_len\)"),
+    ],
+)
+def test_bad_input(args, kwargs, exc, match):
+    q, k, v = (torch.randn(s) for s in args)
+    with pytest.raises(exc, match=match):
+        rela_attention(q, k, v, **kwargs)
+
+
+def test_mixed_dtypes_rejected():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(TypeError, match="share a dtype"):
+        rela_attention(q, q.half(), q)
+
+
+def test_triton_backend_not_there_yet():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(NotImplementedError, match="no Triton kernel yet"):
+        rela_attention(q, q, q, backend="triton")
