@@ -6,9 +6,10 @@ the memory-lean PyTorch path elsewhere. ``GATEZOO_BACKEND`` sets the default.
 
 from .activation import KINDS, ActKind, gated_act, glu, glu_packed
 from .backend import BACKENDS, resolve_backend, triton_available
+from .norm import gated_rms_norm, rms_norm
 from .rela import rela_attention
 
 __all__ = [
-    "BACKENDS", "KINDS", "ActKind", "gated_act", "glu", "glu_packed", "rela_attention", "resolve_backend",
-    "triton_available",
+    "BACKENDS", "KINDS", "ActKind", "gated_act", "gated_rms_norm", "glu", "glu_packed", "rela_attention",
+    "resolve_backend", "rms_norm", "triton_available",
 ]

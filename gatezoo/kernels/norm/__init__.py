@@ -1,0 +1,55 @@
+"""RMSNorm and the gated RMSNorm that ReLA-g puts on the attention output."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import resolve_backend
+from .reference import RMSNormFunction, gated_rms_norm_composed, rms_norm_composed
+
+__all__ = ["gated_rms_norm", "gated_rms_norm_composed", "rms_norm", "rms_norm_composed"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(x, named_weights, eps):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the normalised one)")
+    for name, w in named_weights:
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(w, 'dtype', type(w))}")
+        if tuple(w.shape) != (x.shape[-1],):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(w.shape)}")
+        if w.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {w.device}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+
+
+def _backend(backend, x):
+    if resolve_backend(backend, x) == "triton" and backend != "auto":
+        raise NotImplementedError("the RMSNorm ops have no Triton kernel yet; use backend='torch' (or 'auto')")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (a zero row gives 0)."""
+    _check(x, [("weight", weight)], eps)
+    _backend(backend, x)
+    return RMSNormFunction.apply(x, weight, None, float(eps))
+
+
+def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Tensor, eps: float = 1e-6, *,
+                   backend: str = "auto") -> torch.Tensor:
+    """ReLA-g's output norm: ``weight * x / rms(x) * sigmoid(gate_weight * x)`` over the last dim.
+
+    Args:
+        x: (..., d) input, any floating dtype (computed in float32).
+        weight: (d,) gain ``g`` (ReLA-g initialises it to 1).
+        gate_weight: (d,) gate weight ``w`` (ReLA-g initialises it U(+-sqrt(3/d))).
+        eps: added to the mean square, so a zero row gives 0 rather than NaN.
+    """
+    _check(x, [("weight", weight), ("gate_weight", gate_weight)], eps)
+    _backend(backend, x)
+    return RMSNormFunction.apply(x, weight, gate_weight, float(eps))

@@ -1,0 +1,56 @@
+"""rms_norm and gated_rms_norm (torch path) against a float64 oracle."""
+
+import pytest
+import torch
+from closeness import TOL, assert_close
+
+from gatezoo.kernels.norm import gated_rms_norm, gated_rms_norm_composed, rms_norm, rms_norm_composed
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["rms", "gated"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("layout", ["contig", "transposed"])
+def test_matches_float64(gated, dtype, layout):
+    d = 37
+    x = torch.randn(3, 5, d) if layout == "contig" else torch.randn(3, d, 5).transpose(1, 2)
+    x = x.to(dtype)
+    x[0, 0] = 0  # a zero row
+    w = (1 + 0.1 * torch.randn(d)).to(dtype)
+    u = ((torch.rand(d) * 2 - 1) * (3 / d) ** 0.5).to(dtype)
+    ref_in = [t.double().requires_grad_() for t in ((x, w, u) if gated else (x, w))]
+    ins = [t.detach().clone().requires_grad_() for t in ((x, w, u) if gated else (x, w))]
+    ref = gated_rms_norm_composed(*ref_in) if gated else rms_norm_composed(*ref_in)
+    out = gated_rms_norm(*ins) if gated else rms_norm(*ins)
+    assert out.dtype == dtype
+    assert_close("y", ref, out, TOL[dtype])
+    assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))
+    dy = torch.randn(out.shape).to(dtype)
+    for name, g_ref, g in zip(("dx", "dweight", "dgate_weight"), torch.autograd.grad(ref, ref_in, dy.double()),
+                              torch.autograd.grad(out, ins, dy)):
+        assert torch.isfinite(g).all(), name
+        assert_close(name, g_ref, g, TOL[dtype])
+
+
+def test_gradcheck_and_second_order():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gated_rms_norm, (x, w, u))
+    assert torch.autograd.gradcheck(rms_norm, (x, w))
+    assert torch.autograd.gradgradcheck(gated_rms_norm, (x, w, u))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: rms_norm(torch.randn(2, 4), torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
+        (lambda: gated_rms_norm(torch.randn(2, 4), torch.ones(4), torch.ones(3)), ValueError, "gate_weight"),
+        (lambda: rms_norm(torch.arange(4), torch.ones(4)), TypeError, "x must be"),
+        (lambda: rms_norm(torch.randn(2, 4), torch.ones(4), eps=0.0), ValueError, "eps must be positive"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
