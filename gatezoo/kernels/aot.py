@@ -6,8 +6,9 @@
 Triton's compiler and the ``ptxas`` it ships need no GPU, so this proves on any Linux machine
 that each kernel builds for Hopper (sm_90a) and Ampere (sm_80), and reports per kernel and
 target: registers, spill bytes (from ``ptxas -v``), static shared memory, whether 128-bit
-global loads were emitted, and whether tensor-core instructions (HGMMA on sm_90, HMMA on
-sm_80) appear in the SASS. Kernel modules add their variants with :func:`register`. Run it
+global loads were emitted, and which tensor-core instruction appears in the SASS (HGMMA, the
+Hopper warpgroup MMA, or HMMA). Matrix kernels must show HGMMA on sm_90 and HMMA on sm_80.
+Kernel modules add their variants with :func:`register`. Run it
 without ``TRITON_INTERPRET`` (the interpreter replaces the compiler); the command clears it for
 its worker processes.
 """
@@ -59,6 +60,7 @@ def register(provider: Callable[[], list[KernelSpec]]) -> None:
 def all_specs() -> list[KernelSpec]:
     """Every registered variant (importing the kernel modules registers them)."""
     import gatezoo.kernels.activation.triton  # noqa: F401
+    import gatezoo.kernels.rela.triton  # noqa: F401
 
     # Read the registry through the package: under ``python -m`` this file is ``__main__``,
     # a second copy of the module, while kernel modules register with gatezoo.kernels.aot.
@@ -111,7 +113,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict:
         ).stdout
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
-    tc = re.compile(r"\bHGMMA\b" if cc == 90 else r"\bHMMA\b")
+    tc_kind = "HGMMA" if re.search(r"\bHGMMA\b", sass) else "HMMA" if re.search(r"\bHMMA\b", sass) else ""
     return {
         "kernel": spec.name,
         "target": f"sm_{cc}",
@@ -119,7 +121,8 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict:
         "spill_bytes": spills,
         "shared_bytes": int(kernel.metadata.shared),
         "ldg128": bool(re.search(r"LDG\.E\.(?:EL\.)?128", sass)),
-        "tensor_cores": bool(tc.search(sass)),
+        # the tensor-core instruction found: HGMMA (Hopper wgmma) or HMMA (Ampere-style mma)
+        "tensor_cores": tc_kind,
         "matmul": spec.matmul,
     }
 
@@ -151,8 +154,8 @@ def _problems(row: dict) -> list[str]:
     out = []
     if row["spill_bytes"]:
         out.append(f"{row['spill_bytes']} bytes spilled")
-    if row["matmul"] and not row["tensor_cores"]:
-        out.append("no tensor-core instructions")
+    if row["matmul"] and row["tensor_cores"] != ("HGMMA" if row["target"] == "sm_90" else "HMMA"):
+        out.append("no HGMMA" if row["target"] == "sm_90" else "no tensor-core instructions")
     return out
 
 
@@ -164,7 +167,7 @@ def format_table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append((r["kernel"], r["target"], "-", "-", "-", "-", "-", "FAIL " + r["error"][:60]))
             continue
-        tc = ("yes" if r["tensor_cores"] else "NO") if r["matmul"] else ("yes" if r["tensor_cores"] else "n/a")
+        tc = r["tensor_cores"] or ("NO" if r["matmul"] else "n/a")
         status = "; ".join(_problems(r)) or "ok"
         lines.append((r["kernel"], r["target"], str(r["registers"]), str(r["spill_bytes"]),
                       str(r["shared_bytes"]), "yes" if r["ldg128"] else "no", tc, status))

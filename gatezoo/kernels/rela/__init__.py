@@ -60,18 +60,24 @@ def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             sees keys ``j <= i + Tk - Tq``, which is what incremental decoding needs.
         key_padding_mask: bool (B, Tk), **True = keep** (a real token), False = padding.
         scale: score scale, default ``D ** -0.5``.
-        backend: ``"auto" | "torch" | "triton"``. Only the PyTorch path exists so far (it runs
-            on CPU and CUDA); the fused Triton kernel is still to come.
+        backend: ``"auto" | "torch" | "triton"``.
 
     Masked scores are set to 0 before the ReLU, so a query whose keys are all masked gets 0.
     D may be any size up to 256. Returns (B, H, Tq, D) in q's dtype.
     """
     _check(q, k, v, key_padding_mask)
-    if resolve_backend(backend, q) == "triton" and backend != "auto":
-        raise NotImplementedError("rela_attention has no Triton kernel yet; use backend='torch' (or 'auto')")
+    chosen = resolve_backend(backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(q.device)
     if q.numel() == 0 or k.shape[2] == 0 or torch.compiler.is_compiling():
         return rela_composed(q, k, v, causal, key_padding_mask, scale)
+    if chosen == "triton":
+        if q.dtype == torch.float64:
+            if backend == "triton":
+                raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got torch.float64")
+        else:
+            from .triton import ReLATriton
+
+            return ReLATriton.apply(q, k, v, key_padding_mask, bool(causal), scale)
     return ReLAFunction.apply(q, k, v, key_padding_mask, bool(causal), scale)

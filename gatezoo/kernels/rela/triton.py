@@ -1,0 +1,329 @@
+"""Fused Triton kernels for ReLA attention.
+
+Forward: one program per (query block, batch * head) walks the key blocks and accumulates
+``relu(masked q k^T * scale) v`` in registers; there is no row max or row sum to track, and no
+T x T matrix in memory. Key blocks entirely in the future are skipped when causal.
+
+Backward (deterministic, no atomics): one kernel per key block computes dK and dV, looping
+over the query blocks of every query head that shares the key head (grouped-query attention);
+another per query block computes dQ. Both recompute the scores, with dS = dP * 1[S > 0].
+
+Matrix products use the tensor cores for float16/bfloat16 inputs; float32 inputs are multiplied
+in full float32 precision (no TF32). Under the CPU interpreter every product is float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..aot import KernelSpec, register
+from ..backend import interpret_mode
+
+
+@triton.jit
+def _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    keep = (offs_m[:, None] < TQ) & (offs_n[None, :] < TK)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + (TK - TQ))
+    if HAS_MASK:
+        kp = tl.load(mask_row + offs_n, mask=offs_n < TK, other=0)
+        keep = keep & (kp != 0)[None, :]
+    return keep
+
+
+@triton.jit
+def _keep_t(offs_n, offs_m, mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """:func:`_keep` transposed: (keys, queries)."""
+    keep = (offs_n[:, None] < TK) & (offs_m[None, :] < TQ)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= offs_m[None, :] + (TK - TQ))
+    if HAS_MASK:
+        kp = tl.load(mask_row + offs_n, mask=offs_n < TK, other=0)
+        keep = keep & (kp != 0)[:, None]
+    return keep
+
+
+@triton.jit
+def _rela_fwd_kernel(
+    Q, K, V, O, MASK, scale,  # noqa: E741
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb,
+    H, G, TQ, TK, D,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=(offs_m[:, None] < TQ) & d_ok[None, :], other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    mask_row = MASK + b.to(tl.int64) * smb
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    end_n = TK
+    if CAUSAL:  # keys after the last query of this block (bottom-right aligned) are all masked
+        end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < TK
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale
+        keep = _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL, HAS_MASK)
+        p = tl.where(keep, tl.maximum(s, 0.0), 0.0)
+        acc += tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else "tf32")
+    tl.store(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < TQ) & d_ok[None, :])
+
+
+@triton.jit
+def _rela_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, MASK, scale,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, smb,
+    H, G, TQ, TK, D,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    hk_count = H // G
+    b = pid_bhk // hk_count
+    hk = pid_bhk % hk_count
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    nd_ok = (offs_n[:, None] < TK) & d_ok[None, :]
+    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=nd_ok, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=nd_ok, other=0.0)
+    if F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    mask_row = MASK + b.to(tl.int64) * smb
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    start_m = 0
+    if CAUSAL:  # queries before this one see none of these keys
+        start_m = tl.maximum(0, pid_n * BLOCK_N - (TK - TQ)) // BLOCK_M * BLOCK_M
+    for gi in range(0, G):
+        h = hk * G + gi
+        q_base = Q + b.to(tl.int64) * sqb + h * sqh
+        do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+        for start in range(start_m, TQ, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            md_ok = (offs_m[:, None] < TQ) & d_ok[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=md_ok, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=md_ok, other=0.0)
+            if F32:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            # everything transposed (keys x queries) so each product has the key block as its
+            # M dimension: one shape of tensor-core tile (wgmma on sm_90) for all four
+            st = tl.dot(k, tl.trans(q), input_precision="ieee" if IEEE else "tf32") * scale
+            keep = _keep_t(offs_n, offs_m, mask_row, TQ, TK, CAUSAL, HAS_MASK) & (st > 0.0)
+            pt = tl.where(keep, st, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee" if IEEE else "tf32")
+            dpt = tl.dot(v, tl.trans(do), input_precision="ieee" if IEEE else "tf32")
+            dst = tl.where(keep, dpt, 0.0)
+            dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee" if IEEE else "tf32")
+    out = b.to(tl.int64) * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=nd_ok)
+    out_v = b.to(tl.int64) * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :]
+    tl.store(DV + out_v, dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+@triton.jit
+def _rela_bwd_dq_kernel(
+    Q, K, V, DO, DQ, MASK, scale,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, smb,
+    H, G, TQ, TK, D,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    md_ok = (offs_m[:, None] < TQ) & d_ok[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=md_ok, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :],
+                 mask=md_ok, other=0.0)
+    if F32:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    k_base = K + b.to(tl.int64) * skb + hk * skh
+    v_base = V + b.to(tl.int64) * svb + hk * svh
+    mask_row = MASK + b.to(tl.int64) * smb
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    end_n = TK
+    if CAUSAL:
+        end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
+    for start_n in range(0, end_n, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        nd_ok = (offs_n[:, None] < TK) & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=nd_ok, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nd_ok, other=0.0)
+        if F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale
+        keep = _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL, HAS_MASK) & (s > 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")
+        ds = tl.where(keep, dp, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee" if IEEE else "tf32")
+    tl.store(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=md_ok)
+
+
+def _blocks(d: int, kernel: str, wide: bool, interpret: bool | None = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of ``kernel`` ("fwd", "dkdv" or "dq") for head
+    size d; ``wide`` for 4-byte (TF32) operands. Chosen so that every variant compiles without
+    register spills and with a 64-row tensor-core tile (``make aot`` shows both)."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if interpret_mode() if interpret is None else interpret:
+        return 16, 16, block_d, 4
+    if kernel == "dkdv":  # key block = M of every product; holds k, v, dk and dv
+        return (16, 64, block_d, 4) if block_d <= 64 and wide else (16, 64, block_d, 8)
+    if block_d <= 64:
+        return (64, 32, block_d, 4) if wide and kernel == "dq" else (64, 64, block_d, 4)
+    if block_d <= 128:
+        return 64, 32, block_d, 4
+    return 64, 16, block_d, 8
+
+
+def _flags(q: torch.Tensor) -> dict:
+    # The interpreter has no bfloat16/float16 arithmetic, so it multiplies in float32 (F32), and
+    # exactly (IEEE). On a GPU float32 inputs use TF32 tensor cores, like cuDNN/SDPA attention.
+    interp = interpret_mode()
+    return dict(F32=q.dtype == torch.float32 or interp, IEEE=interp)
+
+
+def _on_device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _mask_arg(mask, q):
+    if mask is None:
+        return q, 0  # never read: HAS_MASK is False
+    m = mask.to(torch.uint8).contiguous()
+    return m, m.stride(0)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rela_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> torch.Tensor:
+    b, h, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    o = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
+    bm, bn, bd, warps = _blocks(d, "fwd", q.dtype == torch.float32)
+    mask, smb = _mask_arg(key_padding_mask, q)
+    with _on_device(q):
+        _rela_fwd_kernel[(triton.cdiv(tq, bm), b * h)](
+            q, k, v, o, mask, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), smb,
+            h, h // hk, tq, tk, d,
+            CAUSAL=causal, HAS_MASK=key_padding_mask is not None, **_flags(q),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        )
+    return o
+
+
+def rela_backward(q, k, v, do, key_padding_mask, causal: bool, scale: float):
+    b, h, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    q, k, v, do = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(do)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty((b, hk, tk, d), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, hk, tk, d), dtype=v.dtype, device=v.device)
+    mask, smb = _mask_arg(key_padding_mask, q)
+    flags = dict(CAUSAL=causal, HAS_MASK=key_padding_mask is not None, **_flags(q))
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    with _on_device(q):
+        bm, bn, bd, warps = _blocks(d, "dkdv", q.dtype == torch.float32)
+        _rela_bwd_dkdv_kernel[(triton.cdiv(tk, bn), b * hk)](
+            q, k, v, do, dk, dv, mask, scale, *strides,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smb,
+            h, h // hk, tq, tk, d, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        )
+        bm, bn, bd, warps = _blocks(d, "dq", q.dtype == torch.float32)
+        _rela_bwd_dq_kernel[(triton.cdiv(tq, bm), b * h)](
+            q, k, v, do, dq, mask, scale, *strides,
+            dq.stride(0), dq.stride(1), dq.stride(2), smb,
+            h, h // hk, tq, tk, d, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
+        )
+    return dq, dk, dv
+
+
+class ReLATriton(torch.autograd.Function):
+    """Same contract as :class:`~gatezoo.kernels.rela.reference.ReLAFunction`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal: bool, scale: float):
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, key_padding_mask)
+        return rela_forward(q, k, v, key_padding_mask, causal, scale)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, key_padding_mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
+            from .reference import _composed_grads
+
+            return _composed_grads(ctx, q, k, v, key_padding_mask, do) + (None, None, None)
+        dq, dk, dv = rela_backward(q, k, v, do, key_padding_mask, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _aot_specs():
+    """Forward, dK/dV and dQ, causal with a padding mask (the superset of work), for head sizes
+    64 and 128 in bfloat16, float16 and float32 (TF32), and 256 in bfloat16."""
+    specs = []
+    ints = dict(H="i32", G="i32", TQ="i32", TK="i32", D="i32")
+    strides = {n: "i32" for n in ("sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn")}
+    do_strides = {n: "i32" for n in ("sdob", "sdoh", "sdom")}
+    variants = [(dt, d) for dt in ("bf16", "fp16", "fp32") for d in (64, 128)] + [("bf16", 256)]
+    for dtype, d in variants:
+        ptr = f"*{dtype}"
+        common = dict(MASK="*u8", scale="fp32", **strides)
+        sigs = {
+            "fwd": (_rela_fwd_kernel, "rela_fwd", dict(
+                Q=ptr, K=ptr, V=ptr, O=ptr, **common, sob="i32", soh="i32", som="i32", smb="i32", **ints)),
+            "dkdv": (_rela_bwd_dkdv_kernel, "rela_bwd_dkdv", dict(
+                Q=ptr, K=ptr, V=ptr, DO=ptr, DK=ptr, DV=ptr, **common, **do_strides, sdkb="i32", sdkh="i32",
+                sdkn="i32", sdvb="i32", sdvh="i32", sdvn="i32", smb="i32", **ints)),
+            "dq": (_rela_bwd_dq_kernel, "rela_bwd_dq", dict(
+                Q=ptr, K=ptr, V=ptr, DO=ptr, DQ=ptr, **common, **do_strides, sdqb="i32", sdqh="i32",
+                sdqm="i32", smb="i32", **ints)),
+        }
+        for kernel, (fn, name, sig) in sigs.items():
+            bm, bn, bd, warps = _blocks(d, kernel, dtype == "fp32", interpret=False)
+            consts = dict(CAUSAL=True, HAS_MASK=True, F32=dtype == "fp32", IEEE=False,
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+            specs.append(KernelSpec(f"{name}[D{d},{dtype}]", fn, sig, consts, warps, matmul=True,
+                                    unaligned=("TQ", "TK", "scale")))
+    return specs
+
+
+register(_aot_specs)
