@@ -9,10 +9,11 @@ from gatezoo.kernels.norm import gated_rms_norm, gated_rms_norm_composed, rms_no
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("gated", [False, True], ids=["rms", "gated"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("layout", ["contig", "transposed"])
-def test_matches_float64(gated, dtype, layout):
+def test_matches_float64(gated, dtype, layout, backend):
     d = 37
     x = torch.randn(3, 5, d) if layout == "contig" else torch.randn(3, d, 5).transpose(1, 2)
     x = x.to(dtype)
@@ -22,7 +23,7 @@ def test_matches_float64(gated, dtype, layout):
     ref_in = [t.double().requires_grad_() for t in ((x, w, u) if gated else (x, w))]
     ins = [t.detach().clone().requires_grad_() for t in ((x, w, u) if gated else (x, w))]
     ref = gated_rms_norm_composed(*ref_in) if gated else rms_norm_composed(*ref_in)
-    out = gated_rms_norm(*ins) if gated else rms_norm(*ins)
+    out = gated_rms_norm(*ins, backend=backend) if gated else rms_norm(*ins, backend=backend)
     assert out.dtype == dtype
     assert_close("y", ref, out, TOL[dtype])
     assert torch.equal(out[0, 0], torch.zeros_like(out[0, 0]))

@@ -28,16 +28,23 @@ def _check(x, named_weights, eps):
         raise ValueError(f"eps must be positive, got {eps}")
 
 
-def _backend(backend, x):
-    if resolve_backend(backend, x) == "triton" and backend != "auto":
-        raise NotImplementedError("the RMSNorm ops have no Triton kernel yet; use backend='torch' (or 'auto')")
+def _function(backend, x, ws):
+    chosen = resolve_backend(backend, x)
+    if chosen == "triton" and any(t.dtype == torch.float64 for t in (x, *ws)):
+        if backend == "triton":
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got float64")
+        chosen = "torch"
+    if chosen == "triton":
+        from .triton import RMSNormTriton
+
+        return RMSNormTriton
+    return RMSNormFunction
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (a zero row gives 0)."""
     _check(x, [("weight", weight)], eps)
-    _backend(backend, x)
-    return RMSNormFunction.apply(x, weight, None, float(eps))
+    return _function(backend, x, [weight]).apply(x, weight, None, float(eps))
 
 
 def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Tensor, eps: float = 1e-6, *,
@@ -51,5 +58,4 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Ten
         eps: added to the mean square, so a zero row gives 0 rather than NaN.
     """
     _check(x, [("weight", weight), ("gate_weight", gate_weight)], eps)
-    _backend(backend, x)
-    return RMSNormFunction.apply(x, weight, gate_weight, float(eps))
+    return _function(backend, x, [weight, gate_weight]).apply(x, weight, gate_weight, float(eps))
