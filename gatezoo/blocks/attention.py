@@ -1,0 +1,148 @@
+"""Attention blocks with one interface, so models swap them by name.
+
+``ReLAAttention`` (rectified linear attention with its output norm, ReLA-g by default) and
+``SoftmaxAttention`` (``F.scaled_dot_product_attention``, flash kernels on GPU) both take
+
+    forward(x, context=None, key_padding_mask=None, causal=False, cache=None)
+
+``context`` makes it cross-attention; ``key_padding_mask`` is bool (B, key_len), True = keep;
+``cache`` is a :class:`KVCache` for incremental decoding whose outputs equal the full
+recomputation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatezoo.kernels import rela_attention
+
+from .norm import GatedRMSNorm, RMSNorm
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, (B, Hk, T, head_dim) each.
+
+    Self-attention appends the new step's keys and values; cross-attention computes them from
+    the context on the first call and reuses them afterwards. Use one cache per layer.
+    """
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
+                 dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        if dim < 1 or heads < 1:
+            raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or pass head_dim")
+            head_dim = dim // heads
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.kv = nn.Linear(dim, 2 * kv_heads * head_dim, bias=bias)
+        self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def _attend(self, q, k, v, key_padding_mask, causal):
+        raise NotImplementedError
+
+    def _output_norm(self, o):
+        return o
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, T, dim). context: (B, S, dim) for cross-attention. key_padding_mask: bool
+        (B, key_len), True = keep, over all keys (cached ones included). causal: mask future
+        keys, aligned bottom-right so a cached decoding step sees every earlier key."""
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (batch, seq, dim), got {tuple(x.shape)}")
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        if context is not None and cache is not None and len(cache):
+            k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
+        else:
+            src = x if context is None else context
+            kv = self.kv(src).view(b, src.shape[1], 2, self.kv_heads, self.head_dim)
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        o = self._attend(q, k, v, key_padding_mask, causal)
+        o = self._output_norm(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return self.drop(self.proj(o))
+
+
+class ReLAAttention(_Attention):
+    """Rectified linear attention (Zhang, Titov & Sennrich 2021): ``relu(q k^T / sqrt(d)) v``
+    per head, then an output norm over the concatenated heads, then ``proj``.
+
+    Args:
+        dim: model width. heads: query heads. head_dim: default dim // heads.
+        kv_heads: key/value heads (grouped-query attention), default ``heads``.
+        norm: ``"gated_rms"`` (ReLA-g, default), ``"rms"``, ``"layer"`` or None.
+        dropout: on the block output. bias: on the projections.
+        backend: kernel backend for the attention and the norm.
+    """
+
+    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
+                 norm: str | None = "gated_rms", dropout: float = 0.0, bias: bool = False, backend: str = "auto"):
+        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias)
+        width = self.heads * self.head_dim
+        norms = {
+            "gated_rms": lambda: GatedRMSNorm(width, backend=backend),
+            "rms": lambda: RMSNorm(width, backend=backend),
+            "layer": lambda: nn.LayerNorm(width),
+            None: nn.Identity,
+        }
+        if norm not in norms:
+            raise ValueError(f"norm must be one of {list(norms)}, got {norm!r}")
+        self.norm = norms[norm]()
+        self.backend = backend
+
+    def _attend(self, q, k, v, key_padding_mask, causal):
+        return rela_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, backend=self.backend)
+
+    def _output_norm(self, o):
+        return self.norm(o)
+
+
+class SoftmaxAttention(_Attention):
+    """Standard softmax attention through ``F.scaled_dot_product_attention`` (flash kernels on
+    GPU), with the same interface as :class:`ReLAAttention`. A query whose keys are all masked
+    gets 0 (not NaN)."""
+
+    def _attend(self, q, k, v, key_padding_mask, causal):
+        tq, tk = q.shape[2], k.shape[2]
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        if key_padding_mask is None and (not causal or tq == tk):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # fast paths
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+        if causal:  # bottom-right aligned, as in rela_attention
+            keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        keep = keep[None, None]
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (q.shape[0], tk):
+                raise ValueError(f"key_padding_mask must have shape (batch, key_len) = {(q.shape[0], tk)}, "
+                                 f"got {tuple(key_padding_mask.shape)}")
+            keep = keep & key_padding_mask[:, None, None, :].to(torch.bool)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return torch.where(keep.any(-1, keepdim=True), o, 0.0)

@@ -1,0 +1,83 @@
+"""ReLAAttention and SoftmaxAttention: shapes, masks, cross-attention and cached decoding."""
+
+import pytest
+import torch
+from closeness import assert_close
+
+from gatezoo.blocks import KVCache, ReLAAttention, SoftmaxAttention
+from gatezoo.kernels import rela_attention
+
+BLOCKS = {"rela": ReLAAttention, "softmax": SoftmaxAttention}
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_self_and_cross_attention_shapes_and_gradients(name, kv_heads):
+    m = BLOCKS[name](32, 4, kv_heads=kv_heads)
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    y = m(x, causal=True) + m(x, context=ctx, key_padding_mask=mask)
+    assert y.shape == (2, 7, 32) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_fully_masked_query_gets_zero_attention(name):
+    m = BLOCKS[name](16, 2)
+    ctx = torch.randn(2, 4, 16)
+    mask = torch.tensor([[True] * 4, [False] * 4])
+    y = m(torch.randn(2, 3, 16), context=ctx, key_padding_mask=mask)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[1], torch.zeros_like(y[1]))  # no bias: zero attention -> zero output
+    assert y[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_cached_decoding_equals_full_forward(name, kv_heads):
+    torch.manual_seed(3)
+    m = BLOCKS[name](24, 4, kv_heads=kv_heads).eval()
+    x, ctx = torch.randn(2, 9, 24), torch.randn(2, 6, 24)
+    ctx_mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    full_self = m(x, causal=True)
+    full_cross = m(x, context=ctx, key_padding_mask=ctx_mask)
+    self_cache, cross_cache = KVCache(), KVCache()
+    steps_self, steps_cross = [], []
+    for t in range(x.shape[1]):
+        steps_self.append(m(x[:, t : t + 1], causal=True, cache=self_cache))
+        steps_cross.append(m(x[:, t : t + 1], context=ctx, key_padding_mask=ctx_mask, cache=cross_cache))
+    assert len(self_cache) == 9 and len(cross_cache) == 6
+    assert_close("self", full_self, torch.cat(steps_self, 1), 1e-5)
+    assert_close("cross", full_cross, torch.cat(steps_cross, 1), 1e-5)
+
+
+def test_rela_block_is_rela_then_norm_then_proj():
+    m = ReLAAttention(16, 2, norm=None)
+    x = torch.randn(1, 5, 16)
+    q = m.q(x).view(1, 5, 2, 8).transpose(1, 2)
+    k, v = m.kv(x).view(1, 5, 2, 2, 8).unbind(2)
+    o = rela_attention(q, k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    assert_close("block", m.proj(o.transpose(1, 2).reshape(1, 5, 16)), m(x, causal=True), 1e-6)
+
+
+@pytest.mark.parametrize("norm", ["gated_rms", "rms", "layer", None])
+def test_rela_norm_choices(norm):
+    m = ReLAAttention(16, 2, norm=norm)
+    assert m(torch.randn(2, 3, 16)).shape == (2, 3, 16)
+    if norm == "gated_rms":
+        bound = (3 / 16) ** 0.5
+        assert torch.equal(m.norm.weight, torch.ones(16))
+        assert m.norm.gate_weight.abs().max() <= bound and m.norm.gate_weight.std() > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="divisible by heads"):
+        ReLAAttention(10, 3)
+    with pytest.raises(ValueError, match="must divide heads"):
+        SoftmaxAttention(16, 4, kv_heads=3)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ReLAAttention(16, 2, norm="batch")
+    with pytest.raises(ValueError, match=r"\(batch, seq, dim\)"):
+        ReLAAttention(16, 2)(torch.randn(3, 16))
