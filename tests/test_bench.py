@@ -57,3 +57,16 @@ def test_glu_saves_only_its_inputs():
     for kind in ("silu", "gelu", "atlu"):
         s = _saved("glu", kind, True)
         assert s["gatezoo-torch"] <= 1 / 2 * s["eager"], kind
+
+
+def test_attention_bench_cli(tmp_path, capsys):
+    assert bench.main(["--op", "attention", "--seqs", "32", "64", "--batch", "1", "--heads", "2",
+                       "--head-dim", "16", "--reps", "2", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "attention-cpu.csv")))
+    assert {r["impl"] for r in rows} == {"sdpa-softmax", "rela-naive", "gatezoo-torch"}
+    assert {r["variant"] for r in rows} == {"T32", "T64"}
+    assert all(float(r["gflops"]) > 0 for r in rows)
+    # ReLA keeps q, k and v only: 3/4 of the bytes of (q, k, v, out), at every length
+    ours = [r for r in rows if r["impl"] == "gatezoo-torch"]
+    assert all(float(r["saved_vs_eager"]) == 0.75 for r in ours)
+    assert (tmp_path / "attention-cpu.png").stat().st_size > 1000

@@ -70,7 +70,8 @@ def test_torch_path_matches_float64(shape, dtype, layout, chunked, monkeypatch):
     from gatezoo.kernels.rela import reference
 
     if chunked:
-        monkeypatch.setattr(reference, "CPU_CHUNK_SCORES", 8)
+        monkeypatch.setattr(reference, "CPU_CHUNK_SCORES", 8)  # one key head and one row a chunk
+        monkeypatch.setattr(reference, "ROWS", 2)
     causal = shape[6]
     q, k, v, mask = _inputs(shape, dtype, layout)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]

@@ -24,12 +24,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from gatezoo.kernels import KINDS, gated_act, glu
+from gatezoo.kernels import KINDS, gated_act, glu, rela_attention
 from gatezoo.kernels.activation.reference import phi_composed
+from gatezoo.kernels.rela.reference import rela_composed
 
-OPS = ("glu", "gated_act")
+OPS = ("glu", "gated_act", "attention")
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Row:
     ratio_vs_eager: float
     saved_bytes: int
     saved_vs_eager: float
+    gflops: float = float("nan")  # attention: achieved GFLOP/s (matmul work only)
 
 
 def device_name(device: torch.device) -> str:
@@ -204,6 +207,93 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
     return rows_out
 
 
+def sgemm_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """The machine's float32 matrix-multiply rate: median over ``reps`` of an n x n x n product."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    med = time_interleaved({"mm": lambda: a @ b}, device, reps)["mm"][0]
+    return 2 * n**3 / med / 1e6
+
+
+def attention_impls(device: torch.device, t: int) -> dict:
+    """{impl: fn(q, k, v)} for the attention benchmark at sequence length t."""
+    impls = {"sdpa-softmax": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    if t <= 2048:  # the naive composition holds several T x T tensors: 2 GiB each at T=4096
+        impls["rela-naive"] = lambda q, k, v: rela_composed(q, k, v)
+    impls["gatezoo-torch"] = lambda q, k, v: rela_attention(q, k, v, backend="torch")
+    if device.type == "cuda":
+        impls["gatezoo-triton"] = lambda q, k, v: rela_attention(q, k, v, backend="triton")
+    return impls
+
+
+def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, reps: int,
+                    progress: bool = True) -> list[Row]:
+    """ReLA against softmax SDPA and the naive composition, for each sequence length in ``seqs``.
+    Ratios are to SDPA (column ``ratio_vs_eager``); GFLOP/s count the matmuls (4 B H T^2 D
+    forward, 14 B H T^2 D forward+backward)."""
+    out: list[Row] = []
+    machine = device_name(device)
+    for t in tqdm(seqs, desc="bench attention", disable=not progress, file=sys.stderr):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        base = [torch.randn(batch, heads, t, head_dim, generator=gen).to(device, dtype) for _ in range(3)]
+        do = torch.randn(batch, heads, t, head_dim, generator=gen).to(device, dtype)
+        n_reps = max(3, min(reps, int(reps * (1024 / t) ** 2)))
+        flops = {"fwd": 4 * batch * heads * t * t * head_dim, "fwd+bwd": 14 * batch * heads * t * t * head_dim}
+        calls, saved = {}, {}
+        for impl, fn in attention_impls(device, t).items():
+            leaf = [x.detach().clone().requires_grad_() for x in base]
+
+            def fwd(fn=fn, leaf=leaf):
+                with torch.no_grad():
+                    return fn(*leaf)
+
+            def fwd_bwd(fn=fn, leaf=leaf, do=do):
+                for x in leaf:
+                    x.grad = None
+                fn(*leaf).backward(do)
+
+            saved[impl] = saved_bytes(fn, leaf)
+            calls[impl] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+        qkvo = 4 * base[0].numel() * base[0].element_size()
+        for mode in ("fwd", "fwd+bwd"):
+            timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, n_reps, warmup=1)
+            ref = timed["sdpa-softmax"][0]
+            for impl, (med, p20, p80) in timed.items():
+                out.append(Row(
+                    "attention", f"T{t}", impl, mode, f"B{batch}-H{heads}-T{t}-D{head_dim}",
+                    str(dtype).replace("torch.", ""), machine, round(med, 3), round(p20, 3), round(p80, 3),
+                    float("nan"), round(med / ref, 3), saved[impl], round(saved[impl] / qkvo, 3),
+                    round(flops[mode] / med / 1e6, 1),
+                ))
+        del calls
+    return out
+
+
+def plot_attention(rows: list[Row], path: str) -> None:
+    """Forward+backward time and saved bytes against sequence length, one line per impl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.mode == "fwd+bwd"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for impl in dict.fromkeys(r.impl for r in rows):
+        pts = [(int(r.variant[1:]), r) for r in rows if r.impl == impl]
+        axes[0].plot([t for t, _ in pts], [r.median_ms for _, r in pts], marker="o", label=impl)
+        axes[1].plot([t for t, _ in pts], [r.saved_bytes / 2**20 for _, r in pts], marker="o", label=impl)
+    for ax, label in zip(axes, ("forward+backward median (ms)", "saved for backward (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    b, h, _, d = rows[0].shape.split("-")
+    fig.suptitle(f"attention {b} {h} {d}, T swept, {rows[0].dtype} on {rows[0].device}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_csv(rows: list[Row], path: str) -> None:
     """Write ``rows`` to ``path`` (creating its folder)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -242,11 +332,22 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def format_rows(rows: list[Row]) -> str:
+def ours_name(device: torch.device) -> str:
+    """The gatezoo implementation the goals are stated for on this device."""
+    return "gatezoo-triton" if device.type == "cuda" else "gatezoo-torch"
+
+
+def format_rows(rows: list[Row], attention: bool = False) -> str:
     """A plain-text table of every row, for the terminal."""
-    head = ("variant", "impl", "mode", "median ms", "p20-p80", "GB/s", "x eager", "saved MiB", "saved x eager")
-    body = [(r.variant, r.impl, r.mode, f"{r.median_ms:.2f}", f"{r.p20_ms:.1f}-{r.p80_ms:.1f}", f"{r.gbps:.1f}",
-             f"{r.ratio_vs_eager:.2f}", f"{r.saved_bytes / 2**20:.0f}", f"{r.saved_vs_eager:.2f}") for r in rows]
+    if attention:
+        head = ("T", "impl", "mode", "median ms", "p20-p80", "GFLOP/s", "x SDPA", "saved MiB", "saved x qkvo")
+        rate = [f"{r.gflops:.1f}" for r in rows]
+    else:
+        head = ("variant", "impl", "mode", "median ms", "p20-p80", "GB/s", "x eager", "saved MiB", "saved x eager")
+        rate = [f"{r.gbps:.1f}" for r in rows]
+    body = [(r.variant, r.impl, r.mode, f"{r.median_ms:.2f}", f"{r.p20_ms:.1f}-{r.p80_ms:.1f}", g,
+             f"{r.ratio_vs_eager:.2f}", f"{r.saved_bytes / 2**20:.0f}", f"{r.saved_vs_eager:.2f}")
+            for r, g in zip(rows, rate)]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head)] + [fmt.format(*b) for b in body])
@@ -289,6 +390,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions per measurement")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     parser.add_argument("--out", default="benchmarks", help="folder for the CSV and PNG")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096],
+                        help="attention: sequence lengths of the sweep")
+    parser.add_argument("--batch", type=int, default=4, help="attention: batch size")
+    parser.add_argument("--heads", type=int, default=8, help="attention: heads")
+    parser.add_argument("--head-dim", type=int, default=64, help="attention: head size")
     parser.add_argument("--summary", metavar="CSV", help="print the markdown summary of an earlier run and exit")
     args = parser.parse_args(argv)
     if args.summary:
@@ -302,6 +408,20 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     kinds = args.kinds or list(KINDS)
     for op in args.op or OPS:
+        if op == "attention":
+            rows = bench_attention(args.seqs, args.batch, args.heads, args.head_dim, dtype, device, args.reps)
+            stem = os.path.join(args.out, f"attention-{device.type}")
+            write_csv(rows, stem + ".csv")
+            plot_attention(rows, stem + ".png")
+            gemm = sgemm_gflops(device)
+            print(f"\nattention on {rows[0].device}, {rows[0].dtype} (ratio column: time / SDPA softmax)")
+            print(format_rows(rows, attention=True))
+            ref = [r for r in rows if r.impl == ours_name(device) and r.mode == "fwd" and r.variant == "T1024"]
+            if ref:
+                print(f"ReLA forward at T=1024: {ref[0].gflops:.1f} GFLOP/s = "
+                      f"{100 * ref[0].gflops / gemm:.0f}% of this machine's sgemm ({gemm:.1f} GFLOP/s)")
+            print(f"wrote {stem}.csv and {stem}.png")
+            continue
         rows = bench_op(op, kinds, args.size, dtype, device, args.reps, not args.no_compile)
         stem = os.path.join(args.out, f"{op}-{device.type}")
         write_csv(rows, stem + ".csv")

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import torch
 
-# Elements of one chunk of scores (B * H * rows * Tk) on CPU: 16 MiB of float32. Large enough
-# for efficient matmuls (smaller chunks measured slower at B=4 H=8 T=1024 D=64), and bounded, so
-# memory stays linear in T: no T x T tensor is ever held.
-CPU_CHUNK_SCORES = 1 << 22
+# Scores of one chunk on CPU: at most 2^20 float32 (4 MiB) where rows allow, so a chunk's scores
+# and their gradient stay near the core between the matmuls that write and read them; chunks
+# take ROWS query rows (or fewer heads) so each matmul still has a useful size. Measured at B=4,
+# H=8, T=1024, D=64 against 2^18-2^20 scores and 128-512 rows; memory stays linear in T.
+CPU_CHUNK_SCORES = 1 << 20
+ROWS = 512
 
 
 def keep_mask(tq: int, tk: int, causal: bool, key_padding_mask, device, q_start: int = 0, q_stop=None):
@@ -53,12 +55,6 @@ def rela_composed(q, k, v, causal: bool = False, key_padding_mask=None, scale=No
     return torch.matmul(torch.relu(s), v)
 
 
-def _rows_per_chunk(b: int, h: int, tq: int, tk: int, device) -> int:
-    if device.type != "cpu":
-        return tq
-    return max(1, min(tq, CPU_CHUNK_SCORES // max(b * h * tk, 1)))
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -66,6 +62,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _causal_key_stop(causal: bool, tq: int, tk: int, q_stop: int) -> int:
     """Keys beyond this index are masked for every query of the chunk (causal only)."""
     return tk if not causal else max(0, min(tk, q_stop + tk - tq))
+
+
+def _chunks(bhk: int, tq: int, tk: int, g: int, device):
+    """(key-head slice, query rows slice) pairs covering (B * Hk) x Tq."""
+    if device.type != "cpu":
+        return [(slice(0, bhk), slice(0, tq))]
+    rows = max(1, min(tq, ROWS, CPU_CHUNK_SCORES // max(g * tk, 1)))
+    heads = max(1, min(bhk, CPU_CHUNK_SCORES // max(g * rows * tk, 1)))
+    return [(slice(c, min(bhk, c + heads)), slice(i, min(tq, i + rows)))
+            for c in range(0, bhk, heads) for i in range(0, tq, rows)]
 
 
 class _Buffers:
@@ -85,66 +91,74 @@ class _Buffers:
         return buf[:n].view(shape)
 
 
-class _Chunk:
-    """Queries i0:i1 of every head, grouped by key head: (B * Hk, G * rows, ...) matrices."""
+class _Problem:
+    """The operands as (B * Hk, ...) stacks in the compute dtype: one row of the stack per key
+    head, its G query heads side by side."""
 
-    def __init__(self, q, kc, i0, i1, causal, key_padding_mask, scale, bufs):
+    def __init__(self, q, k, v, key_padding_mask, causal, scale):
         b, h, tq, d = q.shape
-        hk, tk = kc.shape[1], kc.shape[2]
-        self.g, self.rows = h // hk, i1 - i0
-        self.stop = _causal_key_stop(causal, tq, tk, i1)
-        self.b, self.hk, self.d = b, hk, d
-        # the scale goes on the (rows x D) queries, not on the (rows x Tk) scores
-        qs = bufs.get("q", b, h, self.rows, d)
-        qs.copy_(q[:, :, i0:i1]).mul_(scale)
-        self.q3 = qs.view(b * hk, self.g * self.rows, d)
-        self.i0, self.i1, self.tq, self.tk = i0, i1, tq, tk
-        self.causal, self.key_padding_mask = causal, key_padding_mask
+        hk, tk = k.shape[1], k.shape[2]
+        self.cdt = _compute_dtype(q.dtype)
+        self.b, self.h, self.hk, self.g, self.tq, self.tk, self.d = b, h, hk, h // hk, tq, tk, d
+        self.q = q.to(self.cdt).reshape(b * hk, self.g, tq, d)
+        self.k = k.to(self.cdt).reshape(b * hk, tk, d)
+        self.v = v.to(self.cdt).reshape(b * hk, tk, d)
+        self.causal, self.scale = causal, scale
+        # padding mask per key head, as a multiplier of the scores
+        self.pad = None
+        if key_padding_mask is not None:
+            self.pad = key_padding_mask.repeat_interleave(hk, 0).to(self.cdt)[:, None, :]
+        self.bufs = _Buffers(self.cdt, q.device)
 
-    def relu_scores(self, k3, out):
-        """relu(masked q k^T * scale) into ``out`` (B * Hk, G * rows, stop)."""
-        s = torch.bmm(self.q3, k3[:, : self.stop].transpose(1, 2), out=out).relu_()
-        keep = keep_mask(self.tq, self.tk, self.causal, self.key_padding_mask, out.device, self.i0, self.i1)
-        if keep is not None:
-            keep = keep[..., : self.stop]
-            if self.causal:  # the (rows, Tk) pattern repeats for the G query heads of a key head
-                keep = keep.repeat(self.g, 1) if self.key_padding_mask is None else keep.repeat(1, 1, self.g, 1)
-            s.view(self.b, self.hk, self.g * self.rows, self.stop).mul_(keep)
+    def rows_of(self, t, cs, rs, name):
+        """Rows ``rs`` of the key-head stacks ``cs`` of a (B * Hk, G, T, D) tensor as (n, G * rows,
+        D): a strided view when G == 1 (bmm reads it in place), else a copy into a buffer."""
+        n, rows = cs.stop - cs.start, rs.stop - rs.start
+        if self.g == 1:
+            return t[cs, 0, rs]
+        return self.bufs.get(name, n, self.g, rows, self.d).copy_(t[cs, :, rs]).view(n, self.g * rows, self.d)
+
+    def queries(self, cs, rs):
+        """Queries of the chunk, (n, G * rows, D)."""
+        return self.rows_of(self.q, cs, rs, "q")
+
+    def relu_scores(self, qc, cs, rs, stop):
+        """relu(masked q k^T * scale) of the chunk, (n, G * rows, stop)."""
+        n, rows = cs.stop - cs.start, rs.stop - rs.start
+        s = self.bufs.get("s", n, self.g * rows, stop)
+        # the scale rides in the GEMM (alpha) instead of a pass over the scores
+        torch.baddbmm(s, qc, self.k[cs, :stop].transpose(1, 2), beta=0.0, alpha=self.scale, out=s).relu_()
+        if self.causal and rs.start + self.tk - self.tq < stop - 1:  # the first row misses some keys
+            i = torch.arange(rs.start, rs.stop, device=s.device)[:, None]
+            j = torch.arange(stop, device=s.device)[None, :]
+            s.view(n, self.g, rows, stop).mul_(j <= i + (self.tk - self.tq))
+        if self.pad is not None:
+            s.mul_(self.pad[cs, :, :stop])
         return s
-
-    def heads(self, t):
-        """(B * Hk, G * rows, D) -> (B, H, rows, D)."""
-        return t.view(self.b, self.hk * self.g, self.rows, self.d)
 
 
 class ReLAFunction(torch.autograd.Function):
-    """relu(q k^T * scale, masked) v in query chunks; saves only q, k, v and the mask.
+    """relu(q k^T * scale, masked) v in chunks; saves only q, k, v and the mask.
 
     Shapes: q (B, H, Tq, D); k, v (B, Hk, Tk, D); key_padding_mask bool (B, Tk) or None.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal: bool, scale: float):
-        b, h, tq, d = q.shape
-        hk, tk = k.shape[1], k.shape[2]
-        cdt = _compute_dtype(q.dtype)
-        k3 = k.to(cdt).contiguous().view(b * hk, tk, d)
-        v3 = v.to(cdt).contiguous().view(b * hk, tk, d)
-        out = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
-        bufs = _Buffers(cdt, q.device)
-        step = _rows_per_chunk(b, h, tq, tk, q.device)
-        for i0 in range(0, tq, step):
-            c = _Chunk(q, k3.view(b, hk, tk, d), i0, min(tq, i0 + step),
-                       causal, key_padding_mask, scale, bufs)
-            if c.stop == 0:  # every key of these queries is in the future
-                out[:, :, c.i0 : c.i1].zero_()
+        pb = _Problem(q, k, v, key_padding_mask, causal, scale)
+        out = torch.empty((pb.b * pb.hk, pb.g, pb.tq, pb.d), dtype=pb.cdt, device=q.device)
+        for cs, rs in _chunks(pb.b * pb.hk, pb.tq, pb.tk, pb.g, q.device):
+            n, rows = cs.stop - cs.start, rs.stop - rs.start
+            stop = _causal_key_stop(causal, pb.tq, pb.tk, rs.stop)
+            if stop == 0:  # every key of these queries is in the future
+                out[cs, :, rs].zero_()
                 continue
-            p = c.relu_scores(k3, bufs.get("s", b * hk, c.g * c.rows, c.stop))
-            o = torch.bmm(p, v3[:, : c.stop], out=bufs.get("o", b * hk, c.g * c.rows, d))
-            out[:, :, c.i0 : c.i1].copy_(c.heads(o))
+            p = pb.relu_scores(pb.queries(cs, rs), cs, rs, stop)
+            o = torch.bmm(p, pb.v[cs, :stop], out=pb.bufs.get("o", n, pb.g * rows, pb.d))
+            out[cs, :, rs].copy_(o.view(n, pb.g, rows, pb.d))
         ctx.causal, ctx.scale = causal, scale
         ctx.save_for_backward(q, k, v, key_padding_mask)
-        return out
+        return out.view(pb.b, pb.h, pb.tq, pb.d).to(q.dtype)
 
     @staticmethod
     def backward(ctx, do):
@@ -152,33 +166,30 @@ class ReLAFunction(torch.autograd.Function):
         causal, scale = ctx.causal, ctx.scale
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             return _composed_grads(ctx, q, k, v, key_padding_mask, do) + (None, None, None)
-        b, h, tq, d = q.shape
-        hk, tk = k.shape[1], k.shape[2]
-        cdt = _compute_dtype(q.dtype)
-        k3 = k.to(cdt).contiguous().view(b * hk, tk, d)
-        v3 = v.to(cdt).contiguous().view(b * hk, tk, d)
-        dq = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
-        dk3 = torch.zeros((b * hk, tk, d), dtype=cdt, device=q.device)
-        dv3 = torch.zeros((b * hk, tk, d), dtype=cdt, device=q.device)
-        bufs = _Buffers(cdt, q.device)
-        step = _rows_per_chunk(b, h, tq, tk, q.device)
-        for i0 in range(0, tq, step):
-            c = _Chunk(q, k3.view(b, hk, tk, d), i0, min(tq, i0 + step), causal, key_padding_mask, scale, bufs)
-            if c.stop == 0:
-                dq[:, :, c.i0 : c.i1].zero_()
+        pb = _Problem(q, k, v, key_padding_mask, causal, scale)
+        do_ = do.to(pb.cdt).reshape(pb.b * pb.hk, pb.g, pb.tq, pb.d)
+        dq = torch.empty((pb.b * pb.hk, pb.g, pb.tq, pb.d), dtype=pb.cdt, device=q.device)
+        dk = torch.zeros((pb.b * pb.hk, pb.tk, pb.d), dtype=pb.cdt, device=q.device)
+        dv = torch.zeros((pb.b * pb.hk, pb.tk, pb.d), dtype=pb.cdt, device=q.device)
+        for cs, rs in _chunks(pb.b * pb.hk, pb.tq, pb.tk, pb.g, q.device):
+            n, rows = cs.stop - cs.start, rs.stop - rs.start
+            stop = _causal_key_stop(causal, pb.tq, pb.tk, rs.stop)
+            if stop == 0:
+                dq[cs, :, rs].zero_()
                 continue
-            rows = c.g * c.rows
-            p = c.relu_scores(k3, bufs.get("s", b * hk, rows, c.stop))
-            do3 = bufs.get("do", b, h, c.rows, d)
-            do3 = do3.copy_(do[:, :, c.i0 : c.i1]).view(b * hk, rows, d)
-            dv3[:, : c.stop].baddbmm_(p.transpose(1, 2), do3)
-            ds = torch.bmm(do3, v3[:, : c.stop].transpose(1, 2), out=bufs.get("ds", b * hk, rows, c.stop))
+            qc = pb.queries(cs, rs)
+            p = pb.relu_scores(qc, cs, rs, stop)
+            do_c = pb.rows_of(do_, cs, rs, "do")
+            dv[cs, :stop].baddbmm_(p.transpose(1, 2), do_c)
+            ds = torch.bmm(do_c, pb.v[cs, :stop].transpose(1, 2), out=pb.bufs.get("ds", n, pb.g * rows, stop))
             torch.ops.aten.threshold_backward.grad_input(ds, p, 0.0, grad_input=ds)  # dS = dP 1[S > 0]
-            dq_c = torch.bmm(ds, k3[:, : c.stop], out=bufs.get("o", b * hk, rows, d)).mul_(scale)
-            dq[:, :, c.i0 : c.i1].copy_(c.heads(dq_c))
-            dk3[:, : c.stop].baddbmm_(ds.transpose(1, 2), c.q3)  # q3 already carries the scale
-        dk = dk3.view(b, hk, tk, d).to(k.dtype)
-        dv = dv3.view(b, hk, tk, d).to(v.dtype)
+            dq_c = pb.bufs.get("o", n, pb.g * rows, pb.d)
+            torch.baddbmm(dq_c, ds, pb.k[cs, :stop], beta=0.0, alpha=scale, out=dq_c)  # dq = scale dS k
+            dq[cs, :, rs].copy_(dq_c.view(n, pb.g, rows, pb.d))
+            dk[cs, :stop].baddbmm_(ds.transpose(1, 2), qc, alpha=scale)  # dk = scale dS^T q
+        dq = dq.view(pb.b, pb.h, pb.tq, pb.d).to(q.dtype)
+        dk = dk.view(pb.b, pb.hk, pb.tk, pb.d).to(k.dtype)
+        dv = dv.view(pb.b, pb.hk, pb.tk, pb.d).to(v.dtype)
         return dq, dk, dv, None, None, None
 
 
