@@ -2,7 +2,8 @@
 
 Forward: one program per (query block, batch * head) walks the key blocks and accumulates
 ``relu(masked q k^T * scale) v`` in registers; there is no row max or row sum to track, and no
-T x T matrix in memory. Key blocks entirely in the future are skipped when causal.
+T x T matrix in memory. Fully masked key blocks are skipped: those entirely in the future when
+causal, and those after a sequence's last kept key when there is a padding mask.
 
 Backward (deterministic, no atomics): one kernel per key block computes dK and dV, looping
 over the query blocks of every query head that shares the key head (grouped-query attention);
@@ -49,7 +50,7 @@ def _keep_t(offs_n, offs_m, mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl
 
 @triton.jit
 def _rela_fwd_kernel(
-    Q, K, V, O, MASK, scale,  # noqa: E741
+    Q, K, V, O, MASK, KV_STOP, scale,  # noqa: E741
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb,
     H, G, TQ, TK, D,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr,
@@ -74,6 +75,8 @@ def _rela_fwd_kernel(
     end_n = TK
     if CAUSAL:  # keys after the last query of this block (bottom-right aligned) are all masked
         end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
+    if HAS_MASK:  # key tiles after the last kept key of this sequence are all padding
+        end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < TK
@@ -92,7 +95,7 @@ def _rela_fwd_kernel(
 
 @triton.jit
 def _rela_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, MASK, scale,
+    Q, K, V, DO, DK, DV, MASK, KV_STOP, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, smb,
     H, G, TQ, TK, D,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr,
@@ -118,6 +121,8 @@ def _rela_bwd_dkdv_kernel(
     start_m = 0
     if CAUSAL:  # queries before this one see none of these keys
         start_m = tl.maximum(0, pid_n * BLOCK_N - (TK - TQ)) // BLOCK_M * BLOCK_M
+    if HAS_MASK:  # a tile of padding only: no query reads it, its gradients are 0
+        start_m = tl.where(pid_n * BLOCK_N >= tl.load(KV_STOP + b), TQ, start_m)
     for gi in range(0, G):
         h = hk * G + gi
         q_base = Q + b.to(tl.int64) * sqb + h * sqh
@@ -147,7 +152,7 @@ def _rela_bwd_dkdv_kernel(
 
 @triton.jit
 def _rela_bwd_dq_kernel(
-    Q, K, V, DO, DQ, MASK, scale,
+    Q, K, V, DO, DQ, MASK, KV_STOP, scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm, smb,
     H, G, TQ, TK, D,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, F32: tl.constexpr, IEEE: tl.constexpr,
@@ -175,6 +180,8 @@ def _rela_bwd_dq_kernel(
     end_n = TK
     if CAUSAL:
         end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
+    if HAS_MASK:
+        end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         nd_ok = (offs_n[:, None] < TK) & d_ok[None, :]
@@ -219,11 +226,15 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _mask_arg(mask, q):
+def _mask_args(mask, q):
+    """(mask as uint8, per-sequence end of the last kept key, row stride); placeholders when no
+    mask (HAS_MASK is then False and they are never read)."""
     if mask is None:
-        return q, 0  # never read: HAS_MASK is False
+        return q, q, 0
     m = mask.to(torch.uint8).contiguous()
-    return m, m.stride(0)
+    positions = torch.arange(1, m.shape[1] + 1, device=m.device, dtype=torch.int32)
+    kv_stop = (m.to(torch.int32) * positions).amax(1).to(torch.int32).contiguous()
+    return m, kv_stop, m.stride(0)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -236,10 +247,10 @@ def rela_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> torch
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     o = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
     bm, bn, bd, warps = _blocks(d, "fwd", q.dtype == torch.float32)
-    mask, smb = _mask_arg(key_padding_mask, q)
+    mask, kv_stop, smb = _mask_args(key_padding_mask, q)
     with _on_device(q):
         _rela_fwd_kernel[(triton.cdiv(tq, bm), b * h)](
-            q, k, v, o, mask, scale,
+            q, k, v, o, mask, kv_stop, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), smb,
             h, h // hk, tq, tk, d,
@@ -256,20 +267,20 @@ def rela_backward(q, k, v, do, key_padding_mask, causal: bool, scale: float):
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty((b, hk, tk, d), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, hk, tk, d), dtype=v.dtype, device=v.device)
-    mask, smb = _mask_arg(key_padding_mask, q)
+    mask, kv_stop, smb = _mask_args(key_padding_mask, q)
     flags = dict(CAUSAL=causal, HAS_MASK=key_padding_mask is not None, **_flags(q))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     with _on_device(q):
         bm, bn, bd, warps = _blocks(d, "dkdv", q.dtype == torch.float32)
         _rela_bwd_dkdv_kernel[(triton.cdiv(tk, bn), b * hk)](
-            q, k, v, do, dk, dv, mask, scale, *strides,
+            q, k, v, do, dk, dv, mask, kv_stop, scale, *strides,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smb,
             h, h // hk, tq, tk, d, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
         )
         bm, bn, bd, warps = _blocks(d, "dq", q.dtype == torch.float32)
         _rela_bwd_dq_kernel[(triton.cdiv(tq, bm), b * h)](
-            q, k, v, do, dq, mask, scale, *strides,
+            q, k, v, do, dq, mask, kv_stop, scale, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2), smb,
             h, h // hk, tq, tk, d, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=warps,
         )
@@ -306,7 +317,7 @@ def _aot_specs():
     variants = [(dt, d) for dt in ("bf16", "fp16", "fp32") for d in (64, 128)] + [("bf16", 256)]
     for dtype, d in variants:
         ptr = f"*{dtype}"
-        common = dict(MASK="*u8", scale="fp32", **strides)
+        common = dict(MASK="*u8", KV_STOP="*i32", scale="fp32", **strides)
         sigs = {
             "fwd": (_rela_fwd_kernel, "rela_fwd", dict(
                 Q=ptr, K=ptr, V=ptr, O=ptr, **common, sob="i32", soh="i32", som="i32", smb="i32", **ints)),
