@@ -26,6 +26,17 @@ from ..backend import interpret_mode
 
 
 @triton.jit
+def _load_tile(base, offs, stride, limit, offs_d, D, F32: tl.constexpr):
+    """Rows ``offs`` (< limit) of a (T, D) matrix at ``base`` as a zero-padded (rows, BLOCK_D)
+    tile, in float32 when ``F32``."""
+    t = tl.load(base + offs[:, None] * stride + offs_d[None, :],
+                mask=(offs[:, None] < limit) & (offs_d[None, :] < D), other=0.0)
+    if F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
     keep = (offs_m[:, None] < TQ) & (offs_n[None, :] < TK)
     if CAUSAL:
@@ -64,10 +75,7 @@ def _rela_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=(offs_m[:, None] < TQ) & d_ok[None, :], other=0.0)
-    if F32:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, offs_m, sqm, TQ, offs_d, D, F32)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
     mask_row = MASK + b.to(tl.int64) * smb
@@ -79,12 +87,8 @@ def _rela_fwd_kernel(
         end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < TK
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(k_base, offs_n, skn, TK, offs_d, D, F32)
+        v = _load_tile(v_base, offs_n, svn, TK, offs_d, D, F32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale
         keep = _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL, HAS_MASK)
         p = tl.where(keep, tl.maximum(s, 0.0), 0.0)
@@ -110,11 +114,8 @@ def _rela_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     nd_ok = (offs_n[:, None] < TK) & d_ok[None, :]
-    k = tl.load(K + b.to(tl.int64) * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=nd_ok, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=nd_ok, other=0.0)
-    if F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b.to(tl.int64) * skb + hk * skh, offs_n, skn, TK, offs_d, D, F32)
+    v = _load_tile(V + b.to(tl.int64) * svb + hk * svh, offs_n, svn, TK, offs_d, D, F32)
     mask_row = MASK + b.to(tl.int64) * smb
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -129,12 +130,8 @@ def _rela_bwd_dkdv_kernel(
         do_base = DO + b.to(tl.int64) * sdob + h * sdoh
         for start in range(start_m, TQ, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            md_ok = (offs_m[:, None] < TQ) & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :], mask=md_ok, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdom + offs_d[None, :], mask=md_ok, other=0.0)
-            if F32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
+            q = _load_tile(q_base, offs_m, sqm, TQ, offs_d, D, F32)
+            do = _load_tile(do_base, offs_m, sdom, TQ, offs_d, D, F32)
             # everything transposed (keys x queries) so each product has the key block as its
             # M dimension: one shape of tensor-core tile (wgmma on sm_90) for all four
             st = tl.dot(k, tl.trans(q), input_precision="ieee" if IEEE else "tf32") * scale
@@ -167,12 +164,8 @@ def _rela_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     md_ok = (offs_m[:, None] < TQ) & d_ok[None, :]
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=md_ok, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :],
-                 mask=md_ok, other=0.0)
-    if F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b.to(tl.int64) * sqb + h * sqh, offs_m, sqm, TQ, offs_d, D, F32)
+    do = _load_tile(DO + b.to(tl.int64) * sdob + h * sdoh, offs_m, sdom, TQ, offs_d, D, F32)
     k_base = K + b.to(tl.int64) * skb + hk * skh
     v_base = V + b.to(tl.int64) * svb + hk * svh
     mask_row = MASK + b.to(tl.int64) * smb
@@ -184,12 +177,8 @@ def _rela_bwd_dq_kernel(
         end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        nd_ok = (offs_n[:, None] < TK) & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=nd_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=nd_ok, other=0.0)
-        if F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_tile(k_base, offs_n, skn, TK, offs_d, D, F32)
+        v = _load_tile(v_base, offs_n, svn, TK, offs_d, D, F32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale
         keep = _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL, HAS_MASK) & (s > 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")
