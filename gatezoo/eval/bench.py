@@ -368,6 +368,15 @@ def markdown_summary(rows: list[Row]) -> str:
     by = {(r.variant, r.impl): r for r in rows}
     impls = list(dict.fromkeys(r.impl for r in rows))
     ours = "gatezoo-triton" if "gatezoo-triton" in impls else "gatezoo-torch"
+    if rows and rows[0].op == "attention":
+        head = ["T"] + [f"{i} ms" for i in impls] + [f"{ours} / SDPA", f"{ours} GFLOP/s", "saved / (q,k,v,out)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for v in dict.fromkeys(r.variant for r in rows):
+            o = by[(v, ours)]
+            cells = [v[1:]] + [f"{by[(v, i)].median_ms:.1f}" if (v, i) in by else "-" for i in impls]
+            lines.append("| " + " | ".join(cells + [f"{o.ratio_vs_eager:.2f}", f"{o.gflops:.0f}",
+                                                     f"{o.saved_vs_eager:.2f}"]) + " |")
+        return "\n".join(lines)
     head = ["variant"] + [f"{i} ms" for i in impls] + [f"{ours} / eager", f"{ours} / compile", "saved / eager"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in dict.fromkeys(r.variant for r in rows):
@@ -399,7 +408,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.summary:
         rows = read_csv(args.summary)
-        print(f"{rows[0].op}, {rows[0].shape} {rows[0].dtype}, forward+backward, on {rows[0].device}\n")
+        shape = rows[0].shape if rows[0].op != "attention" else "-".join(
+            p for p in rows[0].shape.split("-") if not p.startswith("T"))
+        print(f"{rows[0].op}, {shape} {rows[0].dtype}, forward+backward, on {rows[0].device}\n")
         print(markdown_summary(rows))
         return 0
     if args.size < 1 or args.reps < 1:
