@@ -81,3 +81,27 @@ def test_bad_arguments():
         ReLAAttention(16, 2, norm="batch")
     with pytest.raises(ValueError, match=r"\(batch, seq, dim\)"):
         ReLAAttention(16, 2)(torch.randn(3, 16))
+
+
+def test_block_input_checks_and_cache_kind():
+    m = SoftmaxAttention(16, 2)
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="context must have shape"):
+        m(x, context=torch.randn(3, 4, 16))
+    with pytest.raises(TypeError, match="bool tensor"):
+        m(x, context=torch.randn(2, 4, 16), key_padding_mask=torch.ones(2, 4))
+    cache = KVCache()
+    m(x[:, :1], context=torch.randn(2, 4, 16), cache=cache)
+    with pytest.raises(ValueError, match="filled by cross-attention"):
+        m(x[:, 1:2], cache=cache)
+
+
+def test_rela_block_on_the_triton_backend_matches_torch():
+    torch.manual_seed(5)
+    a = ReLAAttention(32, 4, kv_heads=2, backend="torch")
+    b = ReLAAttention(32, 4, kv_heads=2, backend="triton")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 19, 32)
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, 11:] = False
+    assert_close("block", a(x, causal=True, key_padding_mask=mask), b(x, causal=True, key_padding_mask=mask), 1e-5)

@@ -55,3 +55,24 @@ def test_gradcheck_and_second_order():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_weights_and_many_programs(backend):
+    """Weights that are column views of a matrix (stride 2), and enough rows for several Triton
+    programs, so the per-program weight-gradient partial sums are added up."""
+    d = 24
+    wu = torch.randn(d, 2, requires_grad=True)
+    x = torch.randn(300, d, requires_grad=True)
+    w, u = wu[:, 0], wu[:, 1]
+    assert w.stride(0) == 2
+    ref_in = [x.detach().double().requires_grad_(), wu.detach().double().requires_grad_()]
+    ref = gated_rms_norm_composed(ref_in[0], ref_in[1][:, 0], ref_in[1][:, 1])
+    out = gated_rms_norm(x, w, u, backend=backend)
+    assert_close("y", ref, out, 1e-5)
+    dy = torch.randn(out.shape)
+    for name, g_ref, g in zip(("dx", "dw and du"), torch.autograd.grad(ref, ref_in, dy.double()),
+                              torch.autograd.grad(out, [x, wu], dy)):
+        assert_close(name, g_ref, g, 1e-5)
+    plain = rms_norm(x, w, backend=backend)
+    assert_close("rms", rms_norm_composed(x.detach().double(), w.detach().double()), plain, 1e-5)

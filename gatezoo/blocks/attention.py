@@ -31,6 +31,7 @@ class KVCache:
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.cross: bool | None = None  # set by the first call: cross- or self-attention
 
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
@@ -74,7 +75,15 @@ class _Attention(nn.Module):
         keys, aligned bottom-right so a cached decoding step sees every earlier key."""
         if x.dim() != 3:
             raise ValueError(f"x must have shape (batch, seq, dim), got {tuple(x.shape)}")
-        b, t, _ = x.shape
+        b, t, dim = x.shape
+        if context is not None and (context.dim() != 3 or context.shape[0] != b or context.shape[2] != dim):
+            raise ValueError(f"context must have shape (batch={b}, seq, dim={dim}), got {tuple(context.shape)}")
+        if cache is not None:
+            if cache.cross is None:
+                cache.cross = context is not None
+            elif cache.cross != (context is not None):
+                kind = "cross-attention (context given)" if cache.cross else "self-attention (no context)"
+                raise ValueError(f"this KVCache was filled by {kind}; use one cache per attention layer and kind")
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         if context is not None and cache is not None and len(cache):
             k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
@@ -140,9 +149,12 @@ class SoftmaxAttention(_Attention):
             keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
         keep = keep[None, None]
         if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+                got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
+                raise TypeError(f"key_padding_mask must be a bool tensor (True = keep), got {got}")
             if tuple(key_padding_mask.shape) != (q.shape[0], tk):
                 raise ValueError(f"key_padding_mask must have shape (batch, key_len) = {(q.shape[0], tk)}, "
                                  f"got {tuple(key_padding_mask.shape)}")
-            keep = keep & key_padding_mask[:, None, None, :].to(torch.bool)
+            keep = keep & key_padding_mask.to(q.device)[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return torch.where(keep.any(-1, keepdim=True), o, 0.0)

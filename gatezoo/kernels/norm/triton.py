@@ -84,6 +84,8 @@ class RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gate_weight, eps: float):
         x2 = _rows(x)
+        weight = weight.contiguous()  # the kernels read the weights with unit stride
+        gate_weight = None if gate_weight is None else gate_weight.contiguous()
         rows, cols = x2.shape
         y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
         bm, bn, warps = _tiles(rows, cols)
@@ -105,6 +107,8 @@ class RMSNormTriton(torch.autograd.Function):
 
             return RMSNormFunction.backward(ctx, dy)
         x2, dy2 = _rows(x), _rows(dy)
+        w_c = weight.contiguous()
+        u_c = None if gate_weight is None else gate_weight.contiguous()
         rows, cols = x2.shape
         bm, bn, warps = _tiles(rows, cols)
         programs = triton.cdiv(rows, bm)
@@ -113,7 +117,7 @@ class RMSNormTriton(torch.autograd.Function):
         du = torch.empty((programs, cols), dtype=torch.float32, device=x.device) if gate_weight is not None else dw
         with _on_device(x):
             _rms_bwd_kernel[(programs,)](
-                x2, weight, weight if gate_weight is None else gate_weight, dy2, dx, dw, du, rows, cols,
+                x2, w_c, w_c if u_c is None else u_c, dy2, dx, dw, du, rows, cols,
                 x2.stride(0), dy2.stride(0), dx.stride(0), ctx.eps,
                 GATED=gate_weight is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
             )

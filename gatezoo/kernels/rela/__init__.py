@@ -63,7 +63,8 @@ def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
         backend: ``"auto" | "torch" | "triton"``.
 
     Masked scores are set to 0 before the ReLU, so a query whose keys are all masked gets 0.
-    D may be any size up to 256. Returns (B, H, Tq, D) in q's dtype.
+    D may be any size up to 256. Returns (B, H, Tq, D) in q's dtype. The Triton kernels multiply
+    float32 inputs as TF32 on the tensor cores; the torch path is exact float32.
     """
     _check(q, k, v, key_padding_mask)
     chosen = resolve_backend(backend, q)

@@ -104,10 +104,10 @@ class _Problem:
         self.k = k.to(self.cdt).reshape(b * hk, tk, d)
         self.v = v.to(self.cdt).reshape(b * hk, tk, d)
         self.causal, self.scale = causal, scale
-        # padding mask per key head, as a multiplier of the scores
+        # padded keys per key head (True = padding), broadcast over the query rows
         self.pad = None
         if key_padding_mask is not None:
-            self.pad = key_padding_mask.repeat_interleave(hk, 0).to(self.cdt)[:, None, :]
+            self.pad = ~key_padding_mask.repeat_interleave(hk, 0)[:, None, :]
         self.bufs = _Buffers(self.cdt, q.device)
 
     def rows_of(self, t, cs, rs, name):
@@ -131,9 +131,10 @@ class _Problem:
         if self.causal and rs.start + self.tk - self.tq < stop - 1:  # the first row misses some keys
             i = torch.arange(rs.start, rs.stop, device=s.device)[:, None]
             j = torch.arange(stop, device=s.device)[None, :]
-            s.view(n, self.g, rows, stop).mul_(j <= i + (self.tk - self.tq))
+            # a select, not a product: a masked score that is inf or NaN must still become 0
+            s.view(n, self.g, rows, stop).masked_fill_(j > i + (self.tk - self.tq), 0.0)
         if self.pad is not None:
-            s.mul_(self.pad[cs, :, :stop])
+            s.masked_fill_(self.pad[cs, :, :stop], 0.0)
         return s
 
 
