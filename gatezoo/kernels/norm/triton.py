@@ -84,14 +84,14 @@ class RMSNormTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gate_weight, eps: float):
         x2 = _rows(x)
-        weight = weight.contiguous()  # the kernels read the weights with unit stride
-        gate_weight = None if gate_weight is None else gate_weight.contiguous()
+        w_c = weight.contiguous()  # the kernels read the weights with unit stride
+        u_c = None if gate_weight is None else gate_weight.contiguous()
         rows, cols = x2.shape
         y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
         bm, bn, warps = _tiles(rows, cols)
         with _on_device(x):
             _rms_fwd_kernel[(triton.cdiv(rows, bm),)](
-                x2, weight, weight if gate_weight is None else gate_weight, y, rows, cols,
+                x2, w_c, w_c if u_c is None else u_c, y, rows, cols,
                 x2.stride(0), y.stride(0), eps, GATED=gate_weight is not None, BLOCK_M=bm, BLOCK_N=bn,
                 num_warps=warps,
             )
