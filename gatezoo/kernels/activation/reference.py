@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..scratch import Scratch
 from .kinds import ARCTAN, IDENTITY, NORMCDF, RELU, SIGMOID, ActKind
 
 _INV_PI = 1.0 / math.pi
@@ -84,19 +85,6 @@ _ONE_PASS_BACKWARD = {
     "gelu": torch.ops.aten.gelu_backward,
     "relu": lambda dy, x: torch.ops.aten.threshold_backward(dy, x, 0.0),
 }
-
-
-class _Scratch:
-    """Chunk-sized buffers, allocated once per call and reused by every chunk."""
-
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
-        self.numel, self.dtype, self.device = numel, dtype, device
-        self.bufs: list[torch.Tensor] = []
-
-    def __call__(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        while len(self.bufs) <= i:
-            self.bufs.append(torch.empty(self.numel, dtype=self.dtype, device=self.device))
-        return self.bufs[i][: like.numel()].view(like.shape)
 
 
 def _gate(a: torch.Tensor, gate: int, out: torch.Tensor) -> torch.Tensor:
@@ -194,15 +182,15 @@ def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, 
 
 
 def _blocks(rows: int, cols: int, device: torch.device):
-    """(index of each block, elements per block): whole rows up to CPU_CHUNK_ELEMENTS, and
-    rows wider than that (a 1-D input, say) cut into column pieces, so the scratch stays small."""
+    """Index of each block: whole rows up to CPU_CHUNK_ELEMENTS, and rows wider than that (a
+    1-D input, say) cut into column pieces, so the scratch stays small."""
     if device.type != "cpu":  # on accelerators chunking only adds launches
-        return [(slice(None), slice(None))], rows * cols
+        return [(slice(None), slice(None))]
     if cols <= CPU_CHUNK_ELEMENTS:
         step = CPU_CHUNK_ELEMENTS // max(cols, 1)
-        return [(slice(r, r + step), slice(None)) for r in range(0, rows, step)], min(step, rows) * cols
+        return [(slice(r, r + step), slice(None)) for r in range(0, rows, step)]
     w = CPU_CHUNK_ELEMENTS
-    return [(slice(r, r + 1), slice(c, c + w)) for r in range(rows) for c in range(0, cols, w)], w
+    return [(slice(r, r + 1), slice(c, c + w)) for r in range(rows) for c in range(0, cols, w)]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -212,12 +200,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None) -> None:
     """y = phi(a) [* b], chunk by chunk in the compute dtype."""
     cdt = _compute_dtype(a.dtype)
-    blocks, numel = _blocks(*a.shape, a.device)
-    tmp = _Scratch(numel, cdt, a.device)
-    for sl in blocks:
-        ac = a[sl] if a.dtype == cdt else tmp(0, a[sl]).copy_(a[sl])
+    tmp = Scratch(cdt, a.device)
+    for sl in _blocks(*a.shape, a.device):
+        ac = a[sl] if a.dtype == cdt else tmp.like(0, a[sl]).copy_(a[sl])
         direct = b is None and y.dtype == cdt  # write phi straight into the output
-        p = _phi_chunk(ac, spec, alpha, y[sl] if direct else tmp(1, ac))
+        p = _phi_chunk(ac, spec, alpha, y[sl] if direct else tmp.like(1, ac))
         if b is not None:
             torch.mul(p, b[sl], out=y[sl])
         elif not direct:
@@ -228,15 +215,14 @@ def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_
     """Writes dL/da into ``da`` and dL/db into ``db`` (either may be None), chunk by chunk;
     returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``."""
     cdt = _compute_dtype(a.dtype)
-    blocks, numel = _blocks(*a.shape, a.device)
-    scratch = _Scratch(numel, cdt, a.device)
+    scratch = Scratch(cdt, a.device)
     partials = []
-    for sl in blocks:
-        ac = a[sl] if a.dtype == cdt else scratch(4, a[sl]).copy_(a[sl])
-        dyc = dy[sl] if dy.dtype == cdt else scratch(5, dy[sl]).copy_(dy[sl])
-        w = dyc if b is None else torch.mul(dyc, b[sl], out=scratch(0, ac))
+    for sl in _blocks(*a.shape, a.device):
+        ac = a[sl] if a.dtype == cdt else scratch.like(4, a[sl]).copy_(a[sl])
+        dyc = dy[sl] if dy.dtype == cdt else scratch.like(5, dy[sl]).copy_(dy[sl])
+        w = dyc if b is None else torch.mul(dyc, b[sl], out=scratch.like(0, ac))
         phi, dal = _backward_chunk(ac, w, spec, alpha, want_alpha, db is not None,
-                                   None if da is None else da[sl], lambda i, like=ac: scratch(i, like))
+                                   None if da is None else da[sl], lambda i, like=ac: scratch.like(i, like))
         if db is not None:
             torch.mul(dyc, phi, out=db[sl])
         if dal is not None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..scratch import Scratch
+
 # Scores of one chunk on CPU: at most 2^20 float32 (4 MiB) where rows allow, so a chunk's scores
 # and their gradient stay near the core between the matmuls that write and read them; chunks
 # take ROWS query rows (or fewer heads) so each matmul still has a useful size. Measured at B=4,
@@ -25,13 +27,12 @@ CPU_CHUNK_SCORES = 1 << 20
 ROWS = 512
 
 
-def keep_mask(tq: int, tk: int, causal: bool, key_padding_mask, device, q_start: int = 0, q_stop=None):
-    """Bool mask of the scores that survive, broadcastable to (B, 1, rows, Tk), or None when
-    nothing is masked. Rows are the queries ``q_start:q_stop``."""
-    q_stop = tq if q_stop is None else q_stop
+def keep_mask(tq: int, tk: int, causal: bool, key_padding_mask, device):
+    """Bool mask of the scores that survive, broadcastable to (B, 1, Tq, Tk), or None when
+    nothing is masked."""
     keep = None
     if causal:
-        i = torch.arange(q_start, q_stop, device=device)[:, None]
+        i = torch.arange(tq, device=device)[:, None]
         j = torch.arange(tk, device=device)[None, :]
         keep = j <= i + (tk - tq)
     if key_padding_mask is not None:
@@ -74,23 +75,6 @@ def _chunks(bhk: int, tq: int, tk: int, g: int, device):
             for c in range(0, bhk, heads) for i in range(0, tq, rows)]
 
 
-class _Buffers:
-    """Named scratch buffers reused by every chunk (fresh ones would be page-faulted in again
-    for each chunk); ``get(name, *shape)`` returns a contiguous view of the needed size."""
-
-    def __init__(self, dtype, device):
-        self.dtype, self.device, self.bufs = dtype, device, {}
-
-    def get(self, name: str, *shape: int) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        buf = self.bufs.get(name)
-        if buf is None or buf.numel() < n:
-            buf = self.bufs[name] = torch.empty(n, dtype=self.dtype, device=self.device)
-        return buf[:n].view(shape)
-
-
 class _Problem:
     """The operands as (B * Hk, ...) stacks in the compute dtype: one row of the stack per key
     head, its G query heads side by side."""
@@ -108,7 +92,7 @@ class _Problem:
         self.pad = None
         if key_padding_mask is not None:
             self.pad = ~key_padding_mask.repeat_interleave(hk, 0)[:, None, :]
-        self.bufs = _Buffers(self.cdt, q.device)
+        self.bufs = Scratch(self.cdt, q.device)
 
     def rows_of(self, t, cs, rs, name):
         """Rows ``rs`` of the key-head stacks ``cs`` of a (B * Hk, G, T, D) tensor as (n, G * rows,

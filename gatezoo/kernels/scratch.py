@@ -1,0 +1,33 @@
+"""Scratch buffers for the chunked PyTorch paths.
+
+On CPU a fresh tensor of a few MiB is usually handed back to the OS when freed and
+page-faulted in again at the next allocation, which costs more than the arithmetic done in it.
+The chunk loops therefore keep their temporaries here, allocated once per call and reused by
+every chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Scratch:
+    """Named buffers of one dtype and device; each grows to the largest size asked for."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.bufs: dict = {}
+
+    def get(self, key, *shape: int) -> torch.Tensor:
+        """A contiguous view of buffer ``key`` with ``shape`` (contents undefined)."""
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[key] = torch.empty(n, dtype=self.dtype, device=self.device)
+        return buf[:n].view(shape)
+
+    def like(self, key, t: torch.Tensor) -> torch.Tensor:
+        """Buffer ``key`` shaped like ``t``."""
+        return self.get(key, *t.shape)
