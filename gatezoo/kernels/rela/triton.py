@@ -61,6 +61,18 @@ def _keep_t(offs_n, offs_m, mask_row, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl
 
 
 @triton.jit
+def _key_stop(pid_m, b, KV_STOP, TQ, TK, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """End of the keys that query block ``pid_m`` of sequence ``b`` can see: later key tiles
+    are fully masked and skipped."""
+    end_n = TK
+    if CAUSAL:  # keys after the block's last query (bottom-right aligned) are in the future
+        end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
+    if HAS_MASK:  # key tiles after the last kept key of this sequence are all padding
+        end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
+    return end_n
+
+
+@triton.jit
 def _rela_fwd_kernel(
     Q, K, V, O, MASK, KV_STOP, scale,  # noqa: E741
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, smb,
@@ -81,12 +93,7 @@ def _rela_fwd_kernel(
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     mask_row = MASK + b.to(tl.int64) * smb
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    end_n = TK
-    if CAUSAL:  # keys after the last query of this block (bottom-right aligned) are all masked
-        end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
-    if HAS_MASK:  # key tiles after the last kept key of this sequence are all padding
-        end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
-    for start_n in range(0, end_n, BLOCK_N):
+    for start_n in range(0, _key_stop(pid_m, b, KV_STOP, TQ, TK, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, TK, offs_d, D, F32)
         v = _load_tile(v_base, offs_n, svn, TK, offs_d, D, F32)
@@ -171,12 +178,7 @@ def _rela_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     mask_row = MASK + b.to(tl.int64) * smb
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    end_n = TK
-    if CAUSAL:
-        end_n = tl.minimum(TK, tl.maximum(0, (pid_m + 1) * BLOCK_M + TK - TQ))
-    if HAS_MASK:
-        end_n = tl.minimum(end_n, tl.load(KV_STOP + b))
-    for start_n in range(0, end_n, BLOCK_N):
+    for start_n in range(0, _key_stop(pid_m, b, KV_STOP, TQ, TK, CAUSAL, HAS_MASK, BLOCK_M), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, TK, offs_d, D, F32)
         v = _load_tile(v_base, offs_n, svn, TK, offs_d, D, F32)
