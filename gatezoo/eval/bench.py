@@ -112,6 +112,22 @@ def saved_bytes(fn, inputs) -> int:
     return sum(seen.values())
 
 
+def modes(fn, args, grad) -> dict:
+    """The two timed calls of one implementation: forward under no_grad, and forward+backward
+    with ``grad`` as the output gradient (input gradients cleared each call)."""
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*args)
+
+    def fwd_bwd():
+        for t in args:
+            t.grad = None
+        fn(*args).backward(grad)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
 def variants(op: str, kinds):
     """(variant name, kind, uses alpha) for the kinds asked for."""
     for kind in kinds:
@@ -173,15 +189,6 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
             leaf = [t.detach().clone().requires_grad_() for t in base]
             args = leaf + ([alpha] if with_alpha else [])
 
-            def fwd(fn=fn, args=args):
-                with torch.no_grad():
-                    return fn(*args)
-
-            def fwd_bwd(fn=fn, args=args, dy=dy):
-                for t in args:
-                    t.grad = None
-                fn(*args).backward(dy)
-
             try:
                 saved[impl] = saved_bytes(fn, args)  # the first call: torch.compile builds here
             except Exception as exc:
@@ -190,7 +197,7 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
                 # a machine without a C++ toolchain cannot build inductor kernels
                 tqdm.write(f"torch.compile peer skipped for {name}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            calls[impl] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+            calls[impl] = modes(fn, args, dy)
         for mode in ("fwd", "fwd+bwd"):
             timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, reps)
             for impl, (med, p20, p80) in timed.items():
@@ -242,17 +249,8 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
         for impl, fn in attention_impls(device, t).items():
             leaf = [x.detach().clone().requires_grad_() for x in base]
 
-            def fwd(fn=fn, leaf=leaf):
-                with torch.no_grad():
-                    return fn(*leaf)
-
-            def fwd_bwd(fn=fn, leaf=leaf, do=do):
-                for x in leaf:
-                    x.grad = None
-                fn(*leaf).backward(do)
-
             saved[impl] = saved_bytes(fn, leaf)
-            calls[impl] = {"fwd": fwd, "fwd+bwd": fwd_bwd}
+            calls[impl] = modes(fn, leaf, do)
         qkvo = 4 * base[0].numel() * base[0].element_size()
         for mode in ("fwd", "fwd+bwd"):
             timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, n_reps, warmup=1)
