@@ -8,6 +8,7 @@ variable ``GATEZOO_BACKEND`` replaces ``"auto"`` as the default.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -64,3 +65,9 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
                 "before importing gatezoo, or use backend='torch'"
             )
     return backend
+
+
+def on_device(t: torch.Tensor):
+    """Context for launching kernels on ``t``'s GPU rather than whichever is current (Triton
+    launches on the current device); a no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -10,13 +10,12 @@ buffer that is summed on the host, so gradients are deterministic (no atomics).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..aot import KernelSpec, register
+from ..backend import on_device
 from .kinds import IDENTITY, KINDS, RELU, ActKind
 from .reference import composed_grads, grad_buffers, input_grads, unpack
 
@@ -161,11 +160,6 @@ def _tiles(rows: int, cols: int, tile: int):
     return block_m, block_n, grid
 
 
-def _on_device(t: torch.Tensor):
-    """Launch on the tensor's GPU, not whichever is current (a no-op for CPU tensors)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _unit_cols(t: torch.Tensor) -> torch.Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
@@ -180,7 +174,7 @@ def glu_forward(a, b, alpha, spec: ActKind) -> torch.Tensor:
     y = torch.empty((rows, cols), dtype=a.dtype, device=a.device)
     block_m, block_n, grid = _tiles(rows, cols, TILE_FWD)
     al = a if alpha is None else alpha
-    with _on_device(a):
+    with on_device(a):
         _glu_fwd_kernel[grid](
             a, a if b is None else b, y, al,
             rows, cols, a.stride(0), 0 if b is None else b.stride(0), y.stride(0),
@@ -197,7 +191,7 @@ def glu_backward(a, b, dy, alpha, spec: ActKind, da, db):
     partial = None
     if alpha is not None and spec.gate not in (IDENTITY, RELU):
         partial = torch.empty(grid[0], dtype=torch.float32, device=a.device)
-    with _on_device(a):
+    with on_device(a):
         _glu_bwd_kernel[grid](
             a, a if b is None else b, dy, da, da if db is None else db,
             a if alpha is None else alpha, a if partial is None else partial,

@@ -7,13 +7,12 @@ weight gradients as per-program partial sums that the host adds up: deterministi
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..aot import KernelSpec, register
+from ..backend import on_device
 
 
 @triton.jit
@@ -69,10 +68,6 @@ def _tiles(rows: int, cols: int):
     return block_m, block_n, warps
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -89,7 +84,7 @@ class RMSNormTriton(torch.autograd.Function):
         rows, cols = x2.shape
         y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
         bm, bn, warps = _tiles(rows, cols)
-        with _on_device(x):
+        with on_device(x):
             _rms_fwd_kernel[(triton.cdiv(rows, bm),)](
                 x2, w_c, w_c if u_c is None else u_c, y, rows, cols,
                 x2.stride(0), y.stride(0), eps, GATED=gate_weight is not None, BLOCK_M=bm, BLOCK_N=bn,
@@ -115,7 +110,7 @@ class RMSNormTriton(torch.autograd.Function):
         dx = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
         dw = torch.empty((programs, cols), dtype=torch.float32, device=x.device)
         du = torch.empty((programs, cols), dtype=torch.float32, device=x.device) if gate_weight is not None else dw
-        with _on_device(x):
+        with on_device(x):
             _rms_bwd_kernel[(programs,)](
                 x2, w_c, w_c if u_c is None else u_c, dy2, dx, dw, du, rows, cols,
                 x2.stride(0), dy2.stride(0), dx.stride(0), ctx.eps,

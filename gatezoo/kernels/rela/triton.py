@@ -16,14 +16,12 @@ product is exact float32.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..aot import KernelSpec, register
-from ..backend import interpret_mode
+from ..backend import interpret_mode, on_device
 
 
 @triton.jit
@@ -214,10 +212,6 @@ def _flags(q: torch.Tensor) -> dict:
     return dict(F32=q.dtype == torch.float32 or interp, IEEE=interp)
 
 
-def _on_device(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _mask_args(mask, q):
     """(mask as uint8, per-sequence end of the last kept key, row stride); placeholders when no
     mask (HAS_MASK is then False and they are never read)."""
@@ -240,7 +234,7 @@ def rela_forward(q, k, v, key_padding_mask, causal: bool, scale: float) -> torch
     o = torch.empty((b, h, tq, d), dtype=q.dtype, device=q.device)
     bm, bn, bd, warps = _blocks(d, "fwd", q.dtype == torch.float32)
     mask, kv_stop, smb = _mask_args(key_padding_mask, q)
-    with _on_device(q):
+    with on_device(q):
         _rela_fwd_kernel[(b * h, triton.cdiv(tq, bm))](
             q, k, v, o, mask, kv_stop, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -263,7 +257,7 @@ def rela_backward(q, k, v, do, key_padding_mask, causal: bool, scale: float):
     flags = dict(CAUSAL=causal, HAS_MASK=key_padding_mask is not None, **_flags(q))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    with _on_device(q):
+    with on_device(q):
         bm, bn, bd, warps = _blocks(d, "dkdv", q.dtype == torch.float32)
         _rela_bwd_dkdv_kernel[(b * hk, triton.cdiv(tk, bn))](
             q, k, v, do, dk, dv, mask, kv_stop, scale, *strides,
