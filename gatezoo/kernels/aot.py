@@ -60,6 +60,7 @@ def register(provider: Callable[[], list[KernelSpec]]) -> None:
 def all_specs() -> list[KernelSpec]:
     """Every registered variant (importing the kernel modules registers them)."""
     import gatezoo.kernels.activation.triton  # noqa: F401
+    import gatezoo.kernels.mixing.triton  # noqa: F401
     import gatezoo.kernels.norm.triton  # noqa: F401
     import gatezoo.kernels.rela.triton  # noqa: F401
 

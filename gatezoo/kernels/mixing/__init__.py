@@ -1,0 +1,79 @@
+"""Token mixing: the MLP that MLP-Mixer and NiNformer run along the token axis, with optional
+residual and gate fused into its epilogue (see :mod:`.reference` for the exact definition)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import resolve_backend
+from .reference import TokenMixingFunction, token_mixing_composed
+
+__all__ = ["token_mixing", "token_mixing_composed"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check(x, w1, b1, w2, b2, residual, gate):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _DTYPES:
+        raise TypeError(f"x must be a float16/bfloat16/float32/float64 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (batch, tokens, channels), got {tuple(x.shape)}")
+    _, n, _ = x.shape
+    for name, t, shape in (("w1", w1, None), ("w2", w2, None), ("b1", b1, None), ("b2", b2, None),
+                           ("residual", residual, tuple(x.shape)), ("gate", gate, tuple(x.shape))):
+        if t is None:
+            if name in ("w1", "w2"):
+                raise TypeError(f"{name} must be a tensor, got None")
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have x's shape {shape}, got {tuple(t.shape)}")
+    if w1.dim() != 2 or w1.shape[1] != n:
+        raise ValueError(f"w1 must have shape (hidden, tokens) = (*, {n}), got {tuple(w1.shape)}")
+    hd = w1.shape[0]
+    if tuple(w2.shape) != (n, hd):
+        raise ValueError(f"w2 must have shape (tokens, hidden) = {(n, hd)}, got {tuple(w2.shape)}")
+    if b1 is not None and tuple(b1.shape) != (hd,):
+        raise ValueError(f"b1 must have shape (hidden,) = ({hd},), got {tuple(b1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (n,):
+        raise ValueError(f"b2 must have shape (tokens,) = ({n},), got {tuple(b2.shape)}")
+
+
+def token_mixing(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                 b2: torch.Tensor | None, *, residual: torch.Tensor | None = None,
+                 gate: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """MLP along the token axis: ``(W2 GELU(W1 x + b1) + b2 + residual) * gate``.
+
+    Args:
+        x: (B, N, C) tokens by channels (the usual layout; no transpose is needed or made).
+        w1, b1: (Hd, N) and (Hd,) or None, the first layer (``nn.Linear(N, Hd)``'s weight/bias).
+        w2, b2: (N, Hd) and (N,) or None, the second layer.
+        residual: optional (B, N, C) added to the output (MLP-Mixer's skip connection).
+        gate: optional (B, N, C) multiplying the result (a gating unit's gate product).
+        backend: ``"auto" | "torch" | "triton"``.
+
+    GELU is the exact (erf) form of ``nn.GELU()``. Every tensor must share x's dtype and
+    device. The Triton kernels hold the whole token axis in one tile (N up to 128 in
+    float16/bfloat16, 64 in float32; longer inputs take the torch path) and multiply float32
+    as TF32 on the tensor cores; the torch path is exact float32 and saves one (B, Hd, C)
+    activation fewer than autograd of the composition would.
+    """
+    _check(x, w1, b1, w2, b2, residual, gate)
+    chosen = resolve_backend(backend, x)
+    if x.numel() == 0 or torch.compiler.is_compiling():
+        return token_mixing_composed(x, w1, b1, w2, b2, residual, gate)
+    if chosen == "triton":
+        from .triton import TokenMixingTriton, max_tokens
+
+        if x.dtype == torch.float64 or x.shape[1] > max_tokens(x.dtype):
+            if backend == "triton":
+                raise ValueError("backend='triton' needs float16/bfloat16 x with at most 128 tokens or float32 x "
+                                 f"with at most 64, got {x.dtype} with {x.shape[1]}")
+        else:
+            return TokenMixingTriton.apply(x, w1, b1, w2, b2, residual, gate)
+    return TokenMixingFunction.apply(x, w1, b1, w2, b2, residual, gate)

@@ -1,0 +1,119 @@
+"""PyTorch reference for token mixing, the MLP that MLP-Mixer and NiNformer run along the token
+axis.
+
+For x of shape (B, N, C) (N tokens, C channels), per batch element, with no transposes:
+
+    A = W1 x + b1            (Hd, C)   W1: (Hd, N), b1: (Hd,)
+    H = GELU(A)                         exact (erf) GELU, as ``nn.GELU()``
+    Y = W2 H + b2            (N, C)    W2: (N, Hd), b2: (N,)
+    Y = Y + residual                    optional
+    Y = Y * gate                        optional (e.g. gMLP's spatial gating unit)
+
+* :func:`token_mixing_composed` is the plain composition (the oracle in tests, the eager peer in
+  benchmarks).
+* :class:`TokenMixingFunction` is the torch backend: one autograd node that saves its inputs and
+  the pre-activation A (plus the pre-gate output when gated) and recomputes GELU(A) in backward,
+  one (B, Hd, C) tensor fewer than autograd of the composition keeps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def token_mixing_composed(x, w1, b1, w2, b2, residual=None, gate=None):
+    """The token-mixing MLP as a plain composition that autograd differentiates."""
+    a = torch.matmul(w1, x)
+    if b1 is not None:
+        a = a + b1[:, None]
+    y = torch.matmul(w2, F.gelu(a))
+    if b2 is not None:
+        y = y + b2[:, None]
+    if residual is not None:
+        y = y + residual
+    if gate is not None:
+        y = y * gate
+    return y
+
+
+def gelu_grad(a: torch.Tensor) -> torch.Tensor:
+    """d GELU(a) / da = Phi(a) + a phi(a)."""
+    return 0.5 * (1.0 + torch.erf(a * _SQRT1_2)) + a * torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bias_grad(t: torch.Tensor) -> torch.Tensor:
+    """Sum of (B, R, C) over batch and columns: (R,)."""
+    return t.sum(dim=(0, 2))
+
+
+class TokenMixingFunction(torch.autograd.Function):
+    """Token mixing with a lean backward. Shapes: x (B, N, C); w1 (Hd, N); b1 (Hd,) or None;
+    w2 (N, Hd); b2 (N,) or None; residual, gate (B, N, C) or None. Computes in float32 (float64
+    for float64 inputs) and returns x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, gate):
+        cdt = _compute_dtype(x.dtype)
+        xc, w1c, w2c = x.to(cdt), w1.to(cdt), w2.to(cdt)
+        a = torch.matmul(w1c, xc)
+        if b1 is not None:
+            a += b1.to(cdt)[:, None]
+        y = torch.matmul(w2c, F.gelu(a))
+        if b2 is not None:
+            y += b2.to(cdt)[:, None]
+        if residual is not None:
+            y += residual
+        pre = None
+        if gate is not None:
+            pre = y
+            y = pre * gate
+        ctx.has = (b1 is not None, b2 is not None, residual is not None)
+        ctx.save_for_backward(x, w1, b1, w2, b2, residual, gate, a, pre)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, b1, w2, b2, residual, gate, a, pre = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
+            return _composed_grads(ctx, dy)
+        cdt = a.dtype
+        dy = dy.to(cdt)
+        dgate = None
+        if gate is not None:
+            dgate = (dy * pre).to(gate.dtype) if ctx.needs_input_grad[6] else None
+            dy = dy * gate
+        has_b1, has_b2, has_res = ctx.has
+        w1c, w2c = w1.to(cdt), w2.to(cdt)
+        h = F.gelu(a)
+        dw2 = torch.bmm(dy, h.transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
+        db2 = _bias_grad(dy).to(b2.dtype) if has_b2 else None
+        da = torch.matmul(w2c.t(), dy)
+        da *= gelu_grad(a)
+        dw1 = torch.bmm(da, x.to(cdt).transpose(1, 2)).sum(0).to(w1.dtype)  # sum_b dA x^T
+        db1 = _bias_grad(da).to(b1.dtype) if has_b1 else None
+        dx = torch.matmul(w1c.t(), da).to(x.dtype)
+        dres = dy.to(x.dtype) if has_res else None
+        return dx, dw1, db1, dw2, db2, dres, dgate
+
+
+def _composed_grads(ctx, dy):
+    x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors[:7]
+    inputs = (x, w1, b1, w2, b2, residual, gate)
+    wrt = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        y = token_mixing_composed(*inputs)
+        grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
+    out = [None] * 7
+    for (i, t), g in zip(wrt, grads):
+        out[i] = torch.zeros_like(t) if g is None else g
+    return tuple(out)
