@@ -1,11 +1,12 @@
-"""nn.Modules built on :mod:`gatezoo.kernels`: gated activations, feed-forwards, norms and
-attention."""
+"""nn.Modules built on :mod:`gatezoo.kernels`: gated activations, feed-forwards, norms,
+attention and token-mixing (MLP-Mixer, NiNformer) blocks."""
 
 from .attention import KVCache, ReLAAttention, SoftmaxAttention
 from .feedforward import GLU_VARIANTS, GatedAct, GLUFeedForward, Mlp, glu_hidden_features
+from .mixer import MixerBlock, NiNBlock, TokenMixing
 from .norm import GatedRMSNorm, RMSNorm
 
 __all__ = [
-    "GLU_VARIANTS", "GatedAct", "GatedRMSNorm", "GLUFeedForward", "KVCache", "Mlp", "ReLAAttention", "RMSNorm",
-    "SoftmaxAttention", "glu_hidden_features",
+    "GLU_VARIANTS", "GatedAct", "GatedRMSNorm", "GLUFeedForward", "KVCache", "MixerBlock", "Mlp", "NiNBlock",
+    "ReLAAttention", "RMSNorm", "SoftmaxAttention", "TokenMixing", "glu_hidden_features",
 ]

@@ -84,15 +84,27 @@ class _Attention(nn.Module):
             elif cache.cross != (context is not None):
                 kind = "cross-attention (context given)" if cache.cross else "self-attention (no context)"
                 raise ValueError(f"this KVCache was filled by {kind}; use one cache per attention layer and kind")
-        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        if context is not None and cache is not None and len(cache):
-            k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
-        else:
-            src = x if context is None else context
-            kv = self.kv(src).view(b, src.shape[1], 2, self.kv_heads, self.head_dim)
+        if context is None:  # self-attention: q, k and v from one matmul over the joined weights
+            qkv = F.linear(x, torch.cat([self.q.weight, self.kv.weight]),
+                           None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias]))
+            q, kv = qkv.split([self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim], dim=-1)
+            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            kv = kv.view(b, t, 2, self.kv_heads, self.head_dim)
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             if cache is not None:
                 k, v = cache.append(k, v)
+            return self._finish(q, k, v, key_padding_mask, causal, b, t)
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        if cache is not None and len(cache):
+            k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
+        else:
+            kv = self.kv(context).view(b, context.shape[1], 2, self.kv_heads, self.head_dim)
+            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        return self._finish(q, k, v, key_padding_mask, causal, b, t)
+
+    def _finish(self, q, k, v, key_padding_mask, causal, b, t):
         o = self._attend(q, k, v, key_padding_mask, causal)
         o = self._output_norm(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         return self.drop(self.proj(o))

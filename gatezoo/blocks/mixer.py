@@ -1,0 +1,118 @@
+"""Token-mixing blocks: MLP-Mixer (Tolstikhin et al. 2021) and NiNformer (Abdullah & Aydin 2024).
+
+Both mix along the token axis with :func:`gatezoo.kernels.token_mixing`, which fuses the two
+token-axis matmuls, their biases, the GELU and the residual (no transposes are materialised).
+Inputs are (B, N, dim): N tokens of width dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gatezoo.kernels import token_mixing
+
+from .feedforward import Mlp
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls would run in here: the autocast dtype when autocast is on, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class TokenMixing(nn.Module):
+    """``u + MLP_tok(LN(u))``: LayerNorm over channels, then a GELU MLP along the tokens
+    (``num_tokens -> hidden -> num_tokens``), then the residual, in one fused op.
+
+    Args:
+        num_tokens: N, the length of the token axis (fixed: the MLP's weights span it).
+        dim: channel width (the LayerNorm's size).
+        hidden: hidden units of the token MLP.
+        drop: dropout on the hidden units (when training with ``drop > 0`` the unfused
+            composition runs, since the fused op has no dropout).
+        backend: ``"auto" | "torch" | "triton"`` for :func:`~gatezoo.kernels.token_mixing`.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, hidden: int, drop: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        for name, v in (("num_tokens", num_tokens), ("dim", dim), ("hidden", hidden)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.num_tokens, self.backend = num_tokens, backend
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(num_tokens, hidden)  # weight (hidden, N): W1 of token_mixing
+        self.fc2 = nn.Linear(hidden, num_tokens)  # weight (N, hidden): W2
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, u: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """u: (B, N, dim) -> (B, N, dim); ``gate`` (same shape) multiplies the result."""
+        if u.dim() != 3 or u.shape[1] != self.num_tokens:
+            raise ValueError(f"input must have shape (batch, {self.num_tokens} tokens, dim), got {tuple(u.shape)}")
+        z = self.norm(u)
+        if self.training and self.drop.p > 0:
+            h = self.drop(nn.functional.gelu(self.fc1(z.transpose(1, 2))))
+            y = u + self.fc2(h).transpose(1, 2)
+            return y if gate is None else y * gate
+        dt = _autocast_dtype(u)
+        with torch.autocast(u.device.type, enabled=False):
+            cast = lambda t: None if t is None else t.to(dt)
+            return token_mixing(cast(z), cast(self.fc1.weight), cast(self.fc1.bias), cast(self.fc2.weight),
+                                cast(self.fc2.bias), residual=cast(u), gate=cast(gate), backend=self.backend)
+
+
+class MixerBlock(nn.Module):
+    """One MLP-Mixer layer: ``u1 = u + MLP_tok(LN(u))``, ``u2 = u1 + MLP_ch(LN(u1))``.
+
+    Args:
+        num_tokens: N. dim: channel width.
+        tokens_hidden: hidden units of the token MLP. channels_hidden: of the channel MLP.
+        drop: dropout inside both MLPs. backend: token-mixing kernel backend.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, tokens_hidden: int, channels_hidden: int, drop: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.tokens = TokenMixing(num_tokens, dim, tokens_hidden, drop=drop, backend=backend)
+        self.norm = nn.LayerNorm(dim)
+        self.channels = Mlp(dim, channels_hidden, drop=drop)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        u = self.tokens(u)
+        return u + self.channels(self.norm(u))
+
+
+class NiNBlock(nn.Module):
+    """NiNformer layer (DESIGN.md §3): a multiplicative gating unit whose gate an MLP-Mixer
+    sub-network generates, then a feed-forward, each pre-norm with a residual.
+
+        MGU(z) = Lin(z) * Mixer(z)       Mixer = token MLP then channel MLP (:class:`MixerBlock`)
+        x = x + MGU(LN(x)) ;  x = x + FFN(LN(x))
+
+    The gate product and the block's residual add run as one fused ``addcmul``.
+
+    Args:
+        num_tokens: N. dim: channel width.
+        tokens_hidden, channels_hidden: hidden units of the gate sub-network's token and channel
+            MLPs.
+        ffn_hidden: hidden units of the feed-forward (default 4 * dim).
+        ffn: an ``nn.Module`` to use as the feed-forward instead of a GELU :class:`Mlp`
+            (e.g. a :class:`~gatezoo.blocks.GLUFeedForward`).
+        drop: dropout inside the MLPs. backend: token-mixing kernel backend.
+    """
+
+    def __init__(self, num_tokens: int, dim: int, tokens_hidden: int, channels_hidden: int,
+                 ffn_hidden: int | None = None, ffn: nn.Module | None = None, drop: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.lin = nn.Linear(dim, dim)
+        self.mixer = MixerBlock(num_tokens, dim, tokens_hidden, channels_hidden, drop=drop, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = ffn if ffn is not None else Mlp(dim, ffn_hidden or 4 * dim, drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm1(x)
+        x = torch.addcmul(x, self.lin(z), self.mixer(z))  # x + Lin(z) * Mixer(z), one pass
+        return x + self.ffn(self.norm2(x))

@@ -1,0 +1,50 @@
+"""Named model presets: ``create_model(name, **overrides)`` and ``list_models()``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+
+from .vision import MixerConfig, MLPMixer, NiNformer, NiNformerConfig, VisionTransformer, ViTConfig
+
+# name -> (model class, config class, preset fields); the presets fit 28x28x1 images, 10 classes
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
+    "vit_tiny": (VisionTransformer, ViTConfig, {}),
+    "vit_tiny_rela": (VisionTransformer, ViTConfig, {"attention": "rela"}),
+    "vit_tiny_xswiglu": (VisionTransformer, ViTConfig, {"ffn": "xswiglu"}),
+    "mixer_tiny": (MLPMixer, MixerConfig, {}),
+    "ninformer_tiny": (NiNformer, NiNformerConfig, {}),
+}
+
+
+def list_models() -> list[str]:
+    """Names :func:`create_model` accepts, sorted."""
+    return sorted(_REGISTRY)
+
+
+def model_config(name: str, **overrides):
+    """The config dataclass of preset ``name`` with ``overrides`` applied (validated)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+    _, cfg_cls, preset = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {name!r}; its config fields are {sorted(fields)}")
+    cfg = cfg_cls(**{**preset, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build preset ``name`` (see :func:`list_models`); ``overrides`` replace fields of its config
+    dataclass, e.g. ``num_classes``, ``in_chans``, ``img_size``, ``dim``, ``depth``.
+
+    >>> model = create_model("ninformer_tiny", num_classes=100, in_chans=3, img_size=32)
+    """
+    cfg = model_config(name, **overrides)
+    model = _REGISTRY[name][0](cfg)
+    model.model_name = name
+    return model

@@ -1,0 +1,205 @@
+"""Image classifiers: Vision Transformer, MLP-Mixer and NiNformer, configured by dataclasses.
+
+All three share the stem and the head: a convolutional patch embedding (kernel = stride =
+patch), a stack of blocks, a final LayerNorm and a linear head over the class token (ViT) or
+the mean of the tokens (Mixer, NiNformer). ``model(images)`` maps (B, in_chans, H, W) images to
+(B, num_classes) logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gatezoo.blocks import GLU_VARIANTS, GLUFeedForward, MixerBlock, Mlp, NiNBlock, ReLAAttention, SoftmaxAttention
+
+ATTENTIONS = ("softmax", "rela")
+FFNS = ("mlp-gelu", *GLU_VARIANTS)
+
+
+@dataclass
+class ImageConfig:
+    """Fields every image model shares."""
+
+    img_size: int = 28
+    patch_size: int = 4
+    in_chans: int = 1
+    num_classes: int = 10
+    dim: int = 128
+    depth: int = 4
+    drop: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
+        if not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop must be in [0, 1), got {self.drop!r}")
+
+
+@dataclass
+class ViTConfig(ImageConfig):
+    """Vision Transformer: ``attention`` in :data:`ATTENTIONS`, ``ffn`` in :data:`FFNS`
+    (``"mlp-gelu"`` or a GLU name such as ``"swiglu"`` / ``"xswiglu"``)."""
+
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    attention: str = "softmax"
+    ffn: str = "mlp-gelu"
+    qkv_bias: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.ffn not in FFNS:
+            raise ValueError(f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        if not isinstance(self.heads, int) or self.heads < 1 or self.dim % self.heads:
+            raise ValueError(f"heads must be a positive int dividing dim ({self.dim}), got {self.heads!r}")
+
+
+@dataclass
+class MixerConfig(ImageConfig):
+    """MLP-Mixer: hidden units of the token and channel MLPs."""
+
+    tokens_hidden: int = 64
+    channels_hidden: int = 512
+
+
+@dataclass
+class NiNformerConfig(ImageConfig):
+    """NiNformer: hidden units of the gate sub-network's token and channel MLPs and of the
+    feed-forward."""
+
+    tokens_hidden: int = 64
+    channels_hidden: int = 256
+    ffn_hidden: int = 512
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches as tokens: a convolution with kernel = stride = patch size,
+    (B, C, H, W) -> (B, (H/p)(W/p), dim)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.img_size, self.in_chans = img_size, in_chans
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != (self.img_size, self.img_size):
+            raise ValueError(f"images must have shape (batch, {self.in_chans}, {self.img_size}, {self.img_size}), "
+                             f"got {tuple(x.shape)}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def _feedforward(cfg: ViTConfig) -> nn.Module:
+    if cfg.ffn == "mlp-gelu":
+        return Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), drop=cfg.drop)
+    # a GLU with the parameter count of the MLP it replaces: 2/3 of its hidden width
+    hidden = (int(cfg.dim * cfg.mlp_ratio) * 2 // 3 + 7) // 8 * 8
+    return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.drop)
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer encoder layer: ``x + attn(LN x)``, then ``x + ffn(LN x)``."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        attn = SoftmaxAttention if cfg.attention == "softmax" else ReLAAttention
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = attn(cfg.dim, cfg.heads, dropout=cfg.drop, bias=cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ffn = _feedforward(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class _ImageModel(nn.Module):
+    def __init__(self, cfg: ImageConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Token features after the last block and the final norm, (B, tokens, dim)."""
+        x = self.patch_embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(images)))
+
+
+class VisionTransformer(_ImageModel):
+    """ViT (Dosovitskiy et al. 2021) with a class token, learned position embeddings and
+    attention / feed-forward chosen by name (:class:`ViTConfig`)."""
+
+    def __init__(self, cfg: ViTConfig | None = None, **overrides):
+        cfg = ViTConfig(**overrides) if cfg is None else cfg
+        super().__init__(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, cfg.dim))
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
+        self._init_weights()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class MLPMixer(_ImageModel):
+    """MLP-Mixer (Tolstikhin et al. 2021): token- and channel-mixing MLPs, mean-pooled."""
+
+    def __init__(self, cfg: MixerConfig | None = None, **overrides):
+        cfg = MixerConfig(**overrides) if cfg is None else cfg
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(
+            MixerBlock(cfg.num_tokens, cfg.dim, cfg.tokens_hidden, cfg.channels_hidden, drop=cfg.drop)
+            for _ in range(cfg.depth))
+        self._init_weights()
+
+
+class NiNformer(_ImageModel):
+    """NiNformer (Abdullah & Aydin 2024): ViT-style layers whose attention is replaced by a
+    gating unit with a gate generated by an MLP-Mixer sub-network (:class:`NiNBlock`)."""
+
+    def __init__(self, cfg: NiNformerConfig | None = None, **overrides):
+        cfg = NiNformerConfig(**overrides) if cfg is None else cfg
+        super().__init__(cfg)
+        self.blocks = nn.ModuleList(
+            NiNBlock(cfg.num_tokens, cfg.dim, cfg.tokens_hidden, cfg.channels_hidden, cfg.ffn_hidden, drop=cfg.drop)
+            for _ in range(cfg.depth))
+        self._init_weights()

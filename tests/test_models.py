@@ -1,0 +1,113 @@
+"""The model registry and the token-mixing blocks."""
+
+import pytest
+import torch
+from closeness import TOL, assert_close
+
+from gatezoo.blocks import MixerBlock, NiNBlock, TokenMixing
+from gatezoo.models import FFNS, create_model, list_models, model_config
+
+PRESETS = ["mixer_tiny", "ninformer_tiny", "vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu"]
+
+
+def test_registry_lists_the_presets():
+    assert list_models() == PRESETS
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_forward_shape_finite_and_every_parameter_learns(name):
+    torch.manual_seed(0)
+    model = create_model(name, depth=2)
+    images = torch.randn(3, 1, 28, 28)
+    logits = model(images)
+    assert logits.shape == (3, 10)
+    assert torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2, 3])).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{pname} gets a zero gradient"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_overrides_change_the_input_and_output(name):
+    model = create_model(name, num_classes=7, in_chans=3, img_size=32, dim=32, depth=1)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert model.config.num_classes == 7 and model.model_name == name
+    with pytest.raises(ValueError, match=r"images must have shape \(batch, 3, 32, 32\)"):
+        model(torch.randn(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("ffn", FFNS)
+def test_vit_takes_every_feedforward_by_name(ffn):
+    model = create_model("vit_tiny", ffn=ffn, dim=16, depth=1, heads=2)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_glu_feedforward_keeps_the_mlp_parameter_count():
+    mlp = sum(p.numel() for p in create_model("vit_tiny").blocks[0].ffn.parameters())
+    glu = sum(p.numel() for p in create_model("vit_tiny_xswiglu").blocks[0].ffn.parameters())
+    assert abs(glu - mlp) / mlp < 0.02
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, match",
+    [
+        ("resnet50", {}, "unknown model 'resnet50'"),
+        ("vit_tiny", {"widht": 3}, r"unknown override\(s\) \['widht'\]"),
+        ("vit_tiny", {"attention": "linear"}, "attention must be one of"),
+        ("vit_tiny", {"ffn": "swishglu"}, "ffn must be one of"),
+        ("vit_tiny", {"heads": 3}, "heads must be a positive int dividing dim"),
+        ("mixer_tiny", {"img_size": 30}, "must be a multiple of patch_size"),
+        ("ninformer_tiny", {"depth": 0}, "depth must be a positive int"),
+    ],
+)
+def test_bad_configs(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model(name, **kwargs)
+
+
+def test_model_config_is_the_dataclass():
+    cfg = model_config("vit_tiny_rela", depth=2)
+    assert cfg.attention == "rela" and cfg.depth == 2 and cfg.num_tokens == 49
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_token_mixing_block_matches_its_composition(backend):
+    torch.manual_seed(1)
+    block = TokenMixing(num_tokens=9, dim=12, hidden=20, backend=backend).double()
+    u = torch.randn(3, 9, 12, dtype=torch.float64)
+    z = block.norm(u)
+    ref = u + block.fc2(torch.nn.functional.gelu(block.fc1(z.transpose(1, 2)))).transpose(1, 2)
+    got = TokenMixing(num_tokens=9, dim=12, hidden=20, backend=backend)
+    got.load_state_dict(block.float().state_dict())
+    assert_close("block", ref, got(u.float()), TOL[torch.float32])
+
+
+def test_token_mixing_dropout_runs_the_composition_in_training():
+    block = TokenMixing(9, 12, 20, drop=0.5).train()
+    u = torch.randn(2, 9, 12)
+    assert not torch.equal(block(u), block(u))  # dropout active
+    block.eval()
+    assert torch.equal(block(u), block(u))
+
+
+def test_ninblock_gate_is_lin_times_mixer():
+    torch.manual_seed(2)
+    blk = NiNBlock(num_tokens=5, dim=8, tokens_hidden=6, channels_hidden=10)
+    x = torch.randn(2, 5, 8)
+    z = blk.norm1(x)
+    mid = x + blk.lin(z) * blk.mixer(z)
+    ref = mid + blk.ffn(blk.norm2(mid))
+    assert_close("nin", ref, blk(x), 1e-6)
+
+
+def test_mixer_block_under_bf16_autocast():
+    blk = MixerBlock(num_tokens=7, dim=16, tokens_hidden=8, channels_hidden=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = blk(torch.randn(2, 7, 16))
+    assert torch.isfinite(y.float()).all()
+
+
+def test_token_mixing_block_rejects_wrong_token_count():
+    with pytest.raises(ValueError, match=r"input must have shape \(batch, 9 tokens, dim\)"):
+        TokenMixing(9, 12, 20)(torch.randn(2, 8, 12))
