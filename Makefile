@@ -8,10 +8,28 @@ PY := $(VENV)/bin/python
 # on the CPU as well as on CUDA and brings triton 3.8.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Fashion-MNIST, the default data set of the training CLIs: the Debian/Ubuntu package
+# dataset-fashion-mnist installs its idx files here (any other copy: pass --data PATH).
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CONFIG ?= configs/vit_tiny.yaml
+MODELS ?= vit_tiny timm_vit_tiny vit_tiny_rela vit_tiny_xswiglu mixer_tiny timm_mixer_tiny ninformer_tiny
 
-.PHONY: install test demo bench aot lint clean
+.PHONY: install data test demo train sidebyside bench aot lint clean
 
-install: $(STAMP)
+install: $(STAMP) data
+
+# Installs the data set when it is missing (sudo only when not root; apt-get update and a retry
+# if the first try fails). A failure is reported but does not stop the other targets: the tests
+# that need the real data skip, and the training CLIs explain how to get it.
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "Fashion-MNIST missing: installing the Debian package dataset-fashion-mnist"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist \
+	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; } \
+	  || echo "warning: could not install dataset-fashion-mnist (no apt-get, no sudo or no network);" \
+	    "install it by hand or pass --data PATH to the training commands"; \
+	fi
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,9 +42,17 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
-# The main job for now: the GLU kernel benchmark on this machine (CSV + PNG in benchmarks/).
+# One epoch of NiNformer on Fashion-MNIST; the run directory lands in runs/.
 demo: install
-	$(PY) -m gatezoo.eval.bench --op glu
+	$(PY) -m gatezoo.train.classify --config configs/demo.yaml
+
+# make train CONFIG=configs/ninformer_tiny.yaml ARGS="--epochs 1 --model_args.depth 2"
+train: install
+	$(PY) -m gatezoo.train.classify --config $(CONFIG) $(ARGS)
+
+# make sidebyside MODELS="vit_tiny timm_vit_tiny" ARGS="--epochs 1"; CSV/PNG in benchmarks/
+sidebyside: install
+	$(PY) -m gatezoo.train.sidebyside --models $(MODELS) $(ARGS)
 
 bench: install
 	$(PY) -m gatezoo.eval.bench

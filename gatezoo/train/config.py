@@ -1,0 +1,244 @@
+"""Training configuration: YAML file + ``--key value`` command-line overrides, validated.
+
+A config is a flat mapping of the keys in :data:`KEYS` (``model_args`` is a nested mapping of
+model-constructor overrides). Command-line overrides name a key, with dots for nested keys, and a
+value parsed by ``yaml.safe_load``::
+
+    --epochs 5 --lr 3e-4 --model_args.depth 2 --model_args '{dim: 64, depth: 2}' --name null
+
+Hyphens in key names are read as underscores (``--batch-size`` is ``batch_size``). An unknown key
+raises :class:`ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or command-line override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its default, its kind and a line of help."""
+
+    default: Any
+    kind: str  # "str", "int", "float", "bool", "dict"
+    help: str
+    optional: bool = False  # None allowed
+    minimum: float | None = None
+    below: float | None = None  # exclusive upper bound
+
+
+KEYS: dict[str, Key] = {
+    "model": Key(None, "str", "model name: a gatezoo registry name (gatezoo.models.list_models()) or a timm peer"),
+    "model_args": Key({}, "dict", "overrides passed to create_model (e.g. {depth: 2, dim: 64}); in_chans, img_size "
+                      "and num_classes default to the data set's"),
+    "data": Key("fashion-mnist", "str", "'fashion-mnist', a directory of idx files, an .npz or an image folder"),
+    "epochs": Key(3, "int", "number of epochs", minimum=1),
+    "batch_size": Key(128, "int", "training batch size", minimum=1),
+    "eval_batch_size": Key(512, "int", "evaluation batch size", minimum=1),
+    "lr": Key(1e-3, "float", "peak AdamW learning rate", minimum=0.0),
+    "weight_decay": Key(0.05, "float", "AdamW weight decay (not applied to biases, norms, 1-D params, tokens, "
+                        "position embeddings)", minimum=0.0),
+    "warmup_epochs": Key(0.3, "float", "linear warm-up length in epochs (fractions allowed), then cosine to 0",
+                         minimum=0.0),
+    "label_smoothing": Key(0.1, "float", "label smoothing of the training cross-entropy", minimum=0.0, below=1.0),
+    "augment": Key(False, "bool", "light augmentation: random shifts up to 2 px and horizontal flips"),
+    "bf16": Key(False, "bool", "bfloat16 autocast of the forward pass, CPU or CUDA (loss in float32)"),
+    "seed": Key(0, "int", "seed of model initialisation, shuffling and augmentation"),
+    "out": Key("runs", "str", "root directory of run directories"),
+    "name": Key(None, "str", "run name (default: the model name); the run directory is <out>/<name>-<timestamp>",
+                optional=True),
+    "device": Key("auto", "str", "'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."),
+    "max_steps": Key(None, "int", "stop after this many optimizer steps in all (smoke tests); the schedule still "
+                     "spans all epochs", optional=True, minimum=1),
+    "threads": Key(None, "int", "torch.set_num_threads for CPU runs", optional=True, minimum=1),
+}
+
+
+def default_config() -> dict:
+    """A fresh dict of every key's default."""
+    return {k: copy.deepcopy(v.default) for k, v in KEYS.items()}
+
+
+def keys_help() -> str:
+    """The config keys as a help text block (name, default, description)."""
+    lines = ["config keys (YAML file and --key value overrides):"]
+    for k, spec in KEYS.items():
+        default = "required" if spec.default is None and not spec.optional else yaml.safe_dump(
+            spec.default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {k:<16} {spec.help} [{default}]")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value parsed as YAML (``2`` -> int, ``null`` -> None, ``{a: 1}`` -> dict)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``; raises :class:`ConfigError`."""
+    pairs, i = [], 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected an override --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, text = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} needs a value")
+            text = args[i + 1]
+            i += 2
+        pairs.append((key, parse_value(text)))
+    return pairs
+
+
+def _canonical(key: str) -> list[str]:
+    parts = key.split(".")
+    parts[0] = parts[0].replace("-", "_")
+    if not all(parts):
+        raise ConfigError(f"bad config key {key!r}")
+    return parts
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[tuple[str, Any]]) -> dict:
+    """Set each dotted key of ``overrides`` in a copy of ``cfg``; only ``KEYS`` and dict sub-keys."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides:
+        parts = _canonical(key)
+        if parts[0] not in KEYS:
+            raise ConfigError(f"unknown config key {parts[0]!r} (in --{key}); known keys: {', '.join(KEYS)}")
+        if len(parts) > 1 and KEYS[parts[0]].kind != "dict":
+            raise ConfigError(f"--{key}: {parts[0]!r} is not a mapping, so it has no sub-key {'.'.join(parts[1:])!r}")
+        node = cfg
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--{key}: {p!r} holds {child!r}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return cfg
+
+
+def check(key: str, value: Any) -> Any:
+    """``value`` checked and coerced for config key ``key`` (:class:`ConfigError` naming the key)."""
+    if key not in KEYS:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(KEYS)}")
+    spec = KEYS[key]
+    if value is None:
+        if spec.optional:
+            return None
+        if spec.default is None:
+            raise ConfigError(f"config key {key!r} is required ({spec.help})")
+        raise ConfigError(f"config key {key!r} must not be null")
+    kind = spec.kind
+    if kind == "str":
+        if isinstance(value, (bool, dict, list)):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        value = str(value)
+        if not value:
+            raise ConfigError(f"config key {key!r} must not be empty")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if kind == "dict":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"config key {key!r} must be a mapping with string keys, got {value!r}")
+        return dict(value)
+    # numbers; YAML 1.1 reads 1e-3 (no dot) as a string, so numeric strings are accepted
+    if isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    if kind == "int":
+        if float(value) != int(value):
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        value = int(value)
+    else:
+        value = float(value)
+    if spec.minimum is not None and value < spec.minimum:
+        raise ConfigError(f"config key {key!r} must be >= {spec.minimum}, got {value!r}")
+    if spec.below is not None and value >= spec.below:
+        raise ConfigError(f"config key {key!r} must be < {spec.below}, got {value!r}")
+    if key == "lr" and value == 0:
+        raise ConfigError("config key 'lr' must be > 0, got 0")
+    return value
+
+
+def validate(cfg: Mapping) -> dict:
+    """Check every key of ``cfg`` (all of :data:`KEYS`, no others) and coerce its type."""
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
+    unknown = [k for k in cfg if k not in KEYS]
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(KEYS)}")
+    full = default_config()
+    full.update(cfg)
+    return {k: check(k, full[k]) for k in KEYS}
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML config file into a dict (an empty file gives ``{}``)."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] | Iterable[tuple[str, Any]] = ()
+) -> dict:
+    """Defaults, then the YAML file at ``path`` (if any), then overrides; validated.
+
+    ``overrides`` is either raw command-line words (``["--lr", "0.01"]``) or ``(key, value)`` pairs.
+    """
+    overrides = list(overrides)
+    if overrides and isinstance(overrides[0], str):
+        overrides = parse_overrides(overrides)
+    cfg = read_yaml(path) if path is not None else {}
+    unknown = [k for k in cfg if k not in KEYS]
+    if unknown:
+        raise ConfigError(f"config file {str(path)!r}: unknown key(s) {unknown}; known keys: {', '.join(KEYS)}")
+    return validate(apply_overrides(cfg, overrides))
+
+
+def dump_config(cfg: Mapping) -> str:
+    """The config as YAML text, keys in :data:`KEYS` order."""
+    return yaml.safe_dump({k: cfg[k] for k in KEYS if k in cfg}, sort_keys=False, default_flow_style=False)

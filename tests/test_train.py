@@ -1,0 +1,336 @@
+"""Training entry points on tiny synthetic data: config parsing, classify (run directory, resume),
+evaluate, side-by-side, the timm peers and the shared optimizer/schedule pieces."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from gatezoo.models import create_model
+from gatezoo.train import classify, evaluate, sidebyside
+from gatezoo.train import data as gdata
+from gatezoo.train.config import ConfigError, keys_help, load_config, parse_overrides
+from gatezoo.train.engine import (
+    build_model,
+    load_checkpoint,
+    model_names,
+    param_groups,
+    read_checkpoint_metadata,
+    warmup_cosine,
+)
+
+TINY = ["--model_args.dim", "32", "--model_args.depth", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """8x8 grayscale images of 3 classes (a bright band whose row gives the class): 64 train, 24 test."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
+        for i in range(n):
+            x[i, 2 * y[i] : 2 * y[i] + 3] += 150
+        return x, y
+
+    (x, y), (xt, yt) = make(64), make(24)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x=x, y=y, x_test=xt, y_test=yt)
+    return path
+
+
+def _run(tmp_path, tiny_npz, *extra, model="vit_tiny"):
+    argv = ["--model", model, "--data", str(tiny_npz), "--out", str(tmp_path / "runs"), "--batch_size", "16",
+            "--epochs", "2", "--lr", "3e-3", "--no-progress", *TINY, *extra]
+    assert classify.main(argv) == 0
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    return run_dir
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+def test_overrides_parse_as_yaml_with_dotted_keys(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: vit_tiny\nmodel_args: {depth: 3}\nlr: 1e-3\nepochs: 2\n")
+    cfg = load_config(cfg_file, ["--model_args.dim", "64", "--batch-size=32", "--name", "null", "--bf16", "true",
+                                 "--warmup_epochs", "0.5", "--max_steps", "7"])
+    assert cfg["model_args"] == {"depth": 3, "dim": 64}
+    assert cfg["lr"] == 1e-3 and isinstance(cfg["lr"], float)  # YAML 1.1 reads 1e-3 as a string
+    assert cfg["batch_size"] == 32 and cfg["name"] is None and cfg["bf16"] is True
+    assert cfg["warmup_epochs"] == 0.5 and cfg["max_steps"] == 7 and cfg["epochs"] == 2
+    assert cfg["data"] == "fashion-mnist" and cfg["seed"] == 0  # defaults
+    cfg = load_config(cfg_file, ["--model_args", "{dim: 48}"])
+    assert cfg["model_args"] == {"dim": 48}
+    assert parse_overrides(["--a.b", "[1, 2]", "--c=x y"]) == [("a.b", [1, 2]), ("c", "x y")]
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--model", "vit_tiny", "--epoch", "3"], "unknown config key 'epoch'"),
+        (["--model", "vit_tiny", "--lr.x", "1"], "'lr' is not a mapping"),
+        (["--model", "vit_tiny", "--epochs", "two"], "'epochs' must be a number"),
+        (["--model", "vit_tiny", "--epochs", "1.5"], "'epochs' must be an integer"),
+        (["--model", "vit_tiny", "--batch_size", "0"], "'batch_size' must be >= 1"),
+        (["--model", "vit_tiny", "--label_smoothing", "1"], "'label_smoothing' must be < 1"),
+        (["--model", "vit_tiny", "--lr", "0"], "'lr' must be > 0"),
+        (["--model", "vit_tiny", "--bf16", "maybe"], "'bf16' must be true or false"),
+        (["--model", "vit_tiny", "--model_args", "3"], "'model_args' must be a mapping"),
+        (["--model", "vit_tiny", "--epochs"], "--epochs needs a value"),
+        (["--model", "vit_tiny", "stray"], "expected an override --key value, got 'stray'"),
+        ([], "'model' is required"),
+    ],
+)
+def test_config_errors_name_the_key(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, args)
+
+
+def test_config_file_errors(tmp_path):
+    (tmp_path / "u.yaml").write_text("model: vit_tiny\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        load_config(tmp_path / "u.yaml")
+    (tmp_path / "l.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "l.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+
+
+def test_shipped_configs_load():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.stem for p in root.glob("*.yaml"))
+    assert {"vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu", "mixer_tiny", "ninformer_tiny", "demo"} <= set(names)
+    for name in names:
+        cfg = load_config(root / f"{name}.yaml")
+        assert cfg["model"] in model_names()
+        assert cfg["data"] == "fashion-mnist"
+        if name != "demo":
+            assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["weight_decay"]) == (3, 128, 1e-3, 0.05)
+            assert (cfg["warmup_epochs"], cfg["label_smoothing"], cfg["seed"]) == (0.3, 0.1, 0)
+
+
+def test_help_documents_every_key(capsys):
+    with pytest.raises(SystemExit) as e:
+        classify.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--resume" in out and "--config" in out and "model_args.depth" in out
+    for line in keys_help().splitlines()[1:]:
+        assert line.split()[0] in out
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer, schedule, models
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(4, 20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and 0 < f(19) < 0.01 and f(20) == 0.0
+    values = [f(s) for s in range(4, 20)]
+    assert values == sorted(values, reverse=True)
+    assert warmup_cosine(0, 10)(0) == 1.0
+
+
+def test_no_weight_decay_on_biases_norms_tokens_and_positions():
+    model = create_model("vit_tiny", dim=32, depth=1)
+    decay, plain = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    plain_names = {names[id(p)] for p in plain["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"cls_token", "pos_embed"} <= plain_names
+    assert all(p.ndim < 2 for n, p in model.named_parameters() if n in plain_names - {"cls_token", "pos_embed"})
+    assert "head.weight" in decay_names and all(p.ndim >= 2 for p in decay["params"])
+    assert decay["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert len(decay_names) + len(plain_names) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["timm_vit_tiny", "timm_mixer_tiny"])
+def test_timm_peers(name):
+    pytest.importorskip("timm")
+    model = build_model(name)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    small = build_model(name, dim=32, depth=1, img_size=8, in_chans=3, num_classes=5)
+    assert small(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+    assert small.embed_dim == 32 and len(small.blocks) == 1
+    with pytest.raises(ValueError, match="unknown override 'bogus'"):
+        build_model(name, bogus=1)
+
+
+def test_timm_vit_peer_matches_the_brief():
+    pytest.importorskip("timm")
+    m = build_model("timm_vit_tiny")
+    assert m.cls_token is not None and m.pos_embed.shape == (1, 50, 128) and len(m.blocks) == 4
+    assert m.blocks[0].attn.num_heads == 4 and m.blocks[0].mlp.fc1.out_features == 512
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="model must be one of .*vit_tiny.*timm_vit_tiny"):
+        build_model("resnet50")
+
+
+# ---------------------------------------------------------------------------------------------
+# classify
+
+
+def test_classify_end_to_end(tmp_path, tiny_npz, capsys):
+    run_dir = _run(tmp_path, tiny_npz, "--name", "smoke", "--max_steps", "6")
+    assert run_dir.name.startswith("smoke-")
+    for f in ("config.yaml", "metrics.csv", "curves.png", "last.safetensors", "best.safetensors", "state.pt"):
+        assert (run_dir / f).is_file(), f
+    out = capsys.readouterr().out
+    assert "final test accuracy:" in out
+
+    rows = _rows(run_dir / "metrics.csv")
+    assert list(rows[0]) == list(classify.METRICS)
+    assert [r["step"] for r in rows] == ["4", "6"]  # one full epoch of 4 steps, then max_steps stops at 6
+    assert float(rows[1]["epoch"]) == 1.5
+    assert all(0 <= float(r["test_acc"]) <= 1 and math.isfinite(float(r["train_loss"])) for r in rows)
+
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg["model_args"] == {"in_chans": 1, "img_size": 8, "num_classes": 3, "dim": 32, "depth": 1}
+    assert cfg["data"] == str(tiny_npz.resolve())
+
+    meta = read_checkpoint_metadata(run_dir / "last.safetensors")
+    assert meta["model"] == "vit_tiny" and meta["model_args"] == cfg["model_args"]
+    assert meta["classes"] == ["0", "1", "2"] and meta["step"] == 6 and len(meta["mean"]) == 1
+    with safe_open(str(run_dir / "last.safetensors"), "pt") as f:  # raw metadata is JSON strings
+        assert json.loads(f.metadata()["model_args"])["dim"] == 32
+
+    model, _ = load_checkpoint(run_dir / "last.safetensors")  # rebuilt from the metadata alone
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_npz):
+    # dropout and augmentation on, so the saved RNG state and the per-batch seeds matter
+    extra = ("--model_args.drop", "0.1", "--augment", "true")
+    full = _run(tmp_path / "a", tiny_npz, *extra)
+    part = _run(tmp_path / "b", tiny_npz, *extra, "--max_steps", "3")  # stops mid-epoch 1 (4 steps/epoch)
+    assert _rows(part / "metrics.csv")[-1]["step"] == "3"
+    assert classify.main(["--resume", str(part), "--max_steps", "null", "--no-progress"]) == 0
+
+    a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ra, rb = _rows(full / "metrics.csv"), _rows(part / "metrics.csv")
+    assert [r["step"] for r in rb] == ["3", "4", "8"]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        assert ra[-1][key] == rb[-1][key], key
+    # a finished run resumes to nothing more
+    assert classify.main(["--resume", str(part), "--no-progress"]) == 0
+    assert len(_rows(part / "metrics.csv")) == 3
+
+
+def test_classify_errors_exit_2(tmp_path, tiny_npz, capsys, monkeypatch):
+    out = str(tmp_path / "runs")
+    assert classify.main(["--model", "vit_tiny", "--data", str(tmp_path / "missing.npz"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "apt-get install dataset-fashion-mnist" in err
+    monkeypatch.setattr(gdata, "FASHION_MNIST_DIR", tmp_path / "empty")
+    assert classify.main(["--model", "vit_tiny", "--out", out]) == 2
+    assert "Fashion-MNIST is not installed" in capsys.readouterr().err
+    assert classify.main(["--model", "vit_tiny", "--data", str(tiny_npz), "--model_args.bogus", "1", "--out", out]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert classify.main(["--model", "vit_tiny", "--data", str(tiny_npz), "--model_args.num_classes", "5",
+                          "--out", out]) == 2
+    assert "model_args.num_classes=5 does not match" in capsys.readouterr().err
+    assert classify.main(["--model", "nope", "--data", str(tiny_npz), "--out", out]) == 2
+    assert "model must be one of" in capsys.readouterr().err
+    assert classify.main(["--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_missing_data_cli_exit_code_and_message(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "gatezoo.train.classify", "--model", "vit_tiny", "--data", str(tmp_path / "nope")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "sudo apt-get install dataset-fashion-mnist" in proc.stderr and "--data PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def test_evaluate_checkpoint(tmp_path, tiny_npz, capsys):
+    run_dir = _run(tmp_path, tiny_npz, model="ninformer_tiny")
+    last = _rows(run_dir / "metrics.csv")[-1]
+    capsys.readouterr()
+    result = evaluate.evaluate_checkpoint(run_dir)  # data set and normalisation from the metadata
+    assert result["count"] == 24 and result["model"] == "ninformer_tiny"
+    assert f"{result['acc']:.6g}" == last["test_acc"] and f"{result['loss']:.6g}" == last["test_loss"]
+    per_class = [a for a in result["per_class_acc"] if not math.isnan(a)]
+    weighted = sum(a * n for a, n in zip(result["per_class_acc"], result["per_class_count"]) if n)
+    assert len(per_class) == 3 and math.isclose(weighted / 24, result["acc"])
+
+    assert evaluate.main([str(run_dir / "best.safetensors"), "--data", str(tiny_npz)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and "per-class accuracy:" in out
+
+    np.savez(tmp_path / "big.npz", x=np.zeros((12, 10, 10), np.uint8), y=np.arange(12) % 3)
+    assert evaluate.main([str(run_dir), "--data", str(tmp_path / "big.npz")]) == 2
+    assert "img_size" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    assert evaluate.main([str(tmp_path / "junk.safetensors")]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+    assert evaluate.main([str(tmp_path / "nothing")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# side by side
+
+
+def test_sidebyside(tmp_path, tiny_npz, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "bench"
+    argv = ["--models", "vit_tiny", "timm_vit_tiny", "--data", str(tiny_npz), "--epochs", "2", "--batch-size", "16",
+            "--lr", "3e-3", "--model-args", "{dim: 32, depth: 1}", "--out", str(out), "--no-progress"]
+    assert sidebyside.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| model | params | test acc | train img/s |" in printed and "| timm_vit_tiny |" in printed
+    rows = _rows(out / "tiny-sidebyside.csv")
+    assert (out / "tiny-sidebyside.png").is_file()
+    assert [(r["model"], r["epoch"]) for r in rows] == [("vit_tiny", "1"), ("timm_vit_tiny", "1"),
+                                                         ("vit_tiny", "2"), ("timm_vit_tiny", "2")]
+    assert all(float(r["train_img_per_s"]) > 0 and int(r["params"]) > 0 for r in rows)
+
+    # the same model alone through classify (same seed, batches, optimizer, schedule, loss) matches
+    run_dir = _run(tmp_path, tiny_npz)
+    alone = _rows(run_dir / "metrics.csv")
+    mine = [r for r in rows if r["model"] == "vit_tiny"]
+    for a, b in zip(alone, mine):
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+            assert a[key] == b[key], key
+
+
+def test_sidebyside_errors(tmp_path, tiny_npz, capsys):
+    base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--no-progress"]
+    assert sidebyside.main(["--models", "vit_tiny", "vit_tiny", *base]) == 2
+    assert "each name once" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny", "--lr", "-1", *base]) == 2
+    assert "'lr' must be >= 0" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny", "--model-args", "[1]", *base]) == 2
+    assert "--model-args must be a YAML mapping" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
