@@ -111,6 +111,11 @@ def test_saves_no_hidden_activation_twice(backend):
         token_mixing(x, w1, b1, w2, b2, residual=r, backend=backend)
     big = [t for t in saved if t.numel() >= 4 * 48 * 32]
     assert len(big) == (1 if backend == "torch" else 0), [tuple(t.shape) for t in big]
+    assert not any(t is r for t in saved), "an ungated residual enters linearly and need not be kept"
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_mixing(x, w1, b1, w2, b2, residual=r, gate=g, backend=backend)
+    assert any(t is r for t in saved) and any(t is g for t in saved)  # dgate needs the pre-gate output
 
 
 def test_function_computes_in_float32_for_half_inputs():

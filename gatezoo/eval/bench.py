@@ -3,6 +3,8 @@
     python -m gatezoo.eval.bench --op glu           # every GLU kind, 4096 x 4096 fp32 halves
     python -m gatezoo.eval.bench --op gated_act     # the activations on a 4096 x 4096 tensor
     python -m gatezoo.eval.bench --op glu --kinds silu gelu --size 2048 --reps 20
+    python -m gatezoo.eval.bench --op attention     # ReLA vs SDPA softmax, T = 256 ... 4096
+    python -m gatezoo.eval.bench --op token_mixing  # MLP-Mixer token mixing at two model shapes
 
 For each variant (plain, and expanded with a trainable alpha where the kind has a gate) it times
 the eager PyTorch composition, ``torch.compile`` of that composition, gatezoo's torch path and,
@@ -27,11 +29,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gatezoo.kernels import KINDS, gated_act, glu, rela_attention
+from gatezoo.kernels import KINDS, gated_act, glu, rela_attention, token_mixing
 from gatezoo.kernels.activation.reference import phi_composed
+from gatezoo.kernels.mixing import token_mixing_composed
 from gatezoo.kernels.rela.reference import rela_composed
 
-OPS = ("glu", "gated_act", "attention")
+OPS = ("glu", "gated_act", "attention", "token_mixing")
+# token mixing shapes (batch, tokens, channels, hidden): mixer_tiny on 28x28 images with
+# patch 4, and Mixer-B/16 on 224x224 images
+MIXING_SHAPES = {"mixer_tiny-28": (128, 49, 128, 64), "mixer_b16-224": (32, 196, 768, 384)}
 
 
 @dataclass
@@ -260,7 +266,60 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
                     "attention", f"T{t}", impl, mode, f"B{batch}-H{heads}-T{t}-D{head_dim}",
                     str(dtype).replace("torch.", ""), machine, round(med, 3), round(p20, 3), round(p80, 3),
                     float("nan"), round(med / ref, 3), saved[impl], round(saved[impl] / qkvo, 3),
-                    round(flops[mode] / med / 1e6, 1),
+                    float(f"{flops[mode] / med / 1e6:.4g}"),
+                ))
+        del calls
+    return out
+
+
+def mixing_impls(device: torch.device, use_compile: bool) -> dict:
+    """{impl: fn(x, w1, b1, w2, b2, residual)} for the token-mixing benchmark."""
+    impls = {"eager": lambda *a: token_mixing_composed(*a)}
+    if use_compile:
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(token_mixing_composed, dynamic=False)
+    impls["gatezoo-torch"] = lambda x, w1, b1, w2, b2, r: token_mixing(x, w1, b1, w2, b2, residual=r,
+                                                                          backend="torch")
+    if device.type == "cuda":
+        impls["gatezoo-triton"] = lambda x, w1, b1, w2, b2, r: token_mixing(x, w1, b1, w2, b2, residual=r,
+                                                                               backend="triton")
+    return impls
+
+
+def bench_mixing(dtype, device, reps: int, use_compile: bool = True, progress: bool = True,
+                 shapes: dict | None = None) -> list[Row]:
+    """``u + W2 GELU(W1 LN(u)) + b2`` along the tokens (the LayerNorm left out) at ``shapes``
+    ({name: (batch, tokens, channels, hidden)}, default :data:`MIXING_SHAPES`), against the
+    eager composition and its ``torch.compile``. GFLOP/s count the two matmuls (4 B N Hd C
+    forward, 12 B N Hd C forward+backward)."""
+    out: list[Row] = []
+    machine = device_name(device)
+    for name, (b, n, c, hd) in tqdm((shapes or MIXING_SHAPES).items(), desc="bench token_mixing", disable=not progress,
+                                    file=sys.stderr):
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        rnd = lambda *shape, s=1.0, g=gen: (torch.randn(*shape, generator=g) * s).to(device, dtype)
+        base = [rnd(b, n, c), rnd(hd, n, s=n**-0.5), rnd(hd), rnd(n, hd, s=hd**-0.5), rnd(n), rnd(b, n, c)]
+        dy = rnd(b, n, c)
+        flops = {"fwd": 4 * b * n * hd * c, "fwd+bwd": 12 * b * n * hd * c}
+        calls, saved = {}, {}
+        for impl, fn in mixing_impls(device, use_compile).items():
+            leaf = [t.detach().clone().requires_grad_() for t in base]
+            try:
+                saved[impl] = saved_bytes(fn, leaf)
+            except Exception as exc:
+                if impl != "compile":
+                    raise
+                tqdm.write(f"torch.compile peer skipped: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            calls[impl] = modes(fn, leaf, dy)
+        for mode in ("fwd", "fwd+bwd"):
+            timed = time_interleaved({impl: cl[mode] for impl, cl in calls.items()}, device, reps)
+            ref = timed["eager"][0]
+            for impl, (med, p20, p80) in timed.items():
+                out.append(Row(
+                    "token_mixing", name, impl, mode, f"B{b}-N{n}-C{c}-H{hd}", str(dtype).replace("torch.", ""),
+                    machine, round(med, 3), round(p20, 3), round(p80, 3), float("nan"), round(med / ref, 3),
+                    saved[impl], round(saved[impl] / saved["eager"], 3), float(f"{flops[mode] / med / 1e6:.4g}"),
                 ))
         del calls
     return out
@@ -429,6 +488,15 @@ def main(argv=None) -> int:
             if ref:
                 print(f"ReLA forward at T=1024: {ref[0].gflops:.1f} GFLOP/s = "
                       f"{100 * ref[0].gflops / gemm:.0f}% of this machine's sgemm ({gemm:.1f} GFLOP/s)")
+            print(f"wrote {stem}.csv and {stem}.png")
+            continue
+        if op == "token_mixing":
+            rows = bench_mixing(dtype, device, args.reps, not args.no_compile)
+            stem = os.path.join(args.out, f"token_mixing-{device.type}")
+            write_csv(rows, stem + ".csv")
+            plot(rows, stem + ".png")
+            print(f"\ntoken_mixing on {rows[0].device}, {rows[0].dtype} (GFLOP/s in the CSV)")
+            print(format_rows(rows))
             print(f"wrote {stem}.csv and {stem}.png")
             continue
         rows = bench_op(op, kinds, args.size, dtype, device, args.reps, not args.no_compile)

@@ -78,7 +78,8 @@ class TokenMixingFunction(torch.autograd.Function):
             pre = y
             y = pre * gate
         ctx.has = (b1 is not None, b2 is not None, residual is not None)
-        ctx.save_for_backward(x, w1, b1, w2, b2, residual, gate, a, pre)
+        # the residual's value matters to the gradients only through the gate
+        ctx.save_for_backward(x, w1, b1, w2, b2, residual if gate is not None else None, gate, a, pre)
         return y.to(x.dtype)
 
     @staticmethod
@@ -108,9 +109,13 @@ class TokenMixingFunction(torch.autograd.Function):
 
 def _composed_grads(ctx, dy):
     x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors[:7]
+    if ctx.has[2] and residual is None:  # not saved (no gate): it enters linearly, any value will do
+        residual = torch.zeros_like(x)
     inputs = (x, w1, b1, w2, b2, residual, gate)
     wrt = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
     with torch.enable_grad():
+        if residual is not None and not residual.requires_grad:
+            residual.requires_grad_(ctx.needs_input_grad[5])
         y = token_mixing_composed(*inputs)
         grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
     out = [None] * 7

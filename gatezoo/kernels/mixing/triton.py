@@ -243,12 +243,14 @@ def token_mixing_backward(x, w1, b1, w2, b2, residual, gate, dy):
 
 class TokenMixingTriton(torch.autograd.Function):
     """Same contract as :class:`~gatezoo.kernels.mixing.reference.TokenMixingFunction`; saves
-    only its inputs and recomputes the hidden activations in backward."""
+    only its inputs (the residual only when gated) and recomputes the hidden activations in
+    backward."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, residual, gate):
         ctx.has = (b1 is not None, b2 is not None, residual is not None)
-        ctx.save_for_backward(x, w1, b1, w2, b2, residual, gate)
+        # the backward reads the residual only to rebuild the pre-gate output for the gate's gradient
+        ctx.save_for_backward(x, w1, b1, w2, b2, residual if gate is not None else None, gate)
         return token_mixing_forward(x, w1, b1, w2, b2, residual, gate)
 
     @staticmethod
@@ -257,7 +259,11 @@ class TokenMixingTriton(torch.autograd.Function):
             from .reference import _composed_grads
 
             return _composed_grads(ctx, dy)
-        grads = token_mixing_backward(*ctx.saved_tensors, dy)
+        x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors
+        dx, dw1, db1, dw2, db2, dres, dgate = token_mixing_backward(x, w1, b1, w2, b2, residual, gate, dy)
+        if ctx.has[2] and dres is None:  # no gate: the residual's gradient is dy itself
+            dres = dy
+        grads = (dx, dw1, db1, dw2, db2, dres, dgate)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
 
