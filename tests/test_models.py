@@ -4,7 +4,7 @@ import pytest
 import torch
 from closeness import TOL, assert_close
 
-from gatezoo.blocks import MixerBlock, NiNBlock, TokenMixing
+from gatezoo.blocks import MixerBlock, NiNBlock, ReLAAttention, SoftmaxAttention, TokenMixing
 from gatezoo.models import FFNS, create_model, list_models, model_config
 
 PRESETS = ["mixer_tiny", "ninformer_tiny", "vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu"]
@@ -66,6 +66,24 @@ def test_bad_configs(name, kwargs, match):
         create_model(name, **kwargs)
 
 
+def test_config_and_overrides_together_are_an_error():
+    from gatezoo.models import VisionTransformer, ViTConfig
+
+    with pytest.raises(TypeError, match="either a config or field overrides"):
+        VisionTransformer(ViTConfig(), depth=2)
+    assert len(VisionTransformer(depth=2).blocks) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [({"tokens_hidden": 0}, "tokens_hidden must be a positive int"),
+                                           ({"dim": True}, "dim must be a positive int"),
+                                           ({"ffn_hidden": 2.5}, "ffn_hidden must be a positive int")])
+def test_hidden_sizes_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("ninformer_tiny", **kwargs)
+    with pytest.raises(ValueError, match="mlp_ratio must be a positive number"):
+        create_model("vit_tiny", mlp_ratio=-1)
+
+
 def test_model_config_is_the_dataclass():
     cfg = model_config("vit_tiny_rela", depth=2)
     assert cfg.attention == "rela" and cfg.depth == 2 and cfg.num_tokens == 49
@@ -91,21 +109,47 @@ def test_token_mixing_dropout_runs_the_composition_in_training():
     assert torch.equal(block(u), block(u))
 
 
-def test_ninblock_gate_is_lin_times_mixer():
+def test_ninblock_follows_the_design_formula():
+    """x + Lin(z) * Mixer(z), z = LN(x), with Mixer written out from DESIGN.md §3."""
     torch.manual_seed(2)
-    blk = NiNBlock(num_tokens=5, dim=8, tokens_hidden=6, channels_hidden=10)
-    x = torch.randn(2, 5, 8)
+    blk = NiNBlock(num_tokens=5, dim=8, tokens_hidden=6, channels_hidden=10).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    gelu = torch.nn.functional.gelu
+    tok, ch = blk.mixer.tokens, blk.mixer.channels
     z = blk.norm1(x)
-    mid = x + blk.lin(z) * blk.mixer(z)
+    u1 = z + (tok.fc2.weight @ gelu(tok.fc1.weight @ tok.norm(z) + tok.fc1.bias[:, None]) + tok.fc2.bias[:, None])
+    u2 = u1 + ch.fc2(gelu(ch.fc1(blk.mixer.norm(u1))))
+    mid = x + blk.lin(z) * u2
     ref = mid + blk.ffn(blk.norm2(mid))
-    assert_close("nin", ref, blk(x), 1e-6)
+    assert_close("nin", ref, blk(x), 1e-12)
 
 
-def test_mixer_block_under_bf16_autocast():
-    blk = MixerBlock(num_tokens=7, dim=16, tokens_hidden=8, channels_hidden=32)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_mixer_block_under_bf16_autocast(backend):
+    torch.manual_seed(3)
+    blk = MixerBlock(num_tokens=7, dim=16, tokens_hidden=8, channels_hidden=32, backend=backend)
+    u = torch.randn(2, 7, 16, requires_grad=True)
+    ref = blk(u)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = blk(torch.randn(2, 7, 16))
-    assert torch.isfinite(y.float()).all()
+        y = blk(u)
+    assert y.dtype == torch.float32  # the skip connection keeps the input's precision
+    assert_close("autocast", ref, y, 2e-2)
+    y.sum().backward()
+    assert torch.isfinite(u.grad).all() and blk.tokens.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("attn", [SoftmaxAttention, ReLAAttention])
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_fused_self_attention_equals_the_separate_projections(attn, kv_heads):
+    torch.manual_seed(4)
+    m = attn(32, 4, kv_heads=kv_heads, bias=True).double()
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    fused = m(x)
+    assert_close("fused", m(x, context=x), fused, 1e-12)
+    calls = []
+    m.q.register_forward_hook(lambda *a: calls.append("q"))
+    assert_close("hooked", fused, m(x), 1e-12)  # a hook turns fusion off, so it fires
+    assert calls == ["q"]
 
 
 def test_token_mixing_block_rejects_wrong_token_count():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gatezoo.kernels import rela_attention
 
@@ -84,7 +85,7 @@ class _Attention(nn.Module):
             elif cache.cross != (context is not None):
                 kind = "cross-attention (context given)" if cache.cross else "self-attention (no context)"
                 raise ValueError(f"this KVCache was filled by {kind}; use one cache per attention layer and kind")
-        if context is None:  # self-attention: q, k and v from one matmul over the joined weights
+        if context is None and self._fusable():  # self-attention: q, k, v from one matmul over joined weights
             qkv = F.linear(x, torch.cat([self.q.weight, self.kv.weight]),
                            None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias]))
             q, kv = qkv.split([self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim], dim=-1)
@@ -95,14 +96,23 @@ class _Attention(nn.Module):
                 k, v = cache.append(k, v)
             return self._finish(q, k, v, key_padding_mask, causal, b, t)
         q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        if cache is not None and len(cache):
+        if context is not None and cache is not None and len(cache):
             k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
         else:
-            kv = self.kv(context).view(b, context.shape[1], 2, self.kv_heads, self.head_dim)
+            src = x if context is None else context
+            kv = self.kv(src).view(b, src.shape[1], 2, self.kv_heads, self.head_dim)
             k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
             if cache is not None:
                 k, v = cache.append(k, v)
         return self._finish(q, k, v, key_padding_mask, causal, b, t)
+
+    def _fusable(self) -> bool:
+        """True when ``q`` and ``kv`` are plain ``nn.Linear`` layers with no hooks or
+        parametrizations, so one matmul over their joined weights stands in for both calls."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        return all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
+                   and not parametrize.is_parametrized(m) for m in (self.q, self.kv))
 
     def _finish(self, q, k, v, key_padding_mask, causal, b, t):
         o = self._attend(q, k, v, key_padding_mask, causal)

@@ -15,13 +15,6 @@ from gatezoo.kernels import token_mixing
 from .feedforward import Mlp
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls would run in here: the autocast dtype when autocast is on, else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class TokenMixing(nn.Module):
     """``u + MLP_tok(LN(u))``: LayerNorm over channels, then a GELU MLP along the tokens
     (``num_tokens -> hidden -> num_tokens``), then the residual, in one fused op.
@@ -55,11 +48,13 @@ class TokenMixing(nn.Module):
             h = self.drop(nn.functional.gelu(self.fc1(z.transpose(1, 2))))
             y = u + self.fc2(h).transpose(1, 2)
             return y if gate is None else y * gate
-        dt = _autocast_dtype(u)
-        with torch.autocast(u.device.type, enabled=False):
-            cast = lambda t: None if t is None else t.to(dt)
-            return token_mixing(cast(z), cast(self.fc1.weight), cast(self.fc1.bias), cast(self.fc2.weight),
-                                cast(self.fc2.bias), residual=cast(u), gate=cast(gate), backend=self.backend)
+        if torch.is_autocast_enabled(u.device.type):
+            # the op runs in the autocast dtype; the skip connection keeps u's own precision
+            y = u + token_mixing(z, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                                 backend=self.backend)
+            return y if gate is None else y * gate
+        return token_mixing(z, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual=u,
+                            gate=gate, backend=self.backend)
 
 
 class MixerBlock(nn.Module):
@@ -79,6 +74,7 @@ class MixerBlock(nn.Module):
         self.channels = Mlp(dim, channels_hidden, drop=drop)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u: (B, N, dim) -> (B, N, dim)."""
         u = self.tokens(u)
         return u + self.channels(self.norm(u))
 
@@ -113,6 +109,7 @@ class NiNBlock(nn.Module):
         self.ffn = ffn if ffn is not None else Mlp(dim, ffn_hidden or 4 * dim, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim)."""
         z = self.norm1(x)
         x = torch.addcmul(x, self.lin(z), self.mixer(z))  # x + Lin(z) * Mixer(z), one pass
         return x + self.ffn(self.norm2(x))

@@ -58,11 +58,22 @@ def token_mixing(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
         backend: ``"auto" | "torch" | "triton"``.
 
     GELU is the exact (erf) form of ``nn.GELU()``. Every tensor must share x's dtype and
-    device. The Triton kernels hold the whole token axis in one tile (N up to 128 in
-    float16/bfloat16, 64 in float32; longer inputs take the torch path) and multiply float32
-    as TF32 on the tensor cores; the torch path is exact float32 and saves one (B, Hd, C)
-    activation fewer than autograd of the composition would.
+    device; under autocast all are cast to the autocast dtype first, as a matmul would be.
+    Both paths accumulate in float32 (float64 for float64 inputs) and return x's dtype. The
+    Triton kernels hold the whole token axis in one tile (N up to 128 in float16/bfloat16, 64
+    in float32; longer inputs take the torch path); they multiply float32 as TF32 unless
+    ``torch.get_float32_matmul_precision()`` is ``"highest"`` (PyTorch's default). The torch
+    path saves x and the pre-activation (one hidden-sized tensor where autograd of the
+    composition keeps two).
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # as a matmul would: run in the autocast dtype (the kernels still accumulate in float32)
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, b1, w2, b2, residual, gate = (
+            t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (x, w1, b1, w2, b2, residual, gate))
+        with torch.autocast(x.device.type, enabled=False):
+            return token_mixing(x, w1, b1, w2, b2, residual=residual, gate=gate, backend=backend)
     _check(x, w1, b1, w2, b2, residual, gate)
     chosen = resolve_backend(backend, x)
     if x.numel() == 0 or torch.compiler.is_compiling():

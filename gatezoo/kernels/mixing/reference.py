@@ -87,35 +87,38 @@ class TokenMixingFunction(torch.autograd.Function):
         x, w1, b1, w2, b2, residual, gate, a, pre = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             return _composed_grads(ctx, dy)
-        cdt = a.dtype
-        dy = dy.to(cdt)
-        dgate = None
-        if gate is not None:
-            dgate = (dy * pre).to(gate.dtype) if ctx.needs_input_grad[6] else None
-            dy = dy * gate
-        has_b1, has_b2, has_res = ctx.has
-        w1c, w2c = w1.to(cdt), w2.to(cdt)
-        h = F.gelu(a)
-        dw2 = torch.bmm(dy, h.transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
-        db2 = _bias_grad(dy).to(b2.dtype) if has_b2 else None
-        da = torch.matmul(w2c.t(), dy)
-        da *= gelu_grad(a)
-        dw1 = torch.bmm(da, x.to(cdt).transpose(1, 2)).sum(0).to(w1.dtype)  # sum_b dA x^T
-        db1 = _bias_grad(da).to(b1.dtype) if has_b1 else None
-        dx = torch.matmul(w1c.t(), da).to(x.dtype)
-        dres = dy.to(x.dtype) if has_res else None
-        return dx, dw1, db1, dw2, db2, dres, dgate
+        with torch.autocast(dy.device.type, enabled=False):
+            return _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre)
+
+
+def _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre):
+    cdt = _compute_dtype(x.dtype)
+    dy = dy.to(cdt)
+    dgate = None
+    if gate is not None:
+        dgate = (dy * pre).to(gate.dtype) if ctx.needs_input_grad[6] else None
+        dy = dy * gate
+    has_b1, has_b2, has_res = ctx.has
+    w1c, w2c = w1.to(cdt), w2.to(cdt)
+    h = F.gelu(a)
+    dw2 = torch.bmm(dy, h.transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
+    db2 = _bias_grad(dy).to(b2.dtype) if has_b2 else None
+    da = torch.matmul(w2c.t(), dy)
+    da *= gelu_grad(a)
+    dw1 = torch.bmm(da, x.to(cdt).transpose(1, 2)).sum(0).to(w1.dtype)  # sum_b dA x^T
+    db1 = _bias_grad(da).to(b1.dtype) if has_b1 else None
+    dx = torch.matmul(w1c.t(), da).to(x.dtype)
+    dres = dy.to(x.dtype) if has_res else None
+    return dx, dw1, db1, dw2, db2, dres, dgate
 
 
 def _composed_grads(ctx, dy):
     x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors[:7]
     if ctx.has[2] and residual is None:  # not saved (no gate): it enters linearly, any value will do
-        residual = torch.zeros_like(x)
+        residual = torch.zeros_like(x, requires_grad=ctx.needs_input_grad[5])
     inputs = (x, w1, b1, w2, b2, residual, gate)
     wrt = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        if residual is not None and not residual.requires_grad:
-            residual.requires_grad_(ctx.needs_input_grad[5])
+    with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
         y = token_mixing_composed(*inputs)
         grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
     out = [None] * 7

@@ -76,8 +76,8 @@ def _token_mixing_fwd_kernel(
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr,
     F32: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)
+    pid_c = tl.program_id(1)
     offs_n = tl.arange(0, BLOCK_N)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     x = _tile(X + b.to(tl.int64) * sxb, offs_n, offs_c, sxn, sxc, N, C, F32)
@@ -177,8 +177,12 @@ def max_tokens(dtype: torch.dtype) -> int:
 
 
 def _flags(x: torch.Tensor) -> dict:
+    # The interpreter has no bfloat16 arithmetic, so it multiplies in float32 (F32), and exactly
+    # (IEEE). On a GPU float32 inputs use TF32 tensor cores unless PyTorch's float32 matmul
+    # precision is "highest" (its default), as for PyTorch's own matmuls.
     interp = interpret_mode()
-    return dict(F32=x.dtype == torch.float32 or interp, IEEE=interp)
+    exact = torch.get_float32_matmul_precision() == "highest"
+    return dict(F32=x.dtype == torch.float32 or interp, IEEE=interp or (x.dtype == torch.float32 and exact))
 
 
 def _opt(t, like):
@@ -187,12 +191,14 @@ def _opt(t, like):
 
 
 def token_mixing_forward(x, w1, b1, w2, b2, residual, gate):
+    """Launch the forward kernel; returns y (B, N, C) in x's dtype."""
     bsz, n, c = x.shape
     hd = w1.shape[0]
     y = torch.empty((bsz, n, c), dtype=x.dtype, device=x.device)
-    bn, bh, bc, warps = _blocks(n, hd, c, x.dtype == torch.float32)
+    bn, bh, bc, warps = _blocks(n, hd, x.dtype == torch.float32, "fwd")
     with on_device(x):
-        _token_mixing_fwd_kernel[(triton.cdiv(c, bc), bsz)](
+        # batch on grid axis 0 (up to 2^31 - 1 programs; axis 1 allows 65535)
+        _token_mixing_fwd_kernel[(bsz, triton.cdiv(c, bc))](
             x, w1, x if b1 is None else b1, w2, x if b2 is None else b2,
             _opt(residual, x)[0], _opt(gate, x)[0], y,
             *x.stride(), *_opt(residual, x)[1:], *_opt(gate, x)[1:], *y.stride(),
@@ -212,6 +218,8 @@ def _split(bsz: int, c_blocks: int, device) -> int:
 
 
 def token_mixing_backward(x, w1, b1, w2, b2, residual, gate, dy):
+    """Launch the backward kernel and reduce its partials; returns (dx, dw1, db1, dw2, db2,
+    dresidual, dgate), None where the operand is absent (dresidual also when ungated)."""
     bsz, n, c = x.shape
     hd = w1.shape[0]
     bn, bh, bc, warps = _blocks(n, hd, x.dtype == torch.float32, "bwd")
