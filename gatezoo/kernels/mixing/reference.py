@@ -18,13 +18,8 @@ For x of shape (B, N, C) (N tokens, C channels), per batch element, with no tran
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def token_mixing_composed(x, w1, b1, w2, b2, residual=None, gate=None):
@@ -42,13 +37,15 @@ def token_mixing_composed(x, w1, b1, w2, b2, residual=None, gate=None):
     return y
 
 
-def gelu_grad(a: torch.Tensor) -> torch.Tensor:
-    """d GELU(a) / da = Phi(a) + a phi(a)."""
-    return 0.5 * (1.0 + torch.erf(a * _SQRT1_2)) + a * torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-
-
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _bmm_bias(w, x, bias, cdt):
+    """w @ x (+ bias[:, None]) for batched w (B, R, K) and x (B, K, C)."""
+    if bias is None:
+        return torch.bmm(w, x)
+    return torch.baddbmm(bias.to(cdt)[:, None], w, x)
 
 
 def _bias_grad(t: torch.Tensor) -> torch.Tensor:
@@ -64,15 +61,19 @@ class TokenMixingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, residual, gate):
         cdt = _compute_dtype(x.dtype)
+        bsz = x.shape[0]
         xc, w1c, w2c = x.to(cdt), w1.to(cdt), w2.to(cdt)
-        a = torch.matmul(w1c, xc)
-        if b1 is not None:
-            a += b1.to(cdt)[:, None]
-        y = torch.matmul(w2c, F.gelu(a))
-        if b2 is not None:
-            y += b2.to(cdt)[:, None]
+        # batched products with the weight broadcast over the batch (a stride-0 expand): no
+        # transposed copy of x, and the biases and the residual ride in the GEMMs' C operand
+        a = _bmm_bias(w1c.expand(bsz, *w1c.shape), xc, b1, cdt)
+        h = F.gelu(a)
         if residual is not None:
-            y += residual
+            y = torch.baddbmm(residual.to(cdt), w2c.expand(bsz, *w2c.shape), h)
+            if b2 is not None:
+                y += b2.to(cdt)[:, None]
+        else:
+            y = _bmm_bias(w2c.expand(bsz, *w2c.shape), h, b2, cdt)
+        del h
         pre = None
         if gate is not None:
             pre = y
@@ -99,15 +100,15 @@ def _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre):
         dgate = (dy * pre).to(gate.dtype) if ctx.needs_input_grad[6] else None
         dy = dy * gate
     has_b1, has_b2, has_res = ctx.has
-    w1c, w2c = w1.to(cdt), w2.to(cdt)
-    h = F.gelu(a)
-    dw2 = torch.bmm(dy, h.transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
+    bsz = x.shape[0]
+    w1t, w2t = w1.to(cdt).t(), w2.to(cdt).t()
+    dw2 = torch.bmm(dy, F.gelu(a).transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
     db2 = _bias_grad(dy).to(b2.dtype) if has_b2 else None
-    da = torch.matmul(w2c.t(), dy)
-    da *= gelu_grad(a)
+    # dA = GELU'(A) * (W2^T dY), with ATen's one-pass GELU backward
+    da = torch.ops.aten.gelu_backward(torch.bmm(w2t.expand(bsz, *w2t.shape), dy), a)
     dw1 = torch.bmm(da, x.to(cdt).transpose(1, 2)).sum(0).to(w1.dtype)  # sum_b dA x^T
     db1 = _bias_grad(da).to(b1.dtype) if has_b1 else None
-    dx = torch.matmul(w1c.t(), da).to(x.dtype)
+    dx = torch.bmm(w1t.expand(bsz, *w1t.shape), da).to(x.dtype)
     dres = dy.to(x.dtype) if has_res else None
     return dx, dw1, db1, dw2, db2, dres, dgate
 
