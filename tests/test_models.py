@@ -155,3 +155,34 @@ def test_fused_self_attention_equals_the_separate_projections(attn, kv_heads):
 def test_token_mixing_block_rejects_wrong_token_count():
     with pytest.raises(ValueError, match=r"input must have shape \(batch, 9 tokens, dim\)"):
         TokenMixing(9, 12, 20)(torch.randn(2, 8, 12))
+
+
+def test_vit_tiny_computes_what_timm_vit_computes():
+    """Loaded with a timm VisionTransformer's weights, vit_tiny gives timm's logits: the two
+    differ only in their random initial draws."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(5)
+    ref = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=2,
+                                     num_heads=4, mlp_ratio=4.0).eval()
+    ours = create_model("vit_tiny", depth=2).eval()
+    sd = ref.state_dict()
+    mapped = {"cls_token": sd["cls_token"], "pos_embed": sd["pos_embed"],
+              "patch_embed.proj.weight": sd["patch_embed.proj.weight"],
+              "patch_embed.proj.bias": sd["patch_embed.proj.bias"],
+              "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
+              "head.weight": sd["head.weight"], "head.bias": sd["head.bias"]}
+    for i in range(2):
+        t, o = f"blocks.{i}.", f"blocks.{i}."
+        for name in ("norm1", "norm2"):
+            for p in ("weight", "bias"):
+                mapped[o + f"{name}.{p}"] = sd[t + f"{name}.{p}"]
+        for p in ("weight", "bias"):
+            qkv = sd[t + f"attn.qkv.{p}"]
+            mapped[o + f"attn.q.{p}"], mapped[o + f"attn.kv.{p}"] = qkv[:128], qkv[128:]
+            mapped[o + f"attn.proj.{p}"] = sd[t + f"attn.proj.{p}"]
+            mapped[o + f"ffn.fc1.{p}"] = sd[t + f"mlp.fc1.{p}"]
+            mapped[o + f"ffn.fc2.{p}"] = sd[t + f"mlp.fc2.{p}"]
+    assert set(mapped) == set(ours.state_dict())
+    ours.load_state_dict(mapped)
+    images = torch.randn(4, 1, 28, 28)
+    assert_close("logits", ref(images), ours(images), 1e-5)

@@ -65,6 +65,7 @@ class ViTConfig(ImageConfig):
     attention: str = "softmax"
     ffn: str = "mlp-gelu"
     qkv_bias: bool = True  # biases on the q/k/v and output projections
+    norm_eps: float = 1e-6  # LayerNorm eps, as in the original ViT and timm
 
     def validate(self) -> None:
         super().validate()
@@ -136,9 +137,9 @@ class ViTBlock(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         attn = SoftmaxAttention if cfg.attention == "softmax" else ReLAAttention
-        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = attn(cfg.dim, cfg.heads, dropout=cfg.drop, bias=cfg.qkv_bias)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = _feedforward(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,7 @@ class VisionTransformer(_ImageModel):
     def __init__(self, cfg: ViTConfig | None = None, **overrides):
         cfg = _config(ViTConfig, cfg, overrides)
         super().__init__(cfg)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, cfg.dim))
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
