@@ -134,6 +134,19 @@ def modes(fn, args, grad) -> dict:
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
 
 
+def _add_impl(calls: dict, saved: dict, impl: str, fn, args, grad, name: str) -> None:
+    """Measure ``fn``'s saved bytes (its first call, where torch.compile builds) and add its two
+    timed calls; a torch.compile peer that cannot build (no C++ toolchain) is skipped."""
+    try:
+        saved[impl] = saved_bytes(fn, args)
+    except Exception as exc:
+        if impl != "compile":
+            raise
+        tqdm.write(f"torch.compile peer skipped for {name}: {type(exc).__name__}: {str(exc)[:200]}")
+        return
+    calls[impl] = modes(fn, args, grad)
+
+
 def variants(op: str, kinds):
     """(variant name, kind, uses alpha) for the kinds asked for."""
     for kind in kinds:
@@ -193,17 +206,7 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
         results, calls, saved = {}, {}, {}
         for impl, fn in make_impls(op, kind, device, use_compile).items():
             leaf = [t.detach().clone().requires_grad_() for t in base]
-            args = leaf + ([alpha] if with_alpha else [])
-
-            try:
-                saved[impl] = saved_bytes(fn, args)  # the first call: torch.compile builds here
-            except Exception as exc:
-                if impl != "compile":
-                    raise
-                # a machine without a C++ toolchain cannot build inductor kernels
-                tqdm.write(f"torch.compile peer skipped for {name}: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            calls[impl] = modes(fn, args, dy)
+            _add_impl(calls, saved, impl, fn, leaf + ([alpha] if with_alpha else []), dy, name)
         for mode in ("fwd", "fwd+bwd"):
             timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, reps)
             for impl, (med, p20, p80) in timed.items():
@@ -303,15 +306,7 @@ def bench_mixing(dtype, device, reps: int, use_compile: bool = True, progress: b
         flops = {"fwd": 4 * b * n * hd * c, "fwd+bwd": 12 * b * n * hd * c}
         calls, saved = {}, {}
         for impl, fn in mixing_impls(device, use_compile).items():
-            leaf = [t.detach().clone().requires_grad_() for t in base]
-            try:
-                saved[impl] = saved_bytes(fn, leaf)
-            except Exception as exc:
-                if impl != "compile":
-                    raise
-                tqdm.write(f"torch.compile peer skipped: {type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            calls[impl] = modes(fn, leaf, dy)
+            _add_impl(calls, saved, impl, fn, [t.detach().clone().requires_grad_() for t in base], dy, name)
         for mode in ("fwd", "fwd+bwd"):
             timed = time_interleaved({impl: cl[mode] for impl, cl in calls.items()}, device, reps)
             ref = timed["eager"][0]
