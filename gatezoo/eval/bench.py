@@ -487,18 +487,14 @@ def main(argv=None) -> int:
             continue
         if op == "token_mixing":
             rows = bench_mixing(dtype, device, args.reps, not args.no_compile)
-            stem = os.path.join(args.out, f"token_mixing-{device.type}")
-            write_csv(rows, stem + ".csv")
-            plot(rows, stem + ".png")
-            print(f"\ntoken_mixing on {rows[0].device}, {rows[0].dtype} (GFLOP/s in the CSV)")
-            print(format_rows(rows))
-            print(f"wrote {stem}.csv and {stem}.png")
-            continue
-        rows = bench_op(op, kinds, args.size, dtype, device, args.reps, not args.no_compile)
+            shape = "(GFLOP/s in the CSV)"
+        else:
+            rows = bench_op(op, kinds, args.size, dtype, device, args.reps, not args.no_compile)
+            shape = rows[0].shape
         stem = os.path.join(args.out, f"{op}-{device.type}")
         write_csv(rows, stem + ".csv")
         plot(rows, stem + ".png")
-        print(f"\n{op} on {rows[0].device}, {rows[0].shape} {rows[0].dtype}")
+        print(f"\n{op} on {rows[0].device}, {shape} {rows[0].dtype}")
         print(format_rows(rows))
         print(f"wrote {stem}.csv and {stem}.png")
     return 0
