@@ -5,7 +5,7 @@ import torch
 from closeness import TOL, assert_close
 
 from gatezoo.blocks import MixerBlock, NiNBlock, ReLAAttention, SoftmaxAttention, TokenMixing
-from gatezoo.models import FFNS, create_model, list_models, model_config
+from gatezoo.models import FFNS, create_model, list_models, model_config, vit_state_dict_from_timm
 
 PRESETS = ["mixer_tiny", "ninformer_tiny", "vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu"]
 
@@ -165,24 +165,22 @@ def test_vit_tiny_computes_what_timm_vit_computes():
     ref = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=2,
                                      num_heads=4, mlp_ratio=4.0).eval()
     ours = create_model("vit_tiny", depth=2).eval()
-    sd = ref.state_dict()
-    mapped = {"cls_token": sd["cls_token"], "pos_embed": sd["pos_embed"],
-              "patch_embed.proj.weight": sd["patch_embed.proj.weight"],
-              "patch_embed.proj.bias": sd["patch_embed.proj.bias"],
-              "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"],
-              "head.weight": sd["head.weight"], "head.bias": sd["head.bias"]}
-    for i in range(2):
-        t, o = f"blocks.{i}.", f"blocks.{i}."
-        for name in ("norm1", "norm2"):
-            for p in ("weight", "bias"):
-                mapped[o + f"{name}.{p}"] = sd[t + f"{name}.{p}"]
-        for p in ("weight", "bias"):
-            qkv = sd[t + f"attn.qkv.{p}"]
-            mapped[o + f"attn.q.{p}"], mapped[o + f"attn.kv.{p}"] = qkv[:128], qkv[128:]
-            mapped[o + f"attn.proj.{p}"] = sd[t + f"attn.proj.{p}"]
-            mapped[o + f"ffn.fc1.{p}"] = sd[t + f"mlp.fc1.{p}"]
-            mapped[o + f"ffn.fc2.{p}"] = sd[t + f"mlp.fc2.{p}"]
+    mapped = vit_state_dict_from_timm(ref.state_dict())
     assert set(mapped) == set(ours.state_dict())
     ours.load_state_dict(mapped)
     images = torch.randn(4, 1, 28, 28)
     assert_close("logits", ref(images), ours(images), 1e-5)
+
+
+def test_vit_state_dict_from_timm_errors():
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    sd = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=1,
+                                    num_heads=2).state_dict()
+    with pytest.raises(ValueError, match=r"missing \['cls_token'\]"):
+        vit_state_dict_from_timm({k: v for k, v in sd.items() if k != "cls_token"})
+    with pytest.raises(ValueError, match="'blocks.0.ls1.gamma' has no counterpart"):
+        vit_state_dict_from_timm({**sd, "blocks.0.ls1.gamma": torch.ones(32)})
+    with pytest.raises(ValueError, match="3\\*dim rows"):
+        vit_state_dict_from_timm({**sd, "blocks.0.attn.qkv.bias": torch.ones(95)})
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        vit_state_dict_from_timm([1, 2])

@@ -324,6 +324,38 @@ def test_sidebyside(tmp_path, tiny_npz, capsys):
             assert a[key] == b[key], key
 
 
+def test_sidebyside_same_init(tmp_path, tiny_npz, capsys):
+    """Started from timm's initial weights and fed the same batches, vit_tiny follows timm's run."""
+    pytest.importorskip("timm")
+    out = tmp_path / "bench"
+    argv = ["--models", "timm_vit_tiny", "vit_tiny", "--data", str(tiny_npz), "--epochs", "2", "--batch-size", "16",
+            "--lr", "3e-3", "--model-args", "{dim: 32, depth: 1}", "--out", str(out), "--no-progress", "--same-init"]
+    assert sidebyside.main(argv) == 0
+    rows = _rows(out / "tiny-sidebyside.csv")
+    for epoch in ("1", "2"):
+        ref, ours = (next(r for r in rows if r["model"] == m and r["epoch"] == epoch)
+                     for m in ("timm_vit_tiny", "vit_tiny"))
+        for key in ("train_loss", "test_loss"):
+            assert float(ours[key]) == pytest.approx(float(ref[key]), rel=1e-4), (epoch, key)
+        assert ours["test_acc"] == ref["test_acc"]
+    # without --same-init the draws differ, and so do the first-epoch losses
+    assert sidebyside.main(argv[:-1]) == 0
+    rows = _rows(out / "tiny-sidebyside.csv")
+    assert rows[0]["train_loss"] != rows[1]["train_loss"]
+
+    base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--no-progress", "--model-args", "{dim: 32, depth: 1}",
+            "--same-init"]
+    capsys.readouterr()
+    assert sidebyside.main(["--models", "vit_tiny", *base]) == 2
+    assert "needs the peer timm_vit_tiny" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "timm_vit_tiny", *base]) == 2
+    assert "at least one gatezoo ViT" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "timm_vit_tiny", "vit_tiny_rela", *base]) == 2
+    assert "vit_tiny_rela cannot start from timm_vit_tiny's weights" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "timm_vit_tiny", "mixer_tiny", *base]) == 2
+    assert "mixer_tiny cannot start" in capsys.readouterr().err
+
+
 def test_sidebyside_errors(tmp_path, tiny_npz, capsys):
     base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--no-progress"]
     assert sidebyside.main(["--models", "vit_tiny", "vit_tiny", *base]) == 2

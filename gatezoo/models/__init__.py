@@ -6,6 +6,7 @@ classifiers, configured by dataclasses and created by name from a registry.
 >>> logits = model(images)                         # (B, 10)
 """
 
+from .convert import vit_state_dict_from_timm
 from .registry import create_model, list_models, model_config
 from .vision import (
     ATTENTIONS,
@@ -24,4 +25,5 @@ from .vision import (
 __all__ = [
     "ATTENTIONS", "FFNS", "ImageConfig", "MLPMixer", "MixerConfig", "NiNformer", "NiNformerConfig", "PatchEmbed",
     "ViTBlock", "ViTConfig", "VisionTransformer", "create_model", "list_models", "model_config",
+    "vit_state_dict_from_timm",
 ]

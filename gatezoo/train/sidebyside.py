@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..models import VisionTransformer, vit_state_dict_from_timm
 from .config import KEYS, ConfigError, check, parse_value
 from .data import Batches, DataFormatError, DataNotFoundError, load_dataset
 from .engine import (
@@ -85,12 +86,15 @@ def run_sidebyside(
     max_steps: int | None = None,
     out: str | Path = "benchmarks",
     progress: bool = True,
+    same_init: bool = False,
 ) -> list[dict]:
     """Train ``models`` in turns on identical batches; write the CSV and PNG; return the CSV rows.
 
     ``model_args`` (e.g. ``{"dim": 64, "depth": 2}``) are passed to every model; ``in_chans``,
     ``img_size`` and ``num_classes`` come from the data set. ``max_steps`` stops every model after
-    that many steps (smoke tests); the schedule still spans ``epochs``.
+    that many steps (smoke tests); the schedule still spans ``epochs``. ``same_init`` starts every
+    gatezoo softmax / mlp-gelu ViT in the run from the initial weights of the ``timm_vit_tiny``
+    peer (which must be in ``models``), so that only the implementations differ, not the draws.
     """
     if not models:
         raise ConfigError("models: name at least one model")
@@ -122,6 +126,8 @@ def run_sidebyside(
         optimizer = build_optimizer(model, hyper["lr"], hyper["weight_decay"])
         contenders.append(Contender(name, model, optimizer, build_scheduler(optimizer, warmup_steps, total_steps),
                                     count_params(model)))
+    if same_init:
+        share_timm_init(contenders)
     log = tqdm.write if progress else print
     log(dataset.summary())
     log(", ".join(f"{c.name}: {c.params:,} params" for c in contenders) + f"; {steps_per_epoch} steps/epoch on {dev}")
@@ -178,6 +184,26 @@ def run_sidebyside(
     print(markdown_table(summary))
     print(f"\nwrote {csv_path} and {png_path}")
     return rows
+
+
+def share_timm_init(contenders: list[Contender]) -> None:
+    """Load the ``timm_vit_tiny`` contender's weights into every gatezoo ViT contender."""
+    peer = next((c for c in contenders if c.name == "timm_vit_tiny"), None)
+    if peer is None:
+        raise ConfigError("same_init: needs the peer timm_vit_tiny among the models")
+    state = vit_state_dict_from_timm(peer.model.state_dict())
+    others = [c for c in contenders if c is not peer]
+    if not others:
+        raise ConfigError("same_init: name at least one gatezoo ViT beside timm_vit_tiny")
+    for c in others:
+        try:
+            if not isinstance(c.model, VisionTransformer):
+                raise ValueError("not a VisionTransformer")
+            c.model.load_state_dict(state)
+        except (ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"same_init: {c.name} cannot start from timm_vit_tiny's weights (it must be a "
+                              f"softmax / mlp-gelu ViT of the same shape): {first}") from e
 
 
 def last_row(rows: list[dict], model: str) -> dict:
@@ -259,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="benchmarks", help="output directory (default: benchmarks)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--same-init", action="store_true",
+                   help="start the gatezoo ViTs from timm_vit_tiny's initial weights (needs timm_vit_tiny in --models)")
     return p
 
 
@@ -277,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             a.models, data=a.data, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
             warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing, model_args=model_args,
             augment=a.augment, bf16=a.bf16, seed=a.seed, device=a.device, eval_batch_size=a.eval_batch_size,
-            max_steps=a.max_steps, out=a.out, progress=not a.no_progress,
+            max_steps=a.max_steps, out=a.out, progress=not a.no_progress, same_init=a.same_init,
         )
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
