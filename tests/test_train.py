@@ -4,6 +4,7 @@ evaluate, side-by-side, the timm peers and the shared optimizer/schedule pieces.
 import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -322,6 +323,38 @@ def test_sidebyside(tmp_path, tiny_npz, capsys):
     for a, b in zip(alone, mine):
         for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
             assert a[key] == b[key], key
+
+
+def test_sidebyside_seeds(tmp_path, tiny_npz, capsys):
+    """--seeds repeats the run per seed into one CSV; each seed's rows are that seed's single run."""
+    out = tmp_path / "bench"
+    base = ["--models", "vit_tiny", "mixer_tiny", "--data", str(tiny_npz), "--epochs", "1", "--batch-size", "16",
+            "--model-args", "{dim: 32, depth: 1}", "--out", str(out), "--no-progress"]
+    assert sidebyside.main([*base, "--seeds", "3", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "test acc, mean ± sd over 2 seeds | per seed (3, 5)" in printed
+    rows = _rows(out / "tiny-sidebyside.csv")
+    assert [(r["seed"], r["model"]) for r in rows] == [("3", "vit_tiny"), ("3", "mixer_tiny"), ("5", "vit_tiny"),
+                                                       ("5", "mixer_tiny")]
+    assert rows[0]["train_loss"] != rows[2]["train_loss"]  # another seed, other draws and batches
+    line = next(x for x in printed.splitlines() if x.startswith("| vit_tiny |"))
+    accs = [float(r["test_acc"]) for r in rows if r["model"] == "vit_tiny"]
+    mean, sd = statistics.mean(accs), statistics.stdev(accs)
+    assert f"| {mean:.4f} ± {sd:.4f} | {accs[0]:.4f} / {accs[1]:.4f} |" in line
+    assert sidebyside.main([*base, "--seed", "5"]) == 0
+    single = _rows(out / "tiny-sidebyside.csv")
+    for a, b in zip(single, rows[2:]):
+        for key in ("model", "seed", "train_loss", "test_loss", "test_acc"):
+            assert a[key] == b[key], key
+
+    capsys.readouterr()
+    assert sidebyside.main([*base, "--seeds", "1", "1"]) == 2
+    assert "each once" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="seed"):
+        sidebyside.run_sidebyside(["vit_tiny"], data=str(tiny_npz), seed=[0, "x"], out=tmp_path)
+    with pytest.raises(SystemExit):
+        sidebyside.main([*base, "--seed", "1", "--seeds", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_sidebyside_same_init(tmp_path, tiny_npz, capsys):

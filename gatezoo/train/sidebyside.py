@@ -11,19 +11,25 @@ is initialised from the same seed and trained with the optimizer, schedule and l
 :mod:`gatezoo.train.classify` (shared through :mod:`gatezoo.train.engine`), and evaluated on the
 test split after every epoch.
 
-Writes ``<out>/<data set>-sidebyside.csv`` (one row per model and epoch: model, params, epoch,
-step, train_loss, train_acc, test_loss, test_acc, train_img_per_s, train_seconds, lr, batch_size,
-device), ``<out>/<data set>-sidebyside.png`` (test accuracy against epoch) and prints a markdown
-table (model | params | test acc | train img/s) at the end. Model names are gatezoo registry names
-or the timm peers of :mod:`gatezoo.train.peers`.
+``--seeds 0 1 2 3`` repeats the whole run once per seed (initial weights and batch order both
+change with the seed) and summarises the final test accuracy as mean and standard deviation over
+the seeds, which tells a real difference between two models from initialisation noise.
+
+Writes ``<out>/<data set>-sidebyside.csv`` (one row per seed, model and epoch: model, seed,
+params, epoch, step, train_loss, train_acc, test_loss, test_acc, train_img_per_s, train_seconds,
+lr, batch_size, device), ``<out>/<data set>-sidebyside.png`` (test accuracy against epoch, the mean
+over seeds) and prints a markdown table (model | params | test acc | train img/s) at the end. Model
+names are gatezoo registry names or the timm peers of :mod:`gatezoo.train.peers`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +54,8 @@ from .engine import (
     train_step,
 )
 
-COLUMNS = ("model", "params", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "train_img_per_s",
-           "train_seconds", "lr", "batch_size", "device")
+COLUMNS = ("model", "seed", "params", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
+           "train_img_per_s", "train_seconds", "lr", "batch_size", "device")
 
 
 @dataclass
@@ -80,7 +86,7 @@ def run_sidebyside(
     model_args: dict | None = None,
     augment: bool = False,
     bf16: bool = False,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     device: str = "auto",
     eval_batch_size: int = 512,
     max_steps: int | None = None,
@@ -95,24 +101,53 @@ def run_sidebyside(
     that many steps (smoke tests); the schedule still spans ``epochs``. ``same_init`` starts every
     gatezoo softmax / mlp-gelu ViT in the run from the initial weights of the ``timm_vit_tiny``
     peer (which must be in ``models``), so that only the implementations differ, not the draws.
+    ``seed`` may be a list of seeds: the whole run is repeated for each, in order, into one CSV.
     """
     if not models:
         raise ConfigError("models: name at least one model")
     if len(set(models)) != len(models):
         raise ConfigError(f"models: each name once, got {models}")
     hyper = dict(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
-                 weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed,
+                 weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
                  max_steps=max_steps)
     hyper = {k: check(k, v) for k, v in hyper.items()}
-    epochs, batch_size, eval_batch_size, max_steps = (hyper[k] for k in ("epochs", "batch_size", "eval_batch_size",
-                                                                         "max_steps"))
+    seeds = [seed] if isinstance(seed, int) else list(seed)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds: give at least one seed, each once, got {seeds}")
+    for sd in seeds:
+        check("seed", sd)
     dev = resolve_device(device)
     dataset = load_dataset(data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / f"{dataset.name}-sidebyside.csv", out / f"{dataset.name}-sidebyside.png"
+    rows: list[dict] = []
+    summaries = []
+    for sd in seeds:
+        if len(seeds) > 1:
+            (tqdm.write if progress else print)(f"seed {sd}")
+        summaries.append(_train_seed(models, dataset, rows, csv_path, png_path, seed=sd, hyper=hyper, dev=dev,
+                                     model_args=model_args, augment=augment, bf16=bf16, progress=progress,
+                                     same_init=same_init))
+    if len(seeds) == 1:
+        print(markdown_table(summaries[0]))
+    else:
+        print(seeds_table(summaries, seeds))
+    print(f"\nwrote {csv_path} and {png_path}")
+    return rows
+
+
+def _train_seed(models, dataset, rows, csv_path, png_path, *, seed, hyper, dev, model_args, augment, bf16, progress,
+                same_init) -> list[dict]:
+    """One side-by-side run with ``seed``; appends to ``rows`` (rewriting the CSV and PNG after every epoch) and
+    returns the run's summary (model, params, test_acc, train_img_per_s per model)."""
+    epochs, batch_size, max_steps = hyper["epochs"], hyper["batch_size"], hyper["max_steps"]
     mean, std = dataset.mean_std()
     args = data_model_args(dataset, model_args or {})
     train_batches = Batches(dataset.train_images, dataset.train_labels, batch_size, mean=mean, std=std, shuffle=True,
                             seed=seed, augment=augment, device=dev)
-    test_batches = Batches(dataset.test_images, dataset.test_labels, eval_batch_size, mean=mean, std=std, device=dev)
+    test_batches = Batches(dataset.test_images, dataset.test_labels, hyper["eval_batch_size"], mean=mean, std=std,
+                           device=dev)
     steps_per_epoch = len(train_batches)
     warmup_steps, total_steps = schedule_steps(epochs, steps_per_epoch, hyper["warmup_epochs"])
 
@@ -132,10 +167,6 @@ def run_sidebyside(
     log(dataset.summary())
     log(", ".join(f"{c.name}: {c.params:,} params" for c in contenders) + f"; {steps_per_epoch} steps/epoch on {dev}")
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, png_path = out / f"{dataset.name}-sidebyside.csv", out / f"{dataset.name}-sidebyside.png"
-    rows: list[dict] = []
     step = 0
     for epoch in range(epochs):
         for c in contenders:
@@ -168,7 +199,8 @@ def run_sidebyside(
             c.images += c.stats.timed
             c.seconds += c.stats.seconds
             rows.append({
-                "model": c.name, "params": c.params, "epoch": round(step / steps_per_epoch, 4), "step": step,
+                "model": c.name, "seed": seed, "params": c.params, "epoch": round(step / steps_per_epoch, 4),
+                "step": step,
                 "train_loss": c.stats.loss, "train_acc": c.stats.acc, "test_loss": ev["loss"], "test_acc": ev["acc"],
                 "train_img_per_s": c.stats.img_per_s, "train_seconds": c.stats.seconds, "lr": c.lr,
                 "batch_size": batch_size, "device": str(dev),
@@ -179,11 +211,8 @@ def run_sidebyside(
         plot_accuracy(rows, png_path, title=f"{dataset.name}, batch {batch_size}, {dev}")
         if done:
             break
-    summary = [{"model": c.name, "params": c.params, "test_acc": last_row(rows, c.name)["test_acc"],
-                "train_img_per_s": c.images / c.seconds if c.seconds > 0 else float("nan")} for c in contenders]
-    print(markdown_table(summary))
-    print(f"\nwrote {csv_path} and {png_path}")
-    return rows
+    return [{"model": c.name, "params": c.params, "test_acc": last_row(rows, c.name)["test_acc"],
+             "train_img_per_s": c.images / c.seconds if c.seconds > 0 else float("nan")} for c in contenders]
 
 
 def share_timm_init(contenders: list[Contender]) -> None:
@@ -228,17 +257,41 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(summaries: list[list[dict]], seeds: list[int]) -> str:
+    """``model | params | test acc mean ± sd | per seed | train img/s`` over the runs of several seeds
+    (``summaries[i]`` is the run of ``seeds[i]``, as :func:`_train_seed` returns it); the sd is the
+    sample standard deviation over seeds."""
+    lines = [f"| model | params | test acc, mean ± sd over {len(seeds)} seeds | per seed ({', '.join(map(str, seeds))})"
+             " | train img/s |", "|---|---|---|---|---|"]
+    for i, first in enumerate(summaries[0]):
+        accs = [run[i]["test_acc"] for run in summaries]
+        speed = statistics.mean(run[i]["train_img_per_s"] for run in summaries)
+        per_seed = " / ".join(f"{a:.4f}" for a in accs)
+        lines.append(f"| {first['model']} | {first['params']:,} | {statistics.mean(accs):.4f} ± "
+                     f"{statistics.stdev(accs):.4f} | {per_seed} | {speed:.0f} |")
+    return "\n".join(lines)
+
+
 def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
-    """PNG of test accuracy against epoch, one line per model."""
+    """PNG of test accuracy against epoch, one line per model (the mean over the seeds of the rows,
+    with each seed's run drawn faintly when there are several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    seeds = list(dict.fromkeys(r.get("seed", 0) for r in rows))
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
-        ax.plot([r["epoch"] for r in mine], [r["test_acc"] for r in mine], "o-", label=name)
+        epochs = sorted({r["epoch"] for r in mine})
+        mean = [statistics.mean(r["test_acc"] for r in mine if r["epoch"] == e) for e in epochs]
+        line, = ax.plot(epochs, mean, "o-", label=name)
+        if len(seeds) > 1:
+            for sd in seeds:
+                run = [r for r in mine if r.get("seed", 0) == sd]
+                ax.plot([r["epoch"] for r in run], [r["test_acc"] for r in run], "-", color=line.get_color(),
+                        alpha=0.25, linewidth=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
@@ -277,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="constructor overrides for every model, as a YAML mapping, e.g. '{dim: 64, depth: 2}'")
     p.add_argument("--augment", action="store_true", help="light augmentation (random shifts, flips)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--seed", type=int, default=d["seed"], help=f"seed (default: {d['seed']})")
+    seed = p.add_mutually_exclusive_group()
+    seed.add_argument("--seed", type=int, default=d["seed"], help=f"seed (default: {d['seed']})")
+    seed.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                      help="repeat the run once per seed and report mean ± sd of the test accuracy")
     p.add_argument("--device", default=d["device"], help="'auto', 'cpu', 'cuda', 'cuda:N' (default: auto)")
     p.add_argument("--eval-batch-size", type=int, default=d["eval_batch_size"],
                    help=f"evaluation batch size (default: {d['eval_batch_size']})")
@@ -301,10 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             if a.threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {a.threads}")
             torch.set_num_threads(a.threads)
+        seed = a.seeds if a.seeds is not None else a.seed
         run_sidebyside(
             a.models, data=a.data, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
             warmup_epochs=a.warmup_epochs, label_smoothing=a.label_smoothing, model_args=model_args,
-            augment=a.augment, bf16=a.bf16, seed=a.seed, device=a.device, eval_batch_size=a.eval_batch_size,
+            augment=a.augment, bf16=a.bf16, seed=seed, device=a.device, eval_batch_size=a.eval_batch_size,
             max_steps=a.max_steps, out=a.out, progress=not a.no_progress, same_init=a.same_init,
         )
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
