@@ -88,10 +88,11 @@ class _Attention(nn.Module):
         if context is None and self._fusable():  # self-attention: q, k, v from one matmul over joined weights
             qkv = F.linear(x, torch.cat([self.q.weight, self.kv.weight]),
                            None if self.q.bias is None else torch.cat([self.q.bias, self.kv.bias]))
-            q, kv = qkv.split([self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim], dim=-1)
-            q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            kv = kv.view(b, t, 2, self.kv_heads, self.head_dim)
-            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            # split on the feature axis: backward joins the three gradients with one cat into the
+            # layout the matmul wants (indexing a (.., 2, ..) view instead zero-fills and adds)
+            nk = self.kv_heads * self.head_dim
+            q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2)
+                       for y in qkv.split([self.heads * self.head_dim, nk, nk], dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)
             return self._finish(q, k, v, key_padding_mask, causal, b, t)
@@ -100,8 +101,8 @@ class _Attention(nn.Module):
             k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
         else:
             src = x if context is None else context
-            kv = self.kv(src).view(b, src.shape[1], 2, self.kv_heads, self.head_dim)
-            k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+            k, v = (y.view(b, src.shape[1], -1, self.head_dim).transpose(1, 2)
+                    for y in self.kv(src).split(self.kv_heads * self.head_dim, dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)
         return self._finish(q, k, v, key_padding_mask, causal, b, t)
