@@ -85,3 +85,5 @@ def test_token_mixing_bench(tmp_path):
     bench.write_csv(rows, str(tmp_path / "token_mixing-cpu.csv"))
     bench.plot(rows, str(tmp_path / "token_mixing-cpu.png"))
     assert (tmp_path / "token_mixing-cpu.png").stat().st_size > 1000
+    head, first = bench.format_rows(rows).splitlines()[:2]
+    assert "GFLOP/s" in head and "GB/s" not in head and "nan" not in first  # a matmul op: FLOP rate

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import platform
 import statistics
@@ -394,6 +395,9 @@ def format_rows(rows: list[Row], attention: bool = False) -> str:
     if attention:
         head = ("T", "impl", "mode", "median ms", "p20-p80", "GFLOP/s", "x SDPA", "saved MiB", "saved x qkvo")
         rate = [f"{r.gflops:.1f}" for r in rows]
+    elif all(math.isnan(r.gbps) for r in rows):  # matmul ops (token_mixing): a FLOP rate, no byte rate
+        head = ("variant", "impl", "mode", "median ms", "p20-p80", "GFLOP/s", "x eager", "saved MiB", "saved x eager")
+        rate = [f"{r.gflops:.1f}" for r in rows]
     else:
         head = ("variant", "impl", "mode", "median ms", "p20-p80", "GB/s", "x eager", "saved MiB", "saved x eager")
         rate = [f"{r.gbps:.1f}" for r in rows]
@@ -487,7 +491,7 @@ def main(argv=None) -> int:
             continue
         if op == "token_mixing":
             rows = bench_mixing(dtype, device, args.reps, not args.no_compile)
-            shape = "(GFLOP/s in the CSV)"
+            shape = "B-N-C-H in the CSV,"
         else:
             rows = bench_op(op, kinds, args.size, dtype, device, args.reps, not args.no_compile)
             shape = rows[0].shape
