@@ -69,16 +69,24 @@ def test_triton_matches_float64_and_torch(shape, dtype, layout):
         assert_close(name + " vs torch", t_ref, t, TOL[dtype])
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
+# CPU chunking of the torch path: (scores per chunk, heads wanted side by side, causal rows)
+CHUNKINGS = {
+    "one-chunk": None,
+    "row-chunks": (48, 2, 3),  # a few rows of two heads: outputs go through buffers
+    "many-chunks": (8, 1, 2),  # one key head and one row a chunk
+}
+
+
+@pytest.mark.parametrize("chunking", list(CHUNKINGS))
 @pytest.mark.parametrize("layout", ["contig", "transposed"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=[_id(s) for s in SHAPES])
-def test_torch_path_matches_float64(shape, dtype, layout, chunked, monkeypatch):
+def test_torch_path_matches_float64(shape, dtype, layout, chunking, monkeypatch):
     from gatezoo.kernels.rela import reference
 
-    if chunked:
-        monkeypatch.setattr(reference, "CPU_CHUNK_SCORES", 8)  # one key head and one row a chunk
-        monkeypatch.setattr(reference, "ROWS", 2)
+    if CHUNKINGS[chunking] is not None:
+        for name, value in zip(("CPU_CHUNK_SCORES", "PAR_HEADS", "CAUSAL_ROWS"), CHUNKINGS[chunking]):
+            monkeypatch.setattr(reference, name, value)
     causal = shape[6]
     q, k, v, mask = _inputs(shape, dtype, layout)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
@@ -126,6 +134,22 @@ def test_second_order_gradients(backend):
         gq.square().sum().backward()
     for t_ref, t in zip(ref_in, (q, k, v)):
         assert_close("second order", t_ref.grad, t.grad, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
+def test_cpu_chunk_plan():
+    """Whole score rows for two heads where they fit in the budget, fewer rows when they do not,
+    and short row chunks for causal attention so the masked half is skipped."""
+    from gatezoo.kernels.rela import reference
+
+    cpu = torch.device("cpu")
+    budget = reference.CPU_CHUNK_SCORES
+    assert reference._plan(32, 1024, 1024, False, cpu) == (2, 1024)
+    assert reference._plan(32, 256, 256, False, cpu) == (32, 256)
+    heads, rows = reference._plan(32, 4096, 4096, False, cpu)
+    assert heads == 2 and rows < 4096 and heads * rows * 4096 <= budget
+    assert reference._plan(32, 1024, 1024, True, cpu)[1] == reference.CAUSAL_ROWS
+    assert reference._plan(1, 1 << 22, 1 << 22, False, cpu) == (1, 1)  # never an empty chunk
+    assert reference._plan(32, 4096, 4096, False, torch.device("meta")) == (32, 4096)  # one chunk off CPU
 
 
 def test_saves_no_quadratic_tensor():
