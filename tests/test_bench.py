@@ -65,9 +65,14 @@ def test_attention_bench_cli(tmp_path, capsys):
     assert bench.main(["--op", "attention", "--seqs", "32", "64", "--batch", "1", "--heads", "2",
                        "--head-dim", "16", "--reps", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "attention-cpu.csv")))
-    assert {r["impl"] for r in rows} == {"sdpa-softmax", "rela-naive", "gatezoo-torch"}
+    assert {(r["impl"], r["mode"]) for r in rows} == {
+        (i, m) for i in ("sdpa-softmax", "rela-naive", "gatezoo-torch") for m in ("fwd", "fwd+bwd")
+    } | {(bench.GEMM_IMPL, "fwd")}  # the GEMM rate is timed in the forward's rounds
     assert {r["variant"] for r in rows} == {"T32", "T64"}
     assert all(float(r["gflops"]) > 0 for r in rows)
+    out = capsys.readouterr().out
+    for t in (32, 64):
+        assert f"ReLA forward at T={t}: " in out and f"of a {bench.GEMM_N}^3 float32 matmul" in out
     # ReLA keeps q, k and v only: 3/4 of the bytes of (q, k, v, out), at every length
     ours = [r for r in rows if r["impl"] == "gatezoo-torch"]
     assert all(float(r["saved_vs_eager"]) == 0.75 for r in ours)

@@ -224,11 +224,15 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
     return rows_out
 
 
-def sgemm_gflops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """The machine's float32 matrix-multiply rate: median over ``reps`` of an n x n x n product."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    med = time_interleaved({"mm": lambda: a @ b}, device, reps)["mm"][0]
-    return 2 * n**3 / med / 1e6
+GEMM_N = 2048  # size of the square matmul that stands for the machine's GEMM rate
+GEMM_IMPL = f"matmul-{GEMM_N}"
+
+
+def gemm_call(device: torch.device, dtype: torch.dtype, n: int = GEMM_N):
+    """A call of one n x n x n matmul (2 n^3 FLOPs): the machine's GEMM rate (sgemm in float32)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    return lambda: a @ b
 
 
 def attention_impls(device: torch.device, t: int) -> dict:
@@ -246,7 +250,9 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
                     progress: bool = True) -> list[Row]:
     """ReLA against softmax SDPA and the naive composition, for each sequence length in ``seqs``.
     Ratios are to SDPA (column ``ratio_vs_eager``); GFLOP/s count the matmuls (4 B H T^2 D
-    forward, 14 B H T^2 D forward+backward)."""
+    forward, 14 B H T^2 D forward+backward). The forward rounds also time one ``GEMM_N``-cubed
+    matmul (impl ``matmul-2048``), so the forward's share of the machine's GEMM rate compares
+    figures taken at the same moment of a shared machine."""
     out: list[Row] = []
     machine = device_name(device)
     for t in tqdm(seqs, desc="bench attention", disable=not progress, file=sys.stderr):
@@ -263,17 +269,35 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
             calls[impl] = modes(fn, leaf, do)
         qkvo = 4 * base[0].numel() * base[0].element_size()
         for mode in ("fwd", "fwd+bwd"):
-            timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, n_reps, warmup=1)
+            fns = {impl: c[mode] for impl, c in calls.items()}
+            if mode == "fwd":  # the GEMM rate the forward is judged against, timed in the same rounds
+                fns[GEMM_IMPL] = gemm_call(device, dtype)
+            timed = time_interleaved(fns, device, n_reps, warmup=1)
             ref = timed["sdpa-softmax"][0]
             for impl, (med, p20, p80) in timed.items():
+                gemm = impl == GEMM_IMPL
                 out.append(Row(
                     "attention", f"T{t}", impl, mode, f"B{batch}-H{heads}-T{t}-D{head_dim}",
                     str(dtype).replace("torch.", ""), machine, round(med, 3), round(p20, 3), round(p80, 3),
-                    float("nan"), round(med / ref, 3), saved[impl], round(saved[impl] / qkvo, 3),
-                    float(f"{flops[mode] / med / 1e6:.4g}"),
+                    float("nan"), float("nan") if gemm else round(med / ref, 3), 0 if gemm else saved[impl],
+                    float("nan") if gemm else round(saved[impl] / qkvo, 3),
+                    float(f"{(2 * GEMM_N**3 if gemm else flops[mode]) / med / 1e6:.4g}"),
                 ))
         del calls
     return out
+
+
+def forward_vs_gemm(rows: list[Row], ours: str) -> list[str]:
+    """For each T: the forward's GFLOP/s as a share of the matmul rate timed in the same rounds."""
+    fwd = {(r.variant, r.impl): r for r in rows if r.mode == "fwd"}
+    lines = []
+    for (variant, impl), r in fwd.items():
+        gemm = fwd.get((variant, GEMM_IMPL))
+        if impl == ours and gemm is not None:
+            share = 100 * r.gflops / gemm.gflops
+            lines.append(f"ReLA forward at T={variant[1:]}: {r.gflops:.1f} GFLOP/s = {share:.0f}% of a {GEMM_N}^3 "
+                         f"{r.dtype} matmul timed in the same rounds ({gemm.gflops:.1f} GFLOP/s)")
+    return lines
 
 
 def mixing_impls(device: torch.device, use_compile: bool) -> dict:
@@ -480,13 +504,10 @@ def main(argv=None) -> int:
             stem = os.path.join(args.out, f"attention-{device.type}")
             write_csv(rows, stem + ".csv")
             plot_attention(rows, stem + ".png")
-            gemm = sgemm_gflops(device)
             print(f"\nattention on {rows[0].device}, {rows[0].dtype} (ratio column: time / SDPA softmax)")
             print(format_rows(rows, attention=True))
-            ref = [r for r in rows if r.impl == ours_name(device) and r.mode == "fwd" and r.variant == "T1024"]
-            if ref:
-                print(f"ReLA forward at T=1024: {ref[0].gflops:.1f} GFLOP/s = "
-                      f"{100 * ref[0].gflops / gemm:.0f}% of this machine's sgemm ({gemm:.1f} GFLOP/s)")
+            for line in forward_vs_gemm(rows, ours_name(device)):
+                print(line)
             print(f"wrote {stem}.csv and {stem}.png")
             continue
         if op == "token_mixing":

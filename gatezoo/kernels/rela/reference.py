@@ -195,6 +195,11 @@ class ReLAFunction(torch.autograd.Function):
         return _chunked_grads(q, k, v, key_padding_mask, causal, scale, do)
 
 
+# dq^T sums products over at most this many key rows at a time: ~15% faster than 1024 rows at
+# T=1024 (2 threads), as C stays in cache between the two halves
+DQ_K = 512
+
+
 def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
     """dq, dk, dv of :class:`ReLAFunction` (and three Nones), recomputing the scores chunk by
     chunk, transposed: key rows by query columns."""
@@ -232,7 +237,9 @@ def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
             if not whole:
                 dk[cs, ks].copy_(dk_c)
             if q0 == 0:
-                dqt.baddbmm_(kc.transpose(1, 2), ds, beta=0.0 if j == 0 else 1.0, alpha=scale)
+                for a in range(0, nk, DQ_K):
+                    dqt.baddbmm_(kc[:, a:a + DQ_K].transpose(1, 2), ds[:, a:a + DQ_K],
+                                 beta=0.0 if j + a == 0 else 1.0, alpha=scale)
             else:
                 part = torch.bmm(kc.transpose(1, 2), ds, out=pb.bufs.get("dq", n, d, g * nq))
                 dqt.view(n, d, g, tq)[..., q0:].add_(part.view(n, d, g, nq), alpha=scale)
