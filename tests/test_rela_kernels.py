@@ -69,11 +69,14 @@ def test_triton_matches_float64_and_torch(shape, dtype, layout):
         assert_close(name + " vs torch", t_ref, t, TOL[dtype])
 
 
-# CPU chunking of the torch path: (scores per chunk, heads wanted side by side, causal rows)
+# CPU chunking of the torch path: module settings patched for the test
 CHUNKINGS = {
-    "one-chunk": None,
-    "row-chunks": (48, 2, 3),  # a few rows of two heads: outputs go through buffers
-    "many-chunks": (8, 1, 2),  # one key head and one row a chunk
+    "one-chunk": {},
+    "split-dq": {"DQ_K": 3},  # whole rows, dq^T summed over 3 key rows at a time
+    # a few rows of two heads: outputs go through buffers
+    "row-chunks": {"CPU_CHUNK_SCORES": 48, "PAR_HEADS": 2, "CAUSAL_ROWS": 3},
+    # one key head and one row a chunk
+    "many-chunks": {"CPU_CHUNK_SCORES": 8, "PAR_HEADS": 1, "CAUSAL_ROWS": 2},
 }
 
 
@@ -84,9 +87,8 @@ CHUNKINGS = {
 def test_torch_path_matches_float64(shape, dtype, layout, chunking, monkeypatch):
     from gatezoo.kernels.rela import reference
 
-    if CHUNKINGS[chunking] is not None:
-        for name, value in zip(("CPU_CHUNK_SCORES", "PAR_HEADS", "CAUSAL_ROWS"), CHUNKINGS[chunking]):
-            monkeypatch.setattr(reference, name, value)
+    for name, value in CHUNKINGS[chunking].items():
+        monkeypatch.setattr(reference, name, value)
     causal = shape[6]
     q, k, v, mask = _inputs(shape, dtype, layout)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
