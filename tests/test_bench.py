@@ -92,3 +92,12 @@ def test_token_mixing_bench(tmp_path):
     assert (tmp_path / "token_mixing-cpu.png").stat().st_size > 1000
     head, first = bench.format_rows(rows).splitlines()[:2]
     assert "GFLOP/s" in head and "GB/s" not in head and "nan" not in first  # a matmul op: FLOP rate
+
+
+def test_time_interleaved_rotates_the_order():
+    """Each round starts one function later, so no function always follows the same peer."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timed = bench.time_interleaved(fns, torch.device("cpu"), reps=3, warmup=0)
+    assert calls == list("abc" "bca" "cab")
+    assert set(timed) == set("abc") and all(len(v) == 3 for v in timed.values())

@@ -84,17 +84,20 @@ def time_interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
     """{name: (median, p20, p80)} wall time in ms of each ``fns[name]()``.
 
     The functions take turns, one call each per round, so a slow spell of a shared machine
-    lands on every peer alike instead of on whichever ran at that moment.
+    lands on every peer alike instead of on whichever ran at that moment. The order rotates from
+    round to round, so no function always runs right after the same peer (whose caches,
+    allocations or freed memory it would otherwise inherit).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             _sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
