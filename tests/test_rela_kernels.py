@@ -73,8 +73,8 @@ def test_triton_matches_float64_and_torch(shape, dtype, layout):
 CHUNKINGS = {
     "one-chunk": {},
     "split-dq": {"DQ_K": 3},  # whole rows, dq^T summed over 3 key rows at a time
-    # a few rows of two heads: outputs go through buffers
-    "row-chunks": {"CPU_CHUNK_SCORES": 48, "PAR_HEADS": 2, "CAUSAL_ROWS": 3},
+    # a few rows of two heads: outputs go through buffers, dq^T in slices of 2 key rows
+    "row-chunks": {"CPU_CHUNK_SCORES": 48, "PAR_HEADS": 2, "CAUSAL_ROWS": 3, "DQ_K": 2},
     # one key head and one row a chunk
     "many-chunks": {"CPU_CHUNK_SCORES": 8, "PAR_HEADS": 1, "CAUSAL_ROWS": 2},
 }

@@ -21,6 +21,7 @@ import csv
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -84,18 +85,19 @@ def time_interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
     """{name: (median, p20, p80)} wall time in ms of each ``fns[name]()``.
 
     The functions take turns, one call each per round, so a slow spell of a shared machine
-    lands on every peer alike instead of on whichever ran at that moment. The order rotates from
-    round to round, so no function always runs right after the same peer (whose caches,
-    allocations or freed memory it would otherwise inherit).
+    lands on every peer alike instead of on whichever ran at that moment. Each round takes the
+    functions in a fresh order (a seeded shuffle), so that none of them keeps following the same
+    peer, whose caches, allocations or freed memory it would otherwise inherit.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     _sync(device)
     times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(reps):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    order, shuffle = list(fns), random.Random(0).shuffle
+    for _ in range(reps):
+        shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
             fns[name]()
             _sync(device)
@@ -231,10 +233,11 @@ GEMM_N = 2048  # size of the square matmul that stands for the machine's GEMM ra
 GEMM_IMPL = f"matmul-{GEMM_N}"
 
 
-def gemm_call(device: torch.device, dtype: torch.dtype, n: int = GEMM_N):
-    """A call of one n x n x n matmul (2 n^3 FLOPs): the machine's GEMM rate (sgemm in float32)."""
+def gemm_call(device: torch.device, dtype: torch.dtype):
+    """A call of one GEMM_N-cubed matmul (2 GEMM_N^3 FLOPs): the machine's GEMM rate (sgemm in
+    float32)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
-    a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
+    a, b = (torch.randn(GEMM_N, GEMM_N, generator=gen).to(device, dtype) for _ in range(2))
     return lambda: a @ b
 
 
@@ -254,7 +257,7 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
     """ReLA against softmax SDPA and the naive composition, for each sequence length in ``seqs``.
     Ratios are to SDPA (column ``ratio_vs_eager``); GFLOP/s count the matmuls (4 B H T^2 D
     forward, 14 B H T^2 D forward+backward). The forward rounds also time one ``GEMM_N``-cubed
-    matmul (impl ``matmul-2048``), so the forward's share of the machine's GEMM rate compares
+    matmul (impl ``GEMM_IMPL``), so the forward's share of the machine's GEMM rate compares
     figures taken at the same moment of a shared machine."""
     out: list[Row] = []
     machine = device_name(device)
