@@ -5,6 +5,7 @@ the autograd graph and are deterministic, so they are checked.
 """
 
 import csv
+import math
 
 import torch
 
@@ -70,6 +71,9 @@ def test_attention_bench_cli(tmp_path, capsys):
     } | {(bench.GEMM_IMPL, "fwd")}  # the GEMM rate is timed in the forward's rounds
     assert {r["variant"] for r in rows} == {"T32", "T64"}
     assert all(float(r["gflops"]) > 0 for r in rows)
+    sdpa = [r for r in rows if r["impl"] == "sdpa-softmax"]
+    assert all(float(r["ratio_vs_eager"]) == 1.0 for r in sdpa)  # every round's ratio to itself
+    assert all(0 < float(r["ratio_vs_eager"]) < math.inf for r in rows)
     out = capsys.readouterr().out
     for t in (32, 64):
         assert f"ReLA forward at T={t}: " in out and f"of a {bench.GEMM_N}^3 float32 matmul" in out
@@ -104,4 +108,15 @@ def test_time_interleaved_shuffles_the_order():
     assert len(rounds) == 30 and all(sorted(r) == list("abc") for r in rounds)
     follows = {(r[i], r[i + 1]) for r in rounds for i in range(2)}
     assert follows == {(x, y) for x in "abc" for y in "abc" if x != y}
-    assert set(timed) == set("abc") and all(len(v) == 3 for v in timed.values())  # median, p20, p80
+    assert set(timed) == set("abc") and all(len(v.times) == 30 for v in timed.values())
+
+
+def test_paired_ratio_cancels_the_drift():
+    """The ratio is taken round by round: a machine that slows down tenfold halfway through moves
+    both medians but not the per-round ratio."""
+    slow = [1.0] * 5 + [10.0] * 6
+    a = bench.Timing(0, 0, 0, tuple(2 * x for x in slow))
+    b = bench.Timing(0, 0, 0, tuple(slow))
+    assert bench.paired_ratio(a, b) == 2.0
+    c = bench.Timing(0, 0, 0, (1.0, 3.0, 5.0))
+    assert bench.paired_ratio(c, bench.Timing(0, 0, 0, (2.0, 2.0, 2.0))) == 1.5

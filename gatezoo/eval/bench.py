@@ -9,8 +9,9 @@
 For each variant (plain, and expanded with a trainable alpha where the kind has a gate) it times
 the eager PyTorch composition, ``torch.compile`` of that composition, gatezoo's torch path and,
 on CUDA, gatezoo's Triton path. Each row holds the median (and p20/p80) time, the achieved GB/s
-counting the bytes an ideal fused kernel must move, the ratio to eager, and the bytes autograd
-saves for backward (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``).
+counting the bytes an ideal fused kernel must move, the ratio to eager (the median over the
+rounds of the time over eager's time in the same round), and the bytes autograd saves for
+backward (unique storages seen by ``torch.autograd.graph.saved_tensors_hooks``).
 Rows go to ``benchmarks/<op>-<device>.csv`` and a plot to ``benchmarks/<op>-<device>.png``.
 """
 
@@ -26,6 +27,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +83,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+class Timing(NamedTuple):
+    """Wall times of one function in :func:`time_interleaved`, in ms: the median, the 20th and
+    80th percentiles, and every round's time in round order."""
+
+    median: float
+    p20: float
+    p80: float
+    times: tuple
+
+
 def time_interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
-    """{name: (median, p20, p80)} wall time in ms of each ``fns[name]()``.
+    """{name: :class:`Timing`} of each ``fns[name]()``.
 
     The functions take turns, one call each per round, so a slow spell of a shared machine
     lands on every peer alike instead of on whichever ran at that moment. Each round takes the
@@ -105,8 +117,17 @@ def time_interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
     out = {}
     for name, ts in times.items():
         q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
-        out[name] = (statistics.median(ts), q[0], q[3])
+        out[name] = Timing(statistics.median(ts), q[0], q[3], tuple(ts))
     return out
+
+
+def paired_ratio(timing: Timing, ref: Timing) -> float:
+    """Median over the rounds of ``timing``'s time over ``ref``'s time in the same round.
+
+    Both calls of a round run within a second of each other, so the machine's slow drift (on a
+    shared VM, the median of one function moves by tens of percent between runs) cancels in each
+    ratio; the ratio of the two medians, taken over different moments, keeps it."""
+    return statistics.median(a / b for a, b in zip(timing.times, ref.times))
 
 
 def saved_bytes(fn, inputs) -> int:
@@ -215,16 +236,15 @@ def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device
             _add_impl(calls, saved, impl, fn, leaf + ([alpha] if with_alpha else []), dy, name)
         for mode in ("fwd", "fwd+bwd"):
             timed = time_interleaved({impl: c[mode] for impl, c in calls.items()}, device, reps)
-            for impl, (med, p20, p80) in timed.items():
-                results[(impl, mode)] = (med, p20, p80, saved[impl])
+            for impl, tm in timed.items():
+                results[(impl, mode)] = (tm, paired_ratio(tm, timed["eager"]), saved[impl])
         del calls
-        for (impl, mode), (med, p20, p80, saved) in results.items():
-            eager_med = results[("eager", mode)][0]
-            eager_saved = results[("eager", mode)][3]
+        for (impl, mode), (tm, ratio, saved) in results.items():
+            eager_saved = results[("eager", mode)][2]
             rows_out.append(Row(
                 op, name, impl, mode, f"{size}x{size}", str(dtype).replace("torch.", ""), machine,
-                round(med, 3), round(p20, 3), round(p80, 3), round(ideal[mode] / med / 1e6, 2),
-                round(med / eager_med, 3), saved, round(saved / eager_saved, 3) if eager_saved else float("nan"),
+                round(tm.median, 3), round(tm.p20, 3), round(tm.p80, 3), round(ideal[mode] / tm.median / 1e6, 2),
+                round(ratio, 3), saved, round(saved / eager_saved, 3) if eager_saved else float("nan"),
             ))
     return rows_out
 
@@ -279,13 +299,12 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
             if mode == "fwd":  # the GEMM rate the forward is judged against, timed in the same rounds
                 fns[GEMM_IMPL] = gemm_call(device, dtype)
             timed = time_interleaved(fns, device, n_reps, warmup=1)
-            ref = timed["sdpa-softmax"][0]
-            for impl, (med, p20, p80) in timed.items():
-                gemm = impl == GEMM_IMPL
+            for impl, tm in timed.items():
+                gemm, med = impl == GEMM_IMPL, tm.median
                 out.append(Row(
                     "attention", f"T{t}", impl, mode, f"B{batch}-H{heads}-T{t}-D{head_dim}",
-                    str(dtype).replace("torch.", ""), machine, round(med, 3), round(p20, 3), round(p80, 3),
-                    float("nan"), float("nan") if gemm else round(med / ref, 3), 0 if gemm else saved[impl],
+                    str(dtype).replace("torch.", ""), machine, round(med, 3), round(tm.p20, 3), round(tm.p80, 3),
+                    float("nan"), round(paired_ratio(tm, timed["sdpa-softmax"]), 4), 0 if gemm else saved[impl],
                     float("nan") if gemm else round(saved[impl] / qkvo, 3),
                     float(f"{(2 * GEMM_N**3 if gemm else flops[mode]) / med / 1e6:.4g}"),
                 ))
@@ -294,15 +313,21 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
 
 
 def forward_vs_gemm(rows: list[Row], ours: str) -> list[str]:
-    """For each T: the forward's GFLOP/s as a share of the matmul rate timed in the same rounds."""
+    """For each T: the forward's GFLOP/s as a share of the matmul rate timed in the same rounds.
+
+    The share comes from the two rows' ratios to SDPA, each a median of per-round ratios, so the
+    machine's drift between rounds cancels: share = (forward FLOPs / matmul FLOPs) x
+    (matmul time / SDPA time) / (forward time / SDPA time)."""
     fwd = {(r.variant, r.impl): r for r in rows if r.mode == "fwd"}
     lines = []
     for (variant, impl), r in fwd.items():
         gemm = fwd.get((variant, GEMM_IMPL))
         if impl == ours and gemm is not None:
-            share = 100 * r.gflops / gemm.gflops
-            lines.append(f"ReLA forward at T={variant[1:]}: {r.gflops:.1f} GFLOP/s = {share:.0f}% of a {GEMM_N}^3 "
-                         f"{r.dtype} matmul timed in the same rounds ({gemm.gflops:.1f} GFLOP/s)")
+            flops = r.gflops * r.median_ms / (gemm.gflops * gemm.median_ms)  # forward FLOPs / matmul FLOPs
+            share = 100 * flops * gemm.ratio_vs_eager / r.ratio_vs_eager
+            lines.append(f"ReLA forward at T={variant[1:]}: {r.gflops:.1f} GFLOP/s, {share:.0f}% of the rate of a "
+                         f"{GEMM_N}^3 {r.dtype} matmul timed in the same rounds ({gemm.gflops:.1f} GFLOP/s; "
+                         f"median of per-round ratios)")
     return lines
 
 
@@ -340,11 +365,12 @@ def bench_mixing(dtype, device, reps: int, use_compile: bool = True, progress: b
             _add_impl(calls, saved, impl, fn, [t.detach().clone().requires_grad_() for t in base], dy, name)
         for mode in ("fwd", "fwd+bwd"):
             timed = time_interleaved({impl: cl[mode] for impl, cl in calls.items()}, device, reps)
-            ref = timed["eager"][0]
-            for impl, (med, p20, p80) in timed.items():
+            for impl, tm in timed.items():
+                med = tm.median
                 out.append(Row(
                     "token_mixing", name, impl, mode, f"B{b}-N{n}-C{c}-H{hd}", str(dtype).replace("torch.", ""),
-                    machine, round(med, 3), round(p20, 3), round(p80, 3), float("nan"), round(med / ref, 3),
+                    machine, round(med, 3), round(tm.p20, 3), round(tm.p80, 3), float("nan"),
+                    round(paired_ratio(tm, timed["eager"]), 3),
                     saved[impl], round(saved[impl] / saved["eager"], 3), float(f"{flops[mode] / med / 1e6:.4g}"),
                 ))
         del calls
@@ -510,7 +536,8 @@ def main(argv=None) -> int:
             stem = os.path.join(args.out, f"attention-{device.type}")
             write_csv(rows, stem + ".csv")
             plot_attention(rows, stem + ".png")
-            print(f"\nattention on {rows[0].device}, {rows[0].dtype} (ratio column: time / SDPA softmax)")
+            print(f"\nattention on {rows[0].device}, {rows[0].dtype} (ratio column: time / SDPA softmax's time "
+                  "in the same round, median over the rounds)")
             print(format_rows(rows, attention=True))
             for line in forward_vs_gemm(rows, ours_name(device)):
                 print(line)
