@@ -124,9 +124,9 @@ def time_interleaved(fns: dict, device, reps: int, warmup: int = 2) -> dict:
 def paired_ratio(timing: Timing, ref: Timing) -> float:
     """Median over the rounds of ``timing``'s time over ``ref``'s time in the same round.
 
-    Both calls of a round run within a second of each other, so the machine's slow drift (on a
-    shared VM, the median of one function moves by tens of percent between runs) cancels in each
-    ratio; the ratio of the two medians, taken over different moments, keeps it."""
+    The calls of one round run back to back, so the machine's slow drift (on a shared VM, the
+    median of one function moves by tens of percent between runs) cancels in each ratio; the
+    ratio of the two medians, taken over different moments, keeps it."""
     return statistics.median(a / b for a, b in zip(timing.times, ref.times))
 
 
