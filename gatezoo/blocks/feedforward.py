@@ -8,6 +8,7 @@ out_features, act_layer, norm_layer, bias, drop``), so either plugs into
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -35,15 +36,55 @@ def _kind_from_act_layer(act_layer) -> str:
         )
     return _ACT_TO_KIND[name]
 
-# Paper names of the GLU variants -> (kind, expanded).
+# GLU names -> (kernel kind, expanded). The families follow the x-activation code (Huang 2024):
+# a gate g in {sigmoid (SwiGLU family), Phi (GEGLU), arctan/pi + 1/2 (ATGLU)}, an order (1:
+# g(a) * b, 2: a * g(a) * b) and the expansion g -> expand(g, alpha). Every name here says its order;
+# the short names keep their usual meaning (glu: sigmoid, order 1; swiglu / geglu / atglu: order 2,
+# which is also x-activation's default for ATGLU). See docs/activations.md for the full table.
 GLU_VARIANTS = {
     "glu": ("sigmoid", False), "xglu": ("sigmoid", True),
+    "swiglu1": ("sigmoid", False), "xswiglu1": ("sigmoid", True),
+    "swiglu": ("silu", False), "swiglu2": ("silu", False), "xswiglu2": ("silu", True),
+    "geglu1": ("normcdf", False), "xgeglu1": ("normcdf", True),
+    "geglu": ("gelu", False), "geglu2": ("gelu", False), "xgeglu2": ("gelu", True),
+    "atglu1": ("arctan", False), "xatglu1": ("arctan", True),
+    "atglu": ("atlu", False), "atglu2": ("atlu", False), "xatglu2": ("atlu", True),
     "bilinear": ("identity", False), "reglu": ("relu", False),
-    "geglu": ("gelu", False), "xgeglu": ("gelu", True),
-    "swiglu": ("silu", False), "xswiglu": ("silu", True),
-    "atglu": ("atlu", False), "xatglu": ("atlu", True),
-    "xatglu1": ("arctan", True), "xnormglu": ("normcdf", True),
 }
+
+# Names without an order, resolved by the ``order`` argument. The expanded ones meant second
+# order in gatezoo 0.1 while x-activation's XSwiGLU / XGEGLU / XATGLU default to first order, so
+# they still mean second order but warn unless ``order`` is given.
+GLU_FAMILIES = {"swiglu": 2, "geglu": 2, "atglu": 2, "xswiglu": None, "xgeglu": None, "xatglu": None}
+_LEGACY = {"xnormglu": "xgeglu1"}
+
+
+def glu_variant(name: str, order: int | None = None) -> tuple[str, bool, str]:
+    """``(kernel kind, expanded, canonical name)`` of a GLU name, e.g. ``glu_variant("xswiglu",
+    order=1)`` -> ``("sigmoid", True, "xswiglu1")``.
+
+    ``order`` (1 or 2) picks the order of a family name without one (``swiglu``, ``geglu``,
+    ``atglu`` and their ``x`` forms); with a name that carries its order it must agree.
+    """
+    if order is not None and order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if name in _LEGACY:
+        name = _LEGACY[name]
+    if name in GLU_FAMILIES:
+        default = GLU_FAMILIES[name]
+        if order is None and default is None:
+            warnings.warn(
+                f"GLU name {name!r} does not say its order: it means {name}2 = a * expand(g(a), alpha) * b "
+                f"(second order, as in gatezoo 0.1), while x-activation's class of that name defaults to first "
+                f"order; write {name}1 or {name}2 (or pass order=)", FutureWarning, stacklevel=3)
+        name = f"{name}{order or default or 2}"
+    if name not in GLU_VARIANTS:
+        raise ValueError(f"GLU name must be one of {sorted(GLU_VARIANTS)} or {sorted(GLU_FAMILIES)} with order=, "
+                         f"got {name!r}")
+    if order is not None and name[-1] in "12" and int(name[-1]) != order:
+        raise ValueError(f"order={order} contradicts the GLU name {name!r}")
+    kind, expanded = GLU_VARIANTS[name]
+    return kind, expanded, name
 
 
 def glu_hidden_features(dim: int) -> int:
@@ -99,23 +140,35 @@ class GLUFeedForward(nn.Module):
         bias: biases on both projections (default False, as in Shazeer 2020).
         drop: dropout after the gate and after ``fc2``.
         kind: activation kind of :data:`~gatezoo.kernels.KINDS`, or a GLU name of
-            :data:`GLU_VARIANTS` such as ``"xswiglu"``; default ``"silu"`` (SwiGLU).
+            :data:`GLU_VARIANTS` such as ``"xswiglu1"`` (first order, x-activation's default) or
+            ``"xswiglu2"``; default ``"silu"`` (SwiGLU). A family name without an order
+            (``"xswiglu"``, ``"geglu"``...) takes ``order``.
         expanded: one trainable ``alpha`` for the block (init 0): SwiGLU -> xSwiGLU.
+        order: 1 (``expand(g(a), alpha) * b``) or 2 (``a * expand(g(a), alpha) * b``) for a
+            family name; must agree with a name or kind that fixes it.
         backend: ``"auto" | "torch" | "triton"``.
         device, dtype: factory arguments for the parameters (timm passes them).
     """
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
                  act_layer=None, norm_layer=None, bias: bool = False, drop: float = 0.0, *,
-                 kind: str | None = None, expanded: bool = False, backend: str = "auto", device=None, dtype=None):
+                 kind: str | None = None, expanded: bool = False, order: int | None = None, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if kind is None:
             kind = "silu" if act_layer is None else _kind_from_act_layer(act_layer)
-        if kind in GLU_VARIANTS:
-            kind, expanded = GLU_VARIANTS[kind][0], GLU_VARIANTS[kind][1] or expanded
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {sorted(KINDS)} or {sorted(GLU_VARIANTS)}, got {kind!r}")
+        if not isinstance(kind, str):
+            raise TypeError(f"kind must be a string, got {type(kind).__name__}")
+        if kind in KINDS:
+            if order is not None and order != KINDS[kind].order:
+                raise ValueError(f"order={order!r} contradicts kind={kind!r}, whose order is {KINDS[kind].order}")
+        elif kind in GLU_VARIANTS or kind in GLU_FAMILIES or kind in _LEGACY:
+            kind, named_expanded, _ = glu_variant(kind, order)
+            expanded = named_expanded or expanded
+        else:
+            raise ValueError(f"kind must be one of {sorted(KINDS)} or a GLU name of {sorted(GLU_VARIANTS)} "
+                             f"(or {sorted(GLU_FAMILIES)} with order=), got {kind!r}")
         if expanded and not KINDS[kind].takes_alpha:
             raise ValueError(f"expanded=True needs a gated kind; {kind!r} has no gate to expand")
         if not isinstance(in_features, int) or in_features < 1:
@@ -139,11 +192,23 @@ class GLUFeedForward(nn.Module):
         return f"kind={self.kind!r}, expanded={self.expanded}, hidden_features={self.hidden_features}"
 
 
+MLP_ACTIVATIONS = {
+    "gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU,
+    "atlu": functools.partial(GatedAct, "atlu"),
+    "xgelu": functools.partial(GatedAct, "gelu", expanded=True),
+    "xsilu": functools.partial(GatedAct, "silu", expanded=True),
+    "xatlu": functools.partial(GatedAct, "atlu", expanded=True),
+}
+"""Activation names :class:`Mlp` takes as ``act_layer``: torch's GELU, ReLU and SiLU, and
+ATLU and the expanded xGELU, xSiLU and xATLU of Huang 2024 (:class:`GatedAct`)."""
+
+
 class Mlp(nn.Module):
     """The plain two-layer baseline: fc2(drop(act(fc1(x)))), hidden default 4 * in_features.
 
     Same signature as timm's ``Mlp``; ``act_layer`` is a class such as ``nn.GELU`` or
-    ``nn.ReLU``, or the strings ``"gelu"`` / ``"relu"``.
+    ``nn.ReLU``, or a name of :data:`MLP_ACTIVATIONS` (``"gelu"``, ``"xatlu"``...). The expanded
+    ones (``xgelu``, ``xsilu``, ``xatlu``) hold one trainable ``alpha`` per block, at ``act.alpha``.
     """
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
@@ -151,10 +216,10 @@ class Mlp(nn.Module):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         if isinstance(act_layer, str):
-            named = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-            if act_layer not in named:
-                raise ValueError(f"act_layer must be one of {sorted(named)} or an nn.Module class, got {act_layer!r}")
-            act_layer = named[act_layer]
+            if act_layer not in MLP_ACTIVATIONS:
+                raise ValueError(f"act_layer must be one of {sorted(MLP_ACTIVATIONS)} or an nn.Module class, "
+                                 f"got {act_layer!r}")
+            act_layer = MLP_ACTIVATIONS[act_layer]
         hidden = hidden_features or 4 * in_features
         self.fc1 = nn.Linear(in_features, hidden, bias=bias, **dd)
         self.act = act_layer()

@@ -80,8 +80,9 @@ class MixerBlock(nn.Module):
 
 
 class NiNBlock(nn.Module):
-    """NiNformer layer (DESIGN.md §3): a multiplicative gating unit whose gate an MLP-Mixer
-    sub-network generates, then a feed-forward, each pre-norm with a residual.
+    """NiNformer layer (Abdullah & Aydin 2024; docs/architecture.md): a multiplicative gating
+    unit whose gate an MLP-Mixer sub-network generates, then a feed-forward, each pre-norm with a
+    residual.
 
         MGU(z) = Lin(z) * Mixer(z)       Mixer = token MLP then channel MLP (:class:`MixerBlock`)
         x = x + MGU(LN(x)) ;  x = x + FFN(LN(x))
@@ -96,20 +97,22 @@ class NiNBlock(nn.Module):
         ffn: an ``nn.Module`` to use as the feed-forward instead of a GELU :class:`Mlp`
             (e.g. a :class:`~gatezoo.blocks.GLUFeedForward`).
         drop: dropout inside the MLPs. backend: token-mixing kernel backend.
+        shared_norm: one LayerNorm (``norm1``) before both sub-blocks, as in the authors' code;
+            by default each sub-block has its own (``norm1``, ``norm2``).
     """
 
     def __init__(self, num_tokens: int, dim: int, tokens_hidden: int, channels_hidden: int,
                  ffn_hidden: int | None = None, ffn: nn.Module | None = None, drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", shared_norm: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.lin = nn.Linear(dim, dim)
         self.mixer = MixerBlock(num_tokens, dim, tokens_hidden, channels_hidden, drop=drop, backend=backend)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = None if shared_norm else nn.LayerNorm(dim)
         self.ffn = ffn if ffn is not None else Mlp(dim, ffn_hidden or 4 * dim, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim)."""
         z = self.norm1(x)
         x = torch.addcmul(x, self.lin(z), self.mixer(z))  # x + Lin(z) * Mixer(z), one pass
-        return x + self.ffn(self.norm2(x))
+        return x + self.ffn((self.norm1 if self.norm2 is None else self.norm2)(x))

@@ -13,9 +13,12 @@ from .vision import MixerConfig, MLPMixer, NiNformer, NiNformerConfig, VisionTra
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     "vit_tiny": (VisionTransformer, ViTConfig, {}),
     "vit_tiny_rela": (VisionTransformer, ViTConfig, {"attention": "rela"}),
-    "vit_tiny_xswiglu": (VisionTransformer, ViTConfig, {"ffn": "xswiglu"}),
+    "vit_tiny_xswiglu": (VisionTransformer, ViTConfig, {"ffn": "xswiglu2"}),  # second order, as in 0.1
+    "vit_tiny_xswiglu1": (VisionTransformer, ViTConfig, {"ffn": "xswiglu1"}),  # x-activation's default order
     "mixer_tiny": (MLPMixer, MixerConfig, {}),
     "ninformer_tiny": (NiNformer, NiNformerConfig, {}),
+    # the authors' structure: no LayerNorm before the head, one LayerNorm per layer
+    "ninformer_tiny_official": (NiNformer, NiNformerConfig, {"head_norm": False, "shared_norm": True}),
 }
 
 

@@ -154,10 +154,11 @@ def _train_seed(models, dataset, rows, csv_path, png_path, *, seed, hyper, dev, 
     contenders = []
     for name in models:
         torch.manual_seed(seed)
+        base, own = parse_model_spec(name)
         try:
-            model = build_model(name, **args).to(dev)
+            model = build_model(base, **{**args, **own}).to(dev)
         except ValueError as e:
-            raise ConfigError(f"cannot build model {name!r} with model_args {args}: {e}") from e
+            raise ConfigError(f"cannot build model {name!r} with model_args {({**args, **own})}: {e}") from e
         optimizer = build_optimizer(model, hyper["lr"], hyper["weight_decay"])
         contenders.append(Contender(name, model, optimizer, build_scheduler(optimizer, warmup_steps, total_steps),
                                     count_params(model)))
@@ -213,6 +214,21 @@ def _train_seed(models, dataset, rows, csv_path, png_path, *, seed, hyper, dev, 
             break
     return [{"model": c.name, "params": c.params, "test_acc": last_row(rows, c.name)["test_acc"],
              "train_img_per_s": c.images / c.seconds if c.seconds > 0 else float("nan")} for c in contenders]
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"vit_tiny:ffn=xatglu1,depth=2"`` -> ``("vit_tiny", {"ffn": "xatglu1", "depth": 2})``: a model
+    name with its own constructor overrides (values read as YAML); a bare name has none."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"model {spec!r}: expected NAME or NAME:key=value,key=value, got the item {item!r}")
+        overrides[key.strip()] = parse_value(text.strip())
+    if not name:
+        raise ConfigError(f"model {spec!r}: no model name before ':'")
+    return name, overrides
 
 
 def share_timm_init(contenders: list[Contender]) -> None:
