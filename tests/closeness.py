@@ -2,7 +2,8 @@
 
 import torch
 
-# DESIGN.md §4: float32 <= 1e-4 relative, float16 / bfloat16 <= 1e-2, as ||out - ref|| / ||ref||.
+# Tolerances (docs/architecture.md, 'Tests and benchmarks'): float32 <= 1e-4 relative, float16 /
+# bfloat16 <= 1e-2, as ||out - ref|| / ||ref||.
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-10}
 
 

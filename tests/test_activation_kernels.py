@@ -5,7 +5,7 @@ import torch
 from closeness import TOL, assert_close
 
 from gatezoo.kernels import KINDS, gated_act, glu, glu_packed
-from gatezoo.kernels.activation.reference import phi_composed
+from gatezoo.kernels.activation.naive import phi_composed
 
 CASES = [(k, a) for k, spec in KINDS.items() for a in ([None, 0.3] if spec.takes_alpha else [None])]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -193,9 +193,9 @@ def test_second_order_gradients(op, backend):
 def test_chunked_torch_path_crosses_chunks(monkeypatch, op, shape, dtype):
     """Force many small chunks (whole rows, or pieces of rows wider than a chunk) so the chunk
     loop, the float32 scratch copies and the dalpha accumulation are exercised."""
-    from gatezoo.kernels.activation import reference
+    from gatezoo.kernels.activation import torch_path
 
-    monkeypatch.setattr(reference, "CPU_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(torch_path, "CPU_CHUNK_ELEMENTS", 64)
     packed_shape = shape[:-1] + (2 * shape[-1],)
     n_in = 2 if op == "glu" else 1
     inputs = [torch.randn(packed_shape if op == "glu_packed" else shape).to(dtype) for _ in range(n_in)]

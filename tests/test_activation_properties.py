@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatezoo.kernels import KINDS, glu_packed
-from gatezoo.kernels.activation.reference import phi_composed
+from gatezoo.kernels.activation.naive import phi_composed
 
 
 @st.composite

@@ -1,9 +1,11 @@
 """Every Triton kernel compiles ahead of time for sm_90 and sm_80 with zero register spills."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,58 @@ def test_matmul_kernels_use_tensor_cores(aot_rows):
     wrong = [(r["kernel"], r["target"], r["tensor_cores"]) for r in matmul
              if r["tensor_cores"] != ("HGMMA" if r["target"] == "sm_90" else "HMMA")]
     assert not wrong, wrong
+
+
+def test_kernel_modules_register_without_the_report():
+    """The Triton modules register their variants in kernel_specs, which imports no kernel
+    module; the report only reads that registry."""
+    pytest.importorskip("triton")
+    import gatezoo.kernels.norm.triton  # noqa: F401
+    from gatezoo.kernels.kernel_specs import registered_specs
+
+    names = [spec.name for spec in registered_specs()]
+    assert any(n.startswith("rms_norm_fwd") for n in names)
+    assert len(names) == len(set(names))
+
+
+def _kernel_imports() -> dict[str, set[str]]:
+    """module -> the gatezoo.kernels modules it imports explicitly (function-level imports too;
+    the implicit import of parent packages is not counted)."""
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for path in (root / "gatezoo" / "kernels").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    graph = {}
+    for mod, (path, is_pkg) in files.items():
+        package = mod if is_pkg else mod.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name in files)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for a in node.names:
+                    deps.add(f"{target}.{a.name}" if f"{target}.{a.name}" in files else target)
+        graph[mod] = {d for d in deps if d in files and d != mod}
+    return graph
+
+
+def test_no_import_cycles_in_kernels():
+    graph = _kernel_imports()
+    assert "gatezoo.kernels.kernel_specs" in graph["gatezoo.kernels.norm.triton"]
+    state = {}
+
+    def visit(mod, path):
+        state[mod] = "open"
+        for dep in sorted(graph[mod]):
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path + [mod, dep])
+            if dep not in state:
+                visit(dep, path + [mod])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [])

@@ -6,7 +6,7 @@ from closeness import TOL, assert_close
 
 from gatezoo.kernels import token_mixing
 from gatezoo.kernels.mixing import token_mixing_composed
-from gatezoo.kernels.mixing.reference import TokenMixingFunction
+from gatezoo.kernels.mixing.torch_path import TokenMixingFunction
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAMES = ("x", "w1", "b1", "w2", "b2", "residual", "gate")

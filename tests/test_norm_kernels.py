@@ -76,3 +76,19 @@ def test_strided_weights_and_many_programs(backend):
         assert_close(name, g_ref, g, 1e-5)
     plain = rms_norm(x, w, backend=backend)
     assert_close("rms", rms_norm_composed(x.detach().double(), w.detach().double()), plain, 1e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["rms", "gated"])
+def test_triton_second_order_matches_float64(gated):
+    """create_graph=True through the Triton kernels differentiates the composition instead."""
+    d = 10
+    ins = [torch.randn(4, d), 1 + 0.1 * torch.randn(d)] + ([torch.randn(d)] if gated else [])
+    fn = gated_rms_norm_composed if gated else rms_norm_composed
+    op = gated_rms_norm if gated else rms_norm
+    ref_in = [t.double().requires_grad_() for t in ins]
+    got_in = [t.clone().requires_grad_() for t in ins]
+    for f, args in ((fn, ref_in), (lambda *a: op(*a, backend="triton"), got_in)):
+        (gx,) = torch.autograd.grad(f(*args).square().sum(), args[0], create_graph=True)
+        gx.square().sum().backward()
+    for name, t_ref, t in zip(("x", "weight", "gate_weight"), ref_in, got_in):
+        assert_close("second order d" + name, t_ref.grad, t.grad, 1e-5)

@@ -85,10 +85,10 @@ CHUNKINGS = {
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=[_id(s) for s in SHAPES])
 def test_torch_path_matches_float64(shape, dtype, layout, chunking, monkeypatch):
-    from gatezoo.kernels.rela import reference
+    from gatezoo.kernels.rela import torch_path
 
     for name, value in CHUNKINGS[chunking].items():
-        monkeypatch.setattr(reference, name, value)
+        monkeypatch.setattr(torch_path, name, value)
     causal = shape[6]
     q, k, v, mask = _inputs(shape, dtype, layout)
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
@@ -141,17 +141,17 @@ def test_second_order_gradients(backend):
 def test_cpu_chunk_plan():
     """Whole score rows for two heads where they fit in the budget, fewer rows when they do not,
     and short row chunks for causal attention so the masked half is skipped."""
-    from gatezoo.kernels.rela import reference
+    from gatezoo.kernels.rela import torch_path
 
     cpu = torch.device("cpu")
-    budget = reference.CPU_CHUNK_SCORES
-    assert reference._plan(32, 1024, 1024, False, cpu) == (2, 1024)
-    assert reference._plan(32, 256, 256, False, cpu) == (32, 256)
-    heads, rows = reference._plan(32, 4096, 4096, False, cpu)
+    budget = torch_path.CPU_CHUNK_SCORES
+    assert torch_path._plan(32, 1024, 1024, False, cpu) == (2, 1024)
+    assert torch_path._plan(32, 256, 256, False, cpu) == (32, 256)
+    heads, rows = torch_path._plan(32, 4096, 4096, False, cpu)
     assert heads == 2 and rows < 4096 and heads * rows * 4096 <= budget
-    assert reference._plan(32, 1024, 1024, True, cpu)[1] == reference.CAUSAL_ROWS
-    assert reference._plan(1, 1 << 22, 1 << 22, False, cpu) == (1, 1)  # never an empty chunk
-    assert reference._plan(32, 4096, 4096, False, torch.device("meta")) == (32, 4096)  # one chunk off CPU
+    assert torch_path._plan(32, 1024, 1024, True, cpu)[1] == torch_path.CAUSAL_ROWS
+    assert torch_path._plan(1, 1 << 22, 1 << 22, False, cpu) == (1, 1)  # never an empty chunk
+    assert torch_path._plan(32, 4096, 4096, False, torch.device("meta")) == (32, 4096)  # one chunk off CPU
 
 
 def test_saves_no_quadratic_tensor():

@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gatezoo.kernels import KINDS, gated_act, glu, rela_attention, token_mixing
-from gatezoo.kernels.activation.reference import phi_composed
+from gatezoo.kernels.activation.naive import phi_composed
 from gatezoo.kernels.mixing import token_mixing_composed
-from gatezoo.kernels.rela.reference import rela_composed
+from gatezoo.kernels.rela.naive import rela_composed
 
 OPS = ("glu", "gated_act", "attention", "token_mixing")
 # token mixing shapes (batch, tokens, channels, hidden): mixer_tiny on 28x28 images with

@@ -1,7 +1,32 @@
-"""Functional ops on tensors: fused Triton kernels, their PyTorch references and autograd.
+"""Functional ops on tensors: fused Triton kernels, their PyTorch paths and autograd.
 
-Every op takes ``backend="auto" | "torch" | "triton"`` (DESIGN.md §2): Triton on CUDA tensors,
-the memory-lean PyTorch path elsewhere. ``GATEZOO_BACKEND`` sets the default.
+Every op takes ``backend="auto" | "torch" | "triton"``: Triton on CUDA tensors, the memory-lean
+PyTorch path elsewhere; ``GATEZOO_BACKEND`` sets the default. The full rule, including the
+``torch.compile`` and float64 cases, is in :mod:`gatezoo.kernels.backend` (see
+docs/architecture.md, 'Backend dispatch').
+
+Layout (the template later ops copy). Each op lives in a folder of its own (``activation``,
+``rela``, ``norm``, ``mixing``) with the same files:
+
+* ``naive.py`` - the readable oracle: a plain composition of PyTorch ops that autograd
+  differentiates. Float64 oracle in the tests, eager peer in the benchmarks, what
+  ``torch.compile`` traces, and what the second-order fallback differentiates.
+* ``torch_path.py`` - the tuned PyTorch backend: a memory-lean ``torch.autograd.Function``.
+* ``triton.py`` - the Triton kernels and their ``torch.autograd.Function``; it imports only
+  public names from other modules, and registers its ahead-of-time variants with
+  :func:`gatezoo.kernels.kernel_specs.register`.
+* ``__init__.py`` - the public op: validates its arguments, then calls
+  :func:`gatezoo.kernels.backend.dispatch` with the naive, torch and Triton callables (the
+  Triton module imported inside its callable, so importing gatezoo never imports triton).
+
+To add an op (MoE routing, say), copy this layout: naive.py, torch_path.py, triton.py, and an
+__init__.py that dispatches; in both autograd functions, answer ``backward`` under
+``torch.is_grad_enabled()`` with :func:`gatezoo.kernels.backend.composed_grads`; register the
+Triton variants with ``kernel_specs.register`` and import the new ``triton.py`` in
+:func:`gatezoo.kernels.aot.all_specs` so that ``python -m gatezoo.kernels.aot`` compiles them.
+Shared modules: ``backend.py`` (dispatch, second-order fallback), ``kernel_specs.py`` (the
+registry of kernel variants), ``scratch.py`` (reused CPU buffers), ``aot.py`` (the compile
+report).
 """
 
 from .activation import KINDS, ActKind, gated_act, glu, glu_packed

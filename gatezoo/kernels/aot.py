@@ -8,9 +8,9 @@ that each kernel builds for Hopper (sm_90a) and Ampere (sm_80), and reports per 
 target: registers, spill bytes (from ``ptxas -v``), static shared memory, whether 128-bit
 global loads were emitted, and which tensor-core instruction appears in the SASS (HGMMA, the
 Hopper warpgroup MMA, or HMMA). Matrix kernels must show HGMMA on sm_90 and HMMA on sm_80.
-Kernel modules add their variants with :func:`register`. Run it
-without ``TRITON_INTERPRET`` (the interpreter replaces the compiler); the command clears it for
-its worker processes.
+Kernel modules add their variants with :func:`gatezoo.kernels.kernel_specs.register`.
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces the compiler); the command clears
+it for its worker processes.
 """
 
 from __future__ import annotations
@@ -22,53 +22,24 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+
+from .kernel_specs import KernelSpec, register, registered_specs  # noqa: F401 (re-exported)
 
 TARGETS = (90, 80)
 
 
-@dataclass
-class KernelSpec:
-    """One compile of one kernel: argument types, constexpr values and launch options.
-
-    ``signature`` maps every runtime argument to a Triton type (``"*fp32"``, ``"i32"``...).
-    Pointers and the integer arguments not listed in ``unaligned`` are compiled with the
-    16-divisibility hint Triton gives them at run time for aligned tensors and sizes.
-    ``matmul`` marks kernels that must use the tensor cores.
-    """
-
-    name: str
-    fn: object
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
-    matmul: bool = False
-    unaligned: tuple = field(default=("R",))
-
-
-_PROVIDERS: list[Callable[[], list[KernelSpec]]] = []
-
-
-def register(provider: Callable[[], list[KernelSpec]]) -> None:
-    """Add a function that returns the :class:`KernelSpec` variants of one kernel module."""
-    _PROVIDERS.append(provider)
-
-
 def all_specs() -> list[KernelSpec]:
-    """Every registered variant (importing the kernel modules registers them)."""
+    """Every registered variant. Importing the kernel modules registers them; call this after
+    TRITON_INTERPRET is cleared, since triton reads it when it is first imported."""
     import gatezoo.kernels.activation.triton  # noqa: F401
     import gatezoo.kernels.mixing.triton  # noqa: F401
     import gatezoo.kernels.norm.triton  # noqa: F401
     import gatezoo.kernels.rela.triton  # noqa: F401
 
-    # Read the registry through the package: under ``python -m`` this file is ``__main__``,
-    # a second copy of the module, while kernel modules register with gatezoo.kernels.aot.
-    from gatezoo.kernels import aot
-
-    return [spec for provider in aot._PROVIDERS for spec in provider()]
+    # The registry lives in kernel_specs, not here: under ``python -m`` this file runs as
+    # ``__main__``, a second copy of the module, and a registry kept in it would stay empty.
+    return registered_specs()
 
 
 def _bin(name: str) -> str:

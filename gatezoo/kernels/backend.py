@@ -1,9 +1,31 @@
-"""Backend selection shared by every op in :mod:`gatezoo.kernels` (DESIGN.md §2).
+"""Backend choice, the dispatch rule and the second-order fallback shared by every op.
 
-``backend="auto"`` picks Triton for CUDA tensors when Triton imports, else the PyTorch
-reference path. ``"triton"`` forces the Triton kernels (on CPU this needs ``TRITON_INTERPRET=1``
-set before :mod:`triton` is imported) and ``"torch"`` forces the reference. The environment
-variable ``GATEZOO_BACKEND`` replaces ``"auto"`` as the default.
+This module is the entry point of the op template (see docs/architecture.md, 'Backend
+dispatch'). Every public op validates its arguments and then calls :func:`dispatch` with three
+zero-argument callables: ``naive`` (the plain composition of the op's ``naive.py``),
+``torch_path`` (the memory-lean autograd.Function of its ``torch_path.py``) and ``triton_path``
+(the fused kernels of its ``triton.py``, imported inside the callable so that importing gatezoo
+never imports triton). The rule, in order:
+
+1. Resolve ``backend`` with :func:`resolve_backend`. ``"auto"`` means ``GATEZOO_BACKEND`` when
+   that is set, else Triton for CUDA tensors (when triton imports) and the torch path elsewhere.
+   ``"triton"`` forced where Triton cannot run (no triton package, or CPU tensors without
+   ``TRITON_INTERPRET=1`` set before triton is imported) raises ``RuntimeError``; an unknown name
+   raises ``ValueError``.
+2. If there is nothing to compute (``empty``) or ``torch.compiler.is_compiling()`` is true, run
+   ``naive()``: under ``torch.compile`` the compiler traces and fuses the plain composition
+   instead of stopping at an opaque autograd.Function.
+3. If the backend resolved to Triton, ask ``triton_unsupported()`` whether these inputs are
+   beyond the kernels (default: any float64 input, see :func:`float64_unsupported`). It returns
+   None, or ``(exception class, reason)``. When the caller passed ``backend="triton"`` itself,
+   that exception is raised with the message ``"backend='triton' " + reason``; otherwise (auto,
+   or the ``GATEZOO_BACKEND`` default) the call quietly takes the torch path.
+4. Otherwise run ``triton_path()`` for Triton and ``torch_path()`` for the torch backend.
+
+The second-order fallback lives here too: the fused backward passes are not themselves
+differentiable, so when a backward runs with ``create_graph=True`` (``torch.is_grad_enabled()``
+inside ``backward``) every autograd.Function hands over to :func:`composed_grads`, which
+differentiates the op's plain composition with a graph.
 """
 
 from __future__ import annotations
@@ -11,10 +33,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable, Sequence
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+
+# What dispatch's ``triton_unsupported`` returns for inputs the Triton kernels do not take:
+# None, or (exception class, reason); the reason completes "backend='triton' ...".
+Unsupported = tuple[type[Exception], str] | None
 
 
 @functools.cache
@@ -65,6 +92,76 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
                 "before importing gatezoo, or use backend='torch'"
             )
     return backend
+
+
+def float64_unsupported(*tensors) -> Unsupported:
+    """The default Triton limit: the kernels compute in float32 and take float16, bfloat16 and
+    float32 inputs only, so any float64 tensor among ``tensors`` sends the call elsewhere."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            return TypeError, f"supports float16, bfloat16 and float32 inputs, got {t.dtype}"
+    return None
+
+
+def dispatch(
+    backend: str,
+    lead_tensor: torch.Tensor,
+    *,
+    naive: Callable[[], torch.Tensor],
+    torch_path: Callable[[], torch.Tensor],
+    triton_path: Callable[[], torch.Tensor],
+    triton_unsupported: Callable[[], Unsupported] | None = None,
+    empty: bool = False,
+) -> torch.Tensor:
+    """Run one op through the backend it resolves to (the rule is in the module docstring).
+
+    Args:
+        backend: the op's ``backend`` argument, ``"auto" | "torch" | "triton"``.
+        lead_tensor: the input whose device decides the backend.
+        naive, torch_path, triton_path: zero-argument callables computing the op's result
+            with the plain composition, the torch path and the Triton kernels.
+        triton_unsupported: zero-argument callable returning None when the Triton kernels take
+            these inputs, else ``(exception class, reason)``; by default float64 ``lead_tensor``
+            is unsupported.
+        empty: True when there is nothing to compute (the naive composition returns the
+            right empty or trivial result without launching anything).
+    """
+    chosen = resolve_backend(backend, lead_tensor)
+    if empty or torch.compiler.is_compiling():
+        return naive()
+    if chosen == "triton":
+        check = triton_unsupported or (lambda: float64_unsupported(lead_tensor))
+        problem = check()
+        if problem is None:
+            return triton_path()
+        if backend.lower() == "triton":
+            exc, reason = problem
+            raise exc(f"backend='triton' {reason}")
+    return torch_path()
+
+
+def composed_grads(ctx, composed: Callable[..., torch.Tensor], args: Sequence, grad_out: torch.Tensor) -> tuple:
+    """The gradients an autograd.Function's ``backward`` returns, taken through ``composed``.
+
+    For backward passes that are themselves differentiated (``create_graph=True``, seen as
+    ``torch.is_grad_enabled()`` inside ``backward``): ``composed(*args)`` is rebuilt under
+    ``enable_grad`` and differentiated with ``create_graph=True`` against ``grad_out``, so the
+    second-order gradients are those of the plain composition. ``args`` are the forward's
+    arguments in order (tensors as saved, options as given). The result has one entry per
+    forward argument: the gradient for each tensor whose ``ctx.needs_input_grad`` is set (zeros
+    when the composition does not use it), None for everything else.
+    """
+    n = len(ctx.needs_input_grad)
+    wrt = [i for i, t in enumerate(args[:n]) if isinstance(t, torch.Tensor) and ctx.needs_input_grad[i]]
+    out = [None] * n
+    if not wrt:
+        return tuple(out)
+    with torch.enable_grad():
+        y = composed(*args)
+        grads = torch.autograd.grad(y, [args[i] for i in wrt], grad_out, create_graph=True, allow_unused=True)
+    for i, g in zip(wrt, grads):
+        out[i] = torch.zeros_like(args[i]) if g is None else g
+    return tuple(out)
 
 
 def on_device(t: torch.Tensor):

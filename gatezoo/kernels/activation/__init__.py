@@ -10,6 +10,15 @@ order-1 gates and ``a * expand(g(a), alpha)`` for order-2 gates, where
 
 All three are differentiable in every tensor argument, ``alpha`` included, and save only
 their inputs for backward.
+
+Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
+
+* ``kinds.py`` - the activation table (gate, order, whether alpha applies).
+* ``naive.py`` - the readable composition :func:`phi_composed`, the oracle.
+* ``packing.py`` - argument helpers shared by the two autograd functions.
+* ``torch_path.py`` - :class:`GatedActFunction`, the chunked, memory-lean torch backend.
+* ``triton.py`` - the fused Triton kernels and their autograd function.
+* ``__init__.py`` - validation and :func:`~gatezoo.kernels.backend.dispatch` (this file).
 """
 
 from __future__ import annotations
@@ -18,14 +27,14 @@ import numbers
 
 import torch
 
-from ..backend import resolve_backend
+from ..backend import dispatch
 from .kinds import IDENTITY, KINDS, ActKind, get_kind
-from .reference import GatedActFunction, phi_composed, unpack
+from .naive import phi_composed
+from .torch_path import GatedActFunction
 
 __all__ = ["KINDS", "ActKind", "gated_act", "glu", "glu_packed", "phi_composed"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_tensor(name: str, t) -> None:
@@ -65,26 +74,21 @@ def _as_rows(t: torch.Tensor, unit_cols: bool) -> torch.Tensor:
     return rows
 
 
-def _pick_backend(backend: str, t: torch.Tensor) -> str:
-    chosen = resolve_backend(backend, t)
-    if chosen == "triton" and t.dtype not in _TRITON_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 inputs, got {t.dtype}")
-        return "torch"
-    return chosen
+def _run(backend: str, x: torch.Tensor, b, alpha, spec: ActKind, packed: bool, out_shape, naive, empty: bool):
+    """Dispatch one call: the autograd functions work on 2-D row views (unit column stride for
+    Triton) and their result is viewed back as ``out_shape``."""
 
+    def torch_path():
+        rows_b = None if b is None else _as_rows(b, False)
+        return GatedActFunction.apply(_as_rows(x, False), rows_b, alpha, spec, packed).view(out_shape)
 
-def _apply(a2, b2, alpha, spec, packed, backend):
-    if torch.compiler.is_compiling():
-        # under torch.compile the composition is traced instead, so the compiler fuses it
-        a2, b2 = unpack(a2, b2, packed)
-        y = phi_composed(a2, spec, alpha)
-        return y if b2 is None else y * b2
-    if backend == "triton":
+    def triton_path():
         from .triton import GatedActTriton
 
-        return GatedActTriton.apply(a2, b2, alpha, spec, packed)
-    return GatedActFunction.apply(a2, b2, alpha, spec, packed)
+        rows_b = None if b is None else _as_rows(b, True)
+        return GatedActTriton.apply(_as_rows(x, True), rows_b, alpha, spec, packed).view(out_shape)
+
+    return dispatch(backend, x, naive=naive, torch_path=torch_path, triton_path=triton_path, empty=empty)
 
 
 def gated_act(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") -> torch.Tensor:
@@ -102,12 +106,11 @@ def gated_act(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") 
     """
     spec = get_kind(kind)
     _check_tensor("x", x)
-    be = _pick_backend(backend, x)
     alpha_t = _check_alpha(alpha, spec, x)
-    if x.numel() == 0 or spec.gate == IDENTITY:  # nothing to compute: a view, as nn.Identity
-        return phi_composed(x, spec, alpha_t).view_as(x)
-    y = _apply(_as_rows(x, be == "triton"), None, alpha_t, spec, False, be)
-    return y.view(x.shape)
+    # identity computes nothing: the naive path returns a view of x, as nn.Identity does
+    return _run(backend, x, None, alpha_t, spec, False, x.shape,
+                naive=lambda: phi_composed(x, spec, alpha_t).view_as(x),
+                empty=x.numel() == 0 or spec.gate == IDENTITY)
 
 
 def glu(a: torch.Tensor, b: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") -> torch.Tensor:
@@ -127,12 +130,9 @@ def glu(a: torch.Tensor, b: torch.Tensor, kind: str, alpha=None, *, backend: str
         raise TypeError(f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got a on {a.device} and b on {b.device}")
-    be = _pick_backend(backend, a)
     alpha_t = _check_alpha(alpha, spec, a)
-    if a.numel() == 0:
-        return phi_composed(a, spec, alpha_t) * b
-    y = _apply(_as_rows(a, be == "triton"), _as_rows(b, be == "triton"), alpha_t, spec, False, be)
-    return y.view(a.shape)
+    return _run(backend, a, b, alpha_t, spec, False, a.shape,
+                naive=lambda: phi_composed(a, spec, alpha_t) * b, empty=a.numel() == 0)
 
 
 def glu_packed(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") -> torch.Tensor:
@@ -147,11 +147,7 @@ def glu_packed(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto")
     _check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(f"x must have an even last dimension (the [a | b] halves), got shape {tuple(x.shape)}")
-    be = _pick_backend(backend, x)
     alpha_t = _check_alpha(alpha, spec, x)
     h = x.shape[-1] // 2
-    out_shape = x.shape[:-1] + (h,)
-    if x.numel() == 0:
-        return phi_composed(x[..., :h], spec, alpha_t) * x[..., h:]
-    y = _apply(_as_rows(x, be == "triton"), None, alpha_t, spec, True, be)
-    return y.view(out_shape)
+    return _run(backend, x, None, alpha_t, spec, True, x.shape[:-1] + (h,),
+                naive=lambda: phi_composed(x[..., :h], spec, alpha_t) * x[..., h:], empty=x.numel() == 0)

@@ -1,4 +1,4 @@
-"""The activation table shared by the reference and the Triton kernels.
+"""The activation table shared by the naive composition, the torch path and the Triton kernels.
 
 Every kind is a gate ``g`` with range (0, 1) and an order: order 1 gives
 ``phi(a) = expand(g(a), alpha)``, order 2 gives ``phi(a) = a * expand(g(a), alpha)``, with

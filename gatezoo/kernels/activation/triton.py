@@ -5,7 +5,8 @@ operand (GLU) and the trainable ``alpha`` are compile-time flags, so each varian
 straight-line elementwise kernel. Inputs are (R, N) row views with unit column stride (the
 halves of a packed GLU input are read in place through the row stride); all math is float32.
 The backward recomputes the gate from the inputs and reduces ``dalpha`` per program into a
-buffer that is summed on the host, so gradients are deterministic (no atomics).
+buffer that is summed on the host, so gradients are deterministic (no atomics). Second-order
+gradients differentiate the plain composition (:func:`~.packing.composed_rows`) instead.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aot import KernelSpec, register
-from ..backend import on_device
+from ..backend import composed_grads, on_device
+from ..kernel_specs import KernelSpec, register
 from .kinds import IDENTITY, KINDS, RELU, ActKind
-from .reference import composed_grads, grad_buffers, input_grads, unpack
+from .packing import composed_rows, grad_buffers, input_grads, unpack
 
 INV_PI = tl.constexpr(0.3183098861837907)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -203,7 +204,7 @@ def glu_backward(a, b, dy, alpha, spec: ActKind, da, db):
 
 
 class GatedActTriton(torch.autograd.Function):
-    """Same contract as :class:`~gatezoo.kernels.activation.reference.GatedActFunction`."""
+    """Same contract as :class:`~gatezoo.kernels.activation.torch_path.GatedActFunction`."""
 
     @staticmethod
     def forward(ctx, a, b, alpha, spec: ActKind, packed: bool):
@@ -219,7 +220,7 @@ class GatedActTriton(torch.autograd.Function):
     def backward(ctx, dy):
         x, b, alpha = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, x, b, alpha, dy, ctx.spec, ctx.packed)
+            return composed_grads(ctx, composed_rows, (x, b, alpha, ctx.spec, ctx.packed), dy)
         a, b = unpack(x, b, ctx.packed)
         dx, da, db = grad_buffers(x, b, ctx.packed, True, True)  # the kernel writes both
         al = None if alpha is None else alpha.detach().float().reshape(())

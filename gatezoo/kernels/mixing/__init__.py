@@ -1,12 +1,23 @@
 """Token mixing: the MLP that MLP-Mixer and NiNformer run along the token axis, with optional
-residual and gate fused into its epilogue (see :mod:`.reference` for the exact definition)."""
+residual and gate fused into its epilogue (see :mod:`.naive` for the exact definition).
+
+Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
+
+* ``naive.py`` - :func:`token_mixing_composed`, the plain composition and oracle.
+* ``torch_path.py`` - :class:`~.torch_path.TokenMixingFunction`, the lean torch backend, and
+  ``composed_args``, which both autograd functions use for second-order gradients.
+* ``triton.py`` - the fused Triton kernels (whole token axis in one tile) and their autograd
+  function; ``max_tokens`` gives the longest token axis they take.
+* ``__init__.py`` - validation, autocast and :func:`~gatezoo.kernels.backend.dispatch` (this file).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
-from .reference import TokenMixingFunction, token_mixing_composed
+from ..backend import dispatch
+from .naive import token_mixing_composed
+from .torch_path import TokenMixingFunction
 
 __all__ = ["token_mixing", "token_mixing_composed"]
 
@@ -75,16 +86,26 @@ def token_mixing(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
         with torch.autocast(x.device.type, enabled=False):
             return token_mixing(x, w1, b1, w2, b2, residual=residual, gate=gate, backend=backend)
     _check(x, w1, b1, w2, b2, residual, gate)
-    chosen = resolve_backend(backend, x)
-    if x.numel() == 0 or torch.compiler.is_compiling():
-        return token_mixing_composed(x, w1, b1, w2, b2, residual, gate)
-    if chosen == "triton":
-        from .triton import TokenMixingTriton, max_tokens
+    args = (x, w1, b1, w2, b2, residual, gate)
+
+    def triton_unsupported():
+        from .triton import max_tokens
 
         if x.dtype == torch.float64 or x.shape[1] > max_tokens(x.dtype):
-            if backend == "triton":
-                raise ValueError("backend='triton' needs float16/bfloat16 x with at most 128 tokens or float32 x "
-                                 f"with at most 64, got {x.dtype} with {x.shape[1]}")
-        else:
-            return TokenMixingTriton.apply(x, w1, b1, w2, b2, residual, gate)
-    return TokenMixingFunction.apply(x, w1, b1, w2, b2, residual, gate)
+            return ValueError, ("needs float16/bfloat16 x with at most 128 tokens or float32 x "
+                                f"with at most 64, got {x.dtype} with {x.shape[1]}")
+        return None
+
+    def triton_path():
+        from .triton import TokenMixingTriton
+
+        return TokenMixingTriton.apply(*args)
+
+    return dispatch(
+        backend, x,
+        naive=lambda: token_mixing_composed(*args),
+        torch_path=lambda: TokenMixingFunction.apply(*args),
+        triton_path=triton_path,
+        triton_unsupported=triton_unsupported,
+        empty=x.numel() == 0,
+    )

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for token mixing (see :mod:`.reference` for the math).
+"""Fused Triton kernels for token mixing (see :mod:`.naive` for the math).
 
 Forward: one program per (channel block, batch element) loads the (N, BLOCK_C) slab of x once,
 and for each block of hidden units computes ``A = W1 x + b1`` and ``H = GELU(A)`` and adds
@@ -11,7 +11,8 @@ gradients build up in a per-program float32 partial (each program owns its rows,
 atomics and the result is deterministic), summed by one reduction afterwards.
 
 Products use the tensor cores: float16/bfloat16 directly, float32 as TF32. Under the CPU
-interpreter every product is exact float32.
+interpreter every product is exact float32. Second-order gradients differentiate
+:func:`~.naive.token_mixing_composed` instead.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aot import KernelSpec, register
-from ..backend import interpret_mode, on_device
+from ..backend import composed_grads, interpret_mode, on_device
+from ..kernel_specs import KernelSpec, register
+from .naive import token_mixing_composed
+from .torch_path import composed_args
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -250,7 +253,7 @@ def token_mixing_backward(x, w1, b1, w2, b2, residual, gate, dy):
 
 
 class TokenMixingTriton(torch.autograd.Function):
-    """Same contract as :class:`~gatezoo.kernels.mixing.reference.TokenMixingFunction`; saves
+    """Same contract as :class:`~gatezoo.kernels.mixing.torch_path.TokenMixingFunction`; saves
     only its inputs (the residual only when gated) and recomputes the hidden activations in
     backward."""
 
@@ -264,9 +267,8 @@ class TokenMixingTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            from .reference import _composed_grads
-
-            return _composed_grads(ctx, dy)
+            with torch.autocast(dy.device.type, enabled=False):
+                return composed_grads(ctx, token_mixing_composed, composed_args(ctx), dy)
         x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors
         dx, dw1, db1, dw2, db2, dres, dgate = token_mixing_backward(x, w1, b1, w2, b2, residual, gate, dy)
         if ctx.has[2] and dres is None:  # no gate: the residual's gradient is dy itself

@@ -1,11 +1,20 @@
-"""RMSNorm and the gated RMSNorm that ReLA-g puts on the attention output."""
+"""RMSNorm and the gated RMSNorm that ReLA-g puts on the attention output.
+
+Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
+
+* ``naive.py`` - :func:`rms_norm_composed` and :func:`gated_rms_norm_composed`, the oracles.
+* ``torch_path.py`` - :class:`~.torch_path.RMSNormFunction`, the float32 torch backend.
+* ``triton.py`` - the fused Triton kernels (whole rows per program) and their autograd function.
+* ``__init__.py`` - validation and :func:`~gatezoo.kernels.backend.dispatch` (this file).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
-from .reference import RMSNormFunction, gated_rms_norm_composed, rms_norm_composed
+from ..backend import dispatch, float64_unsupported
+from .naive import gated_rms_norm_composed, norm_composed, rms_norm_composed
+from .torch_path import RMSNormFunction, in_compute_dtype
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_composed", "rms_norm", "rms_norm_composed"]
 
@@ -28,23 +37,31 @@ def _check(x, named_weights, eps):
         raise ValueError(f"eps must be positive, got {eps}")
 
 
-def _function(backend, x, ws):
-    chosen = resolve_backend(backend, x)
-    if chosen == "triton" and any(t.dtype == torch.float64 for t in (x, *ws)):
-        if backend == "triton":
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got float64")
-        chosen = "torch"
-    if chosen == "triton":
+def _run(backend: str, x, weight, gate_weight, eps: float) -> torch.Tensor:
+    def naive():
+        # what torch.compile traces: the composition in the torch path's compute dtype and x's dtype out
+        u = None if gate_weight is None else in_compute_dtype(gate_weight)
+        return norm_composed(in_compute_dtype(x), in_compute_dtype(weight), u, eps).to(x.dtype)
+
+    def triton_path():
         from .triton import RMSNormTriton
 
-        return RMSNormTriton
-    return RMSNormFunction
+        return RMSNormTriton.apply(x, weight, gate_weight, eps)
+
+    return dispatch(
+        backend, x,
+        naive=naive,
+        torch_path=lambda: RMSNormFunction.apply(x, weight, gate_weight, eps),
+        triton_path=triton_path,
+        triton_unsupported=lambda: float64_unsupported(x, weight, gate_weight),
+        empty=x.numel() == 0,
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dim (a zero row gives 0)."""
     _check(x, [("weight", weight)], eps)
-    return _function(backend, x, [weight]).apply(x, weight, None, float(eps))
+    return _run(backend, x, weight, None, float(eps))
 
 
 def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Tensor, eps: float = 1e-6, *,
@@ -58,4 +75,4 @@ def gated_rms_norm(x: torch.Tensor, weight: torch.Tensor, gate_weight: torch.Ten
         eps: added to the mean square, so a zero row gives 0 rather than NaN.
     """
     _check(x, [("weight", weight), ("gate_weight", gate_weight)], eps)
-    return _function(backend, x, [weight, gate_weight]).apply(x, weight, gate_weight, float(eps))
+    return _run(backend, x, weight, gate_weight, float(eps))

@@ -3,6 +3,7 @@
 Each program normalises BLOCK_M whole rows held in registers (the row length is padded to a
 power of two and masked). The backward recomputes 1/rms and the gate from x, and writes the
 weight gradients as per-program partial sums that the host adds up: deterministic, no atomics.
+Second-order gradients differentiate :func:`~.naive.norm_composed` instead.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aot import KernelSpec, register
-from ..backend import on_device
+from ..backend import composed_grads, on_device
+from ..kernel_specs import KernelSpec, register
+from .naive import norm_composed
 
 
 @triton.jit
@@ -74,7 +76,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNormTriton(torch.autograd.Function):
-    """Same contract as :class:`~gatezoo.kernels.norm.reference.RMSNormFunction`."""
+    """Same contract as :class:`~gatezoo.kernels.norm.torch_path.RMSNormFunction`."""
 
     @staticmethod
     def forward(ctx, x, weight, gate_weight, eps: float):
@@ -98,9 +100,7 @@ class RMSNormTriton(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, gate_weight = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            from .reference import RMSNormFunction
-
-            return RMSNormFunction.backward(ctx, dy)
+            return composed_grads(ctx, norm_composed, (x, weight, gate_weight, ctx.eps), dy)
         x2, dy2 = _rows(x), _rows(dy)
         w_c = weight.contiguous()
         u_c = None if gate_weight is None else gate_weight.contiguous()

@@ -1,12 +1,21 @@
 """ReLA, rectified linear attention: ``relu(q k^T * scale) v`` with masks, causal decoding
-and grouped-query attention (see :mod:`.reference` for the exact definition)."""
+and grouped-query attention (see :mod:`.naive` for the exact definition).
+
+Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
+
+* ``naive.py`` - :func:`rela_composed` over the full score matrix, the oracle.
+* ``torch_path.py`` - :class:`~.torch_path.ReLAFunction`, the chunked torch backend.
+* ``triton.py`` - the fused Triton kernels (forward, dK/dV, dQ) and their autograd function.
+* ``__init__.py`` - validation and :func:`~gatezoo.kernels.backend.dispatch` (this file).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..backend import resolve_backend
-from .reference import ReLAFunction, rela_composed
+from ..backend import dispatch
+from .naive import rela_composed
+from .torch_path import ReLAFunction
 
 __all__ = ["MAX_HEAD_DIM", "rela_attention", "rela_composed"]
 
@@ -67,18 +76,20 @@ def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     float32 inputs as TF32 on the tensor cores; the torch path is exact float32.
     """
     _check(q, k, v, key_padding_mask)
-    chosen = resolve_backend(backend, q)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    causal = bool(causal)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(q.device)
-    if q.numel() == 0 or k.shape[2] == 0 or torch.compiler.is_compiling():
-        return rela_composed(q, k, v, causal, key_padding_mask, scale)
-    if chosen == "triton":
-        if q.dtype == torch.float64:
-            if backend == "triton":
-                raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, got torch.float64")
-        else:
-            from .triton import ReLATriton
 
-            return ReLATriton.apply(q, k, v, key_padding_mask, bool(causal), scale)
-    return ReLAFunction.apply(q, k, v, key_padding_mask, bool(causal), scale)
+    def triton_path():
+        from .triton import ReLATriton
+
+        return ReLATriton.apply(q, k, v, key_padding_mask, causal, scale)
+
+    return dispatch(
+        backend, q,
+        naive=lambda: rela_composed(q, k, v, causal, key_padding_mask, scale),
+        torch_path=lambda: ReLAFunction.apply(q, k, v, key_padding_mask, causal, scale),
+        triton_path=triton_path,
+        empty=q.numel() == 0 or k.shape[2] == 0,
+    )

@@ -11,7 +11,7 @@ another per query block computes dQ. Both recompute the scores, with dS = dP * 1
 
 Matrix products use the tensor cores: float16/bfloat16 directly, float32 inputs as TF32 (as
 cuDNN and SDPA attention do, about 1e-3 relative error). Under the CPU interpreter every
-product is exact float32.
+product is exact float32. Second-order gradients differentiate :func:`~.naive.rela_composed`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..aot import KernelSpec, register
-from ..backend import interpret_mode, on_device
+from ..backend import composed_grads, interpret_mode, on_device
+from ..kernel_specs import KernelSpec, register
+from .naive import rela_composed
 
 
 @triton.jit
@@ -274,7 +275,7 @@ def rela_backward(q, k, v, do, key_padding_mask, causal: bool, scale: float):
 
 
 class ReLATriton(torch.autograd.Function):
-    """Same contract as :class:`~gatezoo.kernels.rela.reference.ReLAFunction`."""
+    """Same contract as :class:`~gatezoo.kernels.rela.torch_path.ReLAFunction`."""
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal: bool, scale: float):
@@ -286,11 +287,14 @@ class ReLATriton(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, key_padding_mask = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            from .reference import _composed_grads
-
-            return _composed_grads(ctx, q, k, v, key_padding_mask, do) + (None, None, None)
+            return composed_grads(ctx, _composed, (q, k, v, key_padding_mask, ctx.causal, ctx.scale), do)
         dq, dk, dv = rela_backward(q, k, v, do, key_padding_mask, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
+
+
+def _composed(q, k, v, key_padding_mask, causal, scale):
+    """:func:`~.naive.rela_composed` with the arguments in the order of :meth:`ReLATriton.forward`."""
+    return rela_composed(q, k, v, causal, key_padding_mask, scale)
 
 
 def _aot_specs():

@@ -1,16 +1,12 @@
-"""PyTorch reference for the gated-activation / GLU family.
+"""The torch backend of the gated-activation / GLU family: memory-lean, chunked on CPU.
 
-Two things live here:
-
-* :func:`phi_composed`, the readable composition of DESIGN.md §3 built from ordinary autograd
-  ops (``F.silu(a)``, ``(1 + 2 alpha) * sigmoid(a) - alpha`` ...). It is the float64 oracle in
-  the tests and the "eager" peer in the benchmarks.
-* :class:`GatedActFunction`, the memory-lean torch path used on CPU: one autograd node that saves
-  only its inputs and recomputes the gate in backward. It walks the rows in chunks small enough
-  to stay in cache, so the several elementwise passes of each formula read main memory once,
-  and computes in float32 whatever the input dtype. Every temporary lives in a few chunk-sized
-  scratch buffers reused from chunk to chunk: fresh allocations would be handed back to the OS
-  and page-faulted in again for every chunk, which costs more than the arithmetic.
+:class:`GatedActFunction` is one autograd node that saves only its inputs and recomputes the
+gate in backward. It walks the rows in chunks small enough to stay in cache, so the several
+elementwise passes of each formula read main memory once, and computes in float32 whatever the
+input dtype (float64 stays float64). Every temporary lives in a few chunk-sized scratch buffers
+reused from chunk to chunk: fresh allocations would be handed back to the OS and page-faulted in
+again for every chunk, which costs more than the arithmetic. The readable composition it must
+match is :func:`~.naive.phi_composed`.
 """
 
 from __future__ import annotations
@@ -20,8 +16,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..backend import composed_grads
 from ..scratch import Scratch
-from .kinds import ARCTAN, IDENTITY, NORMCDF, RELU, SIGMOID, ActKind
+from .kinds import ARCTAN, IDENTITY, RELU, SIGMOID, ActKind
+from .packing import composed_rows, grad_buffers, input_grads, unpack
 
 _INV_PI = 1.0 / math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -31,42 +29,6 @@ _SQRT1_2 = math.sqrt(0.5)
 # temporaries of one chunk stays in L2/L3 while the next is read from memory.
 CPU_CHUNK_ELEMENTS = 1 << 19
 
-
-def expand(g: torch.Tensor, alpha) -> torch.Tensor:
-    """``expand(g, alpha) = (1 + 2 alpha) g - alpha``: stretches a (0, 1) gate to (-alpha, 1 + alpha)."""
-    return (1 + 2 * alpha) * g - alpha
-
-
-def gate_composed(a: torch.Tensor, spec: ActKind) -> torch.Tensor:
-    """The gate g(a) of ``spec`` as a plain composition (sigmoid, arctan/pi + 1/2 or Phi)."""
-    if spec.gate == SIGMOID:
-        return torch.sigmoid(a)
-    if spec.gate == ARCTAN:
-        return torch.atan(a) / math.pi + 0.5
-    if spec.gate == NORMCDF:
-        return 0.5 * (1.0 + torch.erf(a / math.sqrt(2.0)))
-    raise ValueError(f"{spec.name} has no gate")
-
-
-def phi_composed(a: torch.Tensor, spec: ActKind, alpha=None) -> torch.Tensor:
-    """phi(a) written the way a user would in eager PyTorch (autograd saves what it likes)."""
-    if spec.gate == IDENTITY:
-        return a
-    if spec.gate == RELU:
-        return F.relu(a)
-    if alpha is None:
-        if spec.name == "silu":
-            return F.silu(a)
-        if spec.name == "gelu":
-            return F.gelu(a)
-        g = gate_composed(a, spec)
-    else:
-        g = expand(gate_composed(a, spec), alpha)
-    return a * g if spec.order == 2 else g
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked, memory-lean autograd function (the torch backend)
 
 # Order-2 kinds whose a * g(a) has a fused ATen kernel and backward (SiLU, GELU): much cheaper
 # on CPU than composing sigmoid or erf with products.
@@ -230,47 +192,6 @@ def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_
     return torch.stack(partials).sum() if want_alpha else None
 
 
-def unpack(x, b, packed: bool):
-    """(a, b) from the arguments of the autograd functions: the two halves of ``x`` when packed."""
-    if packed:
-        n = x.shape[1] // 2
-        return x[:, :n], x[:, n:]
-    return x, b
-
-
-def grad_buffers(x, b, packed: bool, need_a: bool, need_b: bool):
-    """(dx, da, db) to write gradients into: for a packed input one buffer ``dx`` whose halves
-    are ``da`` and ``db``, else separate buffers (None where not needed)."""
-    if packed:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        return (dx, *unpack(dx, None, True))
-    da = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_a else None
-    db = torch.empty(b.shape, dtype=b.dtype, device=b.device) if b is not None and need_b else None
-    return None, da, db
-
-
-def composed_grads(ctx, x, b, alpha, dy, spec: ActKind, packed: bool):
-    """Backward through :func:`phi_composed` with a graph, for when the backward itself is
-    differentiated (``create_graph=True``): the fused backward is not differentiable, the
-    composition is, so second-order gradients stay right."""
-    a, b2 = unpack(x, b, packed)
-    wrt = [(i, t) for i, t in enumerate((x, b, alpha)) if t is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        y = phi_composed(a, spec, alpha)
-        if b2 is not None:
-            y = y * b2
-        grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
-    out = [None] * 5
-    for (i, t), g in zip(wrt, grads):
-        out[i] = torch.zeros_like(t) if g is None else g
-    return tuple(out)
-
-
-def input_grads(packed: bool, dx, da, db, dalpha):
-    """The tuple ``backward`` returns for (a or x, b, alpha, spec, packed)."""
-    return (dx, None, dalpha, None, None) if packed else (da, db, dalpha, None, None)
-
-
 class GatedActFunction(torch.autograd.Function):
     """phi(a) [* b] on 2-D row views, saving only the inputs.
 
@@ -302,8 +223,8 @@ class GatedActFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, b = ctx.saved_tensors
         spec, packed, al = ctx.spec, ctx.packed, ctx.alpha
-        if torch.is_grad_enabled():  # create_graph=True
-            return composed_grads(ctx, x, b, ctx.alpha_tensor, dy, spec, packed)
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
+            return composed_grads(ctx, composed_rows, (x, b, ctx.alpha_tensor, spec, packed), dy)
         want_alpha = al is not None and ctx.needs_input_grad[2]
         a, b = unpack(x, b, packed)
         dx, da, db = grad_buffers(x, b, packed, ctx.needs_input_grad[0], ctx.needs_input_grad[1])

@@ -1,19 +1,9 @@
-"""PyTorch reference for token mixing, the MLP that MLP-Mixer and NiNformer run along the token
-axis.
+"""The torch backend of token mixing (the math is in :mod:`.naive`).
 
-For x of shape (B, N, C) (N tokens, C channels), per batch element, with no transposes:
-
-    A = W1 x + b1            (Hd, C)   W1: (Hd, N), b1: (Hd,)
-    H = GELU(A)                         exact (erf) GELU, as ``nn.GELU()``
-    Y = W2 H + b2            (N, C)    W2: (N, Hd), b2: (N,)
-    Y = Y + residual                    optional
-    Y = Y * gate                        optional (e.g. gMLP's spatial gating unit)
-
-* :func:`token_mixing_composed` is the plain composition (the oracle in tests, the eager peer in
-  benchmarks).
-* :class:`TokenMixingFunction` is the torch backend: one autograd node that saves its inputs and
-  the pre-activation A (plus the pre-gate output when gated) and recomputes GELU(A) in backward,
-  one (B, Hd, C) tensor fewer than autograd of the composition keeps.
+:class:`TokenMixingFunction` is one autograd node that saves its inputs and the pre-activation A
+(plus the pre-gate output when gated) and recomputes GELU(A) in backward: one (B, Hd, C) tensor
+fewer than autograd of :func:`~.naive.token_mixing_composed` keeps, which also gives its
+second-order gradients.
 """
 
 from __future__ import annotations
@@ -21,20 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def token_mixing_composed(x, w1, b1, w2, b2, residual=None, gate=None):
-    """The token-mixing MLP as a plain composition that autograd differentiates."""
-    a = torch.matmul(w1, x)
-    if b1 is not None:
-        a = a + b1[:, None]
-    y = torch.matmul(w2, F.gelu(a))
-    if b2 is not None:
-        y = y + b2[:, None]
-    if residual is not None:
-        y = y + residual
-    if gate is not None:
-        y = y * gate
-    return y
+from ..backend import composed_grads
+from .naive import token_mixing_composed
 
 
 def _compute_dtype(dtype):
@@ -87,7 +65,8 @@ class TokenMixingFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, w1, b1, w2, b2, residual, gate, a, pre = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return _composed_grads(ctx, dy)
+            with torch.autocast(dy.device.type, enabled=False):
+                return composed_grads(ctx, token_mixing_composed, composed_args(ctx), dy)
         with torch.autocast(dy.device.type, enabled=False):
             return _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre)
 
@@ -113,16 +92,12 @@ def _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre):
     return dx, dw1, db1, dw2, db2, dres, dgate
 
 
-def _composed_grads(ctx, dy):
+def composed_args(ctx) -> tuple:
+    """The forward's arguments (x, w1, b1, w2, b2, residual, gate) rebuilt from what a token
+    mixing autograd function saved (its first seven saved tensors, and ``ctx.has``), for
+    :func:`gatezoo.kernels.backend.composed_grads`. A residual is saved only with a gate; without
+    one it enters the output linearly, so zeros in its place give the same gradients."""
     x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors[:7]
-    if ctx.has[2] and residual is None:  # not saved (no gate): it enters linearly, any value will do
+    if ctx.has[2] and residual is None:
         residual = torch.zeros_like(x, requires_grad=ctx.needs_input_grad[5])
-    inputs = (x, w1, b1, w2, b2, residual, gate)
-    wrt = [(i, t) for i, t in enumerate(inputs) if t is not None and ctx.needs_input_grad[i]]
-    with torch.enable_grad(), torch.autocast(dy.device.type, enabled=False):
-        y = token_mixing_composed(*inputs)
-        grads = torch.autograd.grad(y, [t for _, t in wrt], dy, create_graph=True, allow_unused=True)
-    out = [None] * 7
-    for (i, t), g in zip(wrt, grads):
-        out[i] = torch.zeros_like(t) if g is None else g
-    return tuple(out)
+    return x, w1, b1, w2, b2, residual, gate

@@ -1,24 +1,17 @@
-"""PyTorch reference for ReLA, rectified linear attention (Zhang, Titov & Sennrich 2021).
+"""The torch backend of ReLA: chunked, never holding a T x T tensor.
 
-    S = (q k^T) * scale, with masked entries (padded keys, future keys when causal) set to 0
-    O = relu(S) v                     no normalisation over keys
-
-* :func:`rela_composed` is the readable version that builds the whole T x T matrix: the float64
-  oracle in the tests and the "naive" peer in the benchmarks.
-* :class:`ReLAFunction` is the torch backend: it walks the score matrix in chunks (query rows
-  forward, key rows backward), never keeps a T x T tensor, saves only q, k, v (and the mask) and
-  recomputes the scores in backward.
-
-Grouped-query attention: k and v may have ``Hk`` heads with ``H % Hk == 0``; query head ``h``
-reads key/value head ``h // (H // Hk)``. Causal attention with ``Tq != Tk`` is aligned
-bottom-right: query ``i`` sees keys ``j <= i + Tk - Tq`` (incremental decoding).
+:class:`ReLAFunction` walks the score matrix in chunks (query rows forward, key rows backward),
+saves only q, k, v (and the mask) and recomputes the scores in backward. It must match
+:func:`~.naive.rela_composed`, which also gives its second-order gradients.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..backend import composed_grads
 from ..scratch import Scratch
+from .naive import rela_composed
 
 # Scores of one chunk on CPU: at most 2^21 float32 (8 MiB; backward holds two such buffers). A
 # chunk takes whole rows of the score matrix where that fits with at least PAR_HEADS heads side by
@@ -33,35 +26,6 @@ CAUSAL_ROWS = 128
 # dq^T sums products over at most this many key rows at a time: that product alone ran ~15%
 # faster in two halves of 512 rows than over all 1024 at T=1024 on 2 threads
 DQ_K = 512
-
-
-def keep_mask(tq: int, tk: int, causal: bool, key_padding_mask, device):
-    """Bool mask of the scores that survive, broadcastable to (B, 1, Tq, Tk), or None when
-    nothing is masked."""
-    keep = None
-    if causal:
-        i = torch.arange(tq, device=device)[:, None]
-        j = torch.arange(tk, device=device)[None, :]
-        keep = j <= i + (tk - tq)
-    if key_padding_mask is not None:
-        pad = key_padding_mask[:, None, None, :]
-        keep = pad if keep is None else keep & pad
-    return keep
-
-
-def rela_composed(q, k, v, causal: bool = False, key_padding_mask=None, scale=None):
-    """ReLA as one composition over the full score matrix (autograd differentiates it)."""
-    b, h, tq, d = q.shape
-    hk, tk = k.shape[1], k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    if hk != h:
-        k = k.repeat_interleave(h // hk, dim=1)
-        v = v.repeat_interleave(h // hk, dim=1)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    keep = keep_mask(tq, tk, causal, key_padding_mask, q.device)
-    if keep is not None:
-        s = s.masked_fill(~keep, 0.0)
-    return torch.matmul(torch.relu(s), v)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -194,8 +158,13 @@ class ReLAFunction(torch.autograd.Function):
         q, k, v, key_padding_mask = ctx.saved_tensors
         causal, scale = ctx.causal, ctx.scale
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return _composed_grads(ctx, q, k, v, key_padding_mask, do) + (None, None, None)
+            return composed_grads(ctx, _composed, (q, k, v, key_padding_mask, causal, scale), do)
         return _chunked_grads(q, k, v, key_padding_mask, causal, scale, do)
+
+
+def _composed(q, k, v, key_padding_mask, causal, scale):
+    """:func:`rela_composed` with the arguments in the order of :meth:`ReLAFunction.forward`."""
+    return rela_composed(q, k, v, causal, key_padding_mask, scale)
 
 
 def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
@@ -247,14 +216,3 @@ def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
     dk = dk.view(pb.b, pb.hk, tk, d).to(k.dtype)
     dv = dv.view(pb.b, pb.hk, tk, d).to(v.dtype)
     return dq, dk, dv, None, None, None
-
-
-def _composed_grads(ctx, q, k, v, key_padding_mask, do):
-    wrt = [(i, t) for i, t in enumerate((q, k, v)) if ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        o = rela_composed(q, k, v, ctx.causal, key_padding_mask, ctx.scale)
-        grads = torch.autograd.grad(o, [t for _, t in wrt], do, create_graph=True)
-    out = [None, None, None]
-    for (i, _), gr in zip(wrt, grads):
-        out[i] = gr
-    return tuple(out)

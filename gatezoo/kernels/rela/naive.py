@@ -1,0 +1,47 @@
+"""The readable oracle of ReLA, rectified linear attention (Zhang, Titov & Sennrich 2021).
+
+    S = (q k^T) * scale, with masked entries (padded keys, future keys when causal) set to 0
+    O = relu(S) v                     no normalisation over keys
+
+:func:`rela_composed` builds the whole T x T matrix and lets autograd differentiate it: the
+float64 oracle in the tests, the "naive" peer in the benchmarks, what ``torch.compile`` traces
+and what the backward passes differentiate for second-order gradients (see
+docs/architecture.md, 'The math').
+
+Grouped-query attention: k and v may have ``Hk`` heads with ``H % Hk == 0``; query head ``h``
+reads key/value head ``h // (H // Hk)``. Causal attention with ``Tq != Tk`` is aligned
+bottom-right: query ``i`` sees keys ``j <= i + Tk - Tq`` (incremental decoding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def keep_mask(tq: int, tk: int, causal: bool, key_padding_mask, device):
+    """Bool mask of the scores that survive, broadcastable to (B, 1, Tq, Tk), or None when
+    nothing is masked."""
+    keep = None
+    if causal:
+        i = torch.arange(tq, device=device)[:, None]
+        j = torch.arange(tk, device=device)[None, :]
+        keep = j <= i + (tk - tq)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        keep = pad if keep is None else keep & pad
+    return keep
+
+
+def rela_composed(q, k, v, causal: bool = False, key_padding_mask=None, scale=None):
+    """ReLA as one composition over the full score matrix (autograd differentiates it)."""
+    b, h, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    if hk != h:
+        k = k.repeat_interleave(h // hk, dim=1)
+        v = v.repeat_interleave(h // hk, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    keep = keep_mask(tq, tk, causal, key_padding_mask, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, 0.0)
+    return torch.matmul(torch.relu(s), v)
