@@ -17,15 +17,10 @@ from safetensors.torch import load_file
 from gatezoo.models import create_model
 from gatezoo.train import classify, evaluate, sidebyside
 from gatezoo.train import data as gdata
+from gatezoo.train.checkpoint import load_checkpoint, read_checkpoint_metadata
 from gatezoo.train.config import ConfigError, keys_help, load_config, parse_overrides
-from gatezoo.train.engine import (
-    build_model,
-    load_checkpoint,
-    model_names,
-    param_groups,
-    read_checkpoint_metadata,
-    warmup_cosine,
-)
+from gatezoo.train.factory import build_model, model_names, parse_model_spec
+from gatezoo.train.optim import inverse_sqrt, param_groups, warmup_cosine
 
 TINY = ["--model_args.dim", "32", "--model_args.depth", "1"]
 
@@ -50,7 +45,7 @@ def tiny_npz(tmp_path_factory):
 
 def _run(tmp_path, tiny_npz, *extra, model="vit_tiny"):
     argv = ["--model", model, "--data", str(tiny_npz), "--out", str(tmp_path / "runs"), "--batch_size", "16",
-            "--epochs", "2", "--lr", "3e-3", "--no-progress", *TINY, *extra]
+            "--epochs", "2", "--lr", "3e-3", "--progress", "false", *TINY, *extra]
     assert classify.main(argv) == 0
     (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
     return run_dir
@@ -68,7 +63,7 @@ def _rows(path):
 def test_overrides_parse_as_yaml_with_dotted_keys(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("model: vit_tiny\nmodel_args: {depth: 3}\nlr: 1e-3\nepochs: 2\n")
-    cfg = load_config(cfg_file, ["--model_args.dim", "64", "--batch-size=32", "--name", "null", "--bf16", "true",
+    cfg = load_config(cfg_file, ["--model_args.dim", "64", "--batch_size=32", "--name", "null", "--bf16", "true",
                                  "--warmup_epochs", "0.5", "--max_steps", "7"])
     assert cfg["model_args"] == {"depth": 3, "dim": 64}
     assert cfg["lr"] == 1e-3 and isinstance(cfg["lr"], float)  # YAML 1.1 reads 1e-3 as a string
@@ -93,6 +88,10 @@ def test_overrides_parse_as_yaml_with_dotted_keys(tmp_path):
         (["--model", "vit_tiny", "--bf16", "maybe"], "'bf16' must be true or false"),
         (["--model", "vit_tiny", "--model_args", "3"], "'model_args' must be a mapping"),
         (["--model", "vit_tiny", "--epochs"], "--epochs needs a value"),
+        (["--model", "vit_tiny", "--batch-size", "8"], r"underscores \(did you mean --batch_size\?\)"),
+        (["--model", "vit_tiny", "--schedule", "linear"], "'schedule' must be one of"),
+        (["--model", "vit_tiny", "--grad_clip", "0"], "'grad_clip' must be > 0"),
+        (["--model", "vit_tiny", "--accum_steps", "0"], "'accum_steps' must be >= 1"),
         (["--model", "vit_tiny", "stray"], "expected an override --key value, got 'stray'"),
         ([], "'model' is required"),
     ],
@@ -149,6 +148,24 @@ def test_warmup_then_cosine_to_zero():
     values = [f(s) for s in range(4, 20)]
     assert values == sorted(values, reverse=True)
     assert warmup_cosine(0, 10)(0) == 1.0
+
+
+def test_inverse_sqrt_schedule():
+    f = inverse_sqrt(4)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warm-up to the peak
+    assert f(15) == pytest.approx(0.5) and f(63) == pytest.approx(0.25)  # sqrt(4 / n) after it
+    assert inverse_sqrt(0)(3) == pytest.approx(0.5)
+
+
+def test_model_specs():
+    assert parse_model_spec("vit_tiny") == ("vit_tiny", {})
+    assert parse_model_spec("vit_tiny:ffn=xatglu1,depth=2, qkv_bias=false") == (
+        "vit_tiny", {"ffn": "xatglu1", "depth": 2, "qkv_bias": False})
+    model = build_model("vit_tiny:ffn=mlp-xatlu,depth=1", dim=32, depth=3)  # the spec's own overrides win
+    assert len(model.blocks) == 1 and model.blocks[0].ffn.act.alpha is not None
+    for bad in ("vit_tiny:ffn", ":depth=1", "vit_tiny:=3"):
+        with pytest.raises(ValueError, match="model"):
+            parse_model_spec(bad)
 
 
 def test_no_weight_decay_on_biases_norms_tokens_and_positions():
@@ -212,7 +229,8 @@ def test_classify_end_to_end(tmp_path, tiny_npz, capsys):
 
     meta = read_checkpoint_metadata(run_dir / "last.safetensors")
     assert meta["model"] == "vit_tiny" and meta["model_args"] == cfg["model_args"]
-    assert meta["classes"] == ["0", "1", "2"] and meta["step"] == 6 and len(meta["mean"]) == 1
+    assert meta["task"]["name"] == "image_classification" and meta["task"]["classes"] == ["0", "1", "2"]
+    assert meta["step"] == 6 and len(meta["task"]["mean"]) == 1 and set(meta["metrics"]) == {"test_loss", "test_acc"}
     with safe_open(str(run_dir / "last.safetensors"), "pt") as f:  # raw metadata is JSON strings
         assert json.loads(f.metadata()["model_args"])["dim"] == 32
 
@@ -226,7 +244,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_npz):
     full = _run(tmp_path / "a", tiny_npz, *extra)
     part = _run(tmp_path / "b", tiny_npz, *extra, "--max_steps", "3")  # stops mid-epoch 1 (4 steps/epoch)
     assert _rows(part / "metrics.csv")[-1]["step"] == "3"
-    assert classify.main(["--resume", str(part), "--max_steps", "null", "--no-progress"]) == 0
+    assert classify.main(["--resume", str(part), "--max_steps", "null", "--progress", "false"]) == 0
 
     a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
     assert a.keys() == b.keys()
@@ -237,7 +255,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_npz):
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
         assert ra[-1][key] == rb[-1][key], key
     # a finished run resumes to nothing more
-    assert classify.main(["--resume", str(part), "--no-progress"]) == 0
+    assert classify.main(["--resume", str(part), "--progress", "false"]) == 0
     assert len(_rows(part / "metrics.csv")) == 3
 
 
@@ -256,7 +274,8 @@ def test_classify_errors_exit_2(tmp_path, tiny_npz, capsys, monkeypatch):
     assert "model_args.num_classes=5 does not match" in capsys.readouterr().err
     assert classify.main(["--model", "nope", "--data", str(tiny_npz), "--out", out]) == 2
     assert "model must be one of" in capsys.readouterr().err
-    assert classify.main(["--resume", str(tmp_path), "--no-progress"]) == 2
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]  # no half-made run directory
+    assert classify.main(["--resume", str(tmp_path), "--progress", "false"]) == 2
     assert "no config.yaml" in capsys.readouterr().err
 
 
@@ -305,8 +324,8 @@ def test_evaluate_checkpoint(tmp_path, tiny_npz, capsys):
 def test_sidebyside(tmp_path, tiny_npz, capsys):
     pytest.importorskip("timm")
     out = tmp_path / "bench"
-    argv = ["--models", "vit_tiny", "timm_vit_tiny", "--data", str(tiny_npz), "--epochs", "2", "--batch-size", "16",
-            "--lr", "3e-3", "--model-args", "{dim: 32, depth: 1}", "--out", str(out), "--no-progress"]
+    argv = ["--models", "vit_tiny", "timm_vit_tiny", "--data", str(tiny_npz), "--epochs", "2", "--batch_size", "16",
+            "--lr", "3e-3", "--model_args", "{dim: 32, depth: 1}", "--out", str(out), "--progress", "false"]
     assert sidebyside.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| model | params | test acc | train img/s |" in printed and "| timm_vit_tiny |" in printed
@@ -325,11 +344,24 @@ def test_sidebyside(tmp_path, tiny_npz, capsys):
             assert a[key] == b[key], key
 
 
+def test_sidebyside_model_specs(tmp_path, tiny_npz, capsys):
+    """NAME:key=value runs variants of one preset side by side; each is the model its spec builds."""
+    out = tmp_path / "bench"
+    argv = ["--models", "vit_tiny", "vit_tiny:ffn=xswiglu1", "--data", str(tiny_npz), "--epochs", "1",
+            "--batch_size", "16", "--model_args", "{dim: 32, depth: 1}", "--out", str(out), "--progress", "false"]
+    assert sidebyside.main(argv) == 0
+    rows = _rows(out / "tiny-sidebyside.csv")
+    assert [r["model"] for r in rows] == ["vit_tiny", "vit_tiny:ffn=xswiglu1"]
+    assert int(rows[1]["params"]) == sum(p.numel() for p in build_model(
+        "vit_tiny:ffn=xswiglu1", dim=32, depth=1, img_size=8, num_classes=3).parameters())
+    assert "| vit_tiny:ffn=xswiglu1 |" in capsys.readouterr().out
+
+
 def test_sidebyside_seeds(tmp_path, tiny_npz, capsys):
     """--seeds repeats the run per seed into one CSV; each seed's rows are that seed's single run."""
     out = tmp_path / "bench"
-    base = ["--models", "vit_tiny", "mixer_tiny", "--data", str(tiny_npz), "--epochs", "1", "--batch-size", "16",
-            "--model-args", "{dim: 32, depth: 1}", "--out", str(out), "--no-progress"]
+    base = ["--models", "vit_tiny", "mixer_tiny", "--data", str(tiny_npz), "--epochs", "1", "--batch_size", "16",
+            "--model_args", "{dim: 32, depth: 1}", "--out", str(out), "--progress", "false"]
     assert sidebyside.main([*base, "--seeds", "3", "5"]) == 0
     printed = capsys.readouterr().out
     assert "test acc, mean ± sd over 2 seeds | per seed (3, 5)" in printed
@@ -351,18 +383,19 @@ def test_sidebyside_seeds(tmp_path, tiny_npz, capsys):
     assert sidebyside.main([*base, "--seeds", "1", "1"]) == 2
     assert "each once" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="seed"):
-        sidebyside.run_sidebyside(["vit_tiny"], data=str(tiny_npz), seed=[0, "x"], out=tmp_path)
-    with pytest.raises(SystemExit):
-        sidebyside.main([*base, "--seed", "1", "--seeds", "2"])
-    assert "not allowed with argument" in capsys.readouterr().err
+        sidebyside.run_sidebyside(["vit_tiny"], load_config(None, ["--model", "vit_tiny", "--data", str(tiny_npz),
+                                                                   "--out", str(tmp_path)]), seeds=[0, "x"])
+    assert sidebyside.main([*base, "--seed", "1", "--seeds", "2"]) == 2
+    assert "give --seed or --seeds, not both" in capsys.readouterr().err
 
 
 def test_sidebyside_same_init(tmp_path, tiny_npz, capsys):
     """Started from timm's initial weights and fed the same batches, vit_tiny follows timm's run."""
     pytest.importorskip("timm")
     out = tmp_path / "bench"
-    argv = ["--models", "timm_vit_tiny", "vit_tiny", "--data", str(tiny_npz), "--epochs", "2", "--batch-size", "16",
-            "--lr", "3e-3", "--model-args", "{dim: 32, depth: 1}", "--out", str(out), "--no-progress", "--same-init"]
+    argv = ["--models", "timm_vit_tiny", "vit_tiny", "--data", str(tiny_npz), "--epochs", "2", "--batch_size", "16",
+            "--lr", "3e-3", "--model_args", "{dim: 32, depth: 1}", "--out", str(out), "--progress", "false",
+            "--same_init"]
     assert sidebyside.main(argv) == 0
     rows = _rows(out / "tiny-sidebyside.csv")
     for epoch in ("1", "2"):
@@ -371,13 +404,13 @@ def test_sidebyside_same_init(tmp_path, tiny_npz, capsys):
         for key in ("train_loss", "test_loss"):
             assert float(ours[key]) == pytest.approx(float(ref[key]), rel=1e-4), (epoch, key)
         assert ours["test_acc"] == ref["test_acc"]
-    # without --same-init the draws differ, and so do the first-epoch losses
+    # without --same_init the draws differ, and so do the first-epoch losses
     assert sidebyside.main(argv[:-1]) == 0
     rows = _rows(out / "tiny-sidebyside.csv")
     assert rows[0]["train_loss"] != rows[1]["train_loss"]
 
-    base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--no-progress", "--model-args", "{dim: 32, depth: 1}",
-            "--same-init"]
+    base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--progress", "false", "--model_args",
+            "{dim: 32, depth: 1}", "--same_init"]
     capsys.readouterr()
     assert sidebyside.main(["--models", "vit_tiny", *base]) == 2
     assert "needs the peer timm_vit_tiny" in capsys.readouterr().err
@@ -390,12 +423,16 @@ def test_sidebyside_same_init(tmp_path, tiny_npz, capsys):
 
 
 def test_sidebyside_errors(tmp_path, tiny_npz, capsys):
-    base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--no-progress"]
+    base = ["--data", str(tiny_npz), "--out", str(tmp_path), "--progress", "false"]
     assert sidebyside.main(["--models", "vit_tiny", "vit_tiny", *base]) == 2
     assert "each name once" in capsys.readouterr().err
     assert sidebyside.main(["--models", "vit_tiny", "--lr", "-1", *base]) == 2
     assert "'lr' must be >= 0" in capsys.readouterr().err
-    assert sidebyside.main(["--models", "vit_tiny", "--model-args", "[1]", *base]) == 2
-    assert "--model-args must be a YAML mapping" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny", "--model_args", "[1]", *base]) == 2
+    assert "'model_args' must be a mapping" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny", "--weight-decay", "0.1", *base]) == 2
+    assert "did you mean --weight_decay?" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny:ffn", *base]) == 2
+    assert "expected NAME or NAME:key=value" in capsys.readouterr().err
     assert sidebyside.main(["--models", "vit_tiny", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err

@@ -6,8 +6,9 @@ value parsed by ``yaml.safe_load``::
 
     --epochs 5 --lr 3e-4 --model_args.depth 2 --model_args '{dim: 64, depth: 2}' --name null
 
-Hyphens in key names are read as underscores (``--batch-size`` is ``batch_size``). An unknown key
-raises :class:`ConfigError` naming it.
+Every command line of :mod:`gatezoo.train` spells its options as these key names, underscores
+included (``--batch_size``, ``--weight_decay``); a hyphenated spelling or an unknown key raises
+:class:`ConfigError` naming it (and the spelling it probably meant).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Key:
     optional: bool = False  # None allowed
     minimum: float | None = None
     below: float | None = None  # exclusive upper bound
+    choices: tuple | None = None  # allowed values of a "str" key
 
 
 KEYS: dict[str, Key] = {
@@ -51,6 +53,13 @@ KEYS: dict[str, Key] = {
                         "position embeddings)", minimum=0.0),
     "warmup_epochs": Key(0.3, "float", "linear warm-up length in epochs (fractions allowed), then cosine to 0",
                          minimum=0.0),
+    "warmup_steps": Key(None, "int", "linear warm-up length in optimizer steps; when set it replaces warmup_epochs",
+                        optional=True, minimum=0),
+    "schedule": Key("cosine", "str", "learning-rate schedule after the warm-up: cosine (to 0 at the end), "
+                    "inverse_sqrt (1/sqrt(step)) or constant", choices=("cosine", "inverse_sqrt", "constant")),
+    "grad_clip": Key(None, "float", "clip the gradients' global norm to this before each optimizer step (null: off)",
+                     optional=True, minimum=0.0),
+    "accum_steps": Key(1, "int", "batches per optimizer step (gradient accumulation)", minimum=1),
     "label_smoothing": Key(0.1, "float", "label smoothing of the training cross-entropy", minimum=0.0, below=1.0),
     "augment": Key(False, "bool", "light augmentation: random shifts up to 2 px and horizontal flips"),
     "bf16": Key(False, "bool", "bfloat16 autocast of the forward pass, CPU or CUDA (loss in float32)"),
@@ -62,6 +71,7 @@ KEYS: dict[str, Key] = {
     "max_steps": Key(None, "int", "stop after this many optimizer steps in all (smoke tests); the schedule still "
                      "spans all epochs", optional=True, minimum=1),
     "threads": Key(None, "int", "torch.set_num_threads for CPU runs", optional=True, minimum=1),
+    "progress": Key(True, "bool", "tqdm progress bars"),
 }
 
 
@@ -111,9 +121,12 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
 
 def _canonical(key: str) -> list[str]:
     parts = key.split(".")
-    parts[0] = parts[0].replace("-", "_")
     if not all(parts):
         raise ConfigError(f"bad config key {key!r}")
+    if "-" in parts[0]:
+        hint = parts[0].replace("-", "_")
+        hint = f" (did you mean --{hint}?)" if hint in KEYS else ""
+        raise ConfigError(f"unknown option --{key}: options are spelled like the config keys, with underscores{hint}")
     return parts
 
 
@@ -156,6 +169,8 @@ def check(key: str, value: Any) -> Any:
         value = str(value)
         if not value:
             raise ConfigError(f"config key {key!r} must not be empty")
+        if spec.choices is not None and value not in spec.choices:
+            raise ConfigError(f"config key {key!r} must be one of {list(spec.choices)}, got {value!r}")
         return value
     if kind == "bool":
         if isinstance(value, bool):
@@ -189,8 +204,8 @@ def check(key: str, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} must be >= {spec.minimum}, got {value!r}")
     if spec.below is not None and value >= spec.below:
         raise ConfigError(f"config key {key!r} must be < {spec.below}, got {value!r}")
-    if key == "lr" and value == 0:
-        raise ConfigError("config key 'lr' must be > 0, got 0")
+    if key in ("lr", "grad_clip") and value == 0:
+        raise ConfigError(f"config key {key!r} must be > 0, got 0")
     return value
 
 
@@ -223,20 +238,32 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(
-    path: str | os.PathLike | None = None, overrides: Sequence[str] | Iterable[tuple[str, Any]] = ()
+    path: str | os.PathLike | None = None, overrides: Sequence[str] | Iterable[tuple[str, Any]] = (),
+    base: Mapping | None = None,
 ) -> dict:
-    """Defaults, then the YAML file at ``path`` (if any), then overrides; validated.
+    """Defaults, then ``base`` (a command's own defaults), then the YAML file at ``path`` (if any),
+    then overrides; validated.
 
     ``overrides`` is either raw command-line words (``["--lr", "0.01"]``) or ``(key, value)`` pairs.
     """
     overrides = list(overrides)
     if overrides and isinstance(overrides[0], str):
         overrides = parse_overrides(overrides)
+    if path is not None and os.path.isdir(path):
+        raise ConfigError(f"--config {str(path)!r} is a directory, not a YAML file")
     cfg = read_yaml(path) if path is not None else {}
     unknown = [k for k in cfg if k not in KEYS]
     if unknown:
         raise ConfigError(f"config file {str(path)!r}: unknown key(s) {unknown}; known keys: {', '.join(KEYS)}")
-    return validate(apply_overrides(cfg, overrides))
+    return validate(apply_overrides({**(base or {}), **cfg}, overrides))
+
+
+def warmup_steps(cfg: Mapping, steps_per_epoch: int) -> int:
+    """The warm-up length in optimizer steps: ``warmup_steps`` when set, else ``warmup_epochs``
+    epochs of ``steps_per_epoch`` (rounded)."""
+    if cfg.get("warmup_steps") is not None:
+        return int(cfg["warmup_steps"])
+    return round(cfg["warmup_epochs"] * steps_per_epoch)
 
 
 def dump_config(cfg: Mapping) -> str:

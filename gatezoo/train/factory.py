@@ -1,0 +1,70 @@
+"""Models by name for the training entry points: the gatezoo registry, the timm peers, and model
+specs that carry their own overrides.
+
+A model spec is a name, optionally followed by ``:key=value,key=value`` constructor overrides
+(values read as YAML), e.g. ``vit_tiny:ffn=xatglu1,depth=2``: side-by-side runs compare
+variants of one preset without registering each.
+"""
+
+from __future__ import annotations
+
+import yaml
+from torch import nn
+
+from gatezoo.models import create_model, list_models
+
+from . import peers
+
+
+def model_names() -> list[str]:
+    """Every name :func:`build_model` accepts: the gatezoo registry, then the timm peers."""
+    return list(list_models()) + peers.list_peers()
+
+
+def _yaml_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict]:
+    """``"vit_tiny:ffn=xatglu1,depth=2"`` -> ``("vit_tiny", {"ffn": "xatglu1", "depth": 2})``; a bare
+    name has no overrides. Raises ``ValueError`` on a malformed spec."""
+    if not isinstance(spec, str):
+        raise TypeError(f"model must be a string, got {type(spec).__name__}")
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"model {spec!r}: expected NAME or NAME:key=value,key=value, got the item {item!r}")
+        overrides[key.strip()] = _yaml_value(text.strip())
+    if not name:
+        raise ValueError(f"model {spec!r}: no model name before ':'")
+    return name, overrides
+
+
+def build_model(spec: str, **overrides) -> nn.Module:
+    """Build a gatezoo registry model or timm peer from a name or model spec, with constructor
+    ``overrides`` (the spec's own overrides win over these).
+
+    Raises ``ValueError`` for an unknown name (listing the known ones) or a bad override.
+    """
+    name, own = parse_model_spec(spec)
+    kwargs = {**overrides, **own}
+    if name in peers.list_peers():
+        return peers.create_peer(name, **kwargs)
+    if name in list_models():
+        return create_model(name, **kwargs)
+    raise ValueError(f"model must be one of {model_names()} (optionally NAME:key=value,...), got {spec!r}")
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters (shared tensors counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

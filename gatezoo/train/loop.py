@@ -1,0 +1,388 @@
+"""The one training loop: :func:`fit` drives every task and every model in it.
+
+A *task* (image classification in :mod:`gatezoo.train.classify`; translation and others follow the
+same contract) supplies the data and the arithmetic that differs between tasks:
+
+- ``task.train_batches``: an object with ``len()`` (batches per epoch) and ``epoch(epoch, start)``
+  that yields the batches of ``epoch`` from batch ``start`` on, in an order that depends only on
+  the seed and the epoch (so a resumed run needs no saved iterator);
+- ``task.loss(model, batch) -> (loss, n, sums)``: the mean training loss over the batch's ``n``
+  items (images, target tokens) and a dict of sums to log (e.g. ``{"correct": 17}``);
+- ``task.train_metrics(stats) -> dict``: the task's training figures from a :class:`RunningStats`
+  (e.g. ``train_acc``);
+- ``task.evaluate(model) -> dict``: the evaluation (e.g. ``test_loss``, ``test_acc``), run by the
+  loop in eval mode under ``torch.no_grad()``;
+- ``task.unit`` (``"img"``: throughput column ``img_per_s``), ``task.score`` (the evaluation key
+  whose highest value makes ``best.safetensors``), ``task.curves`` (what ``curves.png`` plots) and
+  ``task.checkpoint_info()`` (the ``task`` metadata of checkpoints).
+
+The loop owns everything else: the device and bfloat16 autocast, gradient accumulation
+(``accum_steps`` batches per optimizer step) and clipping (``grad_clip``, the max global norm),
+stepping the schedule once per optimizer step, the tqdm progress bar, evaluation after every epoch
+(and where ``max_steps`` stops a run), and, for each model given a run directory, ``metrics.csv``,
+``curves.png``, ``last``/``best.safetensors`` and the ``state.pt`` that :func:`fit` resumes from.
+
+Several models may train side by side (:class:`Trainee` each): at every optimizer step each takes
+its step on the same batches, the one that goes first rotating from step to step, and each one's
+throughput counts only its own forward, backward and optimizer step (the first step of a process,
+which pays for lazy initialisation, is not timed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError
+
+STATE_FILE = "state.pt"
+STATE_VERSION = 2
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; otherwise ``torch.device(device)``, checked."""
+    if device is None or (isinstance(device, str) and device.lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work on ``device`` (no-op on CPU), for honest wall-clock timings."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bfloat16 autocast on ``device`` when ``bf16``, else a no-op context."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class RunningStats:
+    """Sums over the training steps of one epoch: loss, items, the task's own sums, seconds.
+
+    Throughput counts only timed steps: a step recorded with ``timed=False`` adds to the loss and
+    the task's sums but not to the rate.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new epoch."""
+        self.loss_sum, self.items, self.timed, self.seconds = 0.0, 0, 0, 0.0
+        self.sums: dict[str, float] = {}
+
+    def add(self, loss: float, n: int, sums: Mapping[str, float], seconds: float, timed: bool = True) -> None:
+        """Record one step: its mean loss over ``n`` items, the task's sums, and its time."""
+        self.loss_sum += float(loss) * n
+        self.items += int(n)
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        if timed:
+            self.timed += int(n)
+            self.seconds += seconds
+
+    def total(self, key: str) -> float:
+        """The sum of the task's ``key`` so far (0 when never added)."""
+        return self.sums.get(key, 0)
+
+    @property
+    def loss(self) -> float:
+        """Mean training loss per item so far."""
+        return self.loss_sum / self.items if self.items else float("nan")
+
+    @property
+    def rate(self) -> float:
+        """Training throughput so far (items per second of timed step time)."""
+        return self.timed / self.seconds if self.seconds > 0 else float("nan")
+
+    def state_dict(self) -> dict:
+        """The sums, for a training state file."""
+        return {"loss_sum": self.loss_sum, "items": self.items, "timed": self.timed, "seconds": self.seconds,
+                "sums": dict(self.sums)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`."""
+        self.loss_sum, self.items = float(state["loss_sum"]), int(state["items"])
+        self.timed, self.seconds, self.sums = int(state["timed"]), float(state["seconds"]), dict(state["sums"])
+
+
+@dataclass
+class Trainee:
+    """One model in :func:`fit`, with its optimizer, schedule and records.
+
+    ``spec`` and ``model_args`` rebuild the model from a checkpoint (see
+    :mod:`gatezoo.train.checkpoint`); ``run_dir`` (optional) receives ``metrics.csv``,
+    ``curves.png``, ``last.safetensors``, ``best.safetensors`` and ``state.pt``.
+    """
+
+    spec: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    model_args: dict = field(default_factory=dict)
+    run_dir: Path | None = None
+    params: int = 0
+    stats: RunningStats = field(default_factory=RunningStats)
+    rows: list = field(default_factory=list)
+    lr: float = 0.0
+    best: float = -math.inf
+    last: dict = field(default_factory=dict)
+    items: int = 0  # timed items and seconds of the finished epochs, for the mean throughput
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        """Mean training throughput over the run so far (timed items per second)."""
+        seconds = self.seconds + self.stats.seconds
+        return (self.items + self.stats.timed) / seconds if seconds > 0 else float("nan")
+
+
+def write_metrics(rows: Sequence[Mapping], path: Path) -> None:
+    """Write metric rows as CSV (columns of the first row, in order)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a ``metrics.csv`` as dicts of floats (``[]`` when the file is absent)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}" if abs(v) < 1e6 else f"{v:.1f}"
+    return str(v)
+
+
+def plot_curves(rows: Sequence[Mapping], path: Path, panels: Sequence[tuple[str, Sequence[str]]],
+                title: str = "") -> None:
+    """``curves.png``: one panel per ``(y label, metric keys)`` of ``panels``, against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    epochs = [r["epoch"] for r in rows]
+    for ax, (ylabel, keys) in zip(axes[0], panels):
+        for key, marker in zip(keys, "os^v"):
+            if key in rows[0]:
+                ax.plot(epochs, [r[key] for r in rows], f"{marker}-", label=key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _groups(batches, start: int, accum: int):
+    """The batches of one epoch from ``start`` on, in lists of ``accum`` (the last may be shorter)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_clip: float | None,
+          timed: bool) -> None:
+    """One optimizer step of trainee ``t`` over the batches of ``group``."""
+    t.lr = t.optimizer.param_groups[0]["lr"]
+    synchronize(device)
+    t0 = time.perf_counter()
+    t.optimizer.zero_grad(set_to_none=True)
+    records = []
+    for batch in group:
+        with autocast(device, bf16):
+            loss, n, sums = task.loss(t.model, batch)
+        (loss if len(group) == 1 else loss / len(group)).backward()
+        records.append((loss.detach(), n, sums))
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
+    t.optimizer.step()
+    if t.scheduler is not None:
+        t.scheduler.step()
+    # .item() also waits for the device
+    records = [(loss.item(), n, {k: float(v) for k, v in sums.items()}) for loss, n, sums in records]
+    synchronize(device)
+    dt = time.perf_counter() - t0
+    for i, (loss, n, sums) in enumerate(records):
+        t.stats.add(loss, n, sums, dt if i == 0 else 0.0, timed=timed)
+
+
+def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
+    state_path = t.run_dir / STATE_FILE
+    if not state_path.is_file():
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: no {STATE_FILE} there (not a run directory, or it never "
+                          f"finished an epoch)")
+    state = ckpt.load_state(state_path)
+    if state.get("version") != STATE_VERSION:
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: {STATE_FILE} was written by another gatezoo version "
+                          f"(state version {state.get('version')}, this one reads {STATE_VERSION})")
+    if state["steps_per_epoch"] != steps_per_epoch:
+        raise ConfigError(f"--resume: the run had {state['steps_per_epoch']} steps per epoch, this config gives "
+                          f"{steps_per_epoch} (batch_size, accum_steps or data changed)")
+    ckpt.load_weights(t.model, t.run_dir / "last.safetensors", device)
+    t.optimizer.load_state_dict(state["optimizer"])
+    if t.scheduler is not None:
+        t.scheduler.load_state_dict(state["scheduler"])
+    t.stats.load_state_dict(state["running"])
+    t.best, t.items, t.seconds = state["best"], state["items"], state["seconds"]
+    ckpt.set_rng_state(state["rng"])
+    t.rows = read_metrics(t.run_dir / "metrics.csv")
+    return dict(state["position"])
+
+
+def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str) -> None:
+    meta = {"model": t.spec, "model_args": t.model_args, "task": task.checkpoint_info(), "epoch": row["epoch"],
+            "step": row["step"], "metrics": ev, "gatezoo_version": _version()}
+    ckpt.save_checkpoint(t.model, t.run_dir / "last.safetensors", meta)
+    if ev[task.score] > t.best:
+        t.best = ev[task.score]
+        ckpt.save_checkpoint(t.model, t.run_dir / "best.safetensors", meta)
+    state = {"version": STATE_VERSION, "position": dict(pos), "steps_per_epoch": steps_per_epoch, "best": t.best,
+             "items": t.items, "seconds": t.seconds, "optimizer": t.optimizer.state_dict(),
+             "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+             "running": t.stats.state_dict(), "rng": ckpt.rng_state()}
+    ckpt.save_state(state, t.run_dir / STATE_FILE)
+    write_metrics(t.rows, t.run_dir / "metrics.csv")
+    plot_curves(t.rows, t.run_dir / "curves.png", task.curves, title=title)
+
+
+def _version() -> str:
+    try:
+        from gatezoo import __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+    return __version__
+
+
+def steps_per_epoch(task, accum_steps: int = 1) -> int:
+    """Optimizer steps in one epoch of ``task``: its batches in groups of ``accum_steps``."""
+    return math.ceil(len(task.train_batches) / accum_steps)
+
+
+def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device, bf16: bool = False,
+        grad_clip: float | None = None, accum_steps: int = 1, max_steps: int | None = None,
+        resume: bool = False, progress: bool = True, title: str = "",
+        on_eval: Callable[[list[tuple[Trainee, dict]]], None] | None = None) -> dict:
+    """Train every trainee on ``task`` for ``epochs`` epochs (or until ``max_steps`` optimizer steps).
+
+    Each trainee's schedule must already span the run (:func:`steps_per_epoch` times ``epochs``
+    steps). ``resume`` continues a single trainee from its ``run_dir/state.pt`` at the step where
+    it stopped, mid-epoch included; the result equals an uninterrupted run's. ``on_eval`` receives
+    the list of ``(trainee, row)`` after each evaluation, before the epoch's running sums restart.
+    Returns the position reached: ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
+    """
+    if not trainees:
+        raise ValueError("fit needs at least one trainee")
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ConfigError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ConfigError(f"grad_clip must be > 0 (or null for none), got {grad_clip!r}")
+    per_epoch = steps_per_epoch(task, accum_steps)
+    pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "elapsed": 0.0}
+    if resume:
+        if len(trainees) != 1 or trainees[0].run_dir is None:
+            raise ValueError("resume continues one trainee with a run directory")
+        pos.update(_resume(trainees[0], per_epoch, device))
+    log = tqdm.write if progress else print
+    if resume:
+        log(f"resuming {trainees[0].run_dir} at epoch {pos['epoch'] + 1}, step {pos['global_step']}")
+    start_time, elapsed0 = time.perf_counter(), pos["elapsed"]
+    stopped = max_steps is not None and pos["global_step"] >= max_steps
+    process_steps = 0
+    for t in trainees:
+        t.model.train()
+    while pos["epoch"] < epochs and not stopped:
+        epoch, start = pos["epoch"], pos["step_in_epoch"]
+        batches = task.train_batches.epoch(epoch, start * accum_steps)
+        bar = tqdm(_groups(batches, start, accum_steps), total=per_epoch, initial=start, disable=not progress,
+                   desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False)
+        for group in bar:
+            n = len(trainees)
+            for k in range(n):
+                t = trainees[(pos["global_step"] + k) % n]
+                _step(task, t, group, device, bf16, grad_clip, timed=process_steps > 0)
+            process_steps += 1
+            pos["step_in_epoch"] += 1
+            pos["global_step"] += 1
+            if pos["step_in_epoch"] % 10 == 0 or pos["step_in_epoch"] == per_epoch:
+                if n == 1:
+                    bar.set_postfix_str(f"loss={trainees[0].stats.loss:.4f} {task.unit}/s={trainees[0].stats.rate:.0f}",
+                                        refresh=False)
+                else:
+                    bar.set_postfix_str(" ".join(f"{t.spec}={t.stats.loss:.3f}" for t in trainees), refresh=False)
+            if max_steps is not None and pos["global_step"] >= max_steps:
+                stopped = True
+                break
+        bar.close()
+
+        finished_epoch = pos["step_in_epoch"] >= per_epoch
+        pos["elapsed"] = elapsed0 + time.perf_counter() - start_time
+        results = []
+        for t in trainees:
+            t.model.eval()
+            try:
+                with torch.no_grad(), autocast(device, bf16):
+                    ev = task.evaluate(t.model)
+            finally:
+                t.model.train()
+            row = {"epoch": pos["global_step"] / per_epoch, "step": pos["global_step"], "train_loss": t.stats.loss,
+                   **task.train_metrics(t.stats), **ev, "lr": t.lr, f"{task.unit}_per_s": t.stats.rate,
+                   "seconds": pos["elapsed"]}
+            t.rows.append(row)
+            t.last = ev
+            log(f"epoch {row['epoch']:.4g}" + (f" {t.spec}" if len(trainees) > 1 else "") + ": train loss "
+                f"{row['train_loss']:.4f} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                + f" | {row[f'{task.unit}_per_s']:.0f} {task.unit}/s")
+            results.append((t, row))
+        if on_eval is not None:
+            on_eval(results)
+        if finished_epoch:
+            pos["epoch"] += 1
+            pos["step_in_epoch"] = 0
+        for t, row in results:
+            # the counters restart with the epoch; the saved state then resumes into a fresh one
+            if finished_epoch:
+                t.items += t.stats.timed
+                t.seconds += t.stats.seconds
+                t.stats.reset()
+            if t.run_dir is not None:
+                _save(task, t, row, t.last, pos, per_epoch, title)
+    return {**pos, "stopped": stopped}
