@@ -7,7 +7,8 @@ from closeness import TOL, assert_close
 from gatezoo.blocks import MixerBlock, NiNBlock, ReLAAttention, SoftmaxAttention, TokenMixing
 from gatezoo.models import FFNS, create_model, list_models, model_config, vit_state_dict_from_timm
 
-PRESETS = ["mixer_tiny", "ninformer_tiny", "vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu"]
+PRESETS = ["mixer_tiny", "ninformer_tiny", "ninformer_tiny_official", "vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu",
+           "vit_tiny_xswiglu1"]
 
 
 def test_registry_lists_the_presets():
@@ -110,7 +111,7 @@ def test_token_mixing_dropout_runs_the_composition_in_training():
 
 
 def test_ninblock_follows_the_design_formula():
-    """x + Lin(z) * Mixer(z), z = LN(x), with Mixer written out from DESIGN.md §3."""
+    """x + Lin(z) * Mixer(z), z = LN(x), with Mixer written out (docs/architecture.md, "The math")."""
     torch.manual_seed(2)
     blk = NiNBlock(num_tokens=5, dim=8, tokens_hidden=6, channels_hidden=10).double()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
@@ -122,6 +123,28 @@ def test_ninblock_follows_the_design_formula():
     mid = x + blk.lin(z) * u2
     ref = mid + blk.ffn(blk.norm2(mid))
     assert_close("nin", ref, blk(x), 1e-12)
+
+
+def test_ninformer_official_structure():
+    """shared_norm: one LayerNorm before both sub-blocks; head_norm=False: mean pool straight into the head,
+    as in the authors' code."""
+    torch.manual_seed(4)
+    blk = NiNBlock(num_tokens=5, dim=8, tokens_hidden=6, channels_hidden=10, shared_norm=True).double()
+    assert blk.norm2 is None and not any(n.startswith("norm2") for n, _ in blk.named_parameters())
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mid = x + blk.lin(blk.norm1(x)) * blk.mixer(blk.norm1(x))
+    assert_close("shared", mid + blk.ffn(blk.norm1(mid)), blk(x), 1e-12)
+
+    model = create_model("ninformer_tiny_official", depth=1, dim=16).double()
+    assert model.config.head_norm is False and model.config.shared_norm is True
+    images = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    assert_close("head", model.head(model.forward_features(images).mean(1)), model(images), 1e-12)
+    default = create_model("ninformer_tiny", depth=1, dim=16)
+    official = create_model("ninformer_tiny_official", depth=1, dim=16)
+    extra = sum(p.numel() for p in default.parameters()) - sum(p.numel() for p in official.parameters())
+    assert extra == 2 * 16 * 2  # norm2 of the one block and the head's LayerNorm, weight and bias each
+    with pytest.raises(ValueError, match="head_norm must be true or false"):
+        create_model("ninformer_tiny", head_norm="no")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
