@@ -373,6 +373,18 @@ def test_sidebyside_seeds(tmp_path, tiny_npz, capsys):
     accs = [float(r["test_acc"]) for r in rows if r["model"] == "vit_tiny"]
     mean, sd = statistics.mean(accs), statistics.stdev(accs)
     assert f"| {mean:.4f} ± {sd:.4f} | {accs[0]:.4f} / {accs[1]:.4f} |" in line
+
+    # --summary joins CSVs of separate runs (here the two seeds split in two files) into the same figures
+    seed3, seed5 = tmp_path / "s3.csv", tmp_path / "s5.csv"
+    sidebyside.write_csv([r for r in sidebyside.read_csv([out / "tiny-sidebyside.csv"]) if r["seed"] == 3], seed3)
+    sidebyside.write_csv([r for r in sidebyside.read_csv([out / "tiny-sidebyside.csv"]) if r["seed"] == 5], seed5)
+    capsys.readouterr()
+    assert sidebyside.main(["--summary", str(seed3), str(seed5), "--merged", str(tmp_path / "all.csv")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| vit_tiny |"))
+    assert f"| {mean:.4f} ± {sd:.4f} | 3, 5 | {accs[0]:.4f} / {accs[1]:.4f} |" in line
+    assert _rows(tmp_path / "all.csv") == rows and (tmp_path / "all.png").is_file()
+    assert sidebyside.main(["--summary", str(tmp_path / "none.csv")]) == 2
+    assert "no CSV at" in capsys.readouterr().err
     assert sidebyside.main([*base, "--seed", "5"]) == 0
     single = _rows(out / "tiny-sidebyside.csv")
     for a, b in zip(single, rows[2:]):

@@ -21,6 +21,8 @@ that variants of one preset run side by side: ``vit_tiny:ffn=mlp-xatlu``.
 ``--seeds 0 1 2 3`` repeats the whole run once per seed (initial weights and batch order both
 change with the seed) and summarises the final test accuracy as mean and standard deviation over
 the seeds, which tells a real difference between two models from initialisation noise.
+``--summary A.csv B.csv [--merged ALL.csv]`` trains nothing: it joins the CSVs of separate runs
+(other seeds, or other models on the same seeds) and prints that table.
 
 Writes ``<out>/<data set>-sidebyside.csv`` (one row per seed, model and epoch: model, seed,
 params, epoch, step, train_loss, train_acc, test_loss, test_acc, train_img_per_s, train_seconds,
@@ -161,8 +163,8 @@ def markdown_table(summary: list[dict]) -> str:
 
 def seeds_table(summaries: list[list[dict]], seeds: list[int]) -> str:
     """``model | params | test acc mean ± sd | per seed | train img/s`` over the runs of several seeds
-    (``summaries[i]`` is the run of ``seeds[i]``, as :func:`_train_seed` returns it); the sd is the
-    sample standard deviation over seeds."""
+    (``summaries[i]`` is the run of ``seeds[i]``: one dict per model with its ``model``, ``params``,
+    ``test_acc`` and ``train_img_per_s``); the sd is the sample standard deviation over seeds."""
     lines = [f"| model | params | test acc, mean ± sd over {len(seeds)} seeds | per seed ({', '.join(map(str, seeds))})"
              " | train img/s |", "|---|---|---|---|---|"]
     for i, first in enumerate(summaries[0]):
@@ -171,6 +173,43 @@ def seeds_table(summaries: list[list[dict]], seeds: list[int]) -> str:
         per_seed = " / ".join(f"{a:.4f}" for a in accs)
         lines.append(f"| {first['model']} | {first['params']:,} | {statistics.mean(accs):.4f} ± "
                      f"{statistics.stdev(accs):.4f} | {per_seed} | {speed:.0f} |")
+    return "\n".join(lines)
+
+
+def read_csv(paths: Sequence[str | Path]) -> list[dict]:
+    """The rows of side-by-side CSVs, joined in order, numbers as numbers (a missing file raises
+    :class:`ConfigError`)."""
+    rows = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--summary: no CSV at {str(path)!r}")
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                missing = [k for k in COLUMNS if k not in r]
+                if missing:
+                    raise ConfigError(f"--summary: {path} is not a side-by-side CSV (no column {missing[0]!r})")
+                rows.append({k: (r[k] if k in ("model", "device") else float(r[k]) if k not in
+                                 ("seed", "params", "step", "batch_size") else int(r[k])) for k in COLUMNS})
+    return rows
+
+
+def summary_table(rows: Sequence[Mapping]) -> str:
+    """``model | params | test acc, mean ± sd | seeds | per seed | train img/s``: each model's final
+    evaluation (its last row) per seed, the sample sd over its seeds (— with one seed), and the mean
+    of the per-seed throughputs. Models keep the order of their first row."""
+    final: dict[str, dict[int, Mapping]] = {}
+    for r in rows:
+        final.setdefault(r["model"], {})[r["seed"]] = r  # later rows of a (model, seed) replace earlier ones
+    lines = ["| model | params | test acc, mean ± sd | seeds | test acc per seed | train img/s |",
+             "|---|---|---|---|---|---|"]
+    for model, by_seed in final.items():
+        accs = [r["test_acc"] for r in by_seed.values()]
+        sd = f"{statistics.stdev(accs):.4f}" if len(accs) > 1 else "—"
+        speed = statistics.mean(r["train_img_per_s"] for r in by_seed.values())
+        params = next(iter(by_seed.values()))["params"]
+        lines.append(f"| {model} | {params:,} | {statistics.mean(accs):.4f} ± {sd} | "
+                     f"{', '.join(map(str, by_seed))} | {' / '.join(f'{a:.4f}' for a in accs)} | {speed:.0f} |")
     return "\n".join(lines)
 
 
@@ -227,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--same_init", action="store_true",
                    help="start the gatezoo ViTs from timm_vit_tiny's initial weights (needs timm_vit_tiny in --models)")
     p.add_argument("--config", metavar="YAML", help="config file of the classify command's keys")
+    p.add_argument("--summary", nargs="+", metavar="CSV",
+                   help="train nothing: print the table of side-by-side CSVs joined (mean ± sd over each model's "
+                   "seeds)")
+    p.add_argument("--merged", metavar="CSV", help="with --summary: also write the joined rows there, and its PNG")
     return p
 
 
@@ -234,6 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args, rest = build_parser().parse_known_args(argv)
     try:
+        if args.summary:
+            if rest or args.models or args.seeds or args.config:
+                raise ConfigError("--summary reads CSVs and trains nothing: give it no other option but --merged")
+            rows = read_csv(args.summary)
+            print(summary_table(rows))
+            if args.merged:
+                merged = Path(args.merged)
+                write_csv(rows, merged)
+                plot_accuracy(rows, merged.with_suffix(".png"), title=f"{merged.stem}")
+                print(f"\nwrote {merged} and {merged.with_suffix('.png')}")
+            return 0
+        if args.merged:
+            raise ConfigError("--merged goes with --summary")
         base = {"out": "benchmarks"}
         if args.models:
             base["model"] = args.models[0]
