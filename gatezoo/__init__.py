@@ -9,5 +9,5 @@ from . import blocks, kernels
 from .blocks import GatedAct, GLUFeedForward, Mlp
 from .kernels import gated_act, glu, glu_packed
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = ["GLUFeedForward", "GatedAct", "Mlp", "blocks", "gated_act", "glu", "glu_packed", "kernels", "__version__"]

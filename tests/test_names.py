@@ -77,6 +77,8 @@ def test_names_without_an_order_warn_and_keep_their_old_meaning(name):
 @pytest.mark.parametrize("kwargs, match", [
     ({"kind": "xswiglu1", "order": 2}, "order=2 contradicts the GLU name 'xswiglu1'"),
     ({"kind": "silu", "order": 1}, "contradicts kind='silu'"),
+    ({"kind": "glu", "order": 2}, "contradicts the GLU name 'glu', which is order 1"),
+    ({"kind": "swiglu2", "order": 1}, "contradicts the GLU name 'swiglu2'"),
     ({"kind": "xswiglu", "order": 3}, "order must be 1 or 2"),
     ({"kind": "swishglu"}, "kind must be one of"),
     ({"kind": 3}, "kind must be a string"),

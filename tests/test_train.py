@@ -70,6 +70,7 @@ def test_overrides_parse_as_yaml_with_dotted_keys(tmp_path):
     assert cfg["batch_size"] == 32 and cfg["name"] is None and cfg["bf16"] is True
     assert cfg["warmup_epochs"] == 0.5 and cfg["max_steps"] == 7 and cfg["epochs"] == 2
     assert cfg["data"] == "fashion-mnist" and cfg["seed"] == 0  # defaults
+    assert load_config(cfg_file, ["--augment", "--bf16"])["bf16"] is True  # a boolean alone means true
     cfg = load_config(cfg_file, ["--model_args", "{dim: 48}"])
     assert cfg["model_args"] == {"dim": 48}
     assert parse_overrides(["--a.b", "[1, 2]", "--c=x y"]) == [("a.b", [1, 2]), ("c", "x y")]
@@ -88,7 +89,9 @@ def test_overrides_parse_as_yaml_with_dotted_keys(tmp_path):
         (["--model", "vit_tiny", "--bf16", "maybe"], "'bf16' must be true or false"),
         (["--model", "vit_tiny", "--model_args", "3"], "'model_args' must be a mapping"),
         (["--model", "vit_tiny", "--epochs"], "--epochs needs a value"),
-        (["--model", "vit_tiny", "--batch-size", "8"], r"underscores \(did you mean --batch_size\?\)"),
+        (["--model", "vit_tiny", "--warmup-epochs", "8"], r"underscores \(did you mean --warmup_epochs\?\)"),
+        (["--model", "vit_tiny", "--no-progress", "--epochs", "1"], "now spelled --progress false"),
+        (["--model", "vit_tiny", "--lr", "--epochs", "1"], "option --lr needs a value"),
         (["--model", "vit_tiny", "--schedule", "linear"], "'schedule' must be one of"),
         (["--model", "vit_tiny", "--grad_clip", "0"], "'grad_clip' must be > 0"),
         (["--model", "vit_tiny", "--accum_steps", "0"], "'accum_steps' must be >= 1"),
@@ -446,5 +449,9 @@ def test_sidebyside_errors(tmp_path, tiny_npz, capsys):
     assert "did you mean --weight_decay?" in capsys.readouterr().err
     assert sidebyside.main(["--models", "vit_tiny:ffn", *base]) == 2
     assert "expected NAME or NAME:key=value" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny:num_classes=5", *base]) == 2  # checked against the data
+    assert "model_args.num_classes=5 does not match" in capsys.readouterr().err
+    assert sidebyside.main(["--models", "vit_tiny", "--same-init", *base]) == 2
+    assert "now spelled --same_init" in capsys.readouterr().err
     assert sidebyside.main(["--models", "vit_tiny", "--data", str(tmp_path / "none.npz"), "--out", str(tmp_path)]) == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err

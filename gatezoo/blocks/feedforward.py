@@ -81,9 +81,9 @@ def glu_variant(name: str, order: int | None = None) -> tuple[str, bool, str]:
     if name not in GLU_VARIANTS:
         raise ValueError(f"GLU name must be one of {sorted(GLU_VARIANTS)} or {sorted(GLU_FAMILIES)} with order=, "
                          f"got {name!r}")
-    if order is not None and name[-1] in "12" and int(name[-1]) != order:
-        raise ValueError(f"order={order} contradicts the GLU name {name!r}")
     kind, expanded = GLU_VARIANTS[name]
+    if order is not None and KINDS[kind].order != order:
+        raise ValueError(f"order={order} contradicts the GLU name {name!r}, which is order {KINDS[kind].order}")
     return kind, expanded, name
 
 
@@ -143,7 +143,8 @@ class GLUFeedForward(nn.Module):
             :data:`GLU_VARIANTS` such as ``"xswiglu1"`` (first order, x-activation's default) or
             ``"xswiglu2"``; default ``"silu"`` (SwiGLU). A family name without an order
             (``"xswiglu"``, ``"geglu"``...) takes ``order``.
-        expanded: one trainable ``alpha`` for the block (init 0): SwiGLU -> xSwiGLU.
+        expanded: one trainable ``alpha`` for the block (init 0), e.g. ``kind="silu"`` (SwiGLU) ->
+            the second-order ``xswiglu2``; prefer a name that says its order.
         order: 1 (``expand(g(a), alpha) * b``) or 2 (``a * expand(g(a), alpha) * b``) for a
             family name; must agree with a name or kind that fixes it.
         backend: ``"auto" | "torch" | "triton"``.

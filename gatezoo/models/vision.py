@@ -85,7 +85,7 @@ class ViTConfig(ImageConfig):
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.ffn not in FFNS and self.ffn not in GLU_FAMILIES:
-            raise ValueError(f"ffn must be one of {FFNS}, got {self.ffn!r}")
+            raise ValueError(f"ffn must be one of {FFNS} (or {tuple(GLU_FAMILIES)}, which warn), got {self.ffn!r}")
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1 or self.dim % self.heads:
             raise ValueError(f"heads must be a positive int dividing dim ({self.dim}), got {self.heads!r}")
         ratio = self.mlp_ratio

@@ -43,8 +43,8 @@ from torch import nn
 
 from .config import ConfigError, dump_config, keys_help, load_config, warmup_steps
 from .data import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
-from .factory import build_model, count_params
-from .loop import Trainee, autocast, fit, resolve_device, steps_per_epoch
+from .factory import build_model, count_params, parse_model_spec
+from .loop import STATE_FILE, Trainee, autocast, fit, resolve_device, steps_per_epoch
 from .optim import build_optimizer, build_scheduler
 
 METRICS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s", "seconds")
@@ -183,9 +183,16 @@ def new_run_dir(out: str | Path, name: str) -> Path:
 
 
 def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, device: torch.device,
-                 run_dir: Path | None = None) -> Trainee:
+                 run_dir: Path | None = None, dataset: Dataset | None = None) -> Trainee:
     """Model ``spec`` seeded with ``cfg["seed"]``, its AdamW and schedule from ``cfg``, as a
-    :class:`~gatezoo.train.loop.Trainee`."""
+    :class:`~gatezoo.train.loop.Trainee`. With ``dataset``, the spec's own overrides must fit it
+    too (image shape, classes)."""
+    try:
+        _, own = parse_model_spec(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if dataset is not None and own:
+        data_model_args(dataset, own)
     torch.manual_seed(cfg["seed"])
     try:
         model = build_model(spec, **model_args).to(device)
@@ -221,7 +228,7 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
     fresh = resume is None
     run_dir = new_run_dir(cfg["out"], cfg["name"] or cfg["model"]) if fresh else Path(resume)
     try:
-        trainee = make_trainee(cfg, cfg["model"], model_args, per_epoch, device, run_dir)
+        trainee = make_trainee(cfg, cfg["model"], model_args, per_epoch, device, run_dir, dataset=dataset)
         if fresh:
             print(dataset.summary())
             print(f"{cfg['model']}: {trainee.params:,} parameters, {per_epoch} steps/epoch on {device}; "
@@ -230,7 +237,7 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
         pos = fit(task, [trainee], resume=not fresh, title=f"{cfg['model']} on {dataset.name}",
                   **fit_options(cfg, device))
     except BaseException:
-        if fresh and not (run_dir / "state.pt").exists():  # nothing worth keeping: no half-made run directory
+        if fresh and not (run_dir / STATE_FILE).exists():  # nothing worth keeping: no half-made run directory
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     if pos["stopped"] and pos["epoch"] < cfg["epochs"]:

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .optim import SCHEDULES
+
 
 class ConfigError(ValueError):
     """A config file or command-line override is invalid; the message names the key."""
@@ -51,15 +53,16 @@ KEYS: dict[str, Key] = {
     "lr": Key(1e-3, "float", "peak AdamW learning rate", minimum=0.0),
     "weight_decay": Key(0.05, "float", "AdamW weight decay (not applied to biases, norms, 1-D params, tokens, "
                         "position embeddings)", minimum=0.0),
-    "warmup_epochs": Key(0.3, "float", "linear warm-up length in epochs (fractions allowed), then cosine to 0",
+    "warmup_epochs": Key(0.3, "float", "linear warm-up length in epochs (fractions allowed), then the schedule",
                          minimum=0.0),
     "warmup_steps": Key(None, "int", "linear warm-up length in optimizer steps; when set it replaces warmup_epochs",
                         optional=True, minimum=0),
     "schedule": Key("cosine", "str", "learning-rate schedule after the warm-up: cosine (to 0 at the end), "
-                    "inverse_sqrt (1/sqrt(step)) or constant", choices=("cosine", "inverse_sqrt", "constant")),
+                    "inverse_sqrt (sqrt(warmup / step)) or constant", choices=SCHEDULES),
     "grad_clip": Key(None, "float", "clip the gradients' global norm to this before each optimizer step (null: off)",
                      optional=True, minimum=0.0),
-    "accum_steps": Key(1, "int", "batches per optimizer step (gradient accumulation)", minimum=1),
+    "accum_steps": Key(1, "int", "batches per optimizer step (gradient accumulation; the loss is the mean of the "
+                       "batches' mean losses)", minimum=1),
     "label_smoothing": Key(0.1, "float", "label smoothing of the training cross-entropy", minimum=0.0, below=1.0),
     "augment": Key(False, "bool", "light augmentation: random shifts up to 2 px and horizontal flips"),
     "bf16": Key(False, "bool", "bfloat16 autocast of the forward pass, CPU or CUDA (loss in float32)"),
@@ -98,8 +101,16 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# options of earlier versions whose new spelling is more than underscores for hyphens
+RENAMED = {"no-progress": "--progress false", "no_progress": "--progress false", "same-init": "--same_init",
+           "batch-size": "--batch_size (or --eval_batch_size for evaluate)"}
+
+
 def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
-    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``; raises :class:`ConfigError`."""
+    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``; raises :class:`ConfigError`.
+
+    A boolean key given alone (``--bf16``, followed by another option or nothing) means true.
+    """
     pairs, i = [], 0
     args = list(args)
     while i < len(args):
@@ -107,12 +118,19 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"expected an override --key value, got {arg!r}")
         key = arg[2:]
-        if "=" in key:
+        inline = "=" in key
+        if inline:
             key, text = key.split("=", 1)
+        _canonical(key)  # the spelling first: an old hyphenated flag gets its hint, not a value error
+        if inline:
             i += 1
+        elif i + 1 >= len(args) or args[i + 1].startswith("--"):
+            if key in KEYS and KEYS[key].kind == "bool":
+                pairs.append((key, True))
+                i += 1
+                continue
+            raise ConfigError(f"option --{key} needs a value (--{key} VALUE)")
         else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"override --{key} needs a value")
             text = args[i + 1]
             i += 2
         pairs.append((key, parse_value(text)))
@@ -123,6 +141,8 @@ def _canonical(key: str) -> list[str]:
     parts = key.split(".")
     if not all(parts):
         raise ConfigError(f"bad config key {key!r}")
+    if parts[0] in RENAMED:
+        raise ConfigError(f"unknown option --{key}: it is now spelled {RENAMED[parts[0]]}")
     if "-" in parts[0]:
         hint = parts[0].replace("-", "_")
         hint = f" (did you mean --{hint}?)" if hint in KEYS else ""

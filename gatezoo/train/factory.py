@@ -8,12 +8,12 @@ variants of one preset without registering each.
 
 from __future__ import annotations
 
-import yaml
 from torch import nn
 
 from gatezoo.models import create_model, list_models
 
 from . import peers
+from .config import parse_value
 
 
 def model_names() -> list[str]:
@@ -21,16 +21,10 @@ def model_names() -> list[str]:
     return list(list_models()) + peers.list_peers()
 
 
-def _yaml_value(text: str):
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def parse_model_spec(spec: str) -> tuple[str, dict]:
     """``"vit_tiny:ffn=xatglu1,depth=2"`` -> ``("vit_tiny", {"ffn": "xatglu1", "depth": 2})``; a bare
-    name has no overrides. Raises ``ValueError`` on a malformed spec."""
+    name has no overrides. Values cannot hold commas (pass lists through ``model_args``). Raises
+    ``ValueError`` on a malformed spec."""
     if not isinstance(spec, str):
         raise TypeError(f"model must be a string, got {type(spec).__name__}")
     name, _, rest = spec.partition(":")
@@ -39,7 +33,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
         key, eq, text = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"model {spec!r}: expected NAME or NAME:key=value,key=value, got the item {item!r}")
-        overrides[key.strip()] = _yaml_value(text.strip())
+        overrides[key.strip()] = parse_value(text.strip())
     if not name:
         raise ValueError(f"model {spec!r}: no model name before ':'")
     return name, overrides

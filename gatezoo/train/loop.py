@@ -24,8 +24,8 @@ stepping the schedule once per optimizer step, the tqdm progress bar, evaluation
 
 Several models may train side by side (:class:`Trainee` each): at every optimizer step each takes
 its step on the same batches, the one that goes first rotating from step to step, and each one's
-throughput counts only its own forward, backward and optimizer step (the first step of a process,
-which pays for lazy initialisation, is not timed).
+throughput counts only its own forward, backward and optimizer step (the first step of each
+:func:`fit` call, which pays for lazy initialisation, is not timed).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def plot_curves(rows: Sequence[Mapping], path: Path, panels: Sequence[tuple[str,
     plt.close(fig)
 
 
-def _groups(batches, start: int, accum: int):
+def _groups(batches, accum: int):
     """The batches of one epoch from ``start`` on, in lists of ``accum`` (the last may be shorter)."""
     group = []
     for batch in batches:
@@ -252,8 +252,8 @@ def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
                           f"finished an epoch)")
     state = ckpt.load_state(state_path)
     if state.get("version") != STATE_VERSION:
-        raise ConfigError(f"--resume {str(t.run_dir)!r}: {STATE_FILE} was written by another gatezoo version "
-                          f"(state version {state.get('version')}, this one reads {STATE_VERSION})")
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: {STATE_FILE} has state format {state.get('version')} "
+                          f"(gatezoo 0.1.0 wrote format 1); this version reads format {STATE_VERSION}")
     if state["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(f"--resume: the run had {state['steps_per_epoch']} steps per epoch, this config gives "
                           f"{steps_per_epoch} (batch_size, accum_steps or data changed)")
@@ -332,7 +332,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     while pos["epoch"] < epochs and not stopped:
         epoch, start = pos["epoch"], pos["step_in_epoch"]
         batches = task.train_batches.epoch(epoch, start * accum_steps)
-        bar = tqdm(_groups(batches, start, accum_steps), total=per_epoch, initial=start, disable=not progress,
+        bar = tqdm(_groups(batches, accum_steps), total=per_epoch, initial=start, disable=not progress,
                    desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False)
         for group in bar:
             n = len(trainees)
@@ -354,22 +354,26 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         bar.close()
 
         finished_epoch = pos["step_in_epoch"] >= per_epoch
-        pos["elapsed"] = elapsed0 + time.perf_counter() - start_time
-        results = []
+        evals = []
         for t in trainees:
             t.model.eval()
             try:
                 with torch.no_grad(), autocast(device, bf16):
-                    ev = task.evaluate(t.model)
+                    evals.append(task.evaluate(t.model))
             finally:
                 t.model.train()
+        pos["elapsed"] = elapsed0 + time.perf_counter() - start_time  # the evaluations included
+        results = []
+        for t, ev in zip(trainees, evals):
+            train_metrics = task.train_metrics(t.stats)
             row = {"epoch": pos["global_step"] / per_epoch, "step": pos["global_step"], "train_loss": t.stats.loss,
-                   **task.train_metrics(t.stats), **ev, "lr": t.lr, f"{task.unit}_per_s": t.stats.rate,
+                   **train_metrics, **ev, "lr": t.lr, f"{task.unit}_per_s": t.stats.rate,
                    "seconds": pos["elapsed"]}
             t.rows.append(row)
             t.last = ev
             log(f"epoch {row['epoch']:.4g}" + (f" {t.spec}" if len(trainees) > 1 else "") + ": train loss "
-                f"{row['train_loss']:.4f} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
+                f"{row['train_loss']:.4f} " + " ".join(f"{k} {v:.4f}" for k, v in train_metrics.items())
+                + " | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
                 + f" | {row[f'{task.unit}_per_s']:.0f} {task.unit}/s")
             results.append((t, row))
         if on_eval is not None:

@@ -5,7 +5,8 @@
   tokens, position embeddings and whatever the model's ``no_weight_decay()`` lists.
 - :func:`build_scheduler`: a ``LambdaLR`` stepped once per optimizer step, with the factor of
   :func:`warmup_cosine` (linear warm-up, then a cosine to 0: the image recipe) or
-  :func:`inverse_sqrt` (linear warm-up, then ``1/sqrt(step)``: the Transformer translation recipe).
+  :func:`inverse_sqrt` (linear warm-up, then ``sqrt(warmup / step)``: the Transformer translation
+  recipe) or ``"constant"`` (linear warm-up, then the peak).
 """
 
 from __future__ import annotations
@@ -54,11 +55,6 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
-
-
-def schedule_steps(epochs: int, steps_per_epoch: int, warmup_epochs: float) -> tuple[int, int]:
-    """(warm-up steps, total steps): ``round(warmup_epochs * steps_per_epoch)``, ``epochs * steps_per_epoch``."""
-    return round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
 
 
 def _check_steps(warmup_steps: int, total_steps: int) -> None:

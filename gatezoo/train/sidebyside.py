@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -95,7 +96,7 @@ def run_sidebyside(models: Sequence[str], cfg: Mapping, *, seeds: Sequence[int] 
                                    seed=sd, augment=cfg["augment"], label_smoothing=cfg["label_smoothing"],
                                    device=dev)
         per_epoch = steps_per_epoch(task, cfg["accum_steps"])
-        trainees = [make_trainee(run_cfg, name, args, per_epoch, dev) for name in models]
+        trainees = [make_trainee(run_cfg, name, args, per_epoch, dev, dataset=dataset) for name in models]
         if same_init:
             share_timm_init(trainees)
         log(dataset.summary())
@@ -137,11 +138,6 @@ def share_timm_init(trainees: list[Trainee]) -> None:
             first = str(e).strip().splitlines()[0]
             raise ConfigError(f"same_init: {t.spec} cannot start from timm_vit_tiny's weights (it must be a "
                               f"softmax / mlp-gelu ViT of the same shape): {first}") from e
-
-
-def last_row(rows: list[dict], model: str) -> dict:
-    """The last row of ``model`` in ``rows``."""
-    return [r for r in rows if r["model"] == model][-1]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -186,6 +182,7 @@ def read_csv(paths: Sequence[str | Path]) -> list[dict]:
             raise ConfigError(f"--summary: no CSV at {str(path)!r}")
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
+                r.setdefault("seed", "0")  # CSVs of single-seed runs made before the column existed
                 missing = [k for k in COLUMNS if k not in r]
                 if missing:
                     raise ConfigError(f"--summary: {path} is not a side-by-side CSV (no column {missing[0]!r})")
@@ -197,16 +194,26 @@ def read_csv(paths: Sequence[str | Path]) -> list[dict]:
 def summary_table(rows: Sequence[Mapping]) -> str:
     """``model | params | test acc, mean ± sd | seeds | per seed | train img/s``: each model's final
     evaluation (its last row) per seed, the sample sd over its seeds (— with one seed), and the mean
-    of the per-seed throughputs. Models keep the order of their first row."""
+    over its seeds of each run's throughput (timed images over timed seconds, all epochs, as the
+    table a run prints). Models keep the order of their first row; a later run of the same model
+    and seed replaces an earlier one."""
     final: dict[str, dict[int, Mapping]] = {}
+    images: dict[tuple[str, int], list[float]] = {}
     for r in rows:
-        final.setdefault(r["model"], {})[r["seed"]] = r  # later rows of a (model, seed) replace earlier ones
+        if r["model"] in final and r["seed"] in final[r["model"]] and r["step"] <= final[r["model"]][r["seed"]]["step"]:
+            images[(r["model"], r["seed"])] = [0.0, 0.0]  # a new run of this model and seed starts
+        final.setdefault(r["model"], {})[r["seed"]] = r
+        acc = images.setdefault((r["model"], r["seed"]), [0.0, 0.0])
+        if math.isfinite(r["train_img_per_s"]) and r["train_seconds"] > 0:
+            acc[0] += r["train_img_per_s"] * r["train_seconds"]
+            acc[1] += r["train_seconds"]
     lines = ["| model | params | test acc, mean ± sd | seeds | test acc per seed | train img/s |",
              "|---|---|---|---|---|---|"]
     for model, by_seed in final.items():
         accs = [r["test_acc"] for r in by_seed.values()]
         sd = f"{statistics.stdev(accs):.4f}" if len(accs) > 1 else "—"
-        speed = statistics.mean(r["train_img_per_s"] for r in by_seed.values())
+        rates = [im / sec for im, sec in (images[(model, sd)] for sd in by_seed) if sec > 0]
+        speed = statistics.mean(rates) if rates else float("nan")
         params = next(iter(by_seed.values()))["params"]
         lines.append(f"| {model} | {params:,} | {statistics.mean(accs):.4f} ± {sd} | "
                      f"{', '.join(map(str, by_seed))} | {' / '.join(f'{a:.4f}' for a in accs)} | {speed:.0f} |")
@@ -278,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         if args.summary:
-            if rest or args.models or args.seeds or args.config:
+            if rest or args.models or args.seeds or args.config or args.same_init:
                 raise ConfigError("--summary reads CSVs and trains nothing: give it no other option but --merged")
             rows = read_csv(args.summary)
             print(summary_table(rows))
             if args.merged:
                 merged = Path(args.merged)
+                merged.parent.mkdir(parents=True, exist_ok=True)
                 write_csv(rows, merged)
                 plot_accuracy(rows, merged.with_suffix(".png"), title=f"{merged.stem}")
                 print(f"\nwrote {merged} and {merged.with_suffix('.png')}")

@@ -32,6 +32,12 @@ def keep_mask(tq: int, tk: int, causal: bool, key_padding_mask, device):
     return keep
 
 
+def rela_composed_args(q, k, v, key_padding_mask, causal, scale):
+    """:func:`rela_composed` with the arguments in the order of the autograd functions' forward
+    (what their second-order fallback differentiates)."""
+    return rela_composed(q, k, v, causal, key_padding_mask, scale)
+
+
 def rela_composed(q, k, v, causal: bool = False, key_padding_mask=None, scale=None):
     """ReLA as one composition over the full score matrix (autograd differentiates it)."""
     b, h, tq, d = q.shape

@@ -11,7 +11,7 @@ import torch
 
 from ..backend import composed_grads
 from ..scratch import Scratch
-from .naive import rela_composed
+from .naive import rela_composed_args
 
 # Scores of one chunk on CPU: at most 2^21 float32 (8 MiB; backward holds two such buffers). A
 # chunk takes whole rows of the score matrix where that fits with at least PAR_HEADS heads side by
@@ -158,13 +158,8 @@ class ReLAFunction(torch.autograd.Function):
         q, k, v, key_padding_mask = ctx.saved_tensors
         causal, scale = ctx.causal, ctx.scale
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, _composed, (q, k, v, key_padding_mask, causal, scale), do)
+            return composed_grads(ctx, rela_composed_args, (q, k, v, key_padding_mask, causal, scale), do)
         return _chunked_grads(q, k, v, key_padding_mask, causal, scale, do)
-
-
-def _composed(q, k, v, key_padding_mask, causal, scale):
-    """:func:`rela_composed` with the arguments in the order of :meth:`ReLAFunction.forward`."""
-    return rela_composed(q, k, v, causal, key_padding_mask, scale)
 
 
 def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..backend import composed_grads, interpret_mode, on_device
 from ..kernel_specs import KernelSpec, register
-from .naive import rela_composed
+from .naive import rela_composed_args
 
 
 @triton.jit
@@ -287,14 +287,11 @@ class ReLATriton(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, key_padding_mask = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, _composed, (q, k, v, key_padding_mask, ctx.causal, ctx.scale), do)
+            return composed_grads(ctx, rela_composed_args, (q, k, v, key_padding_mask, ctx.causal, ctx.scale), do)
         dq, dk, dv = rela_backward(q, k, v, do, key_padding_mask, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
-def _composed(q, k, v, key_padding_mask, causal, scale):
-    """:func:`~.naive.rela_composed` with the arguments in the order of :meth:`ReLATriton.forward`."""
-    return rela_composed(q, k, v, causal, key_padding_mask, scale)
 
 
 def _aot_specs():
