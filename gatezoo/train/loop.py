@@ -200,6 +200,13 @@ def plot_curves(rows: Sequence[Mapping], path: Path, panels: Sequence[tuple[str,
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
+    save_figure(fig, path, title)
+
+
+def save_figure(fig, path: Path, title: str = "") -> None:
+    """Title ``fig``, lay it out, write it to ``path`` as PNG and close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -47,7 +47,7 @@ from ..models import VisionTransformer, vit_state_dict_from_timm
 from .classify import ImageClassification, data_model_args, fit_options, make_trainee
 from .config import ConfigError, check, keys_help, load_config
 from .data import DataFormatError, DataNotFoundError, load_dataset
-from .loop import Trainee, fit, resolve_device, steps_per_epoch
+from .loop import Trainee, fit, resolve_device, save_figure, steps_per_epoch
 
 COLUMNS = ("model", "seed", "params", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
            "train_img_per_s", "train_seconds", "lr", "batch_size", "device")
@@ -243,12 +243,8 @@ def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.legend(fontsize="small")
+    save_figure(fig, path, title)
 
 
 def build_parser() -> argparse.ArgumentParser:
