@@ -43,7 +43,8 @@ class Key:
 
 
 KEYS: dict[str, Key] = {
-    "model": Key(None, "str", "model name: a gatezoo registry name (gatezoo.models.list_models()) or a timm peer"),
+    "model": Key(None, "str", "model name: a gatezoo registry name (gatezoo.models.list_models()) or a timm peer, "
+                 "optionally NAME:key=value,... (sidebyside takes --models instead)"),
     "model_args": Key({}, "dict", "overrides passed to create_model (e.g. {depth: 2, dim: 64}); in_chans, img_size "
                       "and num_classes default to the data set's"),
     "data": Key("fashion-mnist", "str", "'fashion-mnist', a directory of idx files, an .npz or an image folder"),
