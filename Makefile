@@ -8,9 +8,13 @@ PY := $(VENV)/bin/python
 # on the CPU as well as on CUDA and brings triton 3.8.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
-# Fashion-MNIST, the default data set of the training CLIs: the Debian/Ubuntu package
-# dataset-fashion-mnist installs its idx files here (any other copy: pass --data PATH).
-FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# Data sets from Debian packages, as package:file-it-installs pairs; a package is installed when
+# its file is missing. Fashion-MNIST is the default data set of the image commands (any other
+# copy: pass --data PATH); the KJV and Reina-Valera 1909 Bibles (SWORD zText modules) give the
+# English-Spanish verse pairs of gatezoo.train.sword.
+DATA_PACKAGES := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
+  sword-text-kjv:/usr/share/sword/modules/texts/ztext/engKJV2006eb/nt.bzz \
+  sword-text-sparv:/usr/share/sword/modules/texts/ztext/spaRV1909eb/nt.bzz
 CONFIG ?= configs/vit_tiny.yaml
 MODELS ?= vit_tiny timm_vit_tiny vit_tiny_rela vit_tiny_xswiglu mixer_tiny timm_mixer_tiny ninformer_tiny
 
@@ -18,17 +22,20 @@ MODELS ?= vit_tiny timm_vit_tiny vit_tiny_rela vit_tiny_xswiglu mixer_tiny timm_
 
 install: $(STAMP) data
 
-# Installs the data set when it is missing (sudo only when not root; apt-get update and a retry
-# if the first try fails). A failure is reported but does not stop the other targets: the tests
-# that need the real data skip, and the training CLIs explain how to get it.
+# Installs the missing data packages (sudo only when not root; apt-get update and a retry if the
+# first try fails). A failure is reported but does not stop the other targets: the tests that
+# need the real data skip, and the commands explain how to get it.
 data:
-	@if [ ! -f $(FMNIST) ]; then \
+	@missing=; for pair in $(DATA_PACKAGES); do \
+	  [ -f "$${pair#*:}" ] || missing="$$missing $${pair%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  echo "Fashion-MNIST missing: installing the Debian package dataset-fashion-mnist"; \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist \
-	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; } \
-	  || echo "warning: could not install dataset-fashion-mnist (no apt-get, no sudo or no network);" \
-	    "install it by hand or pass --data PATH to the training commands"; \
+	  echo "data missing: installing the Debian package(s)$$missing"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing \
+	  || { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; } \
+	  || echo "warning: could not install$$missing (no apt-get, no sudo or no network);" \
+	    "install by hand, or pass --data PATH to the training commands"; \
 	fi
 
 $(STAMP): pyproject.toml Makefile
