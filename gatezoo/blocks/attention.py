@@ -38,9 +38,18 @@ class KVCache:
         return 0 if self.k is None else self.k.shape[2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Add the keys and values of new positions (self-attention) and return all of them."""
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (a 1-D LongTensor), in that order: beam search calls it to
+        follow each beam's parent, to expand a sentence into beams or to drop finished ones."""
+        if self.k is not None:
+            index = index.to(self.k.device)
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
 
 
 class _Attention(nn.Module):

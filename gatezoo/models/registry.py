@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .translation import EncoderDecoder, TranslationConfig
 from .vision import MixerConfig, MLPMixer, NiNformer, NiNformerConfig, VisionTransformer, ViTConfig
 
-# name -> (model class, config class, preset fields); the presets fit 28x28x1 images, 10 classes
+# name -> (model class, config class, preset fields); the image presets fit 28x28x1 images, 10 classes
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     "vit_tiny": (VisionTransformer, ViTConfig, {}),
     "vit_tiny_rela": (VisionTransformer, ViTConfig, {"attention": "rela"}),
@@ -19,6 +20,9 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     "ninformer_tiny": (NiNformer, NiNformerConfig, {}),
     # the authors' structure: no LayerNorm before the head, one LayerNorm per layer
     "ninformer_tiny_official": (NiNformer, NiNformerConfig, {"head_norm": False, "shared_norm": True}),
+    # translation (pass vocab_size=): d=256, 3+3 layers, 4 heads, FFN 1024, tied embeddings
+    "transformer_mt_tiny": (EncoderDecoder, TranslationConfig, {}),
+    "transformer_mt_tiny_rela": (EncoderDecoder, TranslationConfig, {"attention": "rela"}),
 }
 
 
@@ -43,9 +47,11 @@ def model_config(name: str, **overrides):
 
 def create_model(name: str, **overrides) -> nn.Module:
     """Build preset ``name`` (see :func:`list_models`); ``overrides`` replace fields of its config
-    dataclass, e.g. ``num_classes``, ``in_chans``, ``img_size``, ``dim``, ``depth``.
+    dataclass, e.g. ``num_classes``, ``in_chans``, ``img_size``, ``dim``, ``depth`` (image models) or
+    ``vocab_size``, ``attention``, ``ffn`` (translation models).
 
     >>> model = create_model("ninformer_tiny", num_classes=100, in_chans=3, img_size=32)
+    >>> mt = create_model("transformer_mt_tiny_rela", vocab_size=8000)
     """
     cfg = model_config(name, **overrides)
     model = _REGISTRY[name][0](cfg)

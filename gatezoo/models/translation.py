@@ -1,0 +1,278 @@
+"""An encoder-decoder Transformer for translation, with attention and feed-forward by name.
+
+``EncoderDecoder`` is the pre-norm Transformer of Vaswani et al. (2017) as most toolkits train it
+today: a joint (source and target) vocabulary whose one embedding matrix feeds the encoder and
+the decoder and is the output projection, embeddings scaled by sqrt(dim) plus sinusoidal
+positions, pre-norm layers with a final LayerNorm after each stack. The attention of all three
+places (encoder self-, decoder causal self- and cross-attention) is chosen by name, ``softmax``
+or ``rela`` (rectified linear attention with its gated RMS output norm, Zhang et al. 2021), and
+the feed-forward by name: ``mlp-<activation>`` or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS`.
+
+Training calls ``model(src_ids, tgt_in_ids) -> logits (B, T_tgt, vocab)``, padding id 0. Search
+code uses only the narrow decoding interface, so greedy, beam and any later decoder work for
+every attention kind (and for the peers of :mod:`gatezoo.train.mt_peers`):
+
+- ``memory = model.encode(src_ids)``: a :class:`Memory` (encoder states and source mask) with
+  ``select(index)`` to expand sentences into beams or drop finished ones;
+- ``logits, cache = model.decode_step(tokens, memory, cache)``: the logits (B, vocab) of the
+  token after ``tokens`` (B, t), the newest target tokens (t = 1 when decoding step by step;
+  ``cache=None`` starts a sentence, whose first token is BOS);
+- ``cache.reorder(index)``: keep batch rows ``index`` of every layer's keys and values.
+
+Cross-attention keys and values are computed once per sentence, on the first step, and kept in
+the cache.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gatezoo.blocks import (
+    GLU_FAMILIES,
+    GLU_VARIANTS,
+    MLP_ACTIVATIONS,
+    GLUFeedForward,
+    KVCache,
+    Mlp,
+    ReLAAttention,
+    SoftmaxAttention,
+)
+
+MT_ATTENTIONS = ("softmax", "rela")
+"""Attention names :class:`TranslationConfig` takes."""
+MT_FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS)
+"""Feed-forward names :class:`TranslationConfig` takes (``mlp-relu`` is the original Transformer's)."""
+
+PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
+"""Special token ids: the tokenizer of :mod:`gatezoo.train.text` fixes pad 0, unk 1, BOS 2, EOS 3."""
+
+
+@dataclass
+class TranslationConfig:
+    """Size and parts of an :class:`EncoderDecoder`.
+
+    ``ffn_hidden`` is the hidden width of an MLP feed-forward; a GLU gets 2/3 of it (rounded up
+    to a multiple of 8), which keeps the parameter count. ``max_len`` bounds source and target
+    lengths in tokens (the target counting BOS); longer input is an error.
+    """
+
+    vocab_size: int = 8000
+    dim: int = 256
+    enc_layers: int = 3
+    dec_layers: int = 3
+    heads: int = 4
+    ffn_hidden: int = 1024
+    attention: str = "softmax"
+    ffn: str = "mlp-relu"
+    dropout: float = 0.1
+    max_len: int = 256
+    norm_eps: float = 1e-5
+    bias: bool = True  # biases on the attention projections
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range."""
+        for name in ("vocab_size", "dim", "enc_layers", "dec_layers", "heads", "ffn_hidden", "max_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.vocab_size <= EOS_ID:
+            raise ValueError(f"vocab_size must exceed the special ids 0..{EOS_ID}, got {self.vocab_size}")
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        if self.dim % 2:
+            raise ValueError(f"dim must be even (sinusoidal positions), got {self.dim}")
+        if self.attention not in MT_ATTENTIONS:
+            raise ValueError(f"attention must be one of {MT_ATTENTIONS}, got {self.attention!r}")
+        if self.ffn not in MT_FFNS and self.ffn not in GLU_FAMILIES:
+            raise ValueError(f"ffn must be one of {MT_FFNS}, got {self.ffn!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) position table: sines in the first half, cosines in the second, at
+    wavelengths from 2*pi to 10000*2*pi (the tensor2tensor/fairseq layout)."""
+    half = dim // 2
+    rate = math.log(10000.0) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -rate)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * freqs[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def _attention(cfg: TranslationConfig) -> nn.Module:
+    cls = SoftmaxAttention if cfg.attention == "softmax" else ReLAAttention
+    return cls(cfg.dim, cfg.heads, dropout=cfg.dropout, bias=cfg.bias)
+
+
+def _feedforward(cfg: TranslationConfig) -> nn.Module:
+    if cfg.ffn.startswith("mlp-"):
+        return Mlp(cfg.dim, cfg.ffn_hidden, act_layer=cfg.ffn[4:], drop=cfg.dropout)
+    hidden = (cfg.ffn_hidden * 2 // 3 + 7) // 8 * 8
+    return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.dropout)
+
+
+class EncoderLayer(nn.Module):
+    """``x + self_attn(LN x)``, then ``x + ffn(LN x)``."""
+
+    def __init__(self, cfg: TranslationConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = _attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = _feedforward(cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_padding_mask=mask)
+        return x + self.ffn(self.norm2(x))
+
+
+class DecoderLayer(nn.Module):
+    """``x + self_attn(LN x, causal)``, ``x + cross_attn(LN x, memory)``, ``x + ffn(LN x)``."""
+
+    def __init__(self, cfg: TranslationConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = _attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.cross_attn = _attention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = _feedforward(cfg)
+
+    def forward(self, x, memory, memory_mask, self_cache=None, cross_cache=None):
+        x = x + self.self_attn(self.norm1(x), causal=True, cache=self_cache)
+        x = x + self.cross_attn(self.norm2(x), context=memory, key_padding_mask=memory_mask, cache=cross_cache)
+        return x + self.ffn(self.norm3(x))
+
+
+@dataclass
+class Memory:
+    """The encoder's output for a batch: ``states`` (B, S, dim) and ``mask`` (B, S), True = a
+    real source token."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> Memory:
+        """The rows ``index`` (1-D LongTensor), e.g. each sentence repeated once per beam."""
+        index = index.to(self.states.device)
+        return Memory(self.states.index_select(0, index), self.mask.index_select(0, index))
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+
+class DecoderCache:
+    """What the decoder keeps between steps: one self- and one cross-attention :class:`KVCache`
+    per layer, and the number of target positions seen."""
+
+    def __init__(self, layers: int):
+        self.self_attn = [KVCache() for _ in range(layers)]
+        self.cross_attn = [KVCache() for _ in range(layers)]
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` of every cache, in that order."""
+        for cache in (*self.self_attn, *self.cross_attn):
+            cache.reorder(index)
+
+
+def check_ids(name: str, ids, vocab_size: int, max_len: int) -> None:
+    """Raise a clear error unless ``ids`` is a (batch, length) integer tensor of token ids below
+    ``vocab_size`` with ``1 <= length <= max_len``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a LongTensor of token ids, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name} must be a (batch, length) integer tensor, got {ids.dtype} of shape "
+                         f"{tuple(ids.shape)}")
+    if ids.shape[1] < 1:
+        raise ValueError(f"{name} must hold at least one token per row, got shape {tuple(ids.shape)}")
+    if ids.shape[1] > max_len:
+        raise ValueError(f"{name} has length {ids.shape[1]}, longer than the model's max_len={max_len}; "
+                         f"shorten the input or build the model with a larger max_len")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): min {int(ids.min())}, "
+                         f"max {int(ids.max())}")
+
+
+class EncoderDecoder(nn.Module):
+    """Pre-norm encoder-decoder Transformer with tied embeddings (see the module docstring).
+
+    >>> model = EncoderDecoder(TranslationConfig(vocab_size=8000, attention="rela"))
+    >>> logits = model(src_ids, tgt_in_ids)            # (B, T, 8000)
+    """
+
+    def __init__(self, cfg: TranslationConfig | None = None, **overrides):
+        super().__init__()
+        if cfg is not None and overrides:
+            raise TypeError(f"pass either a config or field overrides, not both (got {sorted(overrides)})")
+        cfg = TranslationConfig(**overrides) if cfg is None else cfg
+        cfg.validate()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD_ID)
+        self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.dim), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.enc_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embed.weight, std=self.config.dim ** -0.5)
+        with torch.no_grad():
+            self.embed.weight[PAD_ID].zero_()
+
+    def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        x = self.embed(ids) * math.sqrt(self.config.dim)
+        return self.drop(x + self.positions[start:start + ids.shape[1]].to(x.dtype))
+
+    def encode(self, src: torch.Tensor) -> Memory:
+        """Encoder states of ``src`` (B, S) token ids, 0 = padding."""
+        check_ids("src", src, self.config.vocab_size, self.config.max_len)
+        mask = src != PAD_ID
+        x = self._embed(src)
+        for layer in self.encoder:
+            x = layer(x, mask)
+        return Memory(self.enc_norm(x), mask)
+
+    def decode(self, tgt_in: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """Logits (B, T, vocab) of every next token of ``tgt_in`` (teacher forcing)."""
+        check_ids("tgt_in", tgt_in, self.config.vocab_size, self.config.max_len)
+        x = self._embed(tgt_in)
+        for layer in self.decoder:
+            x = layer(x, memory.states, memory.mask)
+        return self.dec_norm(x) @ self.embed.weight.t()
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T_tgt, vocab) for ``src`` (B, S) and ``tgt_in`` (B, T_tgt, BOS first), pad 0.
+
+        Padding positions of ``tgt_in`` need no mask: the decoder is causal, so they only
+        influence their own (ignored) outputs."""
+        return self.decode(tgt_in, self.encode(src))
+
+    def decode_step(self, tokens: torch.Tensor, memory: Memory, cache: DecoderCache | None = None
+                    ) -> tuple[torch.Tensor, DecoderCache]:
+        """Logits (B, vocab) of the token after ``tokens`` (B, t): the newest target tokens, which
+        follow the ``cache.length`` already decoded (the first call, with ``cache=None``, gets BOS).
+        Returns the logits and the updated cache; equal to :meth:`decode` on the whole prefix."""
+        if cache is None:
+            cache = DecoderCache(len(self.decoder))
+        start = cache.length
+        if start + tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"decoding past the model's max_len={self.config.max_len} target positions")
+        x = self._embed(tokens, start)
+        for layer, sc, cc in zip(self.decoder, cache.self_attn, cache.cross_attn):
+            x = layer(x, memory.states, memory.mask, sc, cc)
+        cache.length = start + tokens.shape[1]
+        return self.dec_norm(x[:, -1]) @ self.embed.weight.t(), cache
