@@ -1,0 +1,200 @@
+"""Batched greedy and beam search over the narrow decoding interface.
+
+The search functions see a model only through
+
+- ``memory = model.encode(src)`` with ``memory.select(index)``,
+- ``logits, cache = model.decode_step(tokens, memory, cache)`` (``cache=None`` to start), and
+- ``cache.reorder(index)``,
+
+plus ``model.config.max_len`` (or ``model.max_len``), the most target positions it allows. So
+they decode every attention kind of :class:`gatezoo.models.EncoderDecoder` and the peers alike.
+
+A hypothesis stops at EOS or at its length limit ``floor(max_len_a * source_length + max_len_b)``
+generated tokens (EOS included), whichever comes first. Finished sentences leave the batch, so a
+long sentence does not keep the short ones computing. The returned token lists hold neither BOS
+nor EOS.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gatezoo.models.translation import BOS_ID, EOS_ID, PAD_ID
+
+
+@dataclass
+class Hypothesis:
+    """A finished translation: its tokens (no BOS/EOS), total log-probability and the score the
+    search ranked it by (``logprob / length ** length_penalty``; length counts EOS)."""
+
+    tokens: list[int]
+    logprob: float
+    score: float
+
+
+def model_max_len(model) -> int:
+    """The most target positions ``model`` takes: ``model.config.max_len`` or ``model.max_len``."""
+    cfg = getattr(model, "config", None)
+    value = getattr(cfg, "max_len", None) if cfg is not None else None
+    value = getattr(model, "max_len", None) if value is None else value
+    if value is None:
+        raise TypeError(f"{type(model).__name__} has neither config.max_len nor max_len: the decoder needs the "
+                        f"length limit of the model")
+    return int(value)
+
+
+def _limits(src: torch.Tensor, model, max_len_a: float, max_len_b: int) -> list[int]:
+    if not max_len_a >= 0 or max_len_b < 0:
+        raise ValueError(f"max_len_a and max_len_b must be >= 0, got {max_len_a!r} and {max_len_b!r}")
+    cap = model_max_len(model)  # BOS plus at most cap - 1 generated tokens
+    lengths = (src != PAD_ID).sum(1).tolist()
+    return [max(1, min(cap - 1, int(math.floor(max_len_a * n + max_len_b)))) for n in lengths]
+
+
+def _check_src(src) -> None:
+    if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.is_floating_point():
+        got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
+        raise ValueError(f"src must be a (batch, length) tensor of token ids, got {got}")
+
+
+@torch.no_grad()
+def greedy_search(model, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b: int = 10) -> list[list[int]]:
+    """The most probable next token at every step, for each sentence of ``src`` (B, S), pad 0.
+
+    Returns B token lists (no BOS/EOS). Equals :func:`beam_search` with ``beam_size=1``."""
+    _check_src(src)
+    limits = _limits(src, model, max_len_a, max_len_b)
+    memory = model.encode(src)
+    b = src.shape[0]
+    out: list[list[int]] = [[] for _ in range(b)]
+    alive = list(range(b))  # sentence of each batch row
+    tokens = torch.full((b, 1), BOS_ID, dtype=torch.long, device=src.device)
+    cache, step = None, 0
+    while alive:
+        logits, cache = model.decode_step(tokens, memory, cache)
+        logits = logits.float()
+        logits[:, PAD_ID] = logits[:, BOS_ID] = -math.inf
+        forced = [i for i, s in enumerate(alive) if step + 1 >= limits[s]]
+        if forced:
+            logits[forced] = -math.inf
+            logits[forced, EOS_ID] = 0.0
+        nxt = logits.argmax(-1)
+        keep = []
+        for i, (s, t) in enumerate(zip(alive, nxt.tolist())):
+            if t == EOS_ID:
+                continue
+            out[s].append(t)
+            keep.append(i)
+        step += 1
+        if len(keep) < len(alive):
+            if not keep:
+                break
+            index = torch.tensor(keep, device=src.device)
+            cache.reorder(index)
+            memory = memory.select(index)
+            nxt = nxt[index]
+            alive = [alive[i] for i in keep]
+        tokens = nxt[:, None]
+    return out
+
+
+@torch.no_grad()
+def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty: float = 1.0,
+                max_len_a: float = 1.2, max_len_b: int = 10, n_best: int = 1
+                ) -> list[list[Hypothesis]]:
+    """Beam search for each sentence of ``src`` (B, S), pad 0.
+
+    Each step extends every live beam by every token, keeps the ``2 * beam_size`` best
+    continuations per sentence, finishes those among the first ``beam_size`` that end in EOS, and
+    carries on with the best ``beam_size`` that do not. A sentence is done when it has
+    ``beam_size`` finished hypotheses (or reaches its length limit, where EOS is forced).
+    Hypotheses are ranked by ``logprob / length ** length_penalty`` (length counting EOS;
+    ``length_penalty=0`` ranks by log-probability alone).
+
+    Returns, per sentence, the ``n_best`` best :class:`Hypothesis` objects, best first.
+    """
+    _check_src(src)
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
+    if not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be an int in [1, beam_size={beam_size}], got {n_best!r}")
+    limits = _limits(src, model, max_len_a, max_len_b)
+    k, b, dev = beam_size, src.shape[0], src.device
+    memory = model.encode(src)
+    memory = memory.select(torch.arange(b, device=dev).repeat_interleave(k))
+    finished: list[list[Hypothesis]] = [[] for _ in range(b)]
+    alive = list(range(b))
+    # per live beam: its score (total log-probability) and tokens so far
+    scores = torch.full((b, k), -math.inf, device=dev)
+    scores[:, 0] = 0.0
+    prefixes: list[list[int]] = [[] for _ in range(b * k)]
+    tokens = torch.full((b * k, 1), BOS_ID, dtype=torch.long, device=dev)
+    cache, step = None, 0
+    while alive:
+        logits, cache = model.decode_step(tokens, memory, cache)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        logp[:, PAD_ID] = logp[:, BOS_ID] = -math.inf
+        vocab = logp.shape[-1]
+        logp = logp.view(len(alive), k, vocab)
+        forced = [j for j, s in enumerate(alive) if step + 1 >= limits[s]]
+        if forced:
+            eos = logp[forced, :, EOS_ID].clone()
+            logp[forced] = -math.inf
+            logp[forced, :, EOS_ID] = eos
+        cand = (scores[:, :, None] + logp).view(len(alive), k * vocab)
+        top_scores, top_index = cand.topk(min(2 * k, k * vocab), dim=1)
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        length = step + 1
+        rows, new_tokens, new_scores, still = [], [], [], []
+        for j, s in enumerate(alive):
+            chosen = []
+            for rank, (sc, idx) in enumerate(zip(top_scores[j], top_index[j])):
+                if sc == -math.inf:
+                    break
+                beam, tok = divmod(idx, vocab)
+                if tok == EOS_ID:
+                    if rank < k:
+                        norm = sc / (length ** length_penalty) if length_penalty else sc
+                        finished[s].append(Hypothesis(list(prefixes[j * k + beam]), sc, norm))
+                    continue
+                if len(chosen) < k:
+                    chosen.append((beam, tok, sc))
+            if len(finished[s]) >= k or not chosen:
+                continue
+            while len(chosen) < k:  # too few live continuations: pad with dead beams
+                chosen.append((chosen[0][0], chosen[0][1], -math.inf))
+            still.append(s)
+            for beam, tok, sc in chosen:
+                rows.append(j * k + beam)
+                new_tokens.append(tok)
+                new_scores.append(sc)
+        step += 1
+        if not still:
+            break
+        index = torch.tensor(rows, device=dev)
+        cache.reorder(index)
+        memory = memory.select(index)
+        prefixes = [prefixes[r] + [t] for r, t in zip(rows, new_tokens)]
+        tokens = torch.tensor(new_tokens, device=dev)[:, None]
+        scores = torch.tensor(new_scores, device=dev).view(len(still), k)
+        alive = still
+    results = []
+    for hyps in finished:
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        results.append(hyps[:n_best])
+    return results
+
+
+def translate_ids(model, src: torch.Tensor, *, beam_size: int = 1, length_penalty: float = 1.0,
+                  max_len_a: float = 1.2, max_len_b: int = 10) -> list[list[int]]:
+    """The best token list per sentence: :func:`greedy_search` for ``beam_size=1``, else the top
+    hypothesis of :func:`beam_search`."""
+    if beam_size == 1:
+        return greedy_search(model, src, max_len_a=max_len_a, max_len_b=max_len_b)
+    hyps = beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                       max_len_b=max_len_b)
+    return [h[0].tokens for h in hyps]
