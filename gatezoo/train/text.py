@@ -1,0 +1,530 @@
+"""Parallel text for machine translation: files, the Bible corpus, splits, a tokenizer and batches.
+
+The pieces, in the order a translation trainer uses them:
+
+- :func:`read_lines` / :func:`read_parallel`: UTF-8 files with one sentence per line (``train.src``
+  next to ``train.tgt``); a missing file raises :class:`~gatezoo.train.data.DataNotFoundError`, a
+  bad one (empty, not UTF-8, a blank line, line counts that differ) :class:`TextDataError`, whose
+  message names the file and the 1-based line.
+- :func:`bible_pairs`: the 31,150 English (King James) / Spanish (Reina-Valera 1909) verse pairs
+  of the Debian SWORD modules (see :mod:`gatezoo.train.sword`), whitespace-normalised.
+- :func:`split_pairs` and :class:`Split`: a seeded train/dev/test split that keeps corpus order
+  inside each part, saved to and loaded from ``{train,dev,test}.{src,tgt}``.
+- :class:`Tokenizer`: a joint SentencePiece model with fixed special ids (:data:`PAD_ID` ``<pad>``,
+  :data:`UNK_ID` ``<unk>``, :data:`BOS_ID` ``<s>``, :data:`EOS_ID` ``</s>``); training is
+  deterministic (all sentences, no sampling or shuffling, one thread).
+- :func:`collate` and :class:`Batch`: padded ``int64`` tensors ``src``, ``tgt_in`` (``<s>`` +
+  target) and ``tgt_out`` (target + ``</s>``) for teacher forcing.
+- :class:`TokenBatches`: batches bounded by a padded token count, formed once from examples sorted
+  by length (so padding is small and the number of batches is fixed), visited in a per-epoch order
+  that depends only on ``(seed, epoch)``, so a resumed run can start at any batch.
+
+Every error about text data is a :class:`TextDataError` (a
+:class:`~gatezoo.train.data.DataFormatError`) or a :class:`~gatezoo.train.data.DataNotFoundError`,
+so a command line catches the same two families as for image data.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from . import sword
+from .data import DataFormatError, DataNotFoundError, derive_seed
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+"""The fixed special ids of every :class:`Tokenizer`: padding, unknown, begin and end of sentence."""
+PAD_PIECE, UNK_PIECE, BOS_PIECE, EOS_PIECE = "<pad>", "<unk>", "<s>", "</s>"
+"""The pieces of the special ids."""
+MODEL_TYPES = ("unigram", "bpe", "char", "word")
+"""The SentencePiece model types :meth:`Tokenizer.train` accepts."""
+SPLIT_PARTS = ("train", "dev", "test")
+"""The parts of a :class:`Split`, in the order they are saved."""
+
+_SPACE = re.compile(r"\s+")
+
+
+class TextDataError(DataFormatError):
+    """Text data that is there but unusable: an empty or non-UTF-8 file, a blank line, files whose
+    line counts differ, a split or vocabulary that does not fit the corpus, an over-long example."""
+
+
+# --------------------------------------------------------------------------------------------
+# Files of sentences
+
+
+def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[str]:
+    """The sentences of a UTF-8 file, one per line, each stripped of its line ending (``\\n`` or
+    ``\\r\\n``) and surrounding whitespace. A leading byte-order mark is dropped.
+
+    Raises :class:`~gatezoo.train.data.DataNotFoundError` if the file is missing and
+    :class:`TextDataError` naming the file (and the 1-based line) if it is empty (unless
+    ``allow_empty``), holds bytes that are not UTF-8, or has a blank line.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path}: no such text file (expected UTF-8, one sentence per line)") from None
+    except IsADirectoryError:
+        raise TextDataError(f"{path}: is a directory, expected a UTF-8 text file with one sentence per line") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if not raw:
+        if allow_empty:
+            return []
+        raise TextDataError(f"{path}: the file is empty; expected UTF-8 text with one sentence per line")
+    chunks = raw.split(b"\n")
+    if chunks[-1] == b"":  # the newline that ends the last line
+        chunks.pop()
+    lines = []
+    for number, chunk in enumerate(chunks, 1):
+        try:
+            line = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TextDataError(f"{path}: line {number} is not valid UTF-8 ({e})") from None
+        line = line.strip()
+        if not line:
+            raise TextDataError(f"{path}: line {number} is empty; every line must hold a sentence")
+        lines.append(line)
+    return lines
+
+
+def read_parallel(
+    src_path: str | os.PathLike, tgt_path: str | os.PathLike, *, allow_empty: bool = False
+) -> list[tuple[str, str]]:
+    """``(source, target)`` sentence pairs from two files read with :func:`read_lines`, line ``i``
+    of one paired with line ``i`` of the other; raises :class:`TextDataError` naming both files and
+    both line counts when the counts differ."""
+    src = read_lines(src_path, allow_empty=allow_empty)
+    tgt = read_lines(tgt_path, allow_empty=allow_empty)
+    if len(src) != len(tgt):
+        raise TextDataError(f"parallel files differ in length: {src_path} has {len(src)} lines but {tgt_path} has "
+                            f"{len(tgt)}; line i of one must translate line i of the other")
+    return list(zip(src, tgt))
+
+
+def normalize_space(text: str) -> str:
+    """``text`` with every run of whitespace collapsed to one space and the ends stripped."""
+    return _SPACE.sub(" ", text).strip()
+
+
+def bible_pairs(
+    kjv: str | os.PathLike | None = None, rv: str | os.PathLike | None = None
+) -> list[tuple[str, str]]:
+    """English → Spanish verse pairs: every verse that both the King James Version and the
+    Reina-Valera 1909 have, in canonical order, each side whitespace-normalised.
+
+    ``kjv`` and ``rv`` are passed on to :func:`gatezoo.train.sword.aligned_verses` (a module name
+    under ``/usr/share/sword`` or the path of a zText module directory); ``None`` means the Debian
+    modules ``engKJV2006eb`` (``sword-text-kjv``) and ``spaRV1909eb`` (``sword-text-sparv``). A
+    missing module raises :class:`~gatezoo.train.data.DataNotFoundError` saying how to install it.
+    """
+    verses = sword.aligned_verses(sword.KJV if kjv is None else kjv, sword.RV1909 if rv is None else rv)
+    pairs = []
+    for _, en, es in verses:
+        en, es = normalize_space(en), normalize_space(es)
+        if en and es:
+            pairs.append((en, es))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# Train / dev / test splits
+
+
+def _check_line(text: object, where: str) -> None:
+    """Raise unless ``text`` survives a write/read round trip as one line of a sentence file."""
+    if not isinstance(text, str):
+        raise TextDataError(f"{where}: expected a str, got {type(text).__name__}")
+    if not text or text != text.strip() or "\n" in text:
+        raise TextDataError(f"{where}: {text!r} cannot be saved as one line: a sentence must be non-empty, "
+                            "hold no newline and have no surrounding whitespace")
+
+
+@dataclass
+class Split:
+    """A parallel corpus split into ``train``, ``dev`` and ``test`` lists of ``(source, target)``
+    pairs."""
+
+    train: list[tuple[str, str]]
+    dev: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``train.src train.tgt dev.src dev.tgt test.src test.tgt`` (UTF-8, one sentence per
+        line, an empty file for an empty part) into ``directory``, creating it; returns its path.
+
+        Every file is first written under a ``.tmp`` name and renamed only once all six are
+        complete, so an error (such as a sentence holding a newline, a :class:`TextDataError`)
+        leaves no partial file behind."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        contents = {}
+        for part in SPLIT_PARTS:
+            pairs = getattr(self, part)
+            for side, col in (("src", 0), ("tgt", 1)):
+                lines = []
+                for i, pair in enumerate(pairs):
+                    if not isinstance(pair, tuple | list) or len(pair) != 2:
+                        raise TextDataError(f"Split.{part}[{i}]: expected a (source, target) pair, got {pair!r}")
+                    _check_line(pair[col], f"Split.{part}[{i}][{col}]")
+                    lines.append(pair[col] + "\n")
+                contents[root / f"{part}.{side}"] = "".join(lines).encode("utf-8")
+        temps = {path: path.with_name(path.name + ".tmp") for path in contents}
+        try:
+            for path, data in contents.items():
+                temps[path].write_bytes(data)
+            for path, tmp in temps.items():
+                os.replace(tmp, path)
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
+        return root
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Split:
+        """Read a split written by :meth:`save` (or by hand) from ``directory``; ``dev`` and
+        ``test`` may be empty files, ``train`` may not."""
+        root = Path(directory)
+        parts = {part: read_parallel(root / f"{part}.src", root / f"{part}.tgt", allow_empty=part != "train")
+                 for part in SPLIT_PARTS}
+        return cls(**parts)
+
+    def __repr__(self) -> str:
+        return f"Split(train={len(self.train)} pairs, dev={len(self.dev)} pairs, test={len(self.test)} pairs)"
+
+
+def split_pairs(pairs: Sequence[tuple[str, str]], *, dev: int = 500, test: int = 1000, seed: int = 0) -> Split:
+    """Split ``pairs`` into ``test`` test pairs, ``dev`` dev pairs and the rest for training.
+
+    The indices are shuffled with ``random.Random(seed)``; the first ``test`` of them go to the test
+    part, the next ``dev`` to the dev part, the others to training, and each part keeps the corpus
+    order. Raises :class:`TextDataError` if ``dev + test`` leaves no training pairs."""
+    for name, value in (("dev", dev), ("test", test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"split_pairs: {name} must be a non-negative integer, got {value!r}")
+    n = len(pairs)
+    if dev + test >= n:
+        raise TextDataError(f"split_pairs: dev={dev} + test={test} = {dev + test} pairs held out of {n} leaves no "
+                            "training pairs; use smaller dev/test sizes or more data")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    test_idx, dev_idx, train_idx = order[:test], order[test:test + dev], order[test + dev:]
+    return Split(train=[tuple(pairs[i]) for i in sorted(train_idx)],
+                 dev=[tuple(pairs[i]) for i in sorted(dev_idx)],
+                 test=[tuple(pairs[i]) for i in sorted(test_idx)])
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Tokenizer:
+    """A SentencePiece model with the fixed special ids :data:`PAD_ID` (``<pad>``), :data:`UNK_ID`
+    (``<unk>``), :data:`BOS_ID` (``<s>``) and :data:`EOS_ID` (``</s>``).
+
+    ``Tokenizer(model_path)`` loads a ``.model`` file; :meth:`train` makes one. :meth:`encode` adds
+    no ``<s>``/``</s>`` (:func:`collate` does); :meth:`decode` drops padding and ``<s>`` and stops at
+    the first ``</s>``, so it takes a model's raw output."""
+
+    def __init__(self, model_path: str | os.PathLike):
+        self.path = Path(model_path)
+        """The ``.model`` file this tokenizer was loaded from."""
+        if not self.path.is_file():
+            raise DataNotFoundError(f"{self.path}: no such SentencePiece model file (train one with Tokenizer.train)")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise TextDataError(f"{self.path}: not a SentencePiece model ({e})") from e
+        specials = [(self._sp.pad_id(), PAD_ID), (self._sp.unk_id(), UNK_ID), (self._sp.bos_id(), BOS_ID),
+                    (self._sp.eos_id(), EOS_ID)]
+        if any(got != want for got, want in specials):
+            raise TextDataError(f"{self.path}: special ids pad/unk/bos/eos are {[g for g, _ in specials]}, expected "
+                                f"{[w for _, w in specials]}; train the model with Tokenizer.train")
+
+    @classmethod
+    def train(
+        cls,
+        sentences: Iterable[str],
+        model_prefix: str | os.PathLike,
+        *,
+        vocab_size: int = 8000,
+        model_type: str = "unigram",
+        character_coverage: float = 1.0,
+        seed: int = 0,
+    ) -> Tokenizer:
+        """Train a joint SentencePiece model on ``sentences`` (pass both languages) and write
+        ``<model_prefix>.model`` and ``<model_prefix>.vocab``; returns the loaded tokenizer.
+
+        The vocabulary has exactly ``vocab_size`` pieces, the four special ones included. Training
+        reads every sentence in the given order on one thread, so it is deterministic: the same
+        sentences give a byte-identical model. (SentencePiece's trainer has no random seed; ``seed``
+        is accepted for a uniform interface and recorded nowhere.) The files are written only after
+        training succeeds, each through a temporary name, so a failure leaves nothing behind. A
+        ``vocab_size`` too large (or too small) for the corpus raises :class:`TextDataError` with
+        SentencePiece's message and a suggestion."""
+        del seed  # sentencepiece training has no randomness once sampling and shuffling are off
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 4:
+            raise ValueError(f"Tokenizer.train: vocab_size must be an integer > 4 (4 special pieces plus at least one "
+                             f"more), got {vocab_size!r}")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"Tokenizer.train: model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+        if not 0.0 < character_coverage <= 1.0:
+            raise ValueError(f"Tokenizer.train: character_coverage must be in (0, 1], got {character_coverage!r}")
+        if isinstance(sentences, str):
+            raise TypeError("Tokenizer.train: sentences must be an iterable of str, got a single str")
+        texts = list(sentences)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"Tokenizer.train: sentences[{i}] must be a str, got {type(text).__name__}")
+        if not any(text.strip() for text in texts):
+            raise TextDataError("Tokenizer.train: no sentences to train on (all empty)")
+        writer = io.BytesIO()
+        try:
+            # model_writer instead of model_prefix: the trained model comes back as bytes (so it can be written
+            # atomically, and it does not record a temporary file name inside itself).
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts),
+                model_writer=writer,
+                vocab_size=vocab_size,
+                model_type=model_type,
+                pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+                pad_piece=PAD_PIECE, unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
+                character_coverage=character_coverage,
+                input_sentence_size=0,
+                shuffle_input_sentence=False,
+                num_threads=1,
+                minloglevel=2,
+            )
+        except RuntimeError as e:
+            message = str(e)
+            if "too high" in message:
+                limit = re.search(r"<=\s*(\d+)", message)
+                hint = f"at most {limit.group(1)}" if limit else "a smaller one"
+                raise TextDataError(f"Tokenizer.train: vocab_size={vocab_size} is too large for this corpus "
+                                    f"({len(texts)} sentences); use {hint} ({message})") from e
+            if "smaller than required_chars" in message:
+                raise TextDataError(f"Tokenizer.train: vocab_size={vocab_size} is too small to hold every character "
+                                    f"of this corpus; use a larger one or a lower character_coverage ({message})"
+                                    ) from e
+            raise TextDataError(f"Tokenizer.train: SentencePiece training failed ({message})") from e
+        model = writer.getvalue()
+        processor = spm.SentencePieceProcessor(model_proto=model)
+        vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+                        for i in range(processor.get_piece_size()))
+        prefix = Path(model_prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        model_path = prefix.with_name(prefix.name + ".model")
+        _replace_atomically(prefix.with_name(prefix.name + ".vocab"), vocab.encode("utf-8"))
+        _replace_atomically(model_path, model)
+        return cls(model_path)
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of pieces (ids ``0 .. vocab_size - 1``), the special ones included."""
+        return self._sp.get_piece_size()
+
+    def pieces(self) -> list[str]:
+        """The piece of every id, in id order (``pieces()[:4]`` are the special pieces)."""
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    def encode(self, texts: Sequence[str] | str) -> list[list[int]] | list[int]:
+        """The ids of each text (no ``<s>``/``</s>`` added); a single str gives a single list."""
+        if isinstance(texts, str):
+            return self._sp.encode(texts, out_type=int)
+        return self._sp.encode(list(texts), out_type=int)
+
+    def encode_pieces(self, texts: Sequence[str] | str) -> list[list[str]] | list[str]:
+        """The pieces of each text (``▁`` marks a preceding space); a single str gives a single list."""
+        if isinstance(texts, str):
+            return self._sp.encode(texts, out_type=str)
+        return self._sp.encode(list(texts), out_type=str)
+
+    def _clean(self, ids: Iterable[int]) -> list[int]:
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == EOS_ID:
+                break
+            if i in (PAD_ID, BOS_ID):
+                continue
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"Tokenizer.decode: id {i} is outside the vocabulary (0 .. {self.vocab_size - 1})")
+            out.append(i)
+        return out
+
+    def decode(self, ids: Sequence[Sequence[int]] | Sequence[int] | torch.Tensor) -> list[str] | str:
+        """Text from ids: a list of id lists (or a 2-D tensor) gives a list of str, a list of ids (or a
+        1-D tensor) gives one str; an empty list gives ``""``. In each sequence ``<pad>`` and ``<s>``
+        are dropped and everything from the first ``</s>`` on is cut; ``<unk>`` decodes as ``" ⁇ "``."""
+        if isinstance(ids, torch.Tensor):
+            if ids.ndim not in (1, 2):
+                raise ValueError(f"Tokenizer.decode: expected a 1-D or 2-D tensor of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = list(ids)
+        if ids and not isinstance(ids[0], int) and hasattr(ids[0], "__iter__"):
+            return [self._sp.decode(self._clean(seq)) for seq in ids]
+        return self._sp.decode(self._clean(ids))
+
+    def decode_pieces(self, pieces: Sequence[str]) -> str:
+        """Text from pieces, as :meth:`encode_pieces` gives them."""
+        return self._sp.decode_pieces(list(pieces))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class Batch:
+    """One padded batch for teacher forcing: ``src`` ``(B, S)``, ``tgt_in`` ``(B, T)`` (``<s>`` then the
+    target ids) and ``tgt_out`` ``(B, T)`` (the target ids then ``</s>``), all ``int64`` padded with
+    :data:`PAD_ID` on the right."""
+
+    src: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+
+    @property
+    def ntokens(self) -> int:
+        """The number of non-padding tokens in ``tgt_out`` (the tokens a loss is averaged over)."""
+        return int((self.tgt_out != PAD_ID).sum())
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
+        """A copy of the batch on ``device``."""
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.src, self.tgt_in, self.tgt_out)))
+
+
+def _pad(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    for r, row in enumerate(rows):
+        if row:
+            out[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]]) -> Batch:
+    """A :class:`Batch` from source and target id lists (without ``<s>``/``</s>``): each tensor is as
+    wide as its longest row (at least 1) and right-padded with :data:`PAD_ID`."""
+    if len(src_ids) != len(tgt_ids):
+        raise ValueError(f"collate: {len(src_ids)} source sequences but {len(tgt_ids)} target sequences")
+    if not src_ids:
+        raise ValueError("collate: no sequences to batch")
+    src_width = max(1, max(len(s) for s in src_ids))
+    tgt_width = max(len(t) for t in tgt_ids) + 1
+    src = _pad(src_ids, src_width)
+    tgt_in = _pad([[BOS_ID, *t] for t in tgt_ids], tgt_width)
+    tgt_out = _pad([[*t, EOS_ID] for t in tgt_ids], tgt_width)
+    return Batch(src, tgt_in, tgt_out)
+
+
+class TokenBatches:
+    """Batches of about ``max_tokens`` padded tokens, with length bucketing, for a training loop.
+
+    An example's size is ``max(len(src), len(tgt) + 1)`` (the target gets ``<s>``/``</s>``). The
+    batches are formed once, at construction: the examples sorted by ``(size, index)`` are cut
+    greedily so that ``number of sentences × largest size <= max_tokens``; an example larger than
+    ``max_tokens`` gets a batch of its own. So ``len(self)`` and each batch's members are fixed;
+    with ``shuffle`` an epoch visits the batches in a permutation that depends only on
+    ``(seed, epoch)``, so a resumed run gets the same batches (``epoch(e, start=k)``).
+
+    With ``max_len`` an example whose source, or target plus one, is longer raises
+    :class:`TextDataError` naming it (the caller passes its model's position limit).
+    """
+
+    def __init__(
+        self,
+        src_ids: Sequence[Sequence[int]],
+        tgt_ids: Sequence[Sequence[int]],
+        *,
+        max_tokens: int = 2500,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_len: int | None = None,
+    ):
+        if len(src_ids) != len(tgt_ids):
+            raise ValueError(f"TokenBatches: {len(src_ids)} source sequences but {len(tgt_ids)} target sequences")
+        if not src_ids:
+            raise TextDataError("TokenBatches: no examples to batch")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"TokenBatches: max_tokens must be a positive integer, got {max_tokens!r}")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"TokenBatches: max_len must be a positive integer or None, got {max_len!r}")
+        self.src_ids = [list(s) for s in src_ids]
+        """The source ids of every example."""
+        self.tgt_ids = [list(t) for t in tgt_ids]
+        """The target ids of every example (without ``<s>``/``</s>``)."""
+        self.max_tokens, self.seed, self.shuffle, self.max_len = max_tokens, seed, shuffle, max_len
+        sizes = []
+        for i, (s, t) in enumerate(zip(self.src_ids, self.tgt_ids)):
+            if max_len is not None and (len(s) > max_len or len(t) + 1 > max_len):
+                raise TextDataError(f"TokenBatches: example {i} is too long for max_len={max_len}: source has "
+                                    f"{len(s)} tokens, target {len(t)} + 1; filter or truncate it, or raise max_len")
+            sizes.append(max(len(s), len(t) + 1))
+        self.sizes = sizes
+        """Each example's size, ``max(len(src), len(tgt) + 1)``."""
+        self.batches: list[list[int]] = []
+        """The example indices of each batch, in the fixed (unshuffled) batch order."""
+        current: list[int] = []
+        for i in sorted(range(len(sizes)), key=lambda i: (sizes[i], i)):
+            if current and (len(current) + 1) * sizes[i] > max_tokens:
+                self.batches.append(current)
+                current = []
+            current.append(i)
+        self.batches.append(current)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    @property
+    def tokens(self) -> int:
+        """The number of target tokens of all examples, ``</s>`` included (an epoch's loss tokens)."""
+        return sum(len(t) + 1 for t in self.tgt_ids)
+
+    def order(self, epoch: int) -> list[int]:
+        """The batch numbers in the order ``epoch`` visits them (a seeded permutation when
+        shuffling, else ``0 .. len - 1``)."""
+        order = list(range(len(self.batches)))
+        if self.shuffle:
+            random.Random(derive_seed(self.seed, epoch, 0x7E47)).shuffle(order)
+        return order
+
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        """Yield the :class:`Batch` objects of ``epoch``, beginning at its batch number ``start``."""
+        if not 0 <= start <= len(self):
+            raise ValueError(f"TokenBatches.epoch: start must be in 0 .. {len(self)}, got {start}")
+        for b in self.order(epoch)[start:]:
+            members = self.batches[b]
+            yield collate([self.src_ids[i] for i in members], [self.tgt_ids[i] for i in members])
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.epoch(0)
+
+    def __repr__(self) -> str:
+        return (f"TokenBatches({len(self.src_ids)} examples, {len(self)} batches, max_tokens={self.max_tokens}, "
+                f"shuffle={self.shuffle}, seed={self.seed})")
