@@ -79,15 +79,15 @@ KEYS: dict[str, Key] = {
 }
 
 
-def default_config() -> dict:
-    """A fresh dict of every key's default."""
-    return {k: copy.deepcopy(v.default) for k, v in KEYS.items()}
+def default_config(keys: Mapping[str, Key] = KEYS) -> dict:
+    """A fresh dict of every key's default (of ``keys``, a command's schema; default :data:`KEYS`)."""
+    return {k: copy.deepcopy(v.default) for k, v in keys.items()}
 
 
-def keys_help() -> str:
+def keys_help(keys: Mapping[str, Key] = KEYS) -> str:
     """The config keys as a help text block (name, default, description)."""
     lines = ["config keys (YAML file and --key value overrides):"]
-    for k, spec in KEYS.items():
+    for k, spec in keys.items():
         default = "required" if spec.default is None and not spec.optional else yaml.safe_dump(
             spec.default, default_flow_style=True).strip().removesuffix("...").strip()
         lines.append(f"  {k:<16} {spec.help} [{default}]")
@@ -107,7 +107,7 @@ RENAMED = {"no-progress": "--progress false", "no_progress": "--progress false",
            "batch-size": "--batch_size (or --eval_batch_size for evaluate)"}
 
 
-def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
+def parse_overrides(args: Sequence[str], keys: Mapping[str, Key] = KEYS) -> list[tuple[str, Any]]:
     """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``; raises :class:`ConfigError`.
 
     A boolean key given alone (``--bf16``, followed by another option or nothing) means true.
@@ -122,11 +122,11 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
         inline = "=" in key
         if inline:
             key, text = key.split("=", 1)
-        _canonical(key)  # the spelling first: an old hyphenated flag gets its hint, not a value error
+        _canonical(key, keys)  # the spelling first: an old hyphenated flag gets its hint, not a value error
         if inline:
             i += 1
         elif i + 1 >= len(args) or args[i + 1].startswith("--"):
-            if key in KEYS and KEYS[key].kind == "bool":
+            if key in keys and keys[key].kind == "bool":
                 pairs.append((key, True))
                 i += 1
                 continue
@@ -138,7 +138,7 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
     return pairs
 
 
-def _canonical(key: str) -> list[str]:
+def _canonical(key: str, keys: Mapping[str, Key] = KEYS) -> list[str]:
     parts = key.split(".")
     if not all(parts):
         raise ConfigError(f"bad config key {key!r}")
@@ -146,19 +146,19 @@ def _canonical(key: str) -> list[str]:
         raise ConfigError(f"unknown option --{key}: it is now spelled {RENAMED[parts[0]]}")
     if "-" in parts[0]:
         hint = parts[0].replace("-", "_")
-        hint = f" (did you mean --{hint}?)" if hint in KEYS else ""
+        hint = f" (did you mean --{hint}?)" if hint in keys else ""
         raise ConfigError(f"unknown option --{key}: options are spelled like the config keys, with underscores{hint}")
     return parts
 
 
-def apply_overrides(cfg: dict, overrides: Iterable[tuple[str, Any]]) -> dict:
-    """Set each dotted key of ``overrides`` in a copy of ``cfg``; only ``KEYS`` and dict sub-keys."""
+def apply_overrides(cfg: dict, overrides: Iterable[tuple[str, Any]], keys: Mapping[str, Key] = KEYS) -> dict:
+    """Set each dotted key of ``overrides`` in a copy of ``cfg``; only ``keys`` and dict sub-keys."""
     cfg = copy.deepcopy(cfg)
     for key, value in overrides:
-        parts = _canonical(key)
-        if parts[0] not in KEYS:
-            raise ConfigError(f"unknown config key {parts[0]!r} (in --{key}); known keys: {', '.join(KEYS)}")
-        if len(parts) > 1 and KEYS[parts[0]].kind != "dict":
+        parts = _canonical(key, keys)
+        if parts[0] not in keys:
+            raise ConfigError(f"unknown config key {parts[0]!r} (in --{key}); known keys: {', '.join(keys)}")
+        if len(parts) > 1 and keys[parts[0]].kind != "dict":
             raise ConfigError(f"--{key}: {parts[0]!r} is not a mapping, so it has no sub-key {'.'.join(parts[1:])!r}")
         node = cfg
         for p in parts[:-1]:
@@ -172,11 +172,11 @@ def apply_overrides(cfg: dict, overrides: Iterable[tuple[str, Any]]) -> dict:
     return cfg
 
 
-def check(key: str, value: Any) -> Any:
+def check(key: str, value: Any, keys: Mapping[str, Key] = KEYS) -> Any:
     """``value`` checked and coerced for config key ``key`` (:class:`ConfigError` naming the key)."""
-    if key not in KEYS:
-        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(KEYS)}")
-    spec = KEYS[key]
+    if key not in keys:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(keys)}")
+    spec = keys[key]
     if value is None:
         if spec.optional:
             return None
@@ -230,16 +230,16 @@ def check(key: str, value: Any) -> Any:
     return value
 
 
-def validate(cfg: Mapping) -> dict:
-    """Check every key of ``cfg`` (all of :data:`KEYS`, no others) and coerce its type."""
+def validate(cfg: Mapping, keys: Mapping[str, Key] = KEYS) -> dict:
+    """Check every key of ``cfg`` (all of ``keys``, default :data:`KEYS`, no others) and coerce its type."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
-    unknown = [k for k in cfg if k not in KEYS]
+    unknown = [k for k in cfg if k not in keys]
     if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(KEYS)}")
-    full = default_config()
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(keys)}")
+    full = default_config(keys)
     full.update(cfg)
-    return {k: check(k, full[k]) for k in KEYS}
+    return {k: check(k, full[k], keys) for k in keys}
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -260,23 +260,24 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 def load_config(
     path: str | os.PathLike | None = None, overrides: Sequence[str] | Iterable[tuple[str, Any]] = (),
-    base: Mapping | None = None,
+    base: Mapping | None = None, keys: Mapping[str, Key] = KEYS,
 ) -> dict:
     """Defaults, then ``base`` (a command's own defaults), then the YAML file at ``path`` (if any),
     then overrides; validated.
 
-    ``overrides`` is either raw command-line words (``["--lr", "0.01"]``) or ``(key, value)`` pairs.
+    ``overrides`` is either raw command-line words (``["--lr", "0.01"]``) or ``(key, value)`` pairs;
+    ``keys`` is the command's schema (default :data:`KEYS`, the image commands').
     """
     overrides = list(overrides)
     if overrides and isinstance(overrides[0], str):
-        overrides = parse_overrides(overrides)
+        overrides = parse_overrides(overrides, keys)
     if path is not None and os.path.isdir(path):
         raise ConfigError(f"--config {str(path)!r} is a directory, not a YAML file")
     cfg = read_yaml(path) if path is not None else {}
-    unknown = [k for k in cfg if k not in KEYS]
+    unknown = [k for k in cfg if k not in keys]
     if unknown:
-        raise ConfigError(f"config file {str(path)!r}: unknown key(s) {unknown}; known keys: {', '.join(KEYS)}")
-    return validate(apply_overrides({**(base or {}), **cfg}, overrides))
+        raise ConfigError(f"config file {str(path)!r}: unknown key(s) {unknown}; known keys: {', '.join(keys)}")
+    return validate(apply_overrides({**(base or {}), **cfg}, overrides, keys), keys)
 
 
 def warmup_steps(cfg: Mapping, steps_per_epoch: int) -> int:
@@ -287,6 +288,6 @@ def warmup_steps(cfg: Mapping, steps_per_epoch: int) -> int:
     return round(cfg["warmup_epochs"] * steps_per_epoch)
 
 
-def dump_config(cfg: Mapping) -> str:
-    """The config as YAML text, keys in :data:`KEYS` order."""
-    return yaml.safe_dump({k: cfg[k] for k in KEYS if k in cfg}, sort_keys=False, default_flow_style=False)
+def dump_config(cfg: Mapping, keys: Mapping[str, Key] = KEYS) -> str:
+    """The config as YAML text, keys in schema order."""
+    return yaml.safe_dump({k: cfg[k] for k in keys if k in cfg}, sort_keys=False, default_flow_style=False)

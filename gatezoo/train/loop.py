@@ -19,8 +19,9 @@ same contract) supplies the data and the arithmetic that differs between tasks:
 The loop owns everything else: the device and bfloat16 autocast, gradient accumulation
 (``accum_steps`` batches per optimizer step) and clipping (``grad_clip``, the max global norm),
 stepping the schedule once per optimizer step, the tqdm progress bar, evaluation after every epoch
-(and where ``max_steps`` stops a run), and, for each model given a run directory, ``metrics.csv``,
-``curves.png``, ``last``/``best.safetensors`` and the ``state.pt`` that :func:`fit` resumes from.
+(every ``eval_every`` steps as well, if given, and where ``max_steps`` stops a run), and, for each
+model given a run directory, ``metrics.csv``, ``curves.png``, ``last``/``best.safetensors`` and
+the ``state.pt`` that :func:`fit` resumes from.
 
 Several models may train side by side (:class:`Trainee` each): at every optimizer step each takes
 its step on the same batches, the one that goes first rotating from step to step, and each one's
@@ -306,20 +307,24 @@ def steps_per_epoch(task, accum_steps: int = 1) -> int:
 
 def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device, bf16: bool = False,
         grad_clip: float | None = None, accum_steps: int = 1, max_steps: int | None = None,
-        resume: bool = False, progress: bool = True, title: str = "",
+        resume: bool = False, progress: bool = True, title: str = "", eval_every: int | None = None,
         on_eval: Callable[[list[tuple[Trainee, dict]]], None] | None = None) -> dict:
     """Train every trainee on ``task`` for ``epochs`` epochs (or until ``max_steps`` optimizer steps).
 
     Each trainee's schedule must already span the run (:func:`steps_per_epoch` times ``epochs``
-    steps). ``resume`` continues a single trainee from its ``run_dir/state.pt`` at the step where
-    it stopped, mid-epoch included; the result equals an uninterrupted run's. ``on_eval`` receives
-    the list of ``(trainee, row)`` after each evaluation, before the epoch's running sums restart.
+    steps). ``eval_every`` adds an evaluation (with its metrics row and checkpoints) every that many
+    optimizer steps inside an epoch, beside the one at each epoch's end. ``resume`` continues a
+    single trainee from its ``run_dir/state.pt`` at the step where it stopped, mid-epoch included;
+    the result equals an uninterrupted run's. ``on_eval`` receives the list of ``(trainee, row)``
+    after each evaluation, before the epoch's running sums restart.
     Returns the position reached: ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
     """
     if not trainees:
         raise ValueError("fit needs at least one trainee")
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ConfigError(f"accum_steps must be a positive integer, got {accum_steps!r}")
+    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
+        raise ConfigError(f"eval_every must be a positive integer (or null), got {eval_every!r}")
     if grad_clip is not None and not grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0 (or null for none), got {grad_clip!r}")
     per_epoch = steps_per_epoch(task, accum_steps)
@@ -336,31 +341,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     process_steps = 0
     for t in trainees:
         t.model.train()
-    while pos["epoch"] < epochs and not stopped:
-        epoch, start = pos["epoch"], pos["step_in_epoch"]
-        batches = task.train_batches.epoch(epoch, start * accum_steps)
-        bar = tqdm(_groups(batches, accum_steps), total=per_epoch, initial=start, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False)
-        for group in bar:
-            n = len(trainees)
-            for k in range(n):
-                t = trainees[(pos["global_step"] + k) % n]
-                _step(task, t, group, device, bf16, grad_clip, timed=process_steps > 0)
-            process_steps += 1
-            pos["step_in_epoch"] += 1
-            pos["global_step"] += 1
-            if pos["step_in_epoch"] % 10 == 0 or pos["step_in_epoch"] == per_epoch:
-                if n == 1:
-                    bar.set_postfix_str(f"loss={trainees[0].stats.loss:.4f} {task.unit}/s={trainees[0].stats.rate:.0f}",
-                                        refresh=False)
-                else:
-                    bar.set_postfix_str(" ".join(f"{t.spec}={t.stats.loss:.3f}" for t in trainees), refresh=False)
-            if max_steps is not None and pos["global_step"] >= max_steps:
-                stopped = True
-                break
-        bar.close()
-
-        finished_epoch = pos["step_in_epoch"] >= per_epoch
+    def evaluate_all(finished_epoch: bool) -> None:
         evals = []
         for t in trainees:
             t.model.eval()
@@ -396,4 +377,32 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 t.stats.reset()
             if t.run_dir is not None:
                 _save(task, t, row, t.last, pos, per_epoch, title)
+
+    while pos["epoch"] < epochs and not stopped:
+        epoch, start = pos["epoch"], pos["step_in_epoch"]
+        batches = task.train_batches.epoch(epoch, start * accum_steps)
+        bar = tqdm(_groups(batches, accum_steps), total=per_epoch, initial=start, disable=not progress,
+                   desc=f"epoch {epoch + 1}/{epochs}", unit="step", dynamic_ncols=True, leave=False)
+        for group in bar:
+            n = len(trainees)
+            for k in range(n):
+                t = trainees[(pos["global_step"] + k) % n]
+                _step(task, t, group, device, bf16, grad_clip, timed=process_steps > 0)
+            process_steps += 1
+            pos["step_in_epoch"] += 1
+            pos["global_step"] += 1
+            if pos["step_in_epoch"] % 10 == 0 or pos["step_in_epoch"] == per_epoch:
+                if n == 1:
+                    bar.set_postfix_str(f"loss={trainees[0].stats.loss:.4f} {task.unit}/s={trainees[0].stats.rate:.0f}",
+                                        refresh=False)
+                else:
+                    bar.set_postfix_str(" ".join(f"{t.spec}={t.stats.loss:.3f}" for t in trainees), refresh=False)
+            if max_steps is not None and pos["global_step"] >= max_steps:
+                stopped = True
+                break
+            if eval_every and pos["global_step"] % eval_every == 0 and pos["step_in_epoch"] < per_epoch:
+                evaluate_all(finished_epoch=False)
+        bar.close()
+
+        evaluate_all(finished_epoch=pos["step_in_epoch"] >= per_epoch)
     return {**pos, "stopped": stopped}
