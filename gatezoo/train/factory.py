@@ -1,5 +1,6 @@
-"""Models by name for the training entry points: the gatezoo registry, the timm peers, and model
-specs that carry their own overrides.
+"""Models by name for the training entry points: the gatezoo registry, the timm peers of the image
+models, the translation peers (:mod:`gatezoo.train.mt_peers`), and model specs that carry their own
+overrides.
 
 A model spec is a name, optionally followed by ``:key=value,key=value`` constructor overrides
 (values read as YAML), e.g. ``vit_tiny:ffn=xatglu1,depth=2``: side-by-side runs compare
@@ -17,8 +18,11 @@ from .config import parse_value
 
 
 def model_names() -> list[str]:
-    """Every name :func:`build_model` accepts: the gatezoo registry, then the timm peers."""
-    return list(list_models()) + peers.list_peers()
+    """Every name :func:`build_model` accepts: the gatezoo registry, the timm peers, then the
+    translation peers."""
+    from . import mt_peers
+
+    return list(list_models()) + peers.list_peers() + mt_peers.list_mt_peers()
 
 
 def parse_model_spec(spec: str) -> tuple[str, dict]:
@@ -40,8 +44,8 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
 
 
 def build_model(spec: str, **overrides) -> nn.Module:
-    """Build a gatezoo registry model or timm peer from a name or model spec, with constructor
-    ``overrides`` (the spec's own overrides win over these).
+    """Build a gatezoo registry model, timm peer or translation peer from a name or model spec,
+    with constructor ``overrides`` (the spec's own overrides win over these).
 
     Raises ``ValueError`` for an unknown name (listing the known ones) or a bad override.
     """
@@ -51,6 +55,12 @@ def build_model(spec: str, **overrides) -> nn.Module:
         return peers.create_peer(name, **kwargs)
     if name in list_models():
         return create_model(name, **kwargs)
+    from . import mt_peers
+
+    if name in mt_peers.list_mt_peers():
+        if "vocab_size" not in kwargs:
+            raise ValueError(f"the translation peer {name!r} needs vocab_size=")
+        return mt_peers.create_mt_peer(name, **kwargs)
     raise ValueError(f"model must be one of {model_names()} (optionally NAME:key=value,...), got {spec!r}")
 
 
