@@ -11,8 +11,11 @@ PRESETS = ["mixer_tiny", "ninformer_tiny", "ninformer_tiny_official", "vit_tiny"
            "vit_tiny_xswiglu1"]
 
 
+MT_PRESETS = ["transformer_mt_tiny", "transformer_mt_tiny_rela"]
+
+
 def test_registry_lists_the_presets():
-    assert list_models() == PRESETS
+    assert list_models() == sorted(PRESETS + MT_PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)

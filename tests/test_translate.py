@@ -1,0 +1,276 @@
+"""Translation: the EncoderDecoder's decoding interface, greedy and beam search, the training
+command end to end on a tiny corpus (train, save, resume, decode, evaluate) and its errors."""
+
+import io
+import json
+import random
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gatezoo.eval import translate as etranslate
+from gatezoo.eval.decode import beam_search, greedy_search, translate_ids
+from gatezoo.models import BOS_ID, EOS_ID, PAD_ID, EncoderDecoder, TranslationConfig, create_model, list_models
+from gatezoo.train import translate
+from gatezoo.train.config import ConfigError
+
+SMALL = dict(vocab_size=40, dim=32, heads=4, ffn_hidden=48, enc_layers=2, dec_layers=2, dropout=0.0)
+
+
+def _model(attention="softmax", ffn="mlp-relu", seed=0, **kw):
+    torch.manual_seed(seed)
+    model = EncoderDecoder(TranslationConfig(**{**SMALL, "attention": attention, "ffn": ffn, **kw})).double().eval()
+    with torch.no_grad():  # sharper, non-degenerate next-token distributions than the initialisation's
+        model.embed.weight.mul_(4.0)
+    return model
+
+
+def _src(b=5, s=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, SMALL["vocab_size"], (b, s), generator=g)
+    for i in range(b):  # ragged lengths, padded with 0
+        src[i, s - i:] = PAD_ID
+    return src
+
+
+# ---------------------------------------------------------------------------------------------
+# model and decoding interface
+
+
+def test_presets_in_the_registry():
+    assert {"transformer_mt_tiny", "transformer_mt_tiny_rela"} <= set(list_models())
+    model = create_model("transformer_mt_tiny_rela", vocab_size=500)
+    cfg = model.config
+    assert (cfg.dim, cfg.enc_layers, cfg.dec_layers, cfg.heads, cfg.ffn_hidden) == (256, 3, 3, 4, 1024)
+    assert cfg.attention == "rela" and create_model("transformer_mt_tiny", vocab_size=500).config.attention == "softmax"
+    logits = model(torch.randint(4, 500, (2, 7)), torch.randint(4, 500, (2, 5)))
+    assert logits.shape == (2, 5, 500)
+
+
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+@pytest.mark.parametrize("ffn", ["mlp-relu", "swiglu"])
+def test_cached_decoding_equals_the_full_forward(attention, ffn):
+    model = _model(attention, ffn)
+    src = _src()
+    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 7))
+    tgt[:, 0] = BOS_ID
+    full = model(src, tgt)
+    memory, cache, steps = model.encode(src), None, []
+    for i in range(tgt.shape[1]):
+        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-10, atol=1e-10)
+    # several tokens at once after a cached prefix
+    memory, cache = model.encode(src), None
+    _, cache = model.decode_step(tgt[:, :3], memory, cache)
+    logits, _ = model.decode_step(tgt[:, 3:], memory, cache)
+    torch.testing.assert_close(logits, full[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_reorder_permutes_every_cache():
+    model = _model("rela")
+    src = _src()
+    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 5))
+    tgt[:, 0] = BOS_ID
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    memory, cache = model.encode(src), None
+    for i in range(3):
+        _, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
+    before = [(c.k.clone(), c.v.clone()) for c in (*cache.self_attn, *cache.cross_attn)]
+    cache.reorder(perm)
+    for (k, v), c in zip(before, (*cache.self_attn, *cache.cross_attn)):
+        assert torch.equal(c.k, k[perm]) and torch.equal(c.v, v[perm])
+    # decoding on from the permuted state equals decoding the permuted batch from scratch
+    memory = memory.select(perm)
+    out = [model.decode_step(tgt[perm, i:i + 1], memory, cache)[0] for i in range(3, 5)][-1]
+    torch.testing.assert_close(out, model(src[perm], tgt[perm])[:, -1], rtol=1e-10, atol=1e-10)
+    # dropping rows (finished sentences) works the same way
+    cache.reorder(torch.tensor([1, 3]))
+    assert all(c.k.shape[0] == 2 for c in (*cache.self_attn, *cache.cross_attn))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+def test_beam_size_one_equals_greedy(attention):
+    model = _model(attention)
+    src = _src(b=6)
+    greedy = greedy_search(model, src)
+    beam = beam_search(model, src, beam_size=1)
+    assert greedy == [h[0].tokens for h in beam]
+    assert translate_ids(model, src, beam_size=1) == greedy
+    assert len({len(g) for g in greedy}) > 1  # the outputs are not all one degenerate length
+
+
+def test_greedy_equals_step_by_step_argmax_of_the_full_forward():
+    model = _model()
+    src = _src(b=3)
+    for i, tokens in enumerate(greedy_search(model, src, max_len_a=0, max_len_b=6)):
+        n, prefix = int((src[i] != 0).sum()), [BOS_ID]
+        for _ in range(5):  # the 6th generated token is a forced EOS
+            logits = model(src[i:i + 1, :n], torch.tensor([prefix]))[0, -1]
+            logits[PAD_ID] = logits[BOS_ID] = -float("inf")
+            nxt = int(logits.argmax())
+            if nxt == EOS_ID:
+                break
+            prefix.append(nxt)
+        assert tokens == prefix[1:]
+
+
+def test_beam_search_finds_at_least_the_greedy_score_and_respects_limits():
+    model = _model(seed=3)
+    src = _src(b=4)
+    greedy = greedy_search(model, src)
+    beams = beam_search(model, src, beam_size=4, n_best=4, length_penalty=0.0)
+
+    def logprob(i, tokens):
+        n = int((src[i] != 0).sum())
+        tgt = torch.tensor([[BOS_ID, *tokens]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(src[i:i + 1, :n], tgt)[0].float(), -1)
+        return float(sum(logp[j, t] for j, t in enumerate([*tokens, EOS_ID])))
+
+    for i, hyps in enumerate(beams):
+        assert 1 <= len(hyps) <= 4
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert hyps[0].logprob == pytest.approx(logprob(i, hyps[0].tokens), abs=1e-6)
+        if len(greedy[i]) + 1 < 1.2 * int((src[i] != 0).sum()) + 10:  # greedy ended by EOS, not by the limit
+            assert hyps[0].logprob >= logprob(i, greedy[i]) - 1e-9
+    limited = beam_search(model, src, beam_size=3, max_len_a=0.0, max_len_b=3)
+    assert all(len(h[0].tokens) <= 2 for h in limited)  # 3 generated tokens, EOS included
+
+
+def test_decoding_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(model, _src(), beam_size=0)
+    with pytest.raises(ValueError, match="max_len"):
+        model.encode(torch.ones(1, model.config.max_len + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="src"):
+        model.encode(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.encode(torch.full((1, 3), 999))
+    with pytest.raises(ValueError, match="attention"):
+        TranslationConfig(attention="linear").validate()
+    with pytest.raises(ValueError, match="ffn"):
+        TranslationConfig(ffn="mlp-tanh").validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# the training command on a tiny corpus
+
+WORDS_EN = "the a king man woman house of god land water light day night and said unto".split()
+WORDS_ES = "el la rey hombre mujer casa de dios tierra agua luz dia noche y dijo a".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """160 word-for-word 'translations' (a word list mapped through a dictionary)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus")
+    src, tgt = [], []
+    for _ in range(160):
+        idx = [rng.randrange(len(WORDS_EN)) for _ in range(rng.randint(2, 7))]
+        src.append(" ".join(WORDS_EN[i] for i in idx))
+        tgt.append(" ".join(WORDS_ES[i] for i in idx))
+    (path / "train.en").write_text("\n".join(src) + "\n")
+    (path / "train.es").write_text("\n".join(tgt) + "\n")
+    return path
+
+
+TINY_MT = ["--model_args", "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}", "--vocab_size", "40",
+           "--dev_size", "10", "--test_size", "10", "--max_tokens", "200", "--warmup_steps", "2", "--eval_every", "3",
+           "--dev_sentences", "5", "--beam_size", "2", "--average_last", "2", "--progress", "false", "--threads", "1"]
+
+
+def _train(corpus, out, *extra):
+    argv = ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), "--out", str(out), *TINY_MT, *extra]
+    assert translate.main(argv) == 0
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def test_train_resume_decode_evaluate(corpus, tmp_path, capsys, monkeypatch):
+    full = _train(corpus, tmp_path / "full", "--max_steps", "8")
+    part = _train(corpus, tmp_path / "part", "--max_steps", "4")
+    for name in ("config.yaml", "spm.model", "metrics.csv", "last.safetensors", "best.safetensors", "state.pt",
+                 "averaged.safetensors", "test.json", "test.hyp", "data/train.src", "data/test.tgt"):
+        assert (full / name).is_file(), name
+    assert translate.main(["--resume", str(part), "--max_steps", "8"]) == 0
+    a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume == uninterrupted
+    rows = (part / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:6] == ["epoch", "step", "train_loss", "train_acc", "dev_loss", "dev_bleu"]
+    full_rows = (full / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in full_rows[1:]] == ["3", "6", "8"]
+    assert [r.split(",")[1] for r in rows[1:]] == ["3", "4", "6", "8"]  # plus the row where the first part stopped
+    assert [r.split(",")[2:6] for r in rows[1:] if r.split(",")[1] != "4"] == [r.split(",")[2:6] for r in full_rows[1:]]
+    test = json.loads((full / "test.json").read_text())
+    assert test["checkpoint"] == "averaged" and 0 <= test["bleu"] <= 100 and "nrefs:1" in test["bleu_signature"]
+    # the translate command: stdin -> stdout, one line per input line
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the king said\n\nthe woman\n"))
+    capsys.readouterr()
+    assert etranslate.main([str(full), "--beam_size", "2", "--checkpoint", "last"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+    # the evaluate command on the run's test split
+    assert etranslate.main([str(full), "--evaluate", "--beam_size", "1", "--json", str(tmp_path / "ev.json")]) == 0
+    out = capsys.readouterr().out
+    assert "BLEU" in out and "chrF" in out and "nrefs:1" in out
+    assert json.loads((tmp_path / "ev.json").read_text())["sentences"] == 10
+
+
+def test_rela_run_prints_sparsity(corpus, tmp_path, capsys):
+    run = _train(corpus, tmp_path / "rela", "--model", "transformer_mt_tiny_rela", "--max_steps", "3",
+                 "--final_test", "false", "--average_last", "0")
+    assert not (run / "test.json").exists()
+    capsys.readouterr()
+    assert etranslate.main([str(run), "--evaluate", "--beam_size", "1", "--checkpoint", "last"]) == 0
+    out = capsys.readouterr().out
+    assert "ReLA sparsity" in out
+    assert out.count("encoder self") == 1 and out.count("decoder self") == 1 and out.count("cross") == 1
+    model, tokenizer, _ = etranslate.load_run(run, "last")
+    rows = etranslate.rela_sparsity(model, tokenizer, [("the king", "el rey")])
+    assert len(rows) == 3 and all(0 <= r["zero_share"] <= 1 and 0 <= r["null_row_share"] <= 1 for r in rows)
+
+
+def _error(capsys, argv):
+    assert translate.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_errors_and_nothing_half_done(corpus, tmp_path, capsys):
+    out = tmp_path / "runs"
+    base = ["--out", str(out), *TINY_MT, "--max_steps", "1"]
+    blank = tmp_path / "blank.en"
+    blank.write_text("the king\n\nthe man\n")
+    (tmp_path / "three.es").write_text("el rey\nla casa\nel hombre\n")
+    (tmp_path / "two.es").write_text("el rey\nla casa\n")
+    err = _error(capsys, ["--src", str(blank), "--tgt", str(tmp_path / "three.es"), *base])
+    assert "blank.en" in err and "line 2" in err
+    err = _error(capsys, ["--src", str(corpus / "train.en"), "--tgt", str(tmp_path / "two.es"), *base])
+    assert "two.es" in err and "160" in err
+    assert "unknown config key" in _error(capsys, ["--src", str(corpus / "train.en"), "--tgt",
+                                                   str(corpus / "train.es"), "--no_such_key", "1", *base])
+    assert "src and tgt" in _error(capsys, ["--src", str(corpus / "train.en"), *base])
+    # a pair longer than the model allows
+    err = _error(capsys, ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), *base,
+                          "--model_args.max_len", "4"])
+    assert "max_len" in err
+    assert not out.exists() or not any(out.iterdir())  # no half-made run directories
+
+
+def test_long_input_to_the_translate_command(corpus, tmp_path, capsys, monkeypatch):
+    run = _train(corpus, tmp_path / "runs", "--max_steps", "1", "--final_test", "false", "--model_args.max_len", "40")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" ".join(["the king"] * 30) + "\n"))
+    assert etranslate.main([str(run), "--checkpoint", "last"]) == 2
+    assert "max_len" in capsys.readouterr().err
+
+
+def test_config_schema():
+    cfg = translate.load_mt_config(None, ["--model", "transformer_mt_tiny_rela", "--beam_size", "4"])
+    assert cfg["schedule"] == "inverse_sqrt" and cfg["adam_beta2"] == 0.98 and cfg["beam_size"] == 4
+    with pytest.raises(ConfigError, match="did you mean --max_tokens"):
+        translate.load_mt_config(None, ["--max-tokens", "100"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        translate.load_mt_config(None, ["--augment", "true"])  # an image key
