@@ -18,7 +18,7 @@ DATA_PACKAGES := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist/train-i
 CONFIG ?= configs/vit_tiny.yaml
 MODELS ?= vit_tiny timm_vit_tiny vit_tiny_rela vit_tiny_xswiglu mixer_tiny timm_mixer_tiny ninformer_tiny
 
-.PHONY: install data test demo train sidebyside bench aot lint clean
+.PHONY: install data test demo train translate sidebyside bench aot lint clean
 
 install: $(STAMP) data
 
@@ -56,6 +56,11 @@ demo: install
 # make train CONFIG=configs/ninformer_tiny.yaml ARGS="--epochs 1 --model_args.depth 2"
 train: install
 	$(PY) -m gatezoo.train.classify --config $(CONFIG) $(ARGS)
+
+# make translate MT_CONFIG=configs/transformer_mt_tiny.yaml ARGS="--model transformer_mt_tiny_rela"
+MT_CONFIG ?= configs/transformer_mt_quick.yaml
+translate: install
+	$(PY) -m gatezoo.train.translate --config $(MT_CONFIG) $(ARGS)
 
 # make sidebyside MODELS="vit_tiny timm_vit_tiny" ARGS="--epochs 1"; CSV/PNG in benchmarks/
 sidebyside: install

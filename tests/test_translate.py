@@ -220,6 +220,17 @@ def test_train_resume_decode_evaluate(corpus, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "ev.json").read_text())["sentences"] == 10
 
 
+def test_ctranslate2_comparison(corpus, tmp_path, capsys):
+    pytest.importorskip("ctranslate2")
+    run = _train(corpus, tmp_path / "runs", "--max_steps", "6", "--final_test", "false", "--lr", "0.01")
+    capsys.readouterr()
+    assert etranslate.main([str(run), "--evaluate", "--ctranslate2", "--beam_size", "2", "--threads", "1",
+                            "--checkpoint", "last", "--json", str(tmp_path / "ev.json")]) == 0
+    assert "CTranslate2" in capsys.readouterr().out
+    c = json.loads((tmp_path / "ev.json").read_text())["ctranslate2"]
+    assert c["sentences"] == 10 and c["greedy_identical"] == 1.0 and c["speed_ratio"] > 0
+
+
 def test_rela_run_prints_sparsity(corpus, tmp_path, capsys):
     run = _train(corpus, tmp_path / "rela", "--model", "transformer_mt_tiny_rela", "--max_steps", "3",
                  "--final_test", "false", "--average_last", "0")
@@ -232,6 +243,24 @@ def test_rela_run_prints_sparsity(corpus, tmp_path, capsys):
     model, tokenizer, _ = etranslate.load_run(run, "last")
     rows = etranslate.rela_sparsity(model, tokenizer, [("the king", "el rey")])
     assert len(rows) == 3 and all(0 <= r["zero_share"] <= 1 and 0 <= r["null_row_share"] <= 1 for r in rows)
+
+
+def test_side_by_side_with_the_peers(corpus, tmp_path):
+    pytest.importorskip("x_transformers")
+    out = tmp_path / "sbs"
+    argv = ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), "--out", str(out), *TINY_MT,
+            "--max_steps", "3", "--beam_size", "1", "--models", "transformer_mt_tiny", "torch_transformer_mt_tiny",
+            "xtransformer_mt_tiny"]
+    assert translate.main(argv) == 0
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    rows = (run_dir / "sidebyside.csv").read_text().splitlines()
+    assert rows[0].split(",") == list(translate.SIDEBYSIDE)
+    assert [r.split(",")[0] for r in rows[1:]] == ["transformer_mt_tiny", "torch_transformer_mt_tiny",
+                                                 "xtransformer_mt_tiny"]
+    for name in ("transformer_mt_tiny", "torch_transformer_mt_tiny", "xtransformer_mt_tiny"):
+        model, _, meta = etranslate.load_run(run_dir / name, "last")  # each subdirectory is a complete run
+        assert meta["model"] == name and meta["step"] == 3
+        assert json.loads((run_dir / name / "test.json").read_text())["sentences"] == 10
 
 
 def _error(capsys, argv):

@@ -4,6 +4,7 @@
     python -m gatezoo.eval.translate RUN_DIR --evaluate                 # the run's test split
     python -m gatezoo.eval.translate RUN_DIR --evaluate --split dev --beam_size 1
     python -m gatezoo.eval.translate RUN_DIR --evaluate --src my.en --ref my.es
+    python -m gatezoo.eval.translate RUN_DIR --evaluate --ctranslate2 --threads 2   # against CTranslate2
 
 A run directory (written by :mod:`gatezoo.train.translate`) holds the tokenizer (``spm.model``),
 the split (``data/``) and the checkpoints; ``--checkpoint`` picks ``best`` (default, the highest
@@ -14,7 +15,9 @@ translations to stdout in the same order. With it, the command translates a spli
 ``--src`` files) and prints BLEU and chrF on detokenised text with their sacreBLEU signatures,
 the decoding speed, and, for a ReLA model, the share of exactly-zero attention weights and of
 all-zero ("null") query rows per layer and attention kind (the sparsity figures of Zhang et al.
-2021).
+2021). ``--ctranslate2`` adds a comparison with CTranslate2 on the exported weights: decoding
+speed with the same beam, length penalty, batches and threads, and the share of sentences whose
+greedy outputs are token-identical (:func:`compare_ctranslate2`).
 """
 
 from __future__ import annotations
@@ -197,6 +200,76 @@ def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     return rows
 
 
+def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_size: int = 5,
+                        length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
+                        batch_sentences: int = 64, threads: int = 1, directory: str | Path | None = None) -> dict:
+    """gatezoo's decoder against CTranslate2 on the same weights (exported with
+    :func:`gatezoo.models.export_ctranslate2`), the same sentences and batches, beam, length
+    penalty, length limits and CPU threads, in float32.
+
+    Returns the target tokens/s (EOS included) of each with ``beam_size``, their ratio
+    (gatezoo / CTranslate2), and the share of sentences whose greedy outputs are token-identical."""
+    import tempfile
+
+    import ctranslate2
+
+    from gatezoo.eval.decode import model_max_len
+    from gatezoo.models.export import export_ctranslate2
+    from gatezoo.train.text import collate
+
+    torch.set_num_threads(threads)
+    model = model.float().eval()
+    pieces = tokenizer.pieces()
+    piece_id = {p: i for i, p in enumerate(pieces)}
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "ct2"
+        export_ctranslate2(model, directory, pieces, force=True)
+        translator = ctranslate2.Translator(str(directory), device="cpu", compute_type="float32",
+                                           intra_threads=threads, inter_threads=1)
+        ids = tokenizer.encode(list(texts))
+        cap = model_max_len(model)
+        limits = [max(1, min(cap - 1, int(max_len_a * len(r) + max_len_b))) for r in ids]
+        groups = list(_batches([len(r) for r in ids], batch_sentences))
+
+        def run_gatezoo(beam):
+            out = [None] * len(ids)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for group in groups:
+                    src = collate([ids[i] for i in group], [[] for _ in group]).src
+                    for i, h in zip(group, translate_ids(model, src, beam_size=beam, length_penalty=length_penalty,
+                                                         max_len_a=max_len_a, max_len_b=max_len_b)):
+                        out[i] = h
+            return out, time.perf_counter() - t0
+
+        def run_ct2(beam):
+            out = [None] * len(ids)
+            t0 = time.perf_counter()
+            for group in groups:
+                results = translator.translate_batch(
+                    [[pieces[t] for t in ids[i]] for i in group], beam_size=beam, length_penalty=length_penalty,
+                    max_batch_size=len(group), max_decoding_length=max(limits[i] for i in group) - 1,
+                    min_decoding_length=0, suppress_sequences=[["<pad>"], ["<s>"]])
+                for i, r in zip(group, results):
+                    # one limit per batch in CTranslate2: cut each output at its own limit, as gatezoo does
+                    out[i] = [piece_id[p] for p in r.hypotheses[0]][:limits[i] - 1]
+            return out, time.perf_counter() - t0
+
+        g_greedy, _ = run_gatezoo(1)
+        c_greedy, _ = run_ct2(1)
+        g_beam, g_seconds = run_gatezoo(beam_size)
+        c_beam, c_seconds = run_ct2(beam_size)
+    same = sum(a == b for a, b in zip(g_greedy, c_greedy))
+    g_tok = sum(len(h) + 1 for h in g_beam) / g_seconds
+    c_tok = sum(len(h) + 1 for h in c_beam) / c_seconds
+    return {"sentences": len(ids), "beam_size": beam_size, "threads": threads, "gatezoo_tok_per_s": g_tok,
+            "ctranslate2_tok_per_s": c_tok, "speed_ratio": g_tok / c_tok, "gatezoo_seconds": g_seconds,
+            "ctranslate2_seconds": c_seconds, "greedy_identical": same / max(len(ids), 1),
+            "beam_identical": sum(a == b for a, b in zip(g_beam, c_beam)) / max(len(ids), 1),
+            "ctranslate2_version": ctranslate2.__version__}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(
@@ -218,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_sentences", type=int, default=64, help="sentences per decoding batch [64]")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... [cpu]")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--ctranslate2", action="store_true",
+                        help="--evaluate: also export the model to CTranslate2 and compare decoding speed (beam "
+                        "--beam_size) and greedy outputs on the same sentences, batches and threads")
     parser.add_argument("--output", help="--evaluate: also write the translations to this file")
     parser.add_argument("--json", help="--evaluate: also write the scores to this JSON file")
     return parser
@@ -267,12 +343,23 @@ def main(argv: list[str] | None = None) -> int:
             for row in sparsity:
                 print(f"  {row['layer']}  {row['kind']:<12}  {100 * row['zero_share']:5.1f}%  "
                       f"{100 * row['null_row_share']:5.1f}%")
+        comparison = None
+        if args.ctranslate2:
+            comparison = compare_ctranslate2(model, tokenizer, [src for src, _ in pairs], beam_size=args.beam_size,
+                                             length_penalty=args.length_penalty, max_len_a=args.max_len_a,
+                                             max_len_b=args.max_len_b, batch_sentences=args.batch_sentences,
+                                             threads=args.threads or torch.get_num_threads())
+            c = comparison
+            print(f"CTranslate2 {c['ctranslate2_version']} (float32, {c['threads']} threads, beam {c['beam_size']}): "
+                  f"{c['ctranslate2_tok_per_s']:.0f} target tokens/s; gatezoo {c['gatezoo_tok_per_s']:.0f} "
+                  f"({c['speed_ratio']:.2f}x); greedy outputs token-identical on "
+                  f"{100 * c['greedy_identical']:.1f}% of {c['sentences']} sentences")
         if args.output:
             Path(args.output).write_text("".join(f"{h}\n" for h in ev["hypotheses"]), encoding="utf-8")
         if args.json:
             record = {k: v for k, v in ev.items() if k != "hypotheses"}
             record.update(model=meta["model"], checkpoint=args.checkpoint, beam_size=args.beam_size,
-                          rela_sparsity=sparsity)
+                          rela_sparsity=sparsity, ctranslate2=comparison)
             Path(args.json).write_text(json.dumps(record, indent=2))
     except (ValueError, FileNotFoundError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,9 +51,13 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: Mapping
     os.replace(tmp, path)
 
 
-def _decode(meta: dict) -> dict:
+def _decode(meta: dict, tensor_names: set[str] = frozenset()) -> dict:
+    aliases = [k for k in meta if k in tensor_names]
     if meta.pop("gatezoo_metadata", None) == "json":
-        return {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
+        out = {k: (v if k == "format" else json.loads(v)) for k, v in meta.items() if k not in aliases}
+        if aliases:  # safetensors' save_model stores each tied tensor once, naming the others here
+            out["tied_tensors"] = {k: meta[k] for k in aliases}
+        return out
     # gatezoo 0.1 wrote strings raw, other values as JSON, and the image fields at the top level
     out = {}
     for key, value in meta.items():
@@ -79,12 +83,13 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
+            names = set(f.keys())
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
     if "model" not in meta or "model_args" not in meta:
         raise CheckpointError(f"{path}: not a gatezoo checkpoint (no 'model'/'model_args' in its metadata)")
     try:
-        return _decode(meta)
+        return _decode(meta, {k for k in meta if k not in names and meta[k] in names})
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: unreadable metadata ({e})") from e
 

@@ -5,6 +5,8 @@
     python -m gatezoo.train.translate --config configs/transformer_mt_tiny.yaml --model transformer_mt_tiny_rela
     python -m gatezoo.train.translate --src train.en --tgt train.es --max_steps 2000
     python -m gatezoo.train.translate --resume runs/transformer_mt_tiny-20260101-120000
+    python -m gatezoo.train.translate --config configs/transformer_mt_tiny.yaml \
+        --models transformer_mt_tiny torch_transformer_mt_tiny xtransformer_mt_tiny
 
 Data: by default the English->Spanish verse pairs of the King James and Reina-Valera 1909 Bibles
 (Debian packages ``sword-text-kjv`` and ``sword-text-sparv``, installed by ``make data``), split
@@ -29,6 +31,12 @@ target tokens bucketed by length, gradient clipping, dev loss and dev BLEU (gree
   evaluations (kept under ``avg/``);
 - ``test.json``: test BLEU/chrF of the final (averaged, else last) weights with ``beam_size``,
   unless ``final_test false``.
+
+``--models A B C`` trains several models side by side on the same batches (the peers
+``torch_transformer_mt_tiny`` and ``xtransformer_mt_tiny`` of :mod:`gatezoo.train.mt_peers`, or
+variants such as ``transformer_mt_tiny:ffn=swiglu``): each gets a complete run directory inside
+the run directory, and ``sidebyside.csv`` lists parameters, training tokens/s (each model's own
+step time; ``speed_ratio`` relative to the first model), dev and test BLEU, chrF and decoding speed.
 """
 
 from __future__ import annotations
@@ -44,12 +52,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gatezoo.eval.decode import model_max_len
+
 from . import checkpoint as ckpt
 from .classify import new_run_dir
 from .config import KEYS, ConfigError, Key, dump_config, keys_help, load_config, warmup_steps
 from .data import DataFormatError, DataNotFoundError
 from .factory import build_model, count_params, parse_model_spec
-from .loop import STATE_FILE, Trainee, fit, resolve_device, steps_per_epoch
+from .loop import STATE_FILE, Trainee, fit, resolve_device, steps_per_epoch, write_metrics
 from .optim import SCHEDULES, build_optimizer, build_scheduler
 from .text import PAD_ID, Split, TextDataError, TokenBatches, Tokenizer, bible_pairs, read_parallel, split_pairs
 
@@ -260,27 +270,28 @@ def make_mt_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int
 
 
 class _Averager:
-    """Keeps the weights of the last ``n`` evaluations under ``run_dir/avg`` and averages them."""
+    """Keeps each trainee's weights of the last ``n`` evaluations under ``<run_dir>/avg`` and
+    averages them into ``averaged.safetensors``."""
 
-    def __init__(self, trainee: Trainee, n: int):
-        self.trainee, self.n = trainee, n
-        self.dir = trainee.run_dir / "avg"
+    def __init__(self, n: int):
+        self.n = n
 
     def __call__(self, results) -> None:
         from safetensors.torch import save_file
 
-        self.dir.mkdir(exist_ok=True)
         for t, row in results:
-            state = {k: v.detach().cpu().contiguous() for k, v in t.model.state_dict().items()}
-            save_file(state, str(self.dir / f"step-{int(row['step']):08d}.safetensors"))
-        for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.n]:
-            old.unlink()
+            folder = t.run_dir / "avg"
+            folder.mkdir(exist_ok=True)
+            save_file(_unique_state(t.model), str(folder / f"step-{int(row['step']):08d}.safetensors"))
+            for old in sorted(folder.glob("step-*.safetensors"))[:-self.n]:
+                old.unlink()
 
-    def average(self, meta: dict) -> Path | None:
+    def average(self, trainee: Trainee, meta: dict) -> Path | None:
         """Write ``averaged.safetensors`` (the mean of the kept weights); None if fewer than 2."""
         from safetensors.torch import load_file
 
-        files = sorted(self.dir.glob("step-*.safetensors"))[-self.n:] if self.dir.is_dir() else []
+        folder = trainee.run_dir / "avg"
+        files = sorted(folder.glob("step-*.safetensors"))[-self.n:] if folder.is_dir() else []
         if len(files) < 2:
             return None
         total = None
@@ -288,85 +299,148 @@ class _Averager:
             state = load_file(str(f))
             total = {k: v.double() for k, v in state.items()} if total is None else {
                 k: total[k] + state[k].double() for k in total}
-        model = self.trainee.model
-        reference = model.state_dict()
-        averaged = {k: (v / len(files)).to(reference[k].dtype) for k, v in total.items()}
-        current = {k: v.detach().clone() for k, v in reference.items()}
-        model.load_state_dict(averaged)
-        path = self.trainee.run_dir / "averaged.safetensors"
+        model = trainee.model
+        current = _unique_state(model)
+        model.load_state_dict({k: (v / len(files)).to(current[k].dtype) for k, v in total.items()}, strict=False)
+        path = trainee.run_dir / "averaged.safetensors"
         ckpt.save_checkpoint(model, path, {**meta, "averaged_steps": [int(f.stem.split("-")[1]) for f in files]})
-        model.load_state_dict(current)
+        model.load_state_dict(current, strict=False)
         return path
 
 
-def train(cfg: dict, resume: str | Path | None = None) -> dict:
-    """Run (or, with ``resume``, continue) the translation training ``cfg`` describes.
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once (tied weights under their first name), on the CPU."""
+    seen, state = set(), {}
+    for key, value in model.state_dict().items():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().cpu().clone()
+    return state
 
-    Returns ``{"run_dir", "dev_bleu" (last evaluation), "best_bleu", "step", "epoch", "test"}``
-    (``test``: the final test scores, or None)."""
+
+def _final_test(cfg: Mapping, t: Trainee, averager: _Averager | None, split: Split, tokenizer: Tokenizer,
+                device: torch.device, steps: int) -> dict | None:
+    """Average the last checkpoints (if asked) and score the test split with the final weights."""
     from gatezoo.eval.translate import evaluate_translation
 
+    meta = ckpt.read_checkpoint_metadata(t.run_dir / "last.safetensors")
+    final = "averaged" if averager is not None and averager.average(t, meta) is not None else "last"
+    if not (cfg["final_test"] and split.test):
+        return None
+    model, _ = ckpt.load_checkpoint(t.run_dir / f"{final}.safetensors", device)
+    test = evaluate_translation(model.eval(), tokenizer, split.test, beam_size=cfg["beam_size"],
+                                length_penalty=cfg["length_penalty"], max_len_a=cfg["max_len_a"],
+                                max_len_b=cfg["max_len_b"], batch_sentences=cfg["eval_batch_size"], device=device,
+                                progress=cfg["progress"])
+    (t.run_dir / "test.hyp").write_text("".join(f"{h}\n" for h in test.pop("hypotheses")), encoding="utf-8")
+    test.update(model=t.spec, checkpoint=final, beam_size=cfg["beam_size"], step=steps, train_tok_per_s=t.rate)
+    (t.run_dir / "test.json").write_text(json.dumps(test, indent=2))
+    print(f"{t.spec} test ({final} weights, beam {cfg['beam_size']}): BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f} "
+          f"[{test['bleu_signature']}], {test['sent_per_s']:.1f} sentences/s")
+    return test
+
+
+def _safe(spec: str) -> str:
+    return spec.replace("/", "_").replace(":", "_").replace(",", "_").replace("=", "-")
+
+
+SIDEBYSIDE = ("model", "params", "steps", "tok_per_s", "speed_ratio", "dev_bleu", "best_dev_bleu", "test_bleu",
+              "test_chrf", "test_sent_per_s", "beam_size", "checkpoint")
+"""The columns of ``sidebyside.csv`` (a run of several models)."""
+
+
+def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None = None) -> dict:
+    """Run (or, with ``resume``, continue) the translation training ``cfg`` describes.
+
+    ``models`` (several model specs) trains them side by side instead of ``cfg["model"]``: each
+    takes its optimizer step on the same batches in turns (the one going first rotating), each with
+    its own subdirectory of the run directory, and ``sidebyside.csv`` sums them up. Throughput
+    counts each model's own steps only.
+
+    Returns ``{"run_dir", "dev_bleu" (last evaluation), "best_bleu", "step", "epoch", "test",
+    "tok_per_s", "rows"}`` (``test``: final test scores or None; ``rows``: the side-by-side rows)."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
     fresh = resume is None
-    run_dir = new_run_dir(cfg["out"], cfg["name"] or cfg["model"].split(":")[0]) if fresh else Path(resume)
+    specs = list(models) if models else [cfg["model"]]
+    if len(set(specs)) != len(specs):
+        raise ConfigError(f"--models lists a model twice: {specs}")
+    if len(specs) > 1 and not fresh:
+        raise ConfigError("--resume continues a single-model run, not a side-by-side one")
+    name = cfg["name"] or (specs[0].split(":")[0] if len(specs) == 1 else "mt-sidebyside")
+    run_dir = new_run_dir(cfg["out"], name) if fresh else Path(resume)
     try:
         split, tokenizer, data = prepare_data(cfg, run_dir, fresh)
-        model_args = {**cfg["model_args"], "vocab_size": tokenizer.vocab_size}
         if cfg["model_args"].get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
             raise ConfigError(f"model_args.vocab_size {cfg['model_args']['vocab_size']} differs from the tokenizer's "
                               f"{tokenizer.vocab_size}; leave it out (it is set from the tokenizer)")
+        model_args = {**cfg["model_args"], "vocab_size": tokenizer.vocab_size}
         cfg = {**cfg, "model_args": model_args}
-        torch.manual_seed(cfg["seed"])
-        probe = build_model(cfg["model"], **model_args)
-        from gatezoo.eval.decode import model_max_len
-
-        max_len = model_max_len(probe)
-        del probe
+        dirs = [run_dir] if len(specs) == 1 else [run_dir / _safe(s) for s in specs]
+        max_len = None
+        for spec in specs:
+            try:
+                probe = build_model(spec, **model_args)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {e}") from e
+            limit = model_max_len(probe)
+            max_len = limit if max_len is None else min(max_len, limit)
+            del probe
         task = Translation(split, tokenizer, max_tokens=cfg["max_tokens"], max_len=max_len, seed=cfg["seed"],
                            label_smoothing=cfg["label_smoothing"], eval_batch_size=cfg["eval_batch_size"],
                            dev_sentences=cfg["dev_sentences"], device=device, data=data)
         per_epoch = steps_per_epoch(task, cfg["accum_steps"])
-        trainee = make_mt_trainee(cfg, cfg["model"], model_args, per_epoch, device, run_dir)
+        trainees = []
+        for spec, d in zip(specs, dirs):
+            if d != run_dir:  # each model's directory is a complete run directory
+                d.mkdir()
+                shutil.copytree(run_dir / "data", d / "data")
+                for f in ("spm.model", "spm.vocab"):
+                    if (run_dir / f).is_file():
+                        shutil.copyfile(run_dir / f, d / f)
+            trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d))
+        for t in trainees:
+            (t.run_dir / "config.yaml").write_text(dump_config({**cfg, "model": t.spec}, MT_KEYS))
         if fresh:
             print(f"{data}: {len(split.train):,} train / {len(split.dev):,} dev / {len(split.test):,} test pairs, "
                   f"vocabulary {tokenizer.vocab_size:,}, {task.train_batches.tokens:,} target tokens per epoch")
-            print(f"{cfg['model']}: {trainee.params:,} parameters, {per_epoch} steps/epoch on {device}; "
-                  f"run directory {run_dir}")
-        (run_dir / "config.yaml").write_text(dump_config(cfg, MT_KEYS))
-        averager = _Averager(trainee, cfg["average_last"]) if cfg["average_last"] > 1 else None
-        pos = fit(task, [trainee], resume=not fresh, title=f"{cfg['model']} on {data}", epochs=cfg["epochs"],
-                  device=device, bf16=cfg["bf16"], grad_clip=cfg["grad_clip"], accum_steps=cfg["accum_steps"],
+            print(", ".join(f"{t.spec}: {t.params:,} parameters" for t in trainees)
+                  + f"; {per_epoch} steps/epoch on {device}; run directory {run_dir}")
+        averager = _Averager(cfg["average_last"]) if cfg["average_last"] > 1 else None
+        title = f"{specs[0] if len(specs) == 1 else ' vs '.join(specs)} on {data}"
+        pos = fit(task, trainees, resume=not fresh, title=title, epochs=cfg["epochs"], device=device,
+                  bf16=cfg["bf16"], grad_clip=cfg["grad_clip"], accum_steps=cfg["accum_steps"],
                   max_steps=cfg["max_steps"], progress=cfg["progress"], eval_every=cfg["eval_every"],
                   on_eval=averager)
     except BaseException:
-        if fresh and not (run_dir / STATE_FILE).exists():  # nothing worth keeping: no half-made run directory
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if fresh and not any((d / STATE_FILE).exists() for d in [run_dir, *run_dir.glob("*")]):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: no half-made run directory
         raise
-    meta = ckpt.read_checkpoint_metadata(run_dir / "last.safetensors")
-    final = "last"
-    if averager is not None and averager.average(meta) is not None:
-        final = "averaged"
-    test = None
-    if cfg["final_test"] and split.test:
-        model, _ = ckpt.load_checkpoint(run_dir / f"{final}.safetensors", device)
-        test = evaluate_translation(model.eval(), tokenizer, split.test, beam_size=cfg["beam_size"],
-                                    length_penalty=cfg["length_penalty"], max_len_a=cfg["max_len_a"],
-                                    max_len_b=cfg["max_len_b"], batch_sentences=cfg["eval_batch_size"],
-                                    device=device, progress=cfg["progress"])
-        (run_dir / "test.hyp").write_text("".join(f"{h}\n" for h in test.pop("hypotheses")), encoding="utf-8")
-        test.update(checkpoint=final, beam_size=cfg["beam_size"], step=pos["global_step"],
-                    train_tok_per_s=trainee.rate)
-        (run_dir / "test.json").write_text(json.dumps(test, indent=2))
-        print(f"test ({final} weights, beam {cfg['beam_size']}): BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f} "
-              f"[{test['bleu_signature']}], {test['sent_per_s']:.1f} sentences/s")
+    rows = []
+    for t in trainees:
+        test = _final_test(cfg, t, averager, split, tokenizer, device, pos["global_step"])
+        last = t.rows[-1] if t.rows else {}
+        rows.append({"model": t.spec, "params": t.params, "steps": pos["global_step"], "tok_per_s": t.rate,
+                     "speed_ratio": t.rate / trainees[0].rate, "dev_bleu": last.get("dev_bleu", float("nan")),
+                     "best_dev_bleu": t.best, "test_bleu": test["bleu"] if test else float("nan"),
+                     "test_chrf": test["chrf"] if test else float("nan"),
+                     "test_sent_per_s": test["sent_per_s"] if test else float("nan"), "beam_size": cfg["beam_size"],
+                     "checkpoint": test["checkpoint"] if test else "last", "_test": test})
+    if len(trainees) > 1:
+        write_metrics([{k: r[k] for k in SIDEBYSIDE} for r in rows], run_dir / "sidebyside.csv")
+        print(f"{'model':<28} {'params':>10} {'tok/s':>7} {'ratio':>6} {'dev BLEU':>8} {'test BLEU':>9} "
+              f"{'chrF':>6}")
+        for r in rows:
+            print(f"{r['model']:<28} {r['params']:>10,} {r['tok_per_s']:>7.0f} {r['speed_ratio']:>6.3f} "
+                  f"{r['dev_bleu']:>8.2f} {r['test_bleu']:>9.2f} {r['test_chrf']:>6.2f}")
     if pos["stopped"] and pos["epoch"] < cfg["epochs"]:
         print(f"stopped at max_steps={cfg['max_steps']} (step {pos['global_step']} of {cfg['epochs'] * per_epoch})")
-    last = trainee.rows[-1] if trainee.rows else {}
-    return {"run_dir": run_dir, "dev_bleu": last.get("dev_bleu", float("nan")), "best_bleu": trainee.best,
-            "step": pos["global_step"], "epoch": pos["global_step"] / per_epoch, "test": test,
-            "tok_per_s": trainee.rate}
+    first = rows[0]
+    return {"run_dir": run_dir, "dev_bleu": first["dev_bleu"], "best_bleu": first["best_dev_bleu"],
+            "step": pos["global_step"], "epoch": pos["global_step"] / per_epoch, "test": first["_test"],
+            "tok_per_s": first["tok_per_s"], "rows": [{k: r[k] for k in SIDEBYSIDE} for r in rows]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m gatezoo.train.translate --config configs/transformer_mt_tiny.yaml \\\n"
         "      --model transformer_mt_tiny_rela\n"
         "  python -m gatezoo.train.translate --src train.en --tgt train.es --vocab_size 4000\n"
+        "  python -m gatezoo.train.translate --config configs/transformer_mt_tiny.yaml \\\n"
+        "      --models transformer_mt_tiny torch_transformer_mt_tiny xtransformer_mt_tiny\n"
         "  python -m gatezoo.train.translate --resume runs/transformer_mt_tiny-20260101-120000\n"
         "\nexit status: 0 on success, 2 on a bad config or missing/unreadable data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -389,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="YAML", help="config file (keys below; omitted keys take their defaults)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its state.pt, with RUN_DIR/config.yaml as the config")
+    parser.add_argument("--models", nargs="+", metavar="MODEL",
+                        help="train these models side by side on the same batches (instead of --model); each gets "
+                        "a subdirectory, and sidebyside.csv compares them")
     return parser
 
 
@@ -406,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config_path = args.config
         cfg = load_mt_config(config_path, rest)
-        result = train(cfg, resume=args.resume)
+        if args.models and args.resume is not None:
+            raise ConfigError("--models starts a side-by-side run; --resume continues a single-model one")
+        result = train(cfg, resume=args.resume, models=args.models)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
