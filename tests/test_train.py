@@ -119,9 +119,9 @@ def test_shipped_configs_load():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
-    names = sorted(p.stem for p in root.glob("*.yaml"))
+    names = sorted(p.stem for p in root.glob("*.yaml") if not p.stem.startswith("transformer_mt"))
     assert {"vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu", "mixer_tiny", "ninformer_tiny", "demo"} <= set(names)
-    for name in names:
+    for name in names:  # the image configs (the translation ones: tests/test_translate.py)
         cfg = load_config(root / f"{name}.yaml")
         assert cfg["model"] in model_names()
         assert cfg["data"] == "fashion-mnist"

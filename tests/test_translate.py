@@ -296,6 +296,21 @@ def test_long_input_to_the_translate_command(corpus, tmp_path, capsys, monkeypat
     assert "max_len" in capsys.readouterr().err
 
 
+def test_shipped_configs_load():
+    import pathlib
+
+    from gatezoo.train.factory import model_names
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.stem for p in root.glob("transformer_mt*.yaml"))
+    assert names == ["transformer_mt_quick", "transformer_mt_tiny"]
+    for name in names:
+        cfg = translate.load_mt_config(root / f"{name}.yaml")
+        assert cfg["model"] in model_names() and cfg["data"] == "bible" and cfg["schedule"] == "inverse_sqrt"
+        assert (cfg["vocab_size"], cfg["max_tokens"], cfg["adam_beta2"], cfg["label_smoothing"]) == (8000, 2500, 0.98,
+                                                                                                     0.1)
+
+
 def test_config_schema():
     cfg = translate.load_mt_config(None, ["--model", "transformer_mt_tiny_rela", "--beam_size", "4"])
     assert cfg["schedule"] == "inverse_sqrt" and cfg["adam_beta2"] == 0.98 and cfg["beam_size"] == 4

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, dump_config, keys_help, load_config, warmup_steps
+from .config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
 from .factory import build_model, count_params, parse_model_spec
 from .loop import STATE_FILE, Trainee, autocast, fit, resolve_device, steps_per_epoch
@@ -275,14 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.resume is not None:
-            if args.config is not None:
-                raise ConfigError("give --config or --resume, not both (a resumed run uses RUN_DIR/config.yaml)")
-            config_path = Path(args.resume) / "config.yaml"
-            if not config_path.is_file():
-                raise ConfigError(f"--resume {args.resume!r}: no config.yaml there (not a run directory)")
-        else:
-            config_path = args.config
+        config_path = config_source(args.config, args.resume)
         cfg = load_config(config_path, rest)
         result = train(cfg, resume=args.resume)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:

@@ -280,6 +280,19 @@ def load_config(
     return validate(apply_overrides({**(base or {}), **cfg}, overrides, keys), keys)
 
 
+def config_source(config: str | os.PathLike | None, resume: str | os.PathLike | None):
+    """The YAML file a training command reads: ``config``, or ``<resume>/config.yaml`` when it
+    resumes a run (the two exclude each other; :class:`ConfigError` otherwise)."""
+    if resume is None:
+        return config
+    if config is not None:
+        raise ConfigError("give --config or --resume, not both (a resumed run uses RUN_DIR/config.yaml)")
+    path = os.path.join(resume, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume {str(resume)!r}: no config.yaml there (not a run directory)")
+    return path
+
+
 def warmup_steps(cfg: Mapping, steps_per_epoch: int) -> int:
     """The warm-up length in optimizer steps: ``warmup_steps`` when set, else ``warmup_epochs``
     epochs of ``steps_per_epoch`` (rounded)."""

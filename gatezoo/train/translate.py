@@ -56,7 +56,7 @@ from gatezoo.eval.decode import model_max_len
 
 from . import checkpoint as ckpt
 from .classify import new_run_dir
-from .config import KEYS, ConfigError, Key, dump_config, keys_help, load_config, warmup_steps
+from .config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import DataFormatError, DataNotFoundError
 from .factory import build_model, count_params, parse_model_spec
 from .loop import STATE_FILE, Trainee, fit, resolve_device, steps_per_epoch, write_metrics
@@ -476,14 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
-        if args.resume is not None:
-            if args.config is not None:
-                raise ConfigError("give --config or --resume, not both (a resumed run uses RUN_DIR/config.yaml)")
-            config_path = Path(args.resume) / "config.yaml"
-            if not config_path.is_file():
-                raise ConfigError(f"--resume {args.resume!r}: no config.yaml there (not a run directory)")
-        else:
-            config_path = args.config
+        config_path = config_source(args.config, args.resume)
         cfg = load_mt_config(config_path, rest)
         if args.models and args.resume is not None:
             raise ConfigError("--models starts a side-by-side run; --resume continues a single-model one")
