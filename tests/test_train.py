@@ -388,6 +388,16 @@ def test_sidebyside_seeds(tmp_path, tiny_npz, capsys):
     assert _rows(tmp_path / "all.csv") == rows and (tmp_path / "all.png").is_file()
     assert sidebyside.main(["--summary", str(tmp_path / "none.csv")]) == 2
     assert "no CSV at" in capsys.readouterr().err
+    # --pairs: mixer minus vit, seed by seed, in points
+    m_accs = [float(r["test_acc"]) for r in rows if r["model"] == "mixer_tiny"]
+    diffs = [100 * (m - v) for m, v in zip(m_accs, accs)]
+    assert sidebyside.main(["--summary", str(seed3), str(seed5), "--pairs", "mixer_tiny", "vit_tiny"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| mixer_tiny − vit_tiny |"))
+    assert f"| 3, 5 | {statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} |" in line
+    assert sidebyside.main(["--summary", str(seed3), "--pairs", "mixer_tiny"]) == 2
+    assert "in pairs" in capsys.readouterr().err
+    assert sidebyside.main(["--summary", str(seed3), "--pairs", "mixer_tiny", "timm_vit_tiny"]) == 2
+    assert "no rows for model 'timm_vit_tiny'" in capsys.readouterr().err
     assert sidebyside.main([*base, "--seed", "5"]) == 0
     single = _rows(out / "tiny-sidebyside.csv")
     for a, b in zip(single, rows[2:]):

@@ -21,8 +21,9 @@ that variants of one preset run side by side: ``vit_tiny:ffn=mlp-xatlu``.
 ``--seeds 0 1 2 3`` repeats the whole run once per seed (initial weights and batch order both
 change with the seed) and summarises the final test accuracy as mean and standard deviation over
 the seeds, which tells a real difference between two models from initialisation noise.
-``--summary A.csv B.csv [--merged ALL.csv]`` trains nothing: it joins the CSVs of separate runs
-(other seeds, or other models on the same seeds) and prints that table.
+``--summary A.csv B.csv [--merged ALL.csv] [--pairs A1 B1 ...]`` trains nothing: it joins the
+CSVs of separate runs (other seeds, or other models on the same seeds) and prints that table, and
+with ``--pairs`` the paired differences A - B of final test accuracy, seed by seed.
 
 Writes ``<out>/<data set>-sidebyside.csv`` (one row per seed, model and epoch: model, seed,
 params, epoch, step, train_loss, train_acc, test_loss, test_acc, train_img_per_s, train_seconds,
@@ -220,6 +221,34 @@ def summary_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _final_acc(rows: Sequence[Mapping]) -> dict[str, dict[int, float]]:
+    """Each model's final test accuracy per seed (the last row of each model and seed)."""
+    final: dict[str, dict[int, float]] = {}
+    for r in rows:
+        final.setdefault(r["model"], {})[r["seed"]] = r["test_acc"]
+    return final
+
+
+def pairs_table(rows: Sequence[Mapping], pairs: Sequence[tuple[str, str]]) -> str:
+    """``A − B | seeds | mean ± sd | per seed`` for each pair of models: the difference of their
+    final test accuracies in points, seed by seed (the seeds both have), the sample sd over seeds.
+    Raises :class:`ConfigError` for a model without rows or a pair without a common seed."""
+    final = _final_acc(rows)
+    lines = ["| difference | seeds | test acc points, mean ± sd | per seed |", "|---|---|---|---|"]
+    for a, b in pairs:
+        for m in (a, b):
+            if m not in final:
+                raise ConfigError(f"--pairs: no rows for model {m!r}; the CSVs hold {list(final)}")
+        seeds = [sd for sd in final[a] if sd in final[b]]
+        if not seeds:
+            raise ConfigError(f"--pairs: {a!r} and {b!r} share no seed")
+        diffs = [100 * (final[a][sd] - final[b][sd]) for sd in seeds]
+        sd = f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "—"
+        lines.append(f"| {a} − {b} | {', '.join(map(str, seeds))} | {statistics.mean(diffs):+.2f} ± {sd} | "
+                     f"{' / '.join(f'{d:+.2f}' for d in diffs)} |")
+    return "\n".join(lines)
+
+
 def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
     """PNG of test accuracy against epoch, one line per model (the mean over the seeds of the rows,
     with each seed's run drawn faintly when there are several)."""
@@ -273,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing: print the table of side-by-side CSVs joined (mean ± sd over each model's "
                    "seeds)")
     p.add_argument("--merged", metavar="CSV", help="with --summary: also write the joined rows there, and its PNG")
+    p.add_argument("--pairs", nargs="+", metavar="MODEL",
+                   help="with --summary: models in pairs A1 B1 A2 B2 ...; prints A - B (final test accuracy, "
+                   "points) seed by seed with mean ± sd, the paired comparison that cancels the seed's luck")
     return p
 
 
@@ -282,9 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.summary:
             if rest or args.models or args.seeds or args.config or args.same_init:
-                raise ConfigError("--summary reads CSVs and trains nothing: give it no other option but --merged")
+                raise ConfigError("--summary reads CSVs and trains nothing: give it no other option but --merged "
+                                  "and --pairs")
+            if args.pairs and len(args.pairs) % 2:
+                raise ConfigError(f"--pairs takes models in pairs (A1 B1 A2 B2 ...), got {len(args.pairs)} names")
             rows = read_csv(args.summary)
             print(summary_table(rows))
+            if args.pairs:
+                print()
+                print(pairs_table(rows, list(zip(args.pairs[::2], args.pairs[1::2]))))
             if args.merged:
                 merged = Path(args.merged)
                 merged.parent.mkdir(parents=True, exist_ok=True)
@@ -292,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                 plot_accuracy(rows, merged.with_suffix(".png"), title=f"{merged.stem}")
                 print(f"\nwrote {merged} and {merged.with_suffix('.png')}")
             return 0
-        if args.merged:
-            raise ConfigError("--merged goes with --summary")
+        if args.merged or args.pairs:
+            raise ConfigError("--merged and --pairs go with --summary")
         base = {"out": "benchmarks"}
         if args.models:
             base["model"] = args.models[0]
