@@ -118,3 +118,24 @@ def test_running_stats():
     s2 = RunningStats()
     s2.load_state_dict(s.state_dict())
     assert s2.state_dict() == s.state_dict()
+
+
+def test_a_non_finite_loss_stops_the_run_with_a_clear_error():
+    batches = ToyBatches(3, 4)
+    batches.data[1][0][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="toy: the training loss is not finite"):
+        fit(ToyTask(batches), [_trainee()], epochs=1, device=torch.device("cpu"), progress=False)
+
+
+def test_eval_every_adds_evaluations_and_a_max_steps_stop_does_not_compete_for_best(tmp_path):
+    task = ToyTask(ToyBatches(6, 4))
+    calls = []
+    t = _trainee()
+    t.run_dir = tmp_path
+    fit(task, [t], epochs=1, device=torch.device("cpu"), progress=False, eval_every=2, max_steps=5,
+        on_eval=lambda results: calls.append(results[0][1]["step"]))
+    rows = [r["step"] for r in t.rows]
+    assert rows == [2, 4, 5] and calls == [2, 4]  # step 5 is the max_steps stop: no on_eval
+    assert t.best == max(r["neg_mse"] for r in t.rows[:2])
+    with pytest.raises(Exception, match="eval_every"):
+        fit(task, [_trainee()], epochs=1, device=torch.device("cpu"), progress=False, eval_every=0)

@@ -140,6 +140,24 @@ def test_beam_search_finds_at_least_the_greedy_score_and_respects_limits():
     assert all(len(h[0].tokens) <= 2 for h in limited)  # 3 generated tokens, EOS included
 
 
+def test_non_finite_logits_raise_instead_of_decoding_garbage():
+    model = _model()
+    with torch.no_grad():
+        model.dec_norm.weight.fill_(float("nan"))
+    for search in (greedy_search, lambda m, s: beam_search(m, s, beam_size=3)):
+        with pytest.raises(FloatingPointError, match="non-finite logits"):
+            search(model, _src())
+
+
+def test_the_length_limit_reaches_max_len():
+    model = _model(max_len=12)
+    with torch.no_grad():  # a model that never ends: EOS never wins
+        model.embed.weight[EOS_ID].fill_(-10.0)
+    src = _src(b=2, s=6)
+    assert all(len(t) == 11 for t in greedy_search(model, src, max_len_a=0, max_len_b=100))  # 11 + EOS = 12
+    assert all(len(h[0].tokens) == 11 for h in beam_search(model, src, beam_size=2, max_len_a=0, max_len_b=100))
+
+
 def test_decoding_errors():
     model = _model()
     with pytest.raises(ValueError, match="beam_size"):
@@ -180,7 +198,7 @@ def corpus(tmp_path_factory):
 
 TINY_MT = ["--model_args", "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}", "--vocab_size", "40",
            "--dev_size", "10", "--test_size", "10", "--max_tokens", "200", "--warmup_steps", "2", "--eval_every", "3",
-           "--dev_sentences", "5", "--beam_size", "2", "--average_last", "2", "--progress", "false", "--threads", "1"]
+           "--dev_sentences", "5", "--beam_size", "2", "--average_last", "3", "--progress", "false", "--threads", "1"]
 
 
 def _train(corpus, out, *extra):
@@ -197,8 +215,10 @@ def test_train_resume_decode_evaluate(corpus, tmp_path, capsys, monkeypatch):
                  "averaged.safetensors", "test.json", "test.hyp", "data/train.src", "data/test.tgt"):
         assert (full / name).is_file(), name
     assert translate.main(["--resume", str(part), "--max_steps", "8"]) == 0
-    a, b = load_file(str(full / "last.safetensors")), load_file(str(part / "last.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume == uninterrupted
+    for name in ("last", "best", "averaged"):  # resume == uninterrupted, the averaged weights included
+        a, b = load_file(str(full / f"{name}.safetensors")), load_file(str(part / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert json.loads((full / "test.json").read_text())["bleu"] == json.loads((part / "test.json").read_text())["bleu"]
     rows = (part / "metrics.csv").read_text().splitlines()
     assert rows[0].split(",")[:6] == ["epoch", "step", "train_loss", "train_acc", "dev_loss", "dev_bleu"]
     full_rows = (full / "metrics.csv").read_text().splitlines()
@@ -286,6 +306,14 @@ def test_bad_input_errors_and_nothing_half_done(corpus, tmp_path, capsys):
     err = _error(capsys, ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), *base,
                           "--model_args.max_len", "4"])
     assert "max_len" in err
+    # a test sentence longer than the model allows stops the run before training
+    long = tmp_path / "long.en"
+    long.write_text(" ".join(["the king"] * 30) + "\n" + "the man\n")
+    (tmp_path / "long.es").write_text("el rey\nel hombre\n")
+    err = _error(capsys, ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), *base,
+                          "--test_src", str(long), "--test_tgt", str(tmp_path / "long.es"),
+                          "--model_args.max_len", "40"])
+    assert "test pair 1" in err and "max_len" in err
     assert not out.exists() or not any(out.iterdir())  # no half-made run directories
 
 

@@ -50,9 +50,18 @@ def model_max_len(model) -> int:
 def _limits(src: torch.Tensor, model, max_len_a: float, max_len_b: int) -> list[int]:
     if not max_len_a >= 0 or max_len_b < 0:
         raise ValueError(f"max_len_a and max_len_b must be >= 0, got {max_len_a!r} and {max_len_b!r}")
-    cap = model_max_len(model)  # BOS plus at most cap - 1 generated tokens
+    # generated token j is predicted at input position j - 1 (BOS at 0) and the last one, EOS, is
+    # never fed back: a model of cap positions can generate cap tokens, EOS included
+    cap = model_max_len(model)
     lengths = (src != PAD_ID).sum(1).tolist()
-    return [max(1, min(cap - 1, int(math.floor(max_len_a * n + max_len_b)))) for n in lengths]
+    return [max(1, min(cap, int(math.floor(max_len_a * n + max_len_b)))) for n in lengths]
+
+
+def _finite(logits: torch.Tensor, step: int) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(f"the model produced non-finite logits (NaN or inf) at decoding step {step + 1}; "
+                                 f"its weights or inputs are broken")
+    return logits.float()
 
 
 def _check_src(src) -> None:
@@ -76,7 +85,7 @@ def greedy_search(model, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b
     cache, step = None, 0
     while alive:
         logits, cache = model.decode_step(tokens, memory, cache)
-        logits = logits.float()
+        logits = _finite(logits, step)
         logits[:, PAD_ID] = logits[:, BOS_ID] = -math.inf
         forced = [i for i, s in enumerate(alive) if step + 1 >= limits[s]]
         if forced:
@@ -136,7 +145,7 @@ def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty:
     cache, step = None, 0
     while alive:
         logits, cache = model.decode_step(tokens, memory, cache)
-        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = F.log_softmax(_finite(logits, step), dim=-1)
         logp[:, PAD_ID] = logp[:, BOS_ID] = -math.inf
         vocab = logp.shape[-1]
         logp = logp.view(len(alive), k, vocab)

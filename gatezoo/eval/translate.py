@@ -218,7 +218,7 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
     from gatezoo.train.text import collate
 
     torch.set_num_threads(threads)
-    model = model.float().eval()
+    model = model.float().eval().cpu()  # both on the CPU, in float32
     pieces = tokenizer.pieces()
     piece_id = {p: i for i, p in enumerate(pieces)}
     with contextlib.ExitStack() as stack:
@@ -229,7 +229,7 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
                                            intra_threads=threads, inter_threads=1)
         ids = tokenizer.encode(list(texts))
         cap = model_max_len(model)
-        limits = [max(1, min(cap - 1, int(max_len_a * len(r) + max_len_b))) for r in ids]
+        limits = [max(1, min(cap, int(max_len_a * len(r) + max_len_b))) for r in ids]
         groups = list(_batches([len(r) for r in ids], batch_sentences))
 
         def run_gatezoo(beam):
@@ -307,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.beam_size < 1:
-        print(f"error: --beam_size must be >= 1, got {args.beam_size}", file=sys.stderr)
-        return 2
+    for name in ("beam_size", "batch_sentences"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
     options = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
                    max_len_b=args.max_len_b, batch_sentences=args.batch_sentences, device=args.device)
     try:

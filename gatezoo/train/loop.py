@@ -247,6 +247,9 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
         t.scheduler.step()
     # .item() also waits for the device
     records = [(loss.item(), n, {k: float(v) for k, v in sums.items()}) for loss, n, sums in records]
+    if not all(math.isfinite(loss) for loss, _, _ in records):
+        raise FloatingPointError(f"{t.spec}: the training loss is not finite ({[r[0] for r in records]}); lower the "
+                                 f"learning rate, set grad_clip, or check the data")
     synchronize(device)
     dt = time.perf_counter() - t0
     for i, (loss, n, sums) in enumerate(records):
@@ -276,11 +279,12 @@ def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
     return dict(state["position"])
 
 
-def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str) -> None:
+def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str,
+          scheduled: bool = True) -> None:
     meta = {"model": t.spec, "model_args": t.model_args, "task": task.checkpoint_info(), "epoch": row["epoch"],
             "step": row["step"], "metrics": ev, "gatezoo_version": _version()}
     ckpt.save_checkpoint(t.model, t.run_dir / "last.safetensors", meta)
-    if ev[task.score] > t.best:
+    if scheduled and ev[task.score] > t.best:
         t.best = ev[task.score]
         ckpt.save_checkpoint(t.model, t.run_dir / "best.safetensors", meta)
     state = {"version": STATE_VERSION, "position": dict(pos), "steps_per_epoch": steps_per_epoch, "best": t.best,
@@ -316,8 +320,11 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     optimizer steps inside an epoch, beside the one at each epoch's end. ``resume`` continues a
     single trainee from its ``run_dir/state.pt`` at the step where it stopped, mid-epoch included;
     the result equals an uninterrupted run's. ``on_eval`` receives the list of ``(trainee, row)``
-    after each evaluation, before the epoch's running sums restart.
-    Returns the position reached: ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
+    after each evaluation, before the epoch's running sums restart. The evaluation where
+    ``max_steps`` stops a run between scheduled ones writes its row, ``last`` and the state, but
+    does not compete for ``best`` and does not reach ``on_eval``, so a resumed run ends like an
+    uninterrupted one. Returns the position reached:
+    ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
     """
     if not trainees:
         raise ValueError("fit needs at least one trainee")
@@ -341,7 +348,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     process_steps = 0
     for t in trainees:
         t.model.train()
-    def evaluate_all(finished_epoch: bool) -> None:
+    def evaluate_all(finished_epoch: bool, scheduled: bool = True) -> None:
         evals = []
         for t in trainees:
             t.model.eval()
@@ -364,7 +371,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 + " | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
                 + f" | {row[f'{task.unit}_per_s']:.0f} {task.unit}/s")
             results.append((t, row))
-        if on_eval is not None:
+        if on_eval is not None and scheduled:
             on_eval(results)
         if finished_epoch:
             pos["epoch"] += 1
@@ -376,7 +383,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 t.seconds += t.stats.seconds
                 t.stats.reset()
             if t.run_dir is not None:
-                _save(task, t, row, t.last, pos, per_epoch, title)
+                _save(task, t, row, t.last, pos, per_epoch, title, scheduled)
 
     while pos["epoch"] < epochs and not stopped:
         epoch, start = pos["epoch"], pos["step_in_epoch"]
@@ -404,5 +411,10 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 evaluate_all(finished_epoch=False)
         bar.close()
 
-        evaluate_all(finished_epoch=pos["step_in_epoch"] >= per_epoch)
+        finished = pos["step_in_epoch"] >= per_epoch
+        # an evaluation only because max_steps stopped the run is not one of the run's own: it
+        # writes its row, last and state.pt, but neither competes for best nor reaches on_eval,
+        # so a resumed run ends with the same best checkpoint as an uninterrupted one
+        evaluate_all(finished_epoch=finished,
+                     scheduled=finished or bool(eval_every and pos["global_step"] % eval_every == 0))
     return {**pos, "stopped": stopped}

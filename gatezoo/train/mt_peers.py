@@ -106,7 +106,8 @@ class _TranslationPeer(nn.Module):
     def _encode_states(self, src: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _decode_logits(self, tgt: torch.Tensor, states: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    def _decode_logits(self, tgt: torch.Tensor, states: torch.Tensor, attend: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
     def encode(self, src: torch.Tensor) -> Memory:
@@ -141,7 +142,9 @@ class _TranslationPeer(nn.Module):
         if start + tokens.shape[1] > self.max_len:
             raise ValueError(f"decoding past the model's max_len={self.max_len} target positions")
         prefix = tokens if cache is None else torch.cat([cache.tokens, tokens.to(cache.tokens.device)], dim=1)
-        logits = self.decode(prefix, memory)[:, -1]
+        check_ids("tokens", prefix, self.vocab_size, self.max_len)
+        # only the last position goes through the output projection (the largest matmul)
+        logits = self._decode_logits(prefix, memory.states, _attend_mask(memory.mask), last_only=True)
         if cache is None:
             cache = PrefixCache(prefix)
         else:
@@ -183,12 +186,13 @@ class TorchTransformerMT(_TranslationPeer):
     def _encode_states(self, src: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         return self.transformer.encoder(self._embed(src), src_key_padding_mask=~attend)
 
-    def _decode_logits(self, tgt: torch.Tensor, states: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    def _decode_logits(self, tgt: torch.Tensor, states: torch.Tensor, attend: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
         t = tgt.shape[1]
         causal = torch.ones(t, t, dtype=torch.bool, device=tgt.device).triu(1)  # True = may not attend
         h = self.transformer.decoder(self._embed(tgt), states, tgt_mask=causal, tgt_is_causal=True,
                                      memory_key_padding_mask=~attend)
-        return h @ self.embed.weight.t()
+        return (h[:, -1] if last_only else h) @ self.embed.weight.t()
 
 
 def _xtransformer_class():
@@ -235,8 +239,13 @@ class XTransformerMT(_TranslationPeer):
     def _encode_states(self, src: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         return self.model.encoder(src, mask=attend, return_embeddings=True)
 
-    def _decode_logits(self, tgt: torch.Tensor, states: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder.net(tgt, context=states, context_mask=attend)
+    def _decode_logits(self, tgt: torch.Tensor, states: torch.Tensor, attend: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
+        net = self.model.decoder.net
+        if not last_only:
+            return net(tgt, context=states, context_mask=attend)
+        h = net(tgt, context=states, context_mask=attend, return_embeddings=True)
+        return net.to_logits(h[:, -1])
 
 
 _COMMON = ("dim", "enc_layers", "dec_layers", "heads", "ffn_hidden", "dropout", "max_len")

@@ -203,6 +203,19 @@ class Split:
         return f"Split(train={len(self.train)} pairs, dev={len(self.dev)} pairs, test={len(self.test)} pairs)"
 
 
+def drop_repeated_sources(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` without those whose source sentence already appeared (the first one stays), so a
+    split cannot put the same source in training and test. The Bible has such repeats (refrains,
+    a verse quoted twice)."""
+    seen: set[str] = set()
+    out = []
+    for src, tgt in pairs:
+        if src not in seen:
+            seen.add(src)
+            out.append((src, tgt))
+    return out
+
+
 def split_pairs(pairs: Sequence[tuple[str, str]], *, dev: int = 500, test: int = 1000, seed: int = 0) -> Split:
     """Split ``pairs`` into ``test`` test pairs, ``dev`` dev pairs and the rest for training.
 

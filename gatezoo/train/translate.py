@@ -61,7 +61,17 @@ from .data import DataFormatError, DataNotFoundError
 from .factory import build_model, count_params, parse_model_spec
 from .loop import STATE_FILE, Trainee, fit, resolve_device, steps_per_epoch, write_metrics
 from .optim import SCHEDULES, build_optimizer, build_scheduler
-from .text import PAD_ID, Split, TextDataError, TokenBatches, Tokenizer, bible_pairs, read_parallel, split_pairs
+from .text import (
+    PAD_ID,
+    Split,
+    TextDataError,
+    TokenBatches,
+    Tokenizer,
+    bible_pairs,
+    drop_repeated_sources,
+    read_parallel,
+    split_pairs,
+)
 
 _SHARED = ("model_args", "epochs", "lr", "weight_decay", "warmup_epochs", "accum_steps", "label_smoothing", "bf16",
            "seed", "out", "name", "device", "max_steps", "threads", "progress")
@@ -130,17 +140,24 @@ class Translation:
 
     unit = "tok"
     score = "dev_bleu"
-    curves = (("cross-entropy per token", ("train_loss", "dev_loss")), ("dev BLEU", ("dev_bleu",)))
+    curves = (("train loss (label-smoothed)", ("train_loss",)), ("dev cross-entropy per token", ("dev_loss",)),
+              ("dev BLEU (greedy)", ("dev_bleu",)))
 
     def __init__(self, split: Split, tokenizer: Tokenizer, *, max_tokens: int = 2500, max_len: int = 256,
                  seed: int = 0, label_smoothing: float = 0.1, eval_batch_size: int = 64, dev_sentences: int = 500,
-                 device: torch.device | str = "cpu", data: str = "bible"):
+                 device: torch.device | str = "cpu", data: str = "bible", max_len_a: float = 1.2,
+                 max_len_b: int = 10):
         self.split, self.tokenizer, self.data = split, tokenizer, data
         self.device = torch.device(device)
         self.label_smoothing, self.eval_batch_size = label_smoothing, eval_batch_size
         self.train_batches = self._batches(split.train, max_tokens, seed, True, max_len, "train")
         self.dev_batches = self._batches(split.dev, max_tokens, seed, False, max_len, "dev") if split.dev else None
         self.dev_pairs = list(split.dev[:dev_sentences])
+        self.max_len_a, self.max_len_b = max_len_a, max_len_b
+        for i, row in enumerate(tokenizer.encode([s for s, _ in split.test])):  # fail now, not after training
+            if len(row) > max_len or not row:
+                raise TextDataError(f"test pair {i + 1} has {len(row)} source tokens; the model allows 1 to {max_len}: "
+                                    f"drop the pair or raise model_args.max_len")
 
     def _batches(self, pairs, max_tokens, seed, shuffle, max_len, part):
         src = self.tokenizer.encode([s for s, _ in pairs])
@@ -183,8 +200,8 @@ class Translation:
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.tgt_out.reshape(-1),
                                            ignore_index=PAD_ID, reduction="sum"))
             count += batch.ntokens
-        ev = evaluate_translation(model, self.tokenizer, self.dev_pairs, beam_size=1,
-                                  batch_sentences=self.eval_batch_size, device=self.device)
+        ev = evaluate_translation(model, self.tokenizer, self.dev_pairs, beam_size=1, max_len_a=self.max_len_a,
+                                  max_len_b=self.max_len_b, batch_sentences=self.eval_batch_size, device=self.device)
         return {"dev_loss": total / max(count, 1), "dev_bleu": ev["bleu"]}
 
     def checkpoint_info(self) -> dict:
@@ -231,6 +248,10 @@ def prepare_data(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[Split, Token
             raise ConfigError(f"{kind}_src and {kind}_tgt go together")
     dev = read_parallel(cfg["dev_src"], cfg["dev_tgt"]) if cfg["dev_src"] else None
     test = read_parallel(cfg["test_src"], cfg["test_tgt"]) if cfg["test_src"] else None
+    unique = drop_repeated_sources(pairs)
+    if len(unique) < len(pairs):
+        print(f"dropped {len(pairs) - len(unique):,} pairs whose source sentence repeats an earlier one")
+    pairs = unique
     split = split_pairs(pairs, dev=0 if dev is not None else cfg["dev_size"],
                         test=0 if test is not None else cfg["test_size"], seed=cfg["split_seed"])
     split = Split(split.train, dev if dev is not None else split.dev, test if test is not None else split.test)
@@ -390,7 +411,8 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
             del probe
         task = Translation(split, tokenizer, max_tokens=cfg["max_tokens"], max_len=max_len, seed=cfg["seed"],
                            label_smoothing=cfg["label_smoothing"], eval_batch_size=cfg["eval_batch_size"],
-                           dev_sentences=cfg["dev_sentences"], device=device, data=data)
+                           dev_sentences=cfg["dev_sentences"], device=device, data=data, max_len_a=cfg["max_len_a"],
+                           max_len_b=cfg["max_len_b"])
         per_epoch = steps_per_epoch(task, cfg["accum_steps"])
         trainees = []
         for spec, d in zip(specs, dirs):
