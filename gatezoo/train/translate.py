@@ -42,6 +42,7 @@ step time; ``speed_ratio`` relative to the first model), dev and test BLEU, chrF
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -73,12 +74,26 @@ from .text import (
     split_pairs,
 )
 
-_SHARED = ("model_args", "epochs", "lr", "weight_decay", "warmup_epochs", "accum_steps", "label_smoothing", "bf16",
-           "seed", "out", "name", "device", "max_steps", "threads", "progress")
+_SHARED = ("accum_steps", "bf16", "out", "name", "device", "max_steps", "threads", "progress")
+
+
+def _key(name: str, **changes) -> Key:
+    """The image commands' key ``name`` with this command's own default or help."""
+    return dataclasses.replace(KEYS[name], **changes)
+
 
 MT_KEYS: dict[str, Key] = {
     "model": Key("transformer_mt_tiny", "str", "model: transformer_mt_tiny, transformer_mt_tiny_rela, a translation "
                  "peer (torch_transformer_mt_tiny, xtransformer_mt_tiny), optionally NAME:key=value,..."),
+    "model_args": _key("model_args", help="overrides passed to create_model (e.g. {ffn: swiglu, dropout: 0.2}); "
+                       "vocab_size comes from the tokenizer"),
+    "epochs": _key("epochs", default=10),
+    "lr": _key("lr", help="peak Adam learning rate (after the warm-up)"),
+    "weight_decay": _key("weight_decay", default=0.0, help="decoupled (AdamW) weight decay, not on biases and norms"),
+    "warmup_epochs": _key("warmup_epochs", help="warm-up length in epochs, used when warmup_steps is null"),
+    "label_smoothing": _key("label_smoothing", help="label smoothing of the training cross-entropy over target "
+                            "tokens"),
+    "seed": _key("seed", help="seed of model initialisation, dropout and the batch order (not of the split)"),
     **{k: KEYS[k] for k in _SHARED},
     "data": Key("bible", "str", "'bible' (KJV -> Reina-Valera 1909 verse pairs) or 'files' (set src and tgt)",
                 choices=("bible", "files")),
@@ -115,16 +130,14 @@ MT_KEYS: dict[str, Key] = {
 }
 """The config keys of the translation command (its own schema; see :mod:`gatezoo.train.config`)."""
 
-_DEFAULTS = {"epochs": 10, "lr": 1e-3, "weight_decay": 0.0, "label_smoothing": 0.1}
-
 METRICS = ("epoch", "step", "train_loss", "train_acc", "dev_loss", "dev_bleu", "lr", "tok_per_s", "seconds")
 """The columns of a translation run's ``metrics.csv``."""
 
 
 def load_mt_config(path=None, overrides=(), base: Mapping | None = None) -> dict:
-    """The translation config: :data:`MT_KEYS` defaults (with this command's own: 10 epochs,
-    lr 1e-3, no weight decay), ``base``, the YAML file, then overrides; validated."""
-    return load_config(path, overrides, base={**_DEFAULTS, **(base or {})}, keys=MT_KEYS)
+    """The translation config: :data:`MT_KEYS` defaults, ``base``, the YAML file, then
+    overrides; validated."""
+    return load_config(path, overrides, base=base, keys=MT_KEYS)
 
 
 class Translation:
