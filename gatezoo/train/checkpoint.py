@@ -51,8 +51,10 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, metadata: Mapping
     os.replace(tmp, path)
 
 
-def _decode(meta: dict, tensor_names: set[str] = frozenset()) -> dict:
-    aliases = [k for k in meta if k in tensor_names]
+def _decode(meta: dict, aliases: set[str] = frozenset()) -> dict:
+    """``aliases``: metadata keys that safetensors' ``save_model`` wrote for tied tensors (a dropped
+    tensor name mapped to the name it is stored under); kept apart from gatezoo's JSON values."""
+    aliases = [k for k in meta if k in aliases]
     if meta.pop("gatezoo_metadata", None) == "json":
         out = {k: (v if k == "format" else json.loads(v)) for k, v in meta.items() if k not in aliases}
         if aliases:  # safetensors' save_model stores each tied tensor once, naming the others here
