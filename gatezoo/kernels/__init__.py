@@ -6,7 +6,7 @@ PyTorch path elsewhere; ``GATEZOO_BACKEND`` sets the default. The full rule, inc
 docs/architecture.md, 'Backend dispatch').
 
 Layout (the template later ops copy). Each op lives in a folder of its own (``activation``,
-``rela``, ``norm``, ``mixing``) with the same files:
+``rela``, ``norm``, ``mixing``, ``routing``) with the same files:
 
 * ``naive.py`` - the readable oracle: a plain composition of PyTorch ops that autograd
   differentiates. Float64 oracle in the tests, eager peer in the benchmarks, what
@@ -19,8 +19,8 @@ Layout (the template later ops copy). Each op lives in a folder of its own (``ac
   :func:`gatezoo.kernels.backend.dispatch` with the naive, torch and Triton callables (the
   Triton module imported inside its callable, so importing gatezoo never imports triton).
 
-To add an op (MoE routing, say), copy this layout: naive.py, torch_path.py, triton.py, and an
-__init__.py that dispatches; in both autograd functions, answer ``backward`` under
+To add an op, copy this layout (``routing`` is the newest example): naive.py, torch_path.py,
+triton.py, and an __init__.py that dispatches; in both autograd functions, answer ``backward`` under
 ``torch.is_grad_enabled()`` with :func:`gatezoo.kernels.backend.composed_grads`; register the
 Triton variants with ``kernel_specs.register`` and import the new ``triton.py`` in
 :func:`gatezoo.kernels.aot.all_specs` so that ``python -m gatezoo.kernels.aot`` compiles them.
@@ -34,8 +34,10 @@ from .backend import BACKENDS, resolve_backend, triton_available
 from .mixing import token_mixing
 from .norm import gated_rms_norm, rms_norm
 from .rela import rela_attention
+from .routing import DispatchPlan, Routing, grouped_mm, make_plan, permute, route, unpermute
 
 __all__ = [
-    "BACKENDS", "KINDS", "ActKind", "gated_act", "gated_rms_norm", "glu", "glu_packed", "rela_attention",
-    "resolve_backend", "rms_norm", "token_mixing", "triton_available",
+    "BACKENDS", "KINDS", "ActKind", "DispatchPlan", "Routing", "gated_act", "gated_rms_norm", "glu", "glu_packed",
+    "grouped_mm", "make_plan", "permute", "rela_attention", "resolve_backend", "rms_norm", "route", "token_mixing",
+    "triton_available", "unpermute",
 ]

@@ -36,6 +36,7 @@ def all_specs() -> list[KernelSpec]:
     import gatezoo.kernels.mixing.triton  # noqa: F401
     import gatezoo.kernels.norm.triton  # noqa: F401
     import gatezoo.kernels.rela.triton  # noqa: F401
+    import gatezoo.kernels.routing.triton  # noqa: F401
 
     # The registry lives in kernel_specs, not here: under ``python -m`` this file runs as
     # ``__main__``, a second copy of the module, and a registry kept in it would stay empty.

@@ -1,0 +1,233 @@
+"""Mixture-of-experts routing: top-k routing of router logits, the dispatch plan, the token
+permutation by expert and its weighted inverse, and the grouped matmul over the experts'
+contiguous row ranges (see docs/architecture.md, 'The math', for the routers built on them).
+
+A dropless MoE feed-forward is, with these ops::
+
+    r = route(logits, k)                               # weights (N, k), indices (N, k), counts (E,)
+    plan = make_plan(r.indices, E)                     # assignments sorted by expert, offsets (E+1,)
+    xs = permute(x, plan)                              # (M, d) rows in expert order
+    h = grouped_mm(xs, w1, plan.offsets)               # (M, 2h) each expert's slice x its own w1[e]
+    ys = grouped_mm(glu_packed(h, "silu"), w2, plan.offsets)
+    y = unpermute(ys, r.weights, plan)                 # (N, d) weighted sum over each token's choices
+
+Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
+
+* ``naive.py`` - the plain compositions, the oracles.
+* ``torch_path.py`` - the CPU-efficient torch backend (custom autograd, no dense E x N masks).
+* ``triton.py`` - the fused routing kernel, the gather/scatter kernels and the grouped GEMM.
+* ``__init__.py`` - validation and :func:`~gatezoo.kernels.backend.dispatch` (this file).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import dispatch
+from .naive import (
+    DispatchPlan,
+    Routing,
+    grouped_mm_composed,
+    permute_composed,
+    plan_composed,
+    route_composed,
+    unpermute_composed,
+)
+
+__all__ = [
+    "DispatchPlan", "Routing", "grouped_mm", "grouped_mm_composed", "make_plan", "permute", "permute_composed",
+    "plan_composed", "route", "route_composed", "unpermute", "unpermute_composed",
+]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _float(name: str, t, dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a float16/bfloat16/float32/float64 tensor, got {getattr(t, 'dtype', type(t))}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device}, got {t.device}")
+
+
+def route(logits: torch.Tensor, k: int, *, bias: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+          scale: float = 1.0, backend: str = "auto") -> Routing:
+    """Top-k routing of router logits (N, E): selection by the k largest of
+    ``(logits + noise) * scale + bias``, weights ``softmax`` over those k of
+    ``(logits + noise) * scale`` (float32). ``k = E`` with no bias is the dense softmax router.
+
+    Args:
+        logits: (N, E) router logits; the weights are differentiable with respect to them.
+        k: experts per token, 1 <= k <= E.
+        bias: optional (E,) selection bias (auxiliary-loss-free balancing); not differentiated.
+        noise: optional (N, E) noise added to the logits (Gumbel or Gaussian samples).
+        scale: multiplies the noisy logits (1/temperature), > 0.
+        backend: ``"auto" | "torch" | "triton"``.
+    """
+    _float("logits", logits, 2)
+    num_experts = logits.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(f"k must be an int with 1 <= k <= num_experts ({num_experts}), got {k!r}")
+    if bias is not None:
+        _float("bias", bias, 1)
+        if bias.shape[0] != num_experts:
+            raise ValueError(f"bias must have shape ({num_experts},), got {tuple(bias.shape)}")
+        _same_device("bias", bias, logits)
+    if noise is not None:
+        _float("noise", noise)
+        if noise.shape != logits.shape:
+            raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
+        _same_device("noise", noise, logits)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    args = (logits, k, bias, noise, float(scale))
+
+    def torch_path():
+        from .torch_path import route_torch
+
+        return route_torch(*args)
+
+    def triton_path():
+        from .triton import route_triton
+
+        return route_triton(*args)
+
+    return dispatch(backend, logits, naive=lambda: route_composed(*args), torch_path=torch_path,
+                    triton_path=triton_path, empty=logits.numel() == 0)
+
+
+def make_plan(indices: torch.Tensor, num_experts: int, *, capacity: int | None = None,
+              keep: torch.Tensor | None = None) -> DispatchPlan:
+    """The dispatch plan of expert choices ``indices`` (N, k): assignments sorted by expert
+    (stable), offsets per expert, each assignment's sorted row. No gradients flow through it.
+
+    ``keep`` (N, k) bool drops assignments up front (e.g. weight 0). ``capacity`` caps every
+    expert's rows: assignments are ranked by choice slot, then token index, and those past the
+    capacity are dropped (they add nothing to the output; the residual carries the token).
+    """
+    if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be an int32/int64 tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if indices.dim() != 2:
+        raise ValueError(f"indices must have shape (tokens, k), got {tuple(indices.shape)}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_experts):
+        raise ValueError(f"indices must lie in [0, {num_experts}), got values in "
+                         f"[{int(indices.min())}, {int(indices.max())}]")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
+    if keep is not None:
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != indices.shape:
+            raise ValueError(f"keep must be a bool tensor of indices' shape {tuple(indices.shape)}, got "
+                             f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
+        _same_device("keep", keep, indices)
+    return plan_composed(indices.long(), num_experts, capacity, keep)
+
+
+def _check_plan(plan) -> None:
+    if not isinstance(plan, DispatchPlan):
+        raise TypeError(f"plan must be a DispatchPlan from make_plan, got {type(plan).__name__}")
+
+
+def permute(x: torch.Tensor, plan: DispatchPlan, *, backend: str = "auto") -> torch.Tensor:
+    """Rows of ``x`` (N, d) gathered into expert order, (M', d): row i is ``x[plan.token[i]]``."""
+    _float("x", x, 2)
+    _check_plan(plan)
+    if x.shape[0] != plan.position.shape[0]:
+        raise ValueError(f"x must have the plan's {plan.position.shape[0]} tokens, got {x.shape[0]}")
+    _same_device("plan", plan.token, x)
+
+    def torch_path():
+        from .torch_path import permute_torch
+
+        return permute_torch(x, plan)
+
+    def triton_path():
+        from .triton import permute_triton
+
+        return permute_triton(x, plan)
+
+    return dispatch(backend, x, naive=lambda: permute_composed(x, plan), torch_path=torch_path,
+                    triton_path=triton_path, empty=x.numel() == 0 or plan.token.numel() == 0)
+
+
+def unpermute(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, *, backend: str = "auto") -> torch.Tensor:
+    """The weighted inverse of :func:`permute`: ``out[n] = sum_j weights[n, j] * y[position[n, j]]``
+    over the kept assignments, out (N, d) in ``y``'s dtype."""
+    _float("y", y, 2)
+    _float("weights", weights, 2)
+    _check_plan(plan)
+    if weights.shape != plan.position.shape:
+        raise ValueError(f"weights must have the plan's shape (tokens, k) = {tuple(plan.position.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    if y.shape[0] != plan.order.shape[0]:
+        raise ValueError(f"y must have one row per kept assignment ({plan.order.shape[0]}), got {y.shape[0]}")
+    _same_device("weights", weights, y)
+    _same_device("plan", plan.token, y)
+
+    def torch_path():
+        from .torch_path import unpermute_torch
+
+        return unpermute_torch(y, weights, plan)
+
+    def triton_path():
+        from .triton import unpermute_triton
+
+        return unpermute_triton(y, weights, plan)
+
+    empty = y.shape[1] == 0 or weights.numel() == 0
+    return dispatch(backend, y, naive=lambda: unpermute_composed(y, weights, plan), torch_path=torch_path,
+                    triton_path=triton_path, empty=empty)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """One matmul per expert on its contiguous rows: ``out[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ weight[e]``.
+
+    Args:
+        x: (M, K) rows in expert order (from :func:`permute`).
+        weight: (E, K, N) the experts' matrices, x's dtype.
+        offsets: (E + 1,) int64, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] <= M``.
+        backend: ``"auto" | "torch" | "triton"``.
+    """
+    _float("x", x, 2)
+    _float("weight", weight, 3)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must have shape (experts, {x.shape[1]}, out) to match x, got {tuple(weight.shape)}")
+    _same_device("weight", weight, x)
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be an int32/int64 tensor, got {getattr(offsets, 'dtype', type(offsets))}")
+    if tuple(offsets.shape) != (weight.shape[0] + 1,):
+        raise ValueError(f"offsets must have shape (experts + 1,) = ({weight.shape[0] + 1},), "
+                         f"got {tuple(offsets.shape)}")
+    _same_device("offsets", offsets, x)
+    if offsets.numel() and (int(offsets[0]) != 0 or bool((offsets.diff() < 0).any()) or int(offsets[-1]) > x.shape[0]):
+        raise ValueError(f"offsets must start at 0, never decrease and end at most at x's {x.shape[0]} rows, "
+                         f"got {offsets.tolist()[:8]}{'...' if offsets.numel() > 8 else ''}")
+    offsets = offsets.long()
+
+    def torch_path():
+        from .torch_path import grouped_mm_torch
+
+        return grouped_mm_torch(x, weight, offsets)
+
+    def triton_path():
+        from .triton import grouped_mm_triton
+
+        return grouped_mm_triton(x, weight, offsets)
+
+    empty = x.shape[0] == 0 or weight.shape[-1] == 0 or x.shape[1] == 0
+    return dispatch(backend, x, naive=lambda: grouped_mm_composed(x, weight, offsets), torch_path=torch_path,
+                    triton_path=triton_path,
+                    triton_unsupported=lambda: _fp64(x, weight), empty=empty)
+
+
+def _fp64(*ts):
+    from ..backend import float64_unsupported
+
+    return float64_unsupported(*ts)
