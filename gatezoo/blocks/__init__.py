@@ -1,5 +1,6 @@
 """nn.Modules built on :mod:`gatezoo.kernels`: gated activations, feed-forwards, norms,
-attention and token-mixing (MLP-Mixer, NiNformer) blocks."""
+attention, token-mixing (MLP-Mixer, NiNformer) blocks, Kolmogorov-Arnold layers, and
+mixture-of-experts routers and layers."""
 
 from .attention import KVCache, ReLAAttention, SoftmaxAttention
 from .feedforward import (
@@ -12,12 +13,47 @@ from .feedforward import (
     glu_hidden_features,
     glu_variant,
 )
+from .kan import GRKAN, KANLayer
 from .mixer import MixerBlock, NiNBlock, TokenMixing
+from .moe import (
+    EXPERTS,
+    MoEFeedForward,
+    MoLELinear,
+    PreGatedMoEStack,
+    link_pregated,
+    moe_aux_loss,
+    moe_stats,
+    reset_moe_stats,
+    set_task_ids,
+    unlink_pregated,
+)
 from .norm import GatedRMSNorm, RMSNorm
+from .routers import (
+    ROUTERS,
+    AdaptiveThresholdRouter,
+    GRKANRouter,
+    GumbelSoftmaxRouter,
+    ModifiedSoftmaxRouter,
+    Router,
+    RoutingResult,
+    SoftmaxRouter,
+    TaskAwareRouter,
+    TopKRouter,
+    make_router,
+    router_z_loss,
+    switch_balance_loss,
+)
 
 __all__ = [
     "GLU_FAMILIES", "GLU_VARIANTS", "MLP_ACTIVATIONS", "GatedAct", "GatedRMSNorm", "GLUFeedForward", "KVCache",
     "MixerBlock", "Mlp", "NiNBlock",
     "ReLAAttention", "RMSNorm", "SoftmaxAttention", "TokenMixing", "glu_hidden_features",
     "glu_variant",
+    # Kolmogorov-Arnold layers
+    "GRKAN", "KANLayer",
+    # mixture of experts
+    "EXPERTS", "ROUTERS", "AdaptiveThresholdRouter", "GRKANRouter", "GumbelSoftmaxRouter", "ModifiedSoftmaxRouter",
+    "MoEFeedForward", "MoLELinear", "PreGatedMoEStack", "Router", "RoutingResult", "SoftmaxRouter",
+    "TaskAwareRouter", "TopKRouter", "link_pregated", "make_router", "moe_aux_loss", "moe_stats",
+    "reset_moe_stats", "router_z_loss", "set_task_ids", "switch_balance_loss", "unlink_pregated",
 ]

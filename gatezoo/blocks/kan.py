@@ -1,0 +1,186 @@
+"""Kolmogorov-Arnold layers: :class:`KANLayer` and the gated residual KAN :class:`GRKAN`.
+
+Liu et al. 2024, "KAN: Kolmogorov-Arnold Networks". Every edge (input i -> output o) carries a
+learnable univariate function; a layer sums them:
+
+```
+y_o = sum_i  W_b[o, i] * base(x_i)  +  sum_i sum_j  C[o, i, j] * B_j(x_i)
+```
+
+``base`` is SiLU by default and ``B_j`` one of two bases over ``grid_range = (lo, hi)`` cut into
+``grid_size = G`` equal cells of width ``h = (hi - lo) / G``:
+
+* ``"bspline"``: B-splines of degree ``p = spline_order`` on the uniform grid extended by ``p``
+  cells on each side, knots ``t_m = lo + (m - p) * h`` for ``m = 0 .. G + 2p``, built by the
+  Cox-de Boor recursion
+
+  ```
+  B_{m,0}(x) = 1 if t_m <= x < t_{m+1} else 0
+  B_{m,q}(x) = (x - t_m) / (t_{m+q} - t_m) * B_{m,q-1}(x)
+             + (t_{m+q+1} - x) / (t_{m+q+1} - t_{m+1}) * B_{m+1,q-1}(x)
+  ```
+
+  which gives ``G + p`` basis functions that sum to 1 everywhere on ``[lo, hi)`` (and vanish
+  outside the extended grid, where only the base branch is left).
+* ``"rbf"``: Gaussian bumps ``B_j(x) = exp(-((x - c_j) / h)^2)`` centred on the ``G + 1`` grid
+  points ``c_j = lo + j * h`` (the radial-basis variant of Li 2024, "Kolmogorov-Arnold Networks
+  are Radial Basis Function Networks"); ``spline_order`` is not used.
+
+The grid is fixed (no grid updates during training).
+
+:class:`GRKAN` is the gated residual KAN of the KAMoE gate (Inzirillo and Genet 2024, "A Gated
+Residual Kolmogorov-Arnold Networks for Mixtures of Experts"), written from the paper's formula:
+``GRKAN(x) = LayerNorm(W_s x + GLU(KAN2(KAN1(x))))``. See docs/architecture.md, 'The math'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BASES = ("bspline", "rbf")
+
+
+def bspline_basis(x: torch.Tensor, knots: torch.Tensor, order: int) -> torch.Tensor:
+    """The B-spline basis of degree ``order`` on ``knots`` (K,) evaluated at ``x`` (...,):
+    shape (..., K - 1 - order), by the Cox-de Boor recursion (differentiable in ``x``)."""
+    x = x.unsqueeze(-1)
+    t = knots.to(x.dtype)
+    basis = ((x >= t[:-1]) & (x < t[1:])).to(x.dtype)  # degree 0, one per cell
+    for q in range(1, order + 1):
+        left = (x - t[: -(q + 1)]) / (t[q:-1] - t[: -(q + 1)])
+        right = (t[q + 1:] - x) / (t[q + 1:] - t[1:-q])
+        basis = left * basis[..., :-1] + right * basis[..., 1:]
+    return basis
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class KANLayer(nn.Module):
+    """One Kolmogorov-Arnold layer, ``y = W_b base(x) + sum_j C_j B_j(x)`` (module docstring).
+
+    Args:
+        in_features, out_features: widths.
+        basis: ``"bspline"`` (Cox-de Boor B-splines) or ``"rbf"`` (Gaussian bumps).
+        grid_size: number of equal grid cells G over ``grid_range``.
+        spline_order: B-spline degree p (``"bspline"`` only); 3 gives cubic splines.
+        grid_range: ``(lo, hi)`` with ``lo < hi``.
+        base_activation: class of the residual branch (default ``nn.SiLU``), or None for none.
+        scale_noise: the spline coefficients start as ``N(0, scale_noise^2 / in_features)``, so
+            the layer starts close to its base branch; ``W_b`` starts like an ``nn.Linear``.
+        bias: an output bias (default False).
+        device, dtype: factory arguments.
+
+    Input (..., in_features), output (..., out_features).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, basis: str = "bspline", grid_size: int = 5,
+                 spline_order: int = 3, grid_range: tuple[float, float] = (-2.0, 2.0),
+                 base_activation=nn.SiLU, scale_noise: float = 0.1, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        _positive_int("in_features", in_features)
+        _positive_int("out_features", out_features)
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        _positive_int("grid_size", grid_size)
+        _positive_int("spline_order", spline_order, 0)
+        try:
+            lo, hi = (float(v) for v in grid_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"grid_range must be a pair (lo, hi) of numbers, got {grid_range!r}") from None
+        if not lo < hi:
+            raise ValueError(f"grid_range must have lo < hi, got {grid_range!r}")
+        if not scale_noise >= 0:
+            raise ValueError(f"scale_noise must be >= 0, got {scale_noise!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.basis, self.grid_size, self.spline_order, self.grid_range = basis, grid_size, spline_order, (lo, hi)
+        h = (hi - lo) / grid_size
+        if basis == "bspline":
+            steps = torch.arange(-spline_order, grid_size + spline_order + 1, dtype=torch.float64)
+            self.num_basis = grid_size + spline_order
+        else:
+            steps = torch.arange(0, grid_size + 1, dtype=torch.float64)
+            self.num_basis = grid_size + 1
+        # knots (B-splines) or centres (RBF); float64 master copy, cast to x's dtype on use
+        self.register_buffer("grid", lo + steps * h, persistent=False)
+        self.cell = h
+        self.base_act = base_activation() if base_activation is not None else None
+        has_base = self.base_act is not None
+        self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **dd)) if has_base else None
+        self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, self.num_basis, **dd))
+        self.bias = nn.Parameter(torch.zeros(out_features, **dd)) if bias else None
+        self.scale_noise = scale_noise
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.base_weight is not None:
+            nn.init.kaiming_uniform_(self.base_weight, a=math.sqrt(5))
+        nn.init.normal_(self.spline_weight, std=self.scale_noise / math.sqrt(self.in_features))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def basis_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The basis functions at every input: (..., in_features) -> (..., in_features, num_basis)."""
+        if self.basis == "bspline":
+            return bspline_basis(x, self.grid, self.spline_order)
+        centres = self.grid.to(x.dtype)
+        return torch.exp(-((x.unsqueeze(-1) - centres) / self.cell).square())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
+                             f"{tuple(x.shape)}")
+        bases = self.basis_values(x).flatten(-2)  # (..., in * num_basis)
+        y = nn.functional.linear(bases, self.spline_weight.flatten(1), self.bias)
+        if self.base_act is not None:
+            y = y + nn.functional.linear(self.base_act(x), self.base_weight)
+        return y
+
+    def extra_repr(self) -> str:
+        order = f", spline_order={self.spline_order}" if self.basis == "bspline" else ""
+        return (f"{self.in_features}, {self.out_features}, basis={self.basis!r}, grid_size={self.grid_size}"
+                f"{order}, grid_range={self.grid_range}")
+
+
+class GRKAN(nn.Module):
+    """Gated residual KAN: ``LayerNorm(W_s x + GLU(KAN2(KAN1(x))))``.
+
+    ``KAN1`` maps ``dim -> hidden`` and ``KAN2`` maps ``hidden -> 2 * out``; the GLU splits
+    KAN2's output into halves ``[a | b]`` and returns ``a * sigmoid(b)`` (Dauphin et al. 2017).
+    ``W_s`` is a bias-free linear skip ``dim -> out`` and the LayerNorm (with affine parameters)
+    runs over the ``out`` features.
+
+    Args:
+        dim: input width.
+        hidden: width between the two KAN layers (default ``dim``).
+        out_features: output width (default ``dim``).
+        eps: the LayerNorm's epsilon.
+        **kan_args: passed to both :class:`KANLayer` (``basis``, ``grid_size``, ``spline_order``,
+            ``grid_range``, ``base_activation``, ``scale_noise``).
+    """
+
+    def __init__(self, dim: int, hidden: int | None = None, out_features: int | None = None, *, eps: float = 1e-5,
+                 device=None, dtype=None, **kan_args):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        _positive_int("dim", dim)
+        hidden = dim if hidden is None else _positive_int("hidden", hidden)
+        out = dim if out_features is None else _positive_int("out_features", out_features)
+        self.dim, self.hidden, self.out_features = dim, hidden, out
+        self.kan1 = KANLayer(dim, hidden, **kan_args, **dd)
+        self.kan2 = KANLayer(hidden, 2 * out, **kan_args, **dd)
+        self.skip = nn.Linear(dim, out, bias=False, **dd)
+        self.norm = nn.LayerNorm(out, eps=eps, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have {self.dim} features in its last dimension, got shape {tuple(x.shape)}")
+        a, b = self.kan2(self.kan1(x)).chunk(2, dim=-1)
+        return self.norm(self.skip(x) + a * torch.sigmoid(b))

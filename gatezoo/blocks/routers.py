@@ -1,0 +1,595 @@
+"""Routers of mixture-of-experts layers, their result type and the auxiliary losses.
+
+A router maps tokens ``x`` (N, d) to a :class:`RoutingResult`: for every token ``k`` expert
+choices (``indices``), their combine weights, an optional mask of active choices, and what the
+losses need (logits, probabilities). The MoE layers of :mod:`gatezoo.blocks.moe` turn it into a
+dispatch plan with :func:`gatezoo.kernels.routing.make_plan`. The softmax, top-k and Gumbel
+weights are computed by :func:`gatezoo.kernels.routing.route` (the fused kernel on GPU).
+
+Routers (``ROUTERS`` names them; :func:`make_router` builds one by name):
+
+========================  =====================================================================
+``softmax``               dense softmax gate (Jacobs et al. 1991), every expert runs
+``topk``                  sparse top-k softmax (Shazeer et al. 2017), optional noisy top-k and
+                          an auxiliary-loss-free selection bias (DeepSeek-AI 2024, DeepSeek-V3)
+``modified_softmax``      softmax over ``W_g M(x)`` with a bounded input transform ``M`` (Nguyen
+                          et al. 2024, "A General Theory for Softmax Gating Multinomial Logistic
+                          Mixture of Experts")
+``gumbel``                Gumbel-softmax gate (Jang et al. 2017), dense, seeded sample mean in eval
+``adaptive_threshold``    AdaMoLE's input-dependent threshold (Liu and Luo 2024)
+``grkan``                 KAMoE's dense sigmoid gate from a gated residual KAN (Inzirillo and
+                          Genet 2024)
+``task_aware``            top-k over a task-conditioned gate (task embedding or one gate per task)
+========================  =====================================================================
+
+The exact formulas are in docs/architecture.md, 'The math', section 'Routers and mixtures of
+experts'; the user guide is docs/moe.md.
+
+Dtypes: routers compute their logits in float32 (float64 for float64 input) with autocast off,
+whatever the model's dtype; ``weights`` are always float32, ``logits`` and ``probs`` are in that
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatezoo.kernels.routing import route
+
+from .kan import GRKAN
+
+__all__ = [
+    "ROUTERS", "AdaptiveThresholdRouter", "GRKANRouter", "GumbelSoftmaxRouter", "ModifiedSoftmaxRouter", "Router",
+    "RoutingResult", "SoftmaxRouter", "TaskAwareRouter", "TopKRouter", "make_router", "router_z_loss",
+    "switch_balance_loss",
+]
+
+
+class RoutingResult(NamedTuple):
+    """What a :class:`Router` returns for N tokens and E experts.
+
+    weights: (N, k) float32 combine weights, 0 for inactive choices.
+    indices: (N, k) int64 expert ids (dense routers: k = E, every expert once per token).
+    keep: (N, k) bool mask of the active choices, or None when all k are active.
+    logits: (N, E) router logits (what the z-loss uses), or None for routers without softmax
+        logits (``grkan``).
+    probs: (N, E) the router's probabilities, each row summing to 1 (the ``P`` of the balance
+        loss).
+    aux: name -> 0-dim tensor, auxiliary losses of the router itself, already multiplied by
+        their coefficients (empty for the built-in routers; the MoE layer adds the balance and
+        z-losses).
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    keep: torch.Tensor | None
+    logits: torch.Tensor | None
+    probs: torch.Tensor
+    aux: dict
+
+
+# --- losses ----------------------------------------------------------------------------------
+
+
+def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts: int,
+                        keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss (Fedus et al. 2022), without its coefficient:
+    ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the fraction of the (kept) assignments that went to expert i: ``count_i / sum_j
+    count_j`` over the entries of ``indices`` where ``keep`` is true (before any capacity drop).
+    With k = 1 this is Switch's fraction of tokens; with k > 1 the ``f_i`` still sum to 1.
+    ``P_i`` is the mean of ``probs[:, i]`` over the N tokens. A uniform router with a uniform load
+    gives exactly 1. Only ``P`` carries a gradient. Zero when there are no tokens or no kept
+    assignments.
+    """
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or probs.shape[1] != num_experts:
+        raise ValueError(f"probs must have shape (tokens, {num_experts}), got {tuple(getattr(probs, 'shape', ()))}")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.shape[0] != probs.shape[0]:
+        raise ValueError(f"indices must have shape ({probs.shape[0]}, k), got {tuple(getattr(indices, 'shape', ()))}")
+    if keep is not None and (not isinstance(keep, torch.Tensor) or keep.shape != indices.shape):
+        raise ValueError(f"keep must have indices' shape {tuple(indices.shape)}, got "
+                         f"{tuple(getattr(keep, 'shape', ()))}")
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    ones = torch.ones(indices.shape, dtype=probs.dtype, device=probs.device) if keep is None else keep.to(probs.dtype)
+    counts = probs.new_zeros(num_experts).scatter_add_(0, indices.reshape(-1).to(probs.device).long(), ones.reshape(-1))
+    f = counts / counts.sum().clamp_min(1)
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """The router z-loss (Zoph et al. 2022, ST-MoE): ``mean over tokens of logsumexp(logits)^2``,
+    without its coefficient; at least float32. Zero for no tokens."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must have shape (tokens, experts), got {tuple(getattr(logits, 'shape', ()))}")
+    if logits.shape[0] == 0:
+        return logits.new_zeros((), dtype=torch.float32)
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.logsumexp(z, dim=-1).square().mean()
+
+
+# --- the base class --------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype routers compute in: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _all_experts(n: int, num_experts: int, device) -> torch.Tensor:
+    return torch.arange(num_experts, device=device).repeat(n, 1)
+
+
+def _dense(indices: torch.Tensor, weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(N, k) choices -> (N, E) with the weights at their experts (differentiable)."""
+    return weights.new_zeros(indices.shape[0], num_experts).scatter(1, indices, weights)
+
+
+class Router(nn.Module):
+    """Base class: maps tokens (N, dim) to a :class:`RoutingResult` over ``num_experts`` experts.
+
+    Attributes:
+        dim: input width.
+        num_experts: E.
+        k: choices per token (E for dense routers and for the adaptive threshold).
+        dense: True when every expert runs for every token (its weight may still be small).
+        balance: True when the Switch balance loss makes sense (the load can be unequal).
+    """
+
+    balance = True
+
+    def __init__(self, dim: int, num_experts: int, k: int | None, *, dense_only: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.dim = _check_int("dim", dim)
+        self.num_experts = _check_int("num_experts", num_experts)
+        name = type(self).__name__
+        if k is None:
+            k = num_experts
+        _check_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts ({num_experts}), got k={k}")
+        if dense_only and k != num_experts:
+            raise ValueError(f"k: {name} is dense (every expert runs), so k must be None or num_experts "
+                             f"({num_experts}), got k={k}")
+        self.k = k
+        self.dense = k == num_experts
+        self.backend = backend
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (tokens, {self.dim}), got {tuple(x.shape)}")
+
+    def _linear(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``layer(x)`` in the router's compute dtype, autocast off."""
+        dt = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if layer.bias is None else layer.bias.to(dt)
+            return F.linear(x.to(dt), layer.weight.to(dt), bias)
+
+    def _topk(self, logits: torch.Tensor, probs: torch.Tensor | None = None, **route_args) -> RoutingResult:
+        r = route(logits, self.k, backend=self.backend, **route_args)
+        if probs is None:
+            probs = torch.softmax(logits, dim=-1)
+        return RoutingResult(r.weights, r.indices, None, logits, probs, {})
+
+    def forward(self, x: torch.Tensor, task_ids=None) -> RoutingResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}"
+
+
+# --- the routers -----------------------------------------------------------------------------
+
+
+class SoftmaxRouter(Router):
+    """Dense softmax gate, ``p = softmax(W_g x)``, ``y = sum_i p_i f_i(x)``: every expert runs.
+
+    Jacobs, Jordan, Nowlan and Hinton 1991, "Adaptive Mixtures of Local Experts". No balance
+    loss applies (every expert sees every token). ``k`` must be None or ``num_experts``.
+    """
+
+    balance = False
+
+    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
+        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        return self._topk(self._linear(self.gate, x))
+
+
+class TopKRouter(Router):
+    """Sparse top-k softmax gate: the k largest logits are kept, the softmax runs over them, and
+    only those k experts run.
+
+    Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated
+    Mixture-of-Experts Layer" (top-k gating and its noisy variant); the selection bias follows
+    DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (auxiliary-loss-free load balancing).
+
+    Args:
+        dim, num_experts: widths.
+        k: experts per token, 1 <= k <= num_experts (k = E is the dense softmax router).
+        noisy: in training, select on ``l + eps * softplus(W_noise x)``, ``eps ~ N(0, 1)``; the
+            weights are the softmax of those noisy logits over the k chosen. ``W_noise`` starts
+            at zero (noise of scale softplus(0) = 0.69). No noise in eval.
+        selection_bias: keep a buffer ``b`` (E,), init 0, saved in the state dict: experts are
+            selected by the top-k of ``l + b`` while the weights come from ``l`` alone.
+            :meth:`update_bias` moves it towards under-loaded experts; the MoE layers call it in
+            every training forward with that batch's load.
+        bias_update_rate: ``u`` of the update ``b_i += u * sign(mean_load - load_i)``.
+        backend: for :func:`gatezoo.kernels.routing.route`.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 2, *, noisy: bool = False, selection_bias: bool = False,
+                 bias_update_rate: float = 1e-3, backend: str = "auto", device=None, dtype=None):
+        super().__init__(dim, num_experts, k, backend=backend)
+        dd = {"device": device, "dtype": dtype}
+        self.gate = nn.Linear(dim, num_experts, bias=False, **dd)
+        self.noisy = bool(noisy)
+        self.noise = nn.Linear(dim, num_experts, bias=False, **dd) if noisy else None
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)
+        self.bias_update_rate = _check_positive("bias_update_rate", bias_update_rate)
+        if selection_bias:
+            self.register_buffer("selection_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        else:
+            self.selection_bias = None
+        self.balance = not self.dense
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        logits = self._linear(self.gate, x)
+        select = logits
+        if self.noisy and self.training:
+            # added here (not through route's ``noise=``) so that W_noise gets its gradient
+            select = logits + torch.randn_like(logits) * F.softplus(self._linear(self.noise, x))
+        r = route(select, self.k, bias=self.selection_bias, backend=self.backend)
+        return RoutingResult(r.weights, r.indices, None, logits, torch.softmax(select, dim=-1), {})
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor) -> None:
+        """``b_i += u * sign(mean(counts) - counts_i)`` (no-op without ``selection_bias``).
+        ``counts`` (E,) is the number of assignments each expert got in the last batch."""
+        if self.selection_bias is None:
+            return
+        counts = counts.to(self.selection_bias.device, torch.float32)
+        # out of place: the old tensor may still be referenced by a pending autograd graph
+        self.selection_bias = self.selection_bias + self.bias_update_rate * torch.sign(counts.mean() - counts)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, noisy={self.noisy}, selection_bias={self.selection_bias is not None}")
+
+
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softsign": F.softsign,
+    "arctan": lambda x: torch.atan(x) * (2 / math.pi),
+}
+"""The bounded input transforms ``M`` of :class:`ModifiedSoftmaxRouter` by name."""
+
+
+class ModifiedSoftmaxRouter(Router):
+    """Modified softmax gate: ``p = softmax(W_g M(x))`` with a fixed bounded transform ``M``.
+
+    Nguyen, Akbarian, Nguyen and Ho 2024, "A General Theory for Softmax Gating Multinomial
+    Logistic Mixture of Experts" (ICML): transforming the input with a bounded function before
+    the softmax gate improves the sample efficiency of the gating parameters.
+
+    Args:
+        transform: ``"tanh"`` (default), ``"sigmoid"``, ``"softsign"`` (``x / (1 + |x|)``),
+            ``"arctan"`` (``2 arctan(x) / pi``), or any callable tensor -> tensor of the same
+            shape (it is applied as given, with no check that it is bounded).
+        k: None or E (default) for the dense gate, or k < E for top-k selection over the
+            modified logits.
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, transform="tanh",
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__(dim, num_experts, k, backend=backend)
+        if isinstance(transform, str):
+            if transform not in TRANSFORMS:
+                raise ValueError(f"transform must be one of {sorted(TRANSFORMS)} or a callable, got {transform!r}")
+            self.transform_name, self.transform = transform, TRANSFORMS[transform]
+        elif callable(transform):
+            self.transform_name = getattr(transform, "__name__", type(transform).__name__)
+            self.transform = transform
+        else:
+            raise TypeError(f"transform must be a name in {sorted(TRANSFORMS)} or a callable, got "
+                            f"{type(transform).__name__}")
+        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self.balance = not self.dense
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        with torch.autocast(x.device.type, enabled=False):
+            mx = self.transform(x.to(compute_dtype(x)))
+        return self._topk(self._linear(self.gate, mx))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, transform={self.transform_name!r}"
+
+
+class GumbelSoftmaxRouter(Router):
+    """Dense Gumbel-softmax gate: ``p = softmax((l + G) / tau)``, ``G ~ Gumbel(0, 1)``.
+
+    Jang, Gu and Poole 2017, "Categorical Reparameterization with Gumbel-Softmax" (and Maddison
+    et al. 2017, the Concrete distribution), used as a mixture-of-experts gate. In training one
+    fresh sample per token; in eval the mean of ``samples`` samples drawn from a generator seeded
+    with ``seed`` at every call, so eval is deterministic (same output every call, independent
+    of the global RNG). As ``tau -> 0`` a sample tends to a one-hot vector.
+
+    Args:
+        tau: temperature, > 0.
+        samples: S, number of samples averaged in eval (default 5).
+        hard: straight-through: the forward uses the one-hot of the sample's argmax, the
+            backward the soft sample's gradient (every expert still runs in training). In eval
+            the one-hot of the argmax of the averaged sample, and only that expert runs.
+        seed: seed of the eval samples.
+        k: None or ``num_experts`` (the gate is dense).
+
+    ``probs`` is the (soft) mixture the weights come from: the sample in training, the mean of
+    the samples in eval. No balance loss applies (dense).
+    """
+
+    balance = False
+
+    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, tau: float = 1.0, samples: int = 5,
+                 hard: bool = False, seed: int = 0, backend: str = "auto", device=None, dtype=None):
+        super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
+        self.tau = _check_positive("tau", tau)
+        self.samples = _check_int("samples", samples)
+        self.seed = _check_int("seed", seed, 0)
+        self.hard = bool(hard)
+        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        logits = self._linear(self.gate, x)
+        n, e = logits.shape
+        if self.training:
+            gumbel = -torch.empty_like(logits).exponential_().log()
+            r = route(logits, e, noise=gumbel, scale=1.0 / self.tau, backend=self.backend)
+            weights, indices, keep = r.weights, r.indices, None
+            probs = _dense(indices, weights, e).to(logits.dtype)
+            if self.hard:  # indices are by descending score: column 0 is the argmax
+                one_hot = torch.zeros_like(weights)
+                one_hot[:, 0] = 1
+                weights = one_hot - weights.detach() + weights
+        else:
+            gen = torch.Generator(device=logits.device).manual_seed(self.seed)
+            gumbel = -torch.empty(self.samples * n, e, device=logits.device, dtype=logits.dtype).exponential_(
+                generator=gen).log()
+            repeated = logits.unsqueeze(0).expand(self.samples, n, e).reshape(self.samples * n, e)
+            r = route(repeated, e, noise=gumbel, scale=1.0 / self.tau, backend=self.backend)
+            weights = _dense(r.indices, r.weights, e).view(self.samples, n, e).mean(0)
+            probs = weights.to(logits.dtype)
+            indices, keep = _all_experts(n, e, logits.device), None
+            if self.hard:
+                keep = F.one_hot(weights.argmax(-1), e).bool()
+                weights = keep.float()
+        return RoutingResult(weights, indices, keep, logits, probs, {})
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau}, samples={self.samples}, hard={self.hard}, seed={self.seed}"
+
+
+class AdaptiveThresholdRouter(Router):
+    """AdaMoLE's adaptive threshold: a variable number of experts per token.
+
+    Liu and Luo 2024, "AdaMoLE: Fine-Tuning Large Language Models with Adaptive Mixture of
+    Low-Rank Adaptation Experts"::
+
+        p      = softmax(W_g x)                        (no gate bias)
+        tau(x) = tau_max * sigmoid(w_tau . x + b_tau)  tau_max = 1 / E by default
+        w_i    = relu(p_i - tau) / sum_j relu(p_j - tau)
+
+    A token with no ``p_i`` above its threshold gets all-zero weights (no active expert, so the
+    layer falls back to its base or residual path). ``indices`` lists all E experts and ``keep``
+    marks the active ones, so only those are dispatched. ``tau_max = 0`` fixes the threshold at 0
+    (every expert, ``w = p``).
+
+    Args:
+        tau_max: upper bound of the threshold, >= 0 (default ``1 / num_experts``).
+        k: None or ``num_experts`` (the number of active experts is decided per token).
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, tau_max: float | None = None,
+                 backend: str = "auto", device=None, dtype=None):
+        super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
+        self.dense = False  # k = E slots, but only the active ones run
+        if tau_max is None:
+            tau_max = 1.0 / num_experts
+        if isinstance(tau_max, bool) or not isinstance(tau_max, (int, float)) or not 0 <= tau_max < math.inf:
+            raise ValueError(f"tau_max must be a finite number >= 0, got {tau_max!r}")
+        self.tau_max = float(tau_max)
+        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self.threshold = nn.Linear(dim, 1, device=device, dtype=dtype)
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        logits = self._linear(self.gate, x)
+        probs = torch.softmax(logits, dim=-1)
+        tau = self.tau_max * torch.sigmoid(self._linear(self.threshold, x))
+        excess = torch.relu(probs - tau)
+        total = excess.sum(-1, keepdim=True)
+        weights = excess / total.clamp_min(torch.finfo(total.dtype).tiny)
+        keep = excess > 0
+        indices = _all_experts(x.shape[0], self.num_experts, x.device)
+        return RoutingResult(weights.float(), indices, keep, logits, probs, {})
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau_max={self.tau_max:g}"
+
+
+class GRKANRouter(Router):
+    """KAMoE's gate: dense sigmoid gates from a gated residual KAN,
+    ``g = sigmoid(GRKAN(x))``, ``y = sum_i g_i f_i(x)``.
+
+    Inzirillo and Genet 2024, "A Gated Residual Kolmogorov-Arnold Networks for Mixtures of
+    Experts", which introduces KAMoE (written from the paper; :class:`~gatezoo.blocks.kan.GRKAN`
+    has the formula). The gates are **not**
+    renormalised: each lies in (0, 1) and they need not sum to 1, as in the paper. ``probs`` is
+    ``g / sum(g)`` (for statistics only); ``logits`` is None (no softmax, so no z-loss) and no
+    balance loss applies (dense).
+
+    Args:
+        hidden: GRKAN hidden width (default ``dim``).
+        k: None or ``num_experts``.
+        **kan_args: ``basis``, ``grid_size``, ``spline_order``, ``grid_range``... of the KAN layers.
+    """
+
+    balance = False
+
+    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, hidden: int | None = None,
+                 backend: str = "auto", device=None, dtype=None, **kan_args):
+        super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
+        self.grkan = GRKAN(dim, hidden, num_experts, device=device, dtype=dtype, **kan_args)
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        with torch.autocast(x.device.type, enabled=False):
+            dt = compute_dtype(x)
+            gates = torch.sigmoid(self.grkan(x.to(self.grkan.skip.weight.dtype)).to(dt))
+        indices = _all_experts(x.shape[0], self.num_experts, x.device)
+        probs = gates / gates.sum(-1, keepdim=True)
+        return RoutingResult(gates.float(), indices, None, None, probs, {})
+
+
+class TaskAwareRouter(Router):
+    """Top-k routing conditioned on a task id (task-level routing for multi-task models).
+
+    Kudugunta et al. 2021, "Beyond Distillation: Task-level Mixture-of-Experts for Efficient
+    Inference" (routing by task), in two forms:
+
+    * ``mode="embed"``: the gate sees ``[x ; e_task]``, with ``e_task`` a learned embedding per
+      task (``task_dim`` wide, default ``dim``): ``l = W_g [x ; e_task]``.
+    * ``mode="per_task"``: one gate matrix per task, ``l = W_g[task] x``.
+
+    The weights are the top-k softmax of those logits, as in :class:`TopKRouter`.
+
+    Args:
+        num_tasks: T, task ids lie in ``[0, T)``.
+        k: experts per token.
+
+    ``forward(x, task_ids)`` requires ``task_ids``: an int (every token) or an integer tensor of
+    shape () or (N,) (one id per token; the MoE layers also accept one per batch row).
+    """
+
+    MODES = ("embed", "per_task")
+
+    def __init__(self, dim: int, num_experts: int, k: int = 2, *, num_tasks: int, mode: str = "embed",
+                 task_dim: int | None = None, backend: str = "auto", device=None, dtype=None):
+        super().__init__(dim, num_experts, k, backend=backend)
+        dd = {"device": device, "dtype": dtype}
+        self.num_tasks = _check_int("num_tasks", num_tasks)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+        if mode == "embed":
+            self.task_dim = dim if task_dim is None else _check_int("task_dim", task_dim)
+            self.task_embed = nn.Embedding(num_tasks, self.task_dim, **dd)
+            self.gate = nn.Linear(dim + self.task_dim, num_experts, bias=False, **dd)
+        else:
+            if task_dim is not None:
+                raise ValueError("task_dim is only used by mode='embed'")
+            self.task_dim = None
+            bound = 1 / math.sqrt(dim)  # nn.Linear's default init, per task
+            self.gate_weight = nn.Parameter(torch.empty(num_tasks, num_experts, dim, **dd).uniform_(-bound, bound))
+        self.balance = not self.dense
+
+    def task_index(self, task_ids, n: int, device) -> torch.Tensor:
+        """``task_ids`` checked and expanded to (n,) int64."""
+        if task_ids is None:
+            raise ValueError(f"task_ids is required by {type(self).__name__} (num_tasks={self.num_tasks}): pass an "
+                             f"int or an integer tensor of shape () or ({n},)")
+        if isinstance(task_ids, bool):
+            raise TypeError("task_ids must be an int or an integer tensor, got bool")
+        if isinstance(task_ids, int):
+            task_ids = torch.tensor(task_ids)
+        if not isinstance(task_ids, torch.Tensor) or task_ids.is_floating_point() or task_ids.is_complex() \
+                or task_ids.dtype == torch.bool:
+            raise TypeError(f"task_ids must be an int or an integer tensor, got "
+                            f"{getattr(task_ids, 'dtype', type(task_ids).__name__)}")
+        if task_ids.dim() == 0 or task_ids.shape == (1,):
+            task_ids = task_ids.reshape(()).expand(n)
+        elif task_ids.shape != (n,):
+            raise ValueError(f"task_ids must have shape () or ({n},) (one id per token), got {tuple(task_ids.shape)}")
+        if n and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
+            raise ValueError(f"task_ids must lie in [0, {self.num_tasks}) (num_tasks={self.num_tasks}), got values "
+                             f"in [{int(task_ids.min())}, {int(task_ids.max())}]")
+        return task_ids.to(device=device, dtype=torch.int64)
+
+    def forward(self, x, task_ids=None):
+        self._check_input(x)
+        tasks = self.task_index(task_ids, x.shape[0], x.device)
+        dt = compute_dtype(x)
+        if self.mode == "embed":
+            with torch.autocast(x.device.type, enabled=False):
+                emb = self.task_embed.weight.to(dt)[tasks]
+            logits = self._linear(self.gate, torch.cat([x.to(dt), emb], dim=-1))
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                w = self.gate_weight.to(dt)
+                every = F.linear(x.to(dt), w.reshape(-1, self.dim)).view(-1, self.num_tasks, self.num_experts)
+                logits = every.gather(1, tasks.view(-1, 1, 1).expand(-1, 1, self.num_experts)).squeeze(1)
+        return self._topk(logits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_tasks={self.num_tasks}, mode={self.mode!r}"
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "softmax": SoftmaxRouter,
+    "topk": TopKRouter,
+    "modified_softmax": ModifiedSoftmaxRouter,
+    "gumbel": GumbelSoftmaxRouter,
+    "adaptive_threshold": AdaptiveThresholdRouter,
+    "grkan": GRKANRouter,
+    "task_aware": TaskAwareRouter,
+}
+"""Router names -> classes, for :func:`make_router` and the MoE layers' ``router=`` argument."""
+
+
+def make_router(name: str, dim: int, num_experts: int, k: int | None = None, **kwargs) -> Router:
+    """Build the router ``name`` of :data:`ROUTERS` for inputs of width ``dim``.
+
+    ``k=None`` takes the router's default (2 for ``topk`` and ``task_aware``, all experts for
+    the others); other keyword arguments go to the router's class. Errors name the argument:
+    an unknown name lists the choices, ``k`` outside ``[1, num_experts]`` (or ``k != E`` for a
+    dense router), ``tau <= 0`` and so on raise ``ValueError``; wrong types ``TypeError``.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"router must be a name in {sorted(ROUTERS)}, got {type(name).__name__}")
+    if name not in ROUTERS:
+        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}")
+    if k is not None:
+        kwargs["k"] = k
+    return ROUTERS[name](dim, num_experts, **kwargs)
