@@ -139,3 +139,48 @@ def test_eval_every_adds_evaluations_and_a_max_steps_stop_does_not_compete_for_b
     assert t.best == max(r["neg_mse"] for r in t.rows[:2])
     with pytest.raises(Exception, match="eval_every"):
         fit(task, [_trainee()], epochs=1, device=torch.device("cpu"), progress=False, eval_every=0)
+
+
+class _MoEModel(nn.Module):
+    """A linear model behind a top-2 mixture of experts (so the loop sees an auxiliary loss)."""
+
+    def __init__(self):
+        super().__init__()
+        from gatezoo.blocks import MoEFeedForward
+
+        self.moe = MoEFeedForward(5, 8, num_experts=4, k=2, balance_coef=0.5)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.head(x + self.moe(x))
+
+
+def test_moe_aux_loss_enters_the_step_and_the_load_is_logged(tmp_path):
+    from gatezoo.blocks import moe_aux_loss
+
+    task = ToyTask(ToyBatches(3, 16))
+    torch.manual_seed(0)
+    model = _MoEModel()
+    ref = _MoEModel()
+    ref.load_state_dict(model.state_dict())
+    t = Trainee("moe", model, torch.optim.SGD(model.parameters(), lr=0.1), None, run_dir=tmp_path)
+    fit(task, [t], epochs=1, device=torch.device("cpu"), progress=False, max_steps=1)
+    # the step the loop took equals one SGD step on (task loss + the MoE layer's auxiliary loss)
+    x, y = task.train_batches.data[0]
+    loss = ((ref(x) - y) ** 2).mean()
+    aux = moe_aux_loss(ref)
+    assert aux is not None and aux > 0
+    (loss + aux).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= 0.1 * p.grad
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    row = t.rows[-1]
+    # the logged training loss is the task's alone; the auxiliary loss and the load have columns of their own
+    assert math.isclose(row["train_loss"], loss.item(), rel_tol=1e-5)
+    assert math.isclose(row["aux_loss"], aux.item(), rel_tol=1e-5)
+    assert 0 <= row["load_cv"] and 0 < row["min_expert_share"] <= 0.25 and row["dropped_share"] == 0.0
+    lines = (tmp_path / "expert_load.csv").read_text().splitlines()
+    assert lines[0] == "step,layer,expert,share" and len(lines) == 1 + 4
+    assert math.isclose(sum(float(ln.split(",")[3]) for ln in lines[1:]), 1.0, rel_tol=1e-5)

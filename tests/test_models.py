@@ -7,11 +7,11 @@ from closeness import TOL, assert_close
 from gatezoo.blocks import MixerBlock, NiNBlock, ReLAAttention, SoftmaxAttention, TokenMixing
 from gatezoo.models import FFNS, create_model, list_models, model_config, vit_state_dict_from_timm
 
-PRESETS = ["mixer_tiny", "ninformer_tiny", "ninformer_tiny_official", "vit_tiny", "vit_tiny_rela", "vit_tiny_xswiglu",
-           "vit_tiny_xswiglu1"]
+PRESETS = ["mixer_tiny", "ninformer_tiny", "ninformer_tiny_official", "vit_tiny", "vit_tiny_moe", "vit_tiny_rela",
+           "vit_tiny_xswiglu", "vit_tiny_xswiglu1"]
 
 
-MT_PRESETS = ["transformer_mt_tiny", "transformer_mt_tiny_rela"]
+MT_PRESETS = ["transformer_mt_tiny", "transformer_mt_tiny_moe", "transformer_mt_tiny_rela"]
 
 
 def test_registry_lists_the_presets():
@@ -210,3 +210,52 @@ def test_vit_state_dict_from_timm_errors():
         vit_state_dict_from_timm({**sd, "blocks.0.attn.qkv.bias": torch.ones(95)})
     with pytest.raises(TypeError, match="state_dict must be a dict"):
         vit_state_dict_from_timm([1, 2])
+
+
+def _active_ffn_params(model) -> int:
+    """Feed-forward weights one token uses in the first block (a MoE layer: k experts' worth)."""
+    ffn = model.blocks[0].ffn
+    if hasattr(ffn, "w1"):
+        return (ffn.w1[0].numel() + ffn.w2[0].numel()) * ffn.k
+    return sum(p.numel() for name, p in ffn.named_parameters() if name.endswith("weight"))
+
+
+@pytest.mark.parametrize("router", ["topk", "softmax", "modified_softmax", "gumbel", "adaptive_threshold", "grkan"])
+def test_vit_tiny_moe_active_parameters_match_the_dense_feedforward(router):
+    # 8 experts; a token uses k of them (top-2) or all 8 (the dense routers), each sized so that the
+    # active weights match vit_tiny's dense feed-forward within the rounding to multiples of 8
+    model = create_model("vit_tiny_moe", router=router)
+    ffn = model.blocks[0].ffn
+    assert ffn.num_experts == 8 and ffn.k == (2 if router == "topk" else 8)
+    dense = _active_ffn_params(create_model("vit_tiny"))
+    assert abs(_active_ffn_params(model) - dense) / dense < 0.04
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_moe_models_pregated_and_aux_loss():
+    from gatezoo.blocks import moe_aux_loss
+
+    model = create_model("vit_tiny_moe", depth=3, pregated=True)
+    ffns = [b.ffn for b in model.blocks]
+    assert ffns[0]._pregate_next is ffns[1] and ffns[1]._pregate_next is ffns[2] and ffns[2]._pregate_next is None
+    model(torch.randn(2, 1, 28, 28))
+    assert moe_aux_loss(model) > 0
+    mt = create_model("transformer_mt_tiny_moe", vocab_size=64, pregated=True, dim=32, heads=2)
+    assert mt.encoder[0].ffn._pregate_next is mt.encoder[1].ffn
+    assert mt.encoder[-1].ffn._pregate_next is None and mt.decoder[0].ffn._pregate_next is mt.decoder[1].ffn
+    assert mt(torch.randint(4, 64, (2, 7)), torch.randint(4, 64, (2, 5))).shape == (2, 5, 64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_experts": 0}, "num_experts must be a positive int"),
+    ({"router": "hash"}, "router must be one of"),
+    ({"moe_k": 9}, r"moe_k must be an int in \[1, num_experts=8\]"),
+    ({"router": "softmax", "moe_k": 2}, "moe_k=2 needs a selecting router"),
+    ({"balance_coef": -1.0}, "balance_coef must be a number >= 0"),
+    ({"pregated": "yes"}, "pregated must be true or false"),
+])
+def test_bad_moe_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("vit_tiny_moe", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        create_model("transformer_mt_tiny_moe", vocab_size=64, **kwargs)

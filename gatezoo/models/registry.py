@@ -16,6 +16,8 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     "vit_tiny_rela": (VisionTransformer, ViTConfig, {"attention": "rela"}),
     "vit_tiny_xswiglu": (VisionTransformer, ViTConfig, {"ffn": "xswiglu2"}),  # second order, as in 0.1
     "vit_tiny_xswiglu1": (VisionTransformer, ViTConfig, {"ffn": "xswiglu1"}),  # x-activation's default order
+    # 8 SwiGLU experts, top-2: a token's active parameters match vit_tiny's feed-forward
+    "vit_tiny_moe": (VisionTransformer, ViTConfig, {"ffn": "moe"}),
     "mixer_tiny": (MLPMixer, MixerConfig, {}),
     "ninformer_tiny": (NiNformer, NiNformerConfig, {}),
     # the authors' structure: no LayerNorm before the head, one LayerNorm per layer
@@ -23,6 +25,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     # translation (pass vocab_size=): d=256, 3+3 layers, 4 heads, FFN 1024, tied embeddings
     "transformer_mt_tiny": (EncoderDecoder, TranslationConfig, {}),
     "transformer_mt_tiny_rela": (EncoderDecoder, TranslationConfig, {"attention": "rela"}),
+    "transformer_mt_tiny_moe": (EncoderDecoder, TranslationConfig, {"ffn": "moe"}),  # 8 SwiGLU experts, top-2
 }
 
 

@@ -42,18 +42,22 @@ from gatezoo.blocks import (
     SoftmaxAttention,
 )
 
+from .moe import MoEOptions, link_stack, moe_feedforward
+
 MT_ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`TranslationConfig` takes."""
-MT_FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS)
-"""Feed-forward names :class:`TranslationConfig` takes (``mlp-relu`` is the original Transformer's)."""
+MT_FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS, "moe")
+"""Feed-forward names :class:`TranslationConfig` takes (``mlp-relu`` is the original Transformer's;
+``moe`` is a mixture of experts, see :class:`~gatezoo.models.moe.MoEOptions`)."""
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 """Special token ids: the tokenizer of :mod:`gatezoo.train.text` fixes pad 0, unk 1, BOS 2, EOS 3."""
 
 
 @dataclass
-class TranslationConfig:
-    """Size and parts of an :class:`EncoderDecoder`.
+class TranslationConfig(MoEOptions):
+    """Size and parts of an :class:`EncoderDecoder`; ``ffn="moe"`` takes the mixture-of-experts
+    fields of :class:`~gatezoo.models.moe.MoEOptions`.
 
     ``ffn_hidden`` is the hidden width of an MLP feed-forward; a GLU gets 2/3 of it (rounded up
     to a multiple of 8), which keeps the parameter count. ``max_len`` bounds source and target
@@ -89,6 +93,8 @@ class TranslationConfig:
             raise ValueError(f"attention must be one of {MT_ATTENTIONS}, got {self.attention!r}")
         if self.ffn not in MT_FFNS and self.ffn not in GLU_FAMILIES:
             raise ValueError(f"ffn must be one of {MT_FFNS}, got {self.ffn!r}")
+        if self.ffn == "moe":
+            self.validate_moe()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.norm_eps > 0:
@@ -114,6 +120,8 @@ def _feedforward(cfg: TranslationConfig) -> nn.Module:
     if cfg.ffn.startswith("mlp-"):
         return Mlp(cfg.dim, cfg.ffn_hidden, act_layer=cfg.ffn[4:], drop=cfg.dropout)
     hidden = (cfg.ffn_hidden * 2 // 3 + 7) // 8 * 8
+    if cfg.ffn == "moe":
+        return moe_feedforward(cfg, cfg.dim, hidden, cfg.dropout)
     return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.dropout)
 
 
@@ -220,6 +228,8 @@ class EncoderDecoder(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.enc_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+        link_stack(cfg, [layer.ffn for layer in self.encoder])
+        link_stack(cfg, [layer.ffn for layer in self.decoder])
         self.dec_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self._init_weights()
 

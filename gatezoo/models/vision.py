@@ -25,13 +25,16 @@ from gatezoo.blocks import (
     SoftmaxAttention,
 )
 
+from .moe import MoEOptions, link_stack, moe_feedforward
+
 ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`ViTConfig` takes."""
-FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS)
+FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS, "moe")
 """Feed-forward names :class:`ViTConfig` takes: ``mlp-<activation>``, a two-layer MLP with an
 activation of :data:`gatezoo.blocks.MLP_ACTIVATIONS` (``mlp-gelu`` is ViT's own, ``mlp-xatlu``
-the expanded ATLU), or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS` (``swiglu``,
-``xswiglu1``, ...). The GLU family names without an order (``xswiglu``...) are accepted too,
+the expanded ATLU), any GLU of :data:`gatezoo.blocks.GLU_VARIANTS` (``swiglu``,
+``xswiglu1``, ...), or ``moe``, a mixture of experts set up by the config's
+:class:`~gatezoo.models.moe.MoEOptions` fields. The GLU family names without an order (``xswiglu``...) are accepted too,
 with a warning (see :func:`gatezoo.blocks.glu_variant`)."""
 
 
@@ -69,9 +72,10 @@ class ImageConfig:
 
 
 @dataclass
-class ViTConfig(ImageConfig):
+class ViTConfig(ImageConfig, MoEOptions):
     """Vision Transformer: ``attention`` in :data:`ATTENTIONS`, ``ffn`` in :data:`FFNS`
-    (``"mlp-gelu"``, ``"mlp-xatlu"``, or a GLU name such as ``"swiglu"`` / ``"xswiglu1"``)."""
+    (``"mlp-gelu"``, ``"mlp-xatlu"``, a GLU name such as ``"swiglu"`` / ``"xswiglu1"``, or
+    ``"moe"`` with the mixture-of-experts fields of :class:`~gatezoo.models.moe.MoEOptions`)."""
 
     heads: int = 4
     mlp_ratio: float = 4.0
@@ -86,6 +90,8 @@ class ViTConfig(ImageConfig):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.ffn not in FFNS and self.ffn not in GLU_FAMILIES:
             raise ValueError(f"ffn must be one of {FFNS} (or {tuple(GLU_FAMILIES)}, which warn), got {self.ffn!r}")
+        if self.ffn == "moe":
+            self.validate_moe()
         if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1 or self.dim % self.heads:
             raise ValueError(f"heads must be a positive int dividing dim ({self.dim}), got {self.heads!r}")
         ratio = self.mlp_ratio
@@ -146,6 +152,8 @@ def _feedforward(cfg: ViTConfig) -> nn.Module:
         return Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), act_layer=cfg.ffn[4:], drop=cfg.drop)
     # a GLU with the parameter count of the MLP it replaces: 2/3 of its hidden width
     hidden = (int(cfg.dim * cfg.mlp_ratio) * 2 // 3 + 7) // 8 * 8
+    if cfg.ffn == "moe":
+        return moe_feedforward(cfg, cfg.dim, hidden, cfg.drop)
     return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.drop)
 
 
@@ -212,6 +220,7 @@ class VisionTransformer(_ImageModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, cfg.dim))
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.depth))
+        link_stack(cfg, [b.ffn for b in self.blocks])
         self._init_weights()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)

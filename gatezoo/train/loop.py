@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gatezoo.blocks.moe import moe_aux_loss, moe_stats, reset_moe_stats
+
 from . import checkpoint as ckpt
 from .config import ConfigError
 
@@ -238,8 +240,12 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
     for batch in group:
         with autocast(device, bf16):
             loss, n, sums = task.loss(t.model, batch)
-        (loss if len(group) == 1 else loss / len(group)).backward()
-        records.append((loss.detach(), n, sums))
+            aux = moe_aux_loss(t.model)  # the MoE layers' balance / z-losses of this forward
+        total = loss if aux is None else loss + aux
+        (total if len(group) == 1 else total / len(group)).backward()
+        if aux is not None:
+            sums = {**sums, "aux_loss": aux.detach().float() * n}
+        records.append((total.detach(), n, sums))
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
     t.optimizer.step()
@@ -250,10 +256,45 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
     if not all(math.isfinite(loss) for loss, _, _ in records):
         raise FloatingPointError(f"{t.spec}: the training loss is not finite ({[r[0] for r in records]}); lower the "
                                  f"learning rate, set grad_clip, or check the data")
+    # the logged training loss is the task's own; the auxiliary part is logged apart
+    records = [(loss - sums.get("aux_loss", 0.0) / n if n else loss, n, sums) for loss, n, sums in records]
     synchronize(device)
     dt = time.perf_counter() - t0
     for i, (loss, n, sums) in enumerate(records):
         t.stats.add(loss, n, sums, dt if i == 0 else 0.0, timed=timed)
+
+
+MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "dropped_share", "zero_expert_share")
+"""The metrics columns of a model with mixture-of-experts layers (:func:`_moe_row`)."""
+
+
+def _moe_row(t: Trainee, step: int) -> dict:
+    """The MoE columns of a metrics row, from the training steps since the last evaluation:
+    the mean auxiliary loss per item, the mean over layers of the load's coefficient of variation,
+    the least-loaded expert's share of the assignments (smallest over layers), the share of
+    assignments dropped by a capacity, and the share of tokens no expert took. The per-expert
+    shares go to ``expert_load.csv`` in the run directory (one row per layer and expert). The
+    load counters restart after each evaluation. Empty for a model without MoE layers."""
+    stats = moe_stats(t.model)
+    if not stats["layers"]:
+        return {}
+    s = stats["all"]
+    items = t.stats.items
+    row = {"aux_loss": t.stats.total("aux_loss") / items if items else float("nan"), "load_cv": s["load_cv"],
+           "min_expert_share": s["min_share"], "dropped_share": s["dropped_share"],
+           "zero_expert_share": s["zero_expert_share"]}
+    if t.run_dir is not None and s["assignments"]:
+        path = t.run_dir / "expert_load.csv"
+        new = not path.is_file()
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "layer", "expert", "share"])
+            for name, layer in stats["layers"].items():
+                for e, share in enumerate(layer["load_share"]):
+                    w.writerow([step, name, e, f"{share:.6g}"])
+    reset_moe_stats(t.model)
+    return row
 
 
 def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
@@ -362,8 +403,8 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         for t, ev in zip(trainees, evals):
             train_metrics = task.train_metrics(t.stats)
             row = {"epoch": pos["global_step"] / per_epoch, "step": pos["global_step"], "train_loss": t.stats.loss,
-                   **train_metrics, **ev, "lr": t.lr, f"{task.unit}_per_s": t.stats.rate,
-                   "seconds": pos["elapsed"]}
+                   **train_metrics, **ev, **_moe_row(t, pos["global_step"]), "lr": t.lr,
+                   f"{task.unit}_per_s": t.stats.rate, "seconds": pos["elapsed"]}
             t.rows.append(row)
             t.last = ev
             log(f"epoch {row['epoch']:.4g}" + (f" {t.spec}" if len(trainees) > 1 else "") + ": train loss "

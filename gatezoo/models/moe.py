@@ -1,0 +1,95 @@
+"""The mixture-of-experts options every model config shares, and the feed-forward they build.
+
+A model whose ``ffn`` is ``"moe"`` replaces each dense feed-forward by a
+:class:`gatezoo.blocks.MoEFeedForward` configured by the fields of :class:`MoEOptions`. The
+experts are sized so that a token's active parameters match the dense GLU feed-forward the model
+would otherwise use: each expert's hidden width is the GLU width divided by the number of experts a
+token uses (k for the selecting routers, all E for the dense ones), rounded up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from gatezoo.blocks import ROUTERS, MoEFeedForward, link_pregated
+
+# routers that pick k experts per token; the others weigh every expert (k = E)
+_SELECTING = ("topk", "task_aware")
+
+
+@dataclass
+class MoEOptions:
+    """Mixture-of-experts fields of a model config (used when ``ffn="moe"``).
+
+    num_experts: E.
+    moe_k: experts per token for the ``topk`` and ``task_aware`` routers (None: 2); the dense
+        routers (``softmax``, ``gumbel``, ``grkan``, ``modified_softmax``, ``adaptive_threshold``)
+        take every expert and reject any other value.
+    router: a name of :data:`gatezoo.blocks.ROUTERS`.
+    router_args: keyword arguments of the router (``noisy``, ``selection_bias``, ``tau``, ...).
+    moe_expert: the experts' architecture (a GLU name such as ``swiglu``, or ``mlp-<activation>``).
+    capacity_factor: None (dropless) or c > 0 (each expert takes at most ceil(c N k / E) tokens).
+    balance_coef: alpha of the Switch load-balance loss (0.01).
+    z_loss_coef: coefficient of the router z-loss (0: off).
+    pregated: layer l evaluates the router of layer l + 1 (Pre-gated MoE), per stack of layers.
+    """
+
+    num_experts: int = 8
+    moe_k: int | None = None
+    router: str = "topk"
+    router_args: dict = field(default_factory=dict)
+    moe_expert: str = "swiglu"
+    capacity_factor: float | None = None
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    pregated: bool = False
+
+    def validate_moe(self) -> None:
+        """Raise ValueError naming the first MoE field that is out of range (only when ffn is moe)."""
+        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
+        if self.moe_k is not None:
+            k = self.moe_k
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+                raise ValueError(f"moe_k must be an int in [1, num_experts={self.num_experts}] or null, "
+                                 f"got {self.moe_k!r}")
+            if self.router not in _SELECTING and self.moe_k != self.num_experts:
+                raise ValueError(f"moe_k={self.moe_k} needs a selecting router ({_SELECTING}); router "
+                                 f"{self.router!r} weighs all {self.num_experts} experts")
+        if not isinstance(self.router_args, dict):
+            raise ValueError(f"router_args must be a mapping, got {self.router_args!r}")
+        if not isinstance(self.pregated, bool):
+            raise ValueError(f"pregated must be true or false, got {self.pregated!r}")
+        for name in ("balance_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+
+    @property
+    def experts_per_token(self) -> int:
+        """k for the selecting routers (default 2), E for the dense ones."""
+        if self.router in _SELECTING:
+            return self.moe_k or min(2, self.num_experts)
+        return self.num_experts
+
+
+def moe_feedforward(opts: MoEOptions, dim: int, dense_glu_hidden: int, drop: float) -> MoEFeedForward:
+    """The MoE feed-forward of ``opts`` for width ``dim``, its experts sized so that a token's
+    active parameters match a dense GLU of hidden width ``dense_glu_hidden``."""
+    k = opts.experts_per_token
+    hidden = -(-dense_glu_hidden // k)  # ceil; no rounding to tiles, which would add 12% at k = 8 here
+    return MoEFeedForward(dim, hidden, drop=drop, num_experts=opts.num_experts,
+                          k=opts.moe_k if opts.router in _SELECTING else None, router=opts.router,
+                          router_args=dict(opts.router_args), expert=opts.moe_expert,
+                          capacity_factor=opts.capacity_factor, balance_coef=opts.balance_coef,
+                          z_loss_coef=opts.z_loss_coef)
+
+
+def link_stack(opts: MoEOptions, ffns: list[nn.Module]) -> None:
+    """Link one stack of MoE feed-forwards for pre-gating when ``opts.pregated``."""
+    if opts.pregated and len(ffns) > 1:
+        link_pregated(ffns)
