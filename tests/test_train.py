@@ -360,6 +360,30 @@ def test_sidebyside_model_specs(tmp_path, tiny_npz, capsys):
     assert "| vit_tiny:ffn=xswiglu1 |" in capsys.readouterr().out
 
 
+def test_sidebyside_moe_columns_and_expert_load(tmp_path, tiny_npz, capsys):
+    """MoE models get their load columns (NaN for a dense one) and the per-expert load CSV and plot."""
+    out = tmp_path / "bench"
+    argv = ["--models", "vit_tiny", "vit_tiny_moe", "vit_tiny_moe:router=softmax", "--data", str(tiny_npz),
+            "--epochs", "1", "--batch_size", "16", "--model_args", "{dim: 32, depth: 2, num_experts: 4}",
+            "--out", str(out), "--progress", "false"]
+    assert sidebyside.main(argv) == 0
+    rows = {r["model"]: r for r in _rows(out / "tiny-sidebyside.csv")}
+    assert math.isnan(float(rows["vit_tiny"]["load_cv"]))
+    topk, dense = rows["vit_tiny_moe"], rows["vit_tiny_moe:router=softmax"]
+    assert float(topk["aux_loss"]) > 0 and float(topk["load_cv"]) >= 0 and float(topk["dropped_share"]) == 0
+    assert 0 < float(topk["min_expert_share"]) <= 0.25
+    assert float(dense["load_cv"]) == 0 and float(dense["min_expert_share"]) == 0.25  # every expert, every token
+    loads = _rows(out / "tiny-expert-load.csv")
+    assert {r["model"] for r in loads} == {"vit_tiny_moe", "vit_tiny_moe:router=softmax"}
+    assert len(loads) == 2 * 2 * 4  # 2 models x 2 layers x 4 experts, one evaluation
+    for model in ("vit_tiny_moe", "vit_tiny_moe:router=softmax"):
+        for layer in {r["layer"] for r in loads}:
+            assert math.isclose(sum(float(r["share"]) for r in loads if r["model"] == model and r["layer"] == layer),
+                                1.0, rel_tol=1e-5)
+    assert (out / "tiny-expert-load.png").stat().st_size > 1000
+    capsys.readouterr()
+
+
 def test_sidebyside_seeds(tmp_path, tiny_npz, capsys):
     """--seeds repeats the run per seed into one CSV; each seed's rows are that seed's single run."""
     out = tmp_path / "bench"

@@ -152,6 +152,7 @@ class Trainee:
     last: dict = field(default_factory=dict)
     items: int = 0  # timed items and seconds of the finished epochs, for the mean throughput
     seconds: float = 0.0
+    expert_load: dict = field(default_factory=dict)  # MoE layer name -> each expert's share, last evaluation
 
     @property
     def rate(self) -> float:
@@ -293,6 +294,7 @@ def _moe_row(t: Trainee, step: int) -> dict:
             for name, layer in stats["layers"].items():
                 for e, share in enumerate(layer["load_share"]):
                     w.writerow([step, name, e, f"{share:.6g}"])
+    t.expert_load = {name: list(layer["load_share"]) for name, layer in stats["layers"].items()}
     reset_moe_stats(t.model)
     return row
 

@@ -50,8 +50,10 @@ from .config import ConfigError, check, keys_help, load_config
 from .data import DataFormatError, DataNotFoundError, load_dataset
 from .loop import Trainee, fit, resolve_device, save_figure, steps_per_epoch
 
+MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "dropped_share", "zero_expert_share")
+"""The mixture-of-experts columns (see :func:`gatezoo.train.loop._moe_row`); NaN for dense models."""
 COLUMNS = ("model", "seed", "params", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
-           "train_img_per_s", "train_seconds", "lr", "batch_size", "device")
+           "train_img_per_s", "train_seconds", "lr", "batch_size", "device", *MOE_COLUMNS)
 
 
 def run_sidebyside(models: Sequence[str], cfg: Mapping, *, seeds: Sequence[int] | None = None,
@@ -86,7 +88,9 @@ def run_sidebyside(models: Sequence[str], cfg: Mapping, *, seeds: Sequence[int] 
     args = data_model_args(dataset, cfg["model_args"])
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / f"{dataset.name}-sidebyside.csv", out / f"{dataset.name}-sidebyside.png"
+    load_path = out / f"{dataset.name}-expert-load.csv"
     rows: list[dict] = []
+    loads: list[dict] = []  # per-expert load shares of the MoE models at each evaluation
     summaries = []
     log = tqdm.write if cfg["progress"] else print
     for sd in seeds:
@@ -109,8 +113,15 @@ def run_sidebyside(models: Sequence[str], cfg: Mapping, *, seeds: Sequence[int] 
                              "step": row["step"], "train_loss": row["train_loss"], "train_acc": row["train_acc"],
                              "test_loss": row["test_loss"], "test_acc": row["test_acc"],
                              "train_img_per_s": row["img_per_s"], "train_seconds": t.stats.seconds, "lr": row["lr"],
-                             "batch_size": cfg["batch_size"], "device": str(dev)})
+                             "batch_size": cfg["batch_size"], "device": str(dev),
+                             **{k: row.get(k, float("nan")) for k in MOE_COLUMNS}})
+                for layer, shares in t.expert_load.items():
+                    loads.extend({"model": t.spec, "seed": sd, "step": row["step"], "layer": layer, "expert": e,
+                                  "share": share} for e, share in enumerate(shares))
             write_csv(rows, csv_path)
+            if loads:
+                write_expert_load(loads, load_path)
+                plot_expert_load(loads, load_path.with_suffix(".png"), title=f"{dataset.name}, seed {sd}")
             plot_accuracy(rows, png_path, title=f"{dataset.name}, batch {cfg['batch_size']}, {dev}")
 
         fit(task, trainees, on_eval=record, **fit_options(cfg, dev))
@@ -150,6 +161,46 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in COLUMNS})
 
 
+LOAD_COLUMNS = ("model", "seed", "step", "layer", "expert", "share")
+
+
+def write_expert_load(loads: list[dict], path: Path) -> None:
+    """Write the per-expert load shares of the MoE models (columns :data:`LOAD_COLUMNS`: each
+    expert's share of a layer's routed assignments over the training steps before an evaluation)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOAD_COLUMNS)
+        w.writeheader()
+        for r in loads:
+            w.writerow({k: f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in LOAD_COLUMNS})
+
+
+def plot_expert_load(loads: list[dict], path: Path, title: str = "") -> None:
+    """One panel per MoE model: each layer's per-expert load share at the model's last evaluation
+    of the last seed, with the balanced share 1/E dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seed = loads[-1]["seed"]
+    models = list(dict.fromkeys(r["model"] for r in loads if r["seed"] == seed))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in loads if r["model"] == model and r["seed"] == seed]
+        last = max(r["step"] for r in mine)
+        layers = list(dict.fromkeys(r["layer"] for r in mine))
+        for i, layer in enumerate(layers):
+            pts = sorted((r["expert"], r["share"]) for r in mine if r["step"] == last and r["layer"] == layer)
+            ax.plot([e for e, _ in pts], [v for _, v in pts], "o-", ms=3, lw=1, label=f"layer {i}")
+        num = 1 + max(r["expert"] for r in mine)
+        ax.axhline(1 / num, color="grey", ls="--", lw=0.8)
+        ax.set_title(model, fontsize=8)
+        ax.set_xlabel("expert")
+    axes[0][0].set_ylabel("share of routed tokens")
+    axes[0][0].legend(fontsize=6)
+    save_figure(fig, path, title)
+
+
 def markdown_table(summary: list[dict]) -> str:
     """``model | params | test acc | train img/s`` from dicts with those values."""
     lines = ["| model | params | test acc | train img/s |", "|---|---|---|---|"]
@@ -184,6 +235,8 @@ def read_csv(paths: Sequence[str | Path]) -> list[dict]:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 r.setdefault("seed", "0")  # CSVs of single-seed runs made before the column existed
+                for k in MOE_COLUMNS:  # ... and before the mixture-of-experts columns
+                    r.setdefault(k, "nan")
                 missing = [k for k in COLUMNS if k not in r]
                 if missing:
                     raise ConfigError(f"--summary: {path} is not a side-by-side CSV (no column {missing[0]!r})")
