@@ -11,6 +11,7 @@ by name from one registry.
 
 from .convert import vit_state_dict_from_timm
 from .export import ctranslate2_available, export_ctranslate2
+from .moe import MoEOptions, moe_feedforward
 from .registry import create_model, list_models, model_config
 from .translation import (
     BOS_ID,
@@ -40,6 +41,7 @@ from .vision import (
 
 __all__ = [
     "BOS_ID", "EOS_ID", "MT_ATTENTIONS", "MT_FFNS", "PAD_ID", "DecoderCache", "EncoderDecoder", "Memory",
+    "MoEOptions", "moe_feedforward",
     "TranslationConfig", "ctranslate2_available", "export_ctranslate2", "sinusoidal_positions",
     "ATTENTIONS", "FFNS", "ImageConfig", "MLPMixer", "MixerConfig", "NiNformer", "NiNformerConfig", "PatchEmbed",
     "ViTBlock", "ViTConfig", "VisionTransformer", "create_model", "list_models", "model_config",
