@@ -184,3 +184,13 @@ def test_moe_aux_loss_enters_the_step_and_the_load_is_logged(tmp_path):
     lines = (tmp_path / "expert_load.csv").read_text().splitlines()
     assert lines[0] == "step,layer,expert,share" and len(lines) == 1 + 4
     assert math.isclose(sum(float(ln.split(",")[3]) for ln in lines[1:]), 1.0, rel_tol=1e-5)
+
+
+def test_resume_trims_expert_load_rows_written_after_the_saved_state(tmp_path):
+    from gatezoo.train.loop import _trim_expert_load
+
+    path = tmp_path / "expert_load.csv"
+    path.write_text("step,layer,expert,share\n10,l0,0,0.5\n10,l0,1,0.5\n20,l0,0,0.25\n20,l0,1,0.75\n")
+    _trim_expert_load(path, 10)
+    assert path.read_text().splitlines() == ["step,layer,expert,share", "10,l0,0,0.5", "10,l0,1,0.5"]
+    _trim_expert_load(tmp_path / "absent.csv", 10)  # no file: nothing to do

@@ -259,3 +259,16 @@ def test_bad_moe_configs(kwargs, match):
         create_model("vit_tiny_moe", **kwargs)
     with pytest.raises(ValueError, match=match):
         create_model("transformer_mt_tiny_moe", vocab_size=64, **kwargs)
+
+
+def test_moe_models_initialise_experts_like_the_dense_layers_and_keep_router_init():
+    vit = create_model("vit_tiny_moe", router_args={"noisy": True})
+    ffn = vit.blocks[0].ffn
+    assert abs(ffn.w1.std().item() - 0.02) < 0.002 and abs(ffn.w2.std().item() - 0.02) < 0.002
+    assert ffn.router.noise.weight.abs().max() == 0  # the noisy router starts without noise
+    mt = create_model("transformer_mt_tiny_moe", vocab_size=64, router_args={"noisy": True})
+    ffn = mt.encoder[0].ffn
+    d, two_h = ffn.w1.shape[1:]
+    bound = (6 / (d + two_h)) ** 0.5  # xavier_uniform on each expert's (d, 2h) matrix
+    assert ffn.w1.abs().max() <= bound and ffn.w1.abs().max() > 0.9 * bound
+    assert ffn.router.noise.weight.abs().max() == 0

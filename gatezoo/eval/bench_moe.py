@@ -78,7 +78,7 @@ def bench_moe(dtype, device, reps: int, tokens: int = MOE_TOKENS, dim: int = MOE
     for e in bar:
         torch.manual_seed(0)
         dense = GLUFeedForward(dim, glu_hidden).to(device, dtype)
-        moe = MoEFeedForward(dim, hidden, num_experts=e, k=k, router="topk").to(device, dtype)
+        moe = MoEFeedForward(dim, hidden, num_experts=e, k=k, router="topk", backend="torch").to(device, dtype)
         impls = {"dense-glu": dense, "gatezoo-torch": _ours(moe), "loop": loop_moe(moe)}
         if device.type == "cuda":
             moe_t = MoEFeedForward(dim, hidden, num_experts=e, k=k, router="topk", backend="triton").to(device, dtype)

@@ -9,8 +9,10 @@ token uses (k for the selecting routers, all E for the dense ones), rounded up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from gatezoo.blocks import ROUTERS, MoEFeedForward, link_pregated
@@ -93,3 +95,23 @@ def link_stack(opts: MoEOptions, ffns: list[nn.Module]) -> None:
     """Link one stack of MoE feed-forwards for pre-gating when ``opts.pregated``."""
     if opts.pregated and len(ffns) > 1:
         link_pregated(ffns)
+
+
+def inside_moe(model: nn.Module) -> set[int]:
+    """``id`` of every module inside a :class:`~gatezoo.blocks.MoEFeedForward` of ``model`` (its
+    router's layers), which a model's weight initialisation leaves to the router's own."""
+    return {id(sub) for m in model.modules() if isinstance(m, MoEFeedForward) for sub in m.modules()}
+
+
+def init_experts(model: nn.Module, init: Callable[[torch.Tensor], object]) -> None:
+    """Initialise every expert of every MoE layer of ``model`` like the dense layer it stands
+    for: ``init`` on each expert's (in, out) matrices, zero biases."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoEFeedForward):
+                for w in (m.w1, m.w2):
+                    for e in range(w.shape[0]):
+                        init(w[e])
+                for b in (m.b1, m.b2):
+                    if b is not None:
+                        b.zero_()

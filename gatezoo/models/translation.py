@@ -42,7 +42,7 @@ from gatezoo.blocks import (
     SoftmaxAttention,
 )
 
-from .moe import MoEOptions, link_stack, moe_feedforward
+from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforward
 
 MT_ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`TranslationConfig` takes."""
@@ -234,8 +234,10 @@ class EncoderDecoder(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        skip = inside_moe(self)  # routers keep their own initialisation
+        init_experts(self, nn.init.xavier_uniform_)  # each expert like the dense layer it stands for
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and id(m) not in skip:
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

@@ -25,7 +25,7 @@ from gatezoo.blocks import (
     SoftmaxAttention,
 )
 
-from .moe import MoEOptions, link_stack, moe_feedforward
+from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforward
 
 ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`ViTConfig` takes."""
@@ -189,8 +189,10 @@ class _ImageModel(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
 
     def _init_weights(self):
+        skip = inside_moe(self)  # routers keep their own initialisation
+        init_experts(self, lambda w: nn.init.trunc_normal_(w, std=0.02))  # experts like the dense layers
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and id(m) not in skip:
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)

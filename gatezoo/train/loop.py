@@ -246,19 +246,19 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
         (total if len(group) == 1 else total / len(group)).backward()
         if aux is not None:
             sums = {**sums, "aux_loss": aux.detach().float() * n}
-        records.append((total.detach(), n, sums))
+        records.append((loss.detach(), total.detach(), n, sums))
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
     t.optimizer.step()
     if t.scheduler is not None:
         t.scheduler.step()
     # .item() also waits for the device
-    records = [(loss.item(), n, {k: float(v) for k, v in sums.items()}) for loss, n, sums in records]
-    if not all(math.isfinite(loss) for loss, _, _ in records):
-        raise FloatingPointError(f"{t.spec}: the training loss is not finite ({[r[0] for r in records]}); lower the "
+    totals = [total.item() for _, total, _, _ in records]
+    if not all(math.isfinite(v) for v in totals):
+        raise FloatingPointError(f"{t.spec}: the training loss is not finite ({totals}); lower the "
                                  f"learning rate, set grad_clip, or check the data")
-    # the logged training loss is the task's own; the auxiliary part is logged apart
-    records = [(loss - sums.get("aux_loss", 0.0) / n if n else loss, n, sums) for loss, n, sums in records]
+    # the logged training loss is the task's own; an auxiliary (MoE) loss is logged apart
+    records = [(loss.item(), n, {k: float(v) for k, v in sums.items()}) for loss, _, n, sums in records]
     synchronize(device)
     dt = time.perf_counter() - t0
     for i, (loss, n, sums) in enumerate(records):
@@ -270,8 +270,9 @@ MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "dropped_share", "zero
 
 
 def _moe_row(t: Trainee, step: int) -> dict:
-    """The MoE columns of a metrics row, from the training steps since the last evaluation:
-    the mean auxiliary loss per item, the mean over layers of the load's coefficient of variation,
+    """The MoE columns of a metrics row: the mean auxiliary loss per item over the epoch so far
+    (the window of ``train_loss``), and from the training steps since the last evaluation the
+    mean over layers of the load's coefficient of variation,
     the least-loaded expert's share of the assignments (smallest over layers), the share of
     assignments dropped by a capacity, and the share of tokens no expert took. The per-expert
     shares go to ``expert_load.csv`` in the run directory (one row per layer and expert). The
@@ -319,7 +320,21 @@ def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
     t.best, t.items, t.seconds = state["best"], state["items"], state["seconds"]
     ckpt.set_rng_state(state["rng"])
     t.rows = read_metrics(t.run_dir / "metrics.csv")
+    _trim_expert_load(t.run_dir / "expert_load.csv", state["position"]["global_step"])
     return dict(state["position"])
+
+
+def _trim_expert_load(path: Path, step: int) -> None:
+    """Drop the rows of ``expert_load.csv`` written after ``step`` (by a run that stopped before
+    saving its state), so that a resumed run does not write them twice."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+    if len(kept) != len(rows):
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
 
 
 def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str,
