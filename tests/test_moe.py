@@ -1,7 +1,9 @@
 """MoEFeedForward, MoLELinear, pre-gating, load statistics and auxiliary losses
 (docs/architecture.md, 'The math', 'Routers and mixtures of experts'; docs/moe.md)."""
 
+import copy
 import functools
+import pickle
 
 import pytest
 import torch
@@ -223,6 +225,42 @@ def test_aux_loss_stats_and_helpers():
     assert moe_stats(model)["all"]["tokens"] == 24
     reset_moe_stats(model)
     assert moe_stats(model)["all"]["tokens"] == 0
+
+
+def test_deepcopy_and_pickle_after_a_training_step():
+    torch.manual_seed(8)
+    stack = PreGatedMoEStack([MoEFeedForward(8, 8, num_experts=4, k=2, z_loss_coef=1e-3) for _ in range(2)])
+    model = nn.Sequential(MoEFeedForward(8, 8, num_experts=4, router="gumbel"), stack,
+                          MoLELinear(8, 8, num_experts=3, rank=2))
+    x = torch.randn(2, 5, 8)
+    model.train()
+    out = model(x)
+    (out.square().mean() + moe_aux_loss(model)).backward()
+    stack.layers[0](x)  # leaves a pre-gated routing (with its graph) pending in layer 1
+    first = stack.layers[0]
+    assert first.aux_loss.grad_fn is not None and stack.layers[1]._pending is not None
+    assert set(first.last_aux) == {"balance", "z"}
+    for name, value in first.last_aux.items():
+        assert not value.requires_grad, name
+    assert all(not t.requires_grad for t in stack.layers[0].last_routing[:5] if t is not None)
+
+    copied = copy.deepcopy(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    for other in (copied, loaded):
+        assert all(m.aux_loss is None for m in (other[0], other[1].layers[0], other[1].layers[1], other[2]))
+        assert other[1].layers[1]._pending is None
+        assert other[1].layers[0]._pregate_next is other[1].layers[1]  # the copy's own link
+        for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+            assert torch.equal(a, b)
+    stack.layers[1]._pending = None  # drop the pending routing of the original too
+    model.eval()
+    want = model(x)
+    for other in (copied, loaded):
+        other.eval()
+        assert_close("copy", want, other(x), 1e-6)
+        other.train()
+        y = other(x)
+        (y.square().mean() + moe_aux_loss(other)).backward()
 
 
 def test_pregated_stack_routes_one_layer_ahead():

@@ -1,6 +1,7 @@
 """Routers, their registry and the auxiliary losses (docs/architecture.md, 'The math',
 'Routers and mixtures of experts')."""
 
+import copy
 import math
 
 import pytest
@@ -88,6 +89,43 @@ def test_noisy_topk_is_noisy_only_in_training_and_trains_w_noise():
     assert router.noise.weight.grad is not None and router.noise.weight.grad.abs().sum() > 0
 
 
+def test_noisy_topk_matches_the_formula_in_training_and_is_clean_in_eval():
+    """Training: weights = softmax over the k selected entries of the noisy logits
+    l + eps * softplus(W_noise x), eps ~ N(0, 1) from the global RNG; eval: no noise."""
+    router = TopKRouter(D, E, k=2, noisy=True)
+    with torch.no_grad():
+        router.noise.weight.normal_()  # not the zero init, so softplus(W_noise x) varies
+    x = torch.randn(12, D)
+    router.train()
+    torch.manual_seed(7)
+    r = router(x)
+    torch.manual_seed(7)
+    eps = torch.randn(12, E)  # the draw of the router's randn_like
+    wg = router.gate.weight.detach().clone().requires_grad_()
+    wn = router.noise.weight.detach().clone().requires_grad_()
+    logits = x @ wg.T
+    noisy = logits + eps * torch.nn.functional.softplus(x @ wn.T)
+    top = noisy.topk(2, -1)
+    want = torch.softmax(top.values, -1)
+    assert torch.equal(r.indices, top.indices)
+    assert_close("noisy weights", want, r.weights, 1e-6)
+    assert_close("probs: softmax of the noisy logits", torch.softmax(noisy, -1), r.probs, 1e-6)
+    assert_close("logits: the clean ones", logits, r.logits, 1e-6)
+    g = torch.randn(12, 2)
+    (r.weights * g).sum().backward()
+    (want * g).sum().backward()
+    assert_close("grad W_g", wg.grad, router.gate.weight.grad, 1e-5)
+    assert_close("grad W_noise", wn.grad, router.noise.weight.grad, 1e-5)
+
+    router.eval()
+    re = router(x)
+    clean = x @ router.gate.weight.T
+    top = clean.topk(2, -1)
+    assert torch.equal(re.indices, top.indices)
+    assert_close("eval weights", torch.softmax(top.values, -1), re.weights, 1e-6)
+    assert_close("eval probs", torch.softmax(clean, -1), re.probs, 1e-6)
+
+
 def test_selection_bias_picks_but_does_not_weight():
     router = TopKRouter(D, E, k=2, selection_bias=True, bias_update_rate=0.1)
     assert "selection_bias" in router.state_dict()
@@ -166,6 +204,49 @@ def test_gumbel_eval_is_deterministic_and_hard_is_straight_through():
     assert r.keep is not None and torch.equal(r.keep.sum(-1), torch.ones(16, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("hard", [False, True])
+def test_gumbel_eval_depends_on_the_token_alone(hard):
+    """Eval: w = (1/S) sum_s softmax((l + G_s) / tau), the same S noise vectors G (S, E) for every
+    token, drawn from torch.Generator().manual_seed(seed): the same output for a token alone or
+    inside any batch, at any position."""
+    seed, samples, tau = 11, 4, 0.7
+    router = GumbelSoftmaxRouter(D, E, tau=tau, samples=samples, seed=seed, hard=hard).eval()
+    x = torch.randn(9, D)
+    gen = torch.Generator().manual_seed(seed)
+    g = -torch.empty(samples, E).exponential_(generator=gen).log()
+    logits = x @ router.gate.weight.T
+    want = torch.softmax((logits[:, None, :] + g) / tau, -1).mean(1)  # (N, E)
+    if hard:
+        want = torch.nn.functional.one_hot(want.argmax(-1), E).float()
+    with torch.no_grad():
+        full = dense(router(x))
+        assert_close("formula", want, full, 1e-6)
+        for i in (0, 4, 8):
+            alone = dense(router(x[i:i + 1]))
+            others = torch.cat([torch.randn(5, D), x[i:i + 1], torch.randn(2, D)])
+            inside = dense(router(others))[5:6]
+            assert_close(f"token {i} alone", full[i:i + 1], alone, 1e-6)
+            assert_close(f"token {i} in another batch", full[i:i + 1], inside, 1e-6)
+    assert torch.equal(router.eval_noise(), g)
+
+
+def test_gumbel_hard_is_one_hot_forward_with_the_soft_sample_gradient():
+    router = GumbelSoftmaxRouter(D, E, tau=0.5, hard=True).train()
+    x = torch.randn(10, D)
+    torch.manual_seed(5)
+    w = dense(router(x))
+    torch.manual_seed(5)
+    gumbel = -torch.empty(10, E).exponential_().log()  # the router's draw
+    wg = router.gate.weight.detach().clone().requires_grad_()
+    soft = torch.softmax((x @ wg.T + gumbel) / 0.5, -1)
+    one_hot = torch.nn.functional.one_hot(soft.argmax(-1), E).float()
+    assert_close("forward: one-hot of the sample's argmax", one_hot, w, 1e-6)
+    g = torch.randn(10, E)
+    (w * g).sum().backward()
+    (soft * g).sum().backward()
+    assert_close("backward: the soft sample's gradient", wg.grad, router.gate.weight.grad, 1e-5)
+
+
 def test_adaptive_threshold_formula_and_edge_cases():
     router = AdaptiveThresholdRouter(D, E)
     assert router.tau_max == 1 / E and not router.dense
@@ -207,6 +288,20 @@ def test_grkan_router_gives_unnormalised_sigmoid_gates():
     assert all(p.grad is not None for p in router.parameters())
 
 
+def test_grkan_router_computes_in_float32_with_bf16_parameters():
+    router = GRKANRouter(D, E, grid_size=3)
+    router.to(torch.bfloat16)
+    ref = copy.deepcopy(router).float()  # the same (bf16-rounded) parameters, in float32
+    x = torch.randn(10, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = router(x.bfloat16())
+    want = torch.sigmoid(ref.grkan(x.bfloat16().float()))
+    assert r.weights.dtype == torch.float32 and r.probs.dtype == torch.float32
+    assert_close("float32 gates", want, r.weights, 1e-6)
+    r.weights.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in router.parameters())
+
+
 @pytest.mark.parametrize("mode", ["embed", "per_task"])
 def test_task_aware_routing_depends_on_the_task(mode):
     router = TaskAwareRouter(D, E, k=2, num_tasks=3, mode=mode)
@@ -244,14 +339,21 @@ def test_switch_balance_loss_on_a_hand_computed_case():
     # E * sum f P = 3 * (0.5 * 0.375 + 0.25 * 0.3 + 0.25 * 0.325) = 3 * 0.34375 = 1.03125
     top1 = torch.tensor([[0], [1], [2], [0]])
     assert switch_balance_loss(probs, top1, 3).item() == pytest.approx(1.03125, abs=1e-7)
-    # k = 2 with token 1's second choice masked: kept choices 0,1 | 1 | 2,0 | 0,2 -> counts (3, 2, 2)
-    # f = (3/7, 2/7, 2/7): 3 * (3 * 0.375 + 2 * 0.3 + 2 * 0.325) / 7 = 3 * 2.375 / 7 = 7.125 / 7
+    # f_i = count_i / N over the N = 4 TOKENS (not over the N * k assignments), so sum_i f_i = k.
+    # k = 2: choices 0,1 | 1,2 | 2,0 | 0,2 -> counts (3, 2, 3), f = (3/4, 2/4, 3/4)
+    # 3 * (0.75 * 0.375 + 0.5 * 0.3 + 0.75 * 0.325) = 3 * (0.28125 + 0.15 + 0.24375) = 3 * 0.675 = 2.025
     top2 = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 2]])
+    assert switch_balance_loss(probs, top2, 3).item() == pytest.approx(2.025, abs=1e-6)
+    # token 1's second choice masked: kept choices 0,1 | 1 | 2,0 | 0,2 -> counts (3, 2, 2), f = (3/4, 2/4, 2/4)
+    # 3 * (0.75 * 0.375 + 0.5 * 0.3 + 0.5 * 0.325) = 3 * (0.28125 + 0.15 + 0.1625) = 3 * 0.59375 = 1.78125
     keep = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
-    assert switch_balance_loss(probs, top2, 3, keep=keep).item() == pytest.approx(7.125 / 7, abs=1e-7)
-    # a uniform router with a uniform load gives exactly 1
+    assert switch_balance_loss(probs, top2, 3, keep=keep).item() == pytest.approx(1.78125, abs=1e-6)
+    # a uniform router with a uniform load gives exactly k: 1 for top-1, 2 for top-2
     uniform = torch.full((3, 3), 1 / 3)
     assert switch_balance_loss(uniform, torch.tensor([[0], [1], [2]]), 3).item() == pytest.approx(1.0)
+    assert switch_balance_loss(uniform, torch.tensor([[0, 1], [1, 2], [2, 0]]), 3).item() == pytest.approx(2.0)
+    # nothing kept: zero
+    assert switch_balance_loss(probs, top2, 3, keep=torch.zeros(4, 2, dtype=torch.bool)).item() == 0.0
     # the gradient goes to the probabilities only: d/dP_i = E * f_i / N
     p = probs.clone().requires_grad_()
     switch_balance_loss(p, top1, 3).backward()

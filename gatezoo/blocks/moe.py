@@ -162,16 +162,34 @@ class _MoEModule(nn.Module):
             aux["balance"] = self.balance_coef * switch_balance_loss(r.probs, r.indices, self.num_experts, keep=r.keep)
         if r.logits is not None and self.z_loss_coef:
             aux["z"] = self.z_loss_coef * router_z_loss(r.logits)
-        self.last_aux = aux
-        self.last_routing = r
+        # kept for inspection only, detached: no autograd graph outlives the step through them
+        self.last_aux = {name: value.detach() for name, value in aux.items()}
+        self.last_routing = _detached(r)
         total = torch.zeros((), dtype=torch.float32, device=r.weights.device)
         for value in aux.values():
             total = total + value.float()
         self.aux_loss = total
 
+    def __getstate__(self):
+        """For ``copy.deepcopy`` and pickling: ``aux_loss`` (and a pre-gated routing not yet
+        consumed, ``_pending``) hold the autograd graph of the last forward, which can be neither
+        copied nor pickled, so the copy gets None for them (as before its first forward)."""
+        state = dict(super().__getstate__())
+        state["aux_loss"] = None
+        if "_pending" in state:
+            state["_pending"] = None
+        return state
+
     def reset_stats(self) -> None:
         for buf in (self.stat_load, self.stat_dropped, self.stat_zero, self.stat_tokens):
             buf.zero_()
+
+
+def _detached(r: RoutingResult) -> RoutingResult:
+    """``r`` with every tensor detached (``aux`` entries included)."""
+    def det(t):
+        return t.detach() if isinstance(t, torch.Tensor) else t
+    return RoutingResult(*(det(t) for t in r[:5]), {name: det(v) for name, v in r.aux.items()})
 
 
 def _no_rows(n: int, width: int, like: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -223,9 +241,11 @@ class MoEFeedForward(_MoEModule):
     ``nn.Linear``. After every forward, ``aux_loss`` holds the 0-dim auxiliary loss to add to the
     training loss (the router's own aux entries + ``balance_coef * switch`` + ``z_loss_coef *
     z``; a zero tensor when none applies), ``last_aux`` its parts and ``last_routing`` the
-    :class:`~gatezoo.blocks.routers.RoutingResult`. Training forwards also update the load
-    counters read by :func:`moe_stats` and, for a ``topk`` router with ``selection_bias=True``,
-    the selection bias (from that batch's load, right after routing).
+    :class:`~gatezoo.blocks.routers.RoutingResult`, both detached (for inspection). A
+    ``copy.deepcopy`` or pickle of the layer gets ``aux_loss = None`` (the graph is not copied).
+    Training forwards also update the load counters read by :func:`moe_stats` and, for a
+    ``topk`` router with ``selection_bias=True``, the selection bias (from that batch's load,
+    right after routing).
 
     ``forward(x, task_ids=None)``: x (..., d) -> (..., d_out); ``task_ids`` goes to the router
     (an int, one id per token of shape ``x.shape[:-1]``, or one per batch row).

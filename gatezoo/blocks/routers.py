@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from gatezoo.kernels.routing import route
 
@@ -82,12 +83,14 @@ def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
     """The Switch Transformer load-balancing loss (Fedus et al. 2022), without its coefficient:
     ``E * sum_i f_i * P_i``.
 
-    ``f_i`` is the fraction of the (kept) assignments that went to expert i: ``count_i / sum_j
-    count_j`` over the entries of ``indices`` where ``keep`` is true (before any capacity drop).
-    With k = 1 this is Switch's fraction of tokens; with k > 1 the ``f_i`` still sum to 1.
+    ``f_i = count_i / N`` is the share of the N tokens that have expert i among their choices:
+    ``count_i`` counts the entries of ``indices`` equal to i where ``keep`` is true (the active
+    choices, before any capacity drop). So ``sum_i f_i = k`` for k choices per token (the mean
+    number of active choices per token with a ``keep`` mask); with k = 1 this is Switch's fraction
+    of tokens, and for k > 1 it is the top-k form used e.g. by HF Mixtral's load-balancing loss.
     ``P_i`` is the mean of ``probs[:, i]`` over the N tokens. A uniform router with a uniform load
-    gives exactly 1. Only ``P`` carries a gradient. Zero when there are no tokens or no kept
-    assignments.
+    gives exactly k. Only ``P`` carries a gradient. Zero when there are no tokens or no active
+    choices.
     """
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or probs.shape[1] != num_experts:
         raise ValueError(f"probs must have shape (tokens, {num_experts}), got {tuple(getattr(probs, 'shape', ()))}")
@@ -100,7 +103,7 @@ def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
         return probs.new_zeros(())
     ones = torch.ones(indices.shape, dtype=probs.dtype, device=probs.device) if keep is None else keep.to(probs.dtype)
     counts = probs.new_zeros(num_experts).scatter_add_(0, indices.reshape(-1).to(probs.device).long(), ones.reshape(-1))
-    f = counts / counts.sum().clamp_min(1)
+    f = counts / probs.shape[0]
     return num_experts * (f * probs.mean(0)).sum()
 
 
@@ -342,17 +345,23 @@ class GumbelSoftmaxRouter(Router):
 
     Jang, Gu and Poole 2017, "Categorical Reparameterization with Gumbel-Softmax" (and Maddison
     et al. 2017, the Concrete distribution), used as a mixture-of-experts gate. In training one
-    fresh sample per token; in eval the mean of ``samples`` samples drawn from a generator seeded
-    with ``seed`` at every call, so eval is deterministic (same output every call, independent
-    of the global RNG). As ``tau -> 0`` a sample tends to a one-hot vector.
+    fresh sample per token (global RNG). In eval the mean over S = ``samples`` fixed noise
+    vectors shared by every token: ``w = (1/S) sum_s softmax((l + G_s) / tau)`` with ``G`` (S, E)
+    drawn in float32 from ``torch.Generator().manual_seed(seed)`` (a CPU generator, so the same
+    noise on every device; cached after the first call). A token's eval output is therefore a
+    deterministic function of that token alone: the same every call, whatever the global RNG,
+    the batch around it or its position in the batch. Routers built with the same ``seed``
+    (e.g. every layer of a model, with the default 0) use the same eval noise; give the layers
+    different ``seed`` values for independent noise. As ``tau -> 0`` a sample tends to a
+    one-hot vector.
 
     Args:
         tau: temperature, > 0.
-        samples: S, number of samples averaged in eval (default 5).
+        samples: S, number of noise samples averaged in eval (default 5).
         hard: straight-through: the forward uses the one-hot of the sample's argmax, the
             backward the soft sample's gradient (every expert still runs in training). In eval
             the one-hot of the argmax of the averaged sample, and only that expert runs.
-        seed: seed of the eval samples.
+        seed: seed of the eval noise (int >= 0, default 0).
         k: None or ``num_experts`` (the gate is dense).
 
     ``probs`` is the (soft) mixture the weights come from: the sample in training, the mean of
@@ -369,6 +378,18 @@ class GumbelSoftmaxRouter(Router):
         self.seed = _check_int("seed", seed, 0)
         self.hard = bool(hard)
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self._eval_noise: tuple | None = None  # (key, tensor) cache of eval_noise()
+
+    def eval_noise(self, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The (S, E) Gumbel noise of eval forwards: ``-log(Exp(1))`` draws in float32 from
+        ``torch.Generator().manual_seed(seed)``, then moved to ``device`` and cast to ``dtype``."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (self.seed, self.samples, self.num_experts, device, dtype)
+        if self._eval_noise is None or self._eval_noise[0] != key:
+            gen = torch.Generator().manual_seed(self.seed)
+            g = -torch.empty(self.samples, self.num_experts).exponential_(generator=gen).log()
+            self._eval_noise = (key, g.to(device=device, dtype=dtype))
+        return self._eval_noise[1]
 
     def forward(self, x, task_ids=None):
         self._check_input(x)
@@ -384,9 +405,9 @@ class GumbelSoftmaxRouter(Router):
                 one_hot[:, 0] = 1
                 weights = one_hot - weights.detach() + weights
         else:
-            gen = torch.Generator(device=logits.device).manual_seed(self.seed)
-            gumbel = -torch.empty(self.samples * n, e, device=logits.device, dtype=logits.dtype).exponential_(
-                generator=gen).log()
+            # the same S noise vectors for every token: (S, 1, E) broadcast over the N tokens
+            g = self.eval_noise(logits.device, logits.dtype)
+            gumbel = g.unsqueeze(1).expand(self.samples, n, e).reshape(self.samples * n, e)
             repeated = logits.unsqueeze(0).expand(self.samples, n, e).reshape(self.samples * n, e)
             r = route(repeated, e, noise=gumbel, scale=1.0 / self.tau, backend=self.backend)
             weights = _dense(r.indices, r.weights, e).view(self.samples, n, e).mean(0)
@@ -458,7 +479,8 @@ class GRKANRouter(Router):
     has the formula). The gates are **not**
     renormalised: each lies in (0, 1) and they need not sum to 1, as in the paper. ``probs`` is
     ``g / sum(g)`` (for statistics only); ``logits`` is None (no softmax, so no z-loss) and no
-    balance loss applies (dense).
+    balance loss applies (dense). Like every router it computes in float32 (float64 for float64
+    input) with autocast off, casting its parameters when they have another dtype.
 
     Args:
         hidden: GRKAN hidden width (default ``dim``).
@@ -475,9 +497,14 @@ class GRKANRouter(Router):
 
     def forward(self, x, task_ids=None):
         self._check_input(x)
+        dt = compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            dt = compute_dtype(x)
-            gates = torch.sigmoid(self.grkan(x.to(self.grkan.skip.weight.dtype)).to(dt))
+            # in the compute dtype like every router: parameters of another dtype (a bf16 model)
+            # are cast on use, differentiably, so their gradients keep the parameters' dtype
+            cast = {name: p.to(dt) for name, p in self.grkan.named_parameters() if p.dtype != dt}
+            xd = x.to(dt)
+            out = functional_call(self.grkan, cast, (xd,)) if cast else self.grkan(xd)
+            gates = torch.sigmoid(out)
         indices = _all_experts(x.shape[0], self.num_experts, x.device)
         probs = gates / gates.sum(-1, keepdim=True)
         return RoutingResult(gates.float(), indices, None, None, probs, {})

@@ -4,8 +4,11 @@
   scores, so that ties pick the lower expert first exactly as the stable sort of
   :func:`~.naive.route_composed` does (``torch.topk`` on the float scores breaks ties in no
   documented order: on all-zero logits, as from a zero-initialised router, it picks the highest
-  experts). :class:`RouteFunction` saves only the (N, k) weights and indices; the logits'
-  gradient is scattered into the k selected columns.
+  experts). :class:`RouteFunction` saves the (N, k) weights and indices it computed plus its
+  inputs ``logits``, ``bias`` and ``noise`` (not copied, but kept alive until the backward: the
+  first-order backward uses only the weights and indices and the logits' shape and dtype, the
+  inputs serve the double backward); the logits' gradient is scattered into the k selected
+  columns.
 * :func:`permute_torch` - ``index_select``; autograd's own backward of it is the ``index_add``
   of the sorted rows' gradients back to their tokens, saving only the index.
 * :func:`unpermute_torch` - :class:`UnpermuteFunction`: an ``index_add`` of the weighted sorted
@@ -59,7 +62,9 @@ def route_backward(weights: torch.Tensor, indices: torch.Tensor, dweights: torch
 
 class RouteFunction(torch.autograd.Function):
     """Top-k routing; returns (weights, indices, counts), only the weights differentiable (with
-    respect to the logits and the noise)."""
+    respect to the logits and the noise). Saves ``logits``, ``bias``, ``noise`` (its inputs, for
+    the double backward through the composition) and the computed ``weights`` and ``indices``
+    (for the lean first-order backward)."""
 
     @staticmethod
     def forward(ctx, logits, k: int, bias, noise, scale: float):
