@@ -10,7 +10,8 @@
 - :mod:`gatezoo.train.optim`: AdamW parameter groups, warm-up + cosine and inverse-square-root
   schedules.
 - :mod:`gatezoo.train.checkpoint`: safetensors checkpoints that rebuild their own model and carry
-  their task's metadata; the training state that ``--resume`` reads.
+  their task's metadata; atomic writes; the snapshots (with checksum manifests) that ``--resume``
+  reads.
 - :mod:`gatezoo.train.loop`: :func:`~gatezoo.train.loop.fit`, the one training loop every task
   drives (device, autocast, accumulation, clipping, schedule, progress, metrics, checkpoints).
 - ``python -m gatezoo.train.classify``: the image-classification task; train one model from a

@@ -19,12 +19,17 @@ holding
 - ``last.safetensors`` and ``best.safetensors`` (highest test accuracy; there is no separate
   validation split, so quote ``last``): weights with metadata that rebuild the model alone
   (:func:`gatezoo.train.checkpoint.load_checkpoint`, ``python -m gatezoo.train.evaluate``);
-- ``state.pt``: optimizer, scheduler, position in the run and RNG state for ``--resume``.
+- ``checkpoints/step-<N>/``: the newest two snapshots for ``--resume`` (``model.safetensors``,
+  ``state.pt`` with optimizer, scheduler, position in the run and every RNG state, and
+  ``manifest.json`` with their sizes and SHA-256), one at every evaluation and, with
+  ``checkpoint_every``, every that many optimizer steps in between;
+- ``state.pt``: the newest snapshot's training state.
 
 ``--resume RUN_DIR`` reads ``RUN_DIR/config.yaml`` (overrides on the command line still apply,
-e.g. ``--max_steps null`` to lift a smoke-test limit) and continues at the step where the run
-stopped, mid-epoch included; the result equals an uninterrupted run's. The epoch order depends
-only on (seed, epoch), so skipping ahead in an epoch needs no saved iterator.
+e.g. ``--max_steps null`` to lift a smoke-test limit) and continues from the newest snapshot that
+matches its manifest (an incomplete or damaged one is skipped with a warning naming the file),
+mid-epoch included; the result equals an uninterrupted run's. The epoch order depends only on
+(seed, epoch), so skipping ahead in an epoch needs no saved iterator. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import write_text
 from .config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
 from .factory import build_model, count_params, parse_model_spec
@@ -207,7 +213,8 @@ def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, d
 def fit_options(cfg: Mapping, device: torch.device) -> dict:
     """The keyword arguments of :func:`~gatezoo.train.loop.fit` that a config sets."""
     return dict(epochs=cfg["epochs"], device=device, bf16=cfg["bf16"], grad_clip=cfg["grad_clip"],
-                accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], progress=cfg["progress"])
+                accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], progress=cfg["progress"],
+                checkpoint_every=cfg.get("checkpoint_every"))
 
 
 def train(cfg: dict, resume: str | Path | None = None) -> dict:
@@ -233,7 +240,7 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
             print(dataset.summary())
             print(f"{cfg['model']}: {trainee.params:,} parameters, {per_epoch} steps/epoch on {device}; "
                 f"run directory {run_dir}")
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_text(run_dir / "config.yaml", dump_config(cfg))
         pos = fit(task, [trainee], resume=not fresh, title=f"{cfg['model']} on {dataset.name}",
                   **fit_options(cfg, device))
     except BaseException:
@@ -255,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an image classifier (gatezoo model or timm peer) from a YAML config. Every config key can "
         "be overridden as --key VALUE (VALUE parsed as YAML; dotted keys reach into model_args, e.g. "
         "--model_args.depth 2). Writes <out>/<name or model>-<timestamp>/ with config.yaml, metrics.csv, "
-        "curves.png, last.safetensors, best.safetensors and state.pt.",
+        "curves.png, last.safetensors, best.safetensors, checkpoints/ (snapshots for --resume) and state.pt.",
         epilog=keys_help() + "\n\nexamples:\n"
         "  python -m gatezoo.train.classify --config configs/vit_tiny.yaml\n"
         "  python -m gatezoo.train.classify --config configs/demo.yaml --max_steps 20 --data my.npz\n"
@@ -266,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="YAML", help="config file (keys below; omitted keys take their defaults)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its state.pt, with RUN_DIR/config.yaml as the config")
+                        help="continue the run in RUN_DIR from its newest intact snapshot (RUN_DIR/checkpoints/), "
+                        "with RUN_DIR/config.yaml as the config")
     return parser
 
 

@@ -74,6 +74,9 @@ KEYS: dict[str, Key] = {
     "device": Key("auto", "str", "'auto' (CUDA when available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."),
     "max_steps": Key(None, "int", "stop after this many optimizer steps in all (smoke tests); the schedule still "
                      "spans all epochs", optional=True, minimum=1),
+    "checkpoint_every": Key(None, "int", "also save a resumable snapshot every this many optimizer steps between "
+                            "evaluations, so a crash loses at most that many (null: at evaluations only)",
+                            optional=True, minimum=1),
     "threads": Key(None, "int", "torch.set_num_threads for CPU runs", optional=True, minimum=1),
     "progress": Key(True, "bool", "tqdm progress bars"),
 }

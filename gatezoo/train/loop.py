@@ -21,7 +21,13 @@ The loop owns everything else: the device and bfloat16 autocast, gradient accumu
 stepping the schedule once per optimizer step, the tqdm progress bar, evaluation after every epoch
 (every ``eval_every`` steps as well, if given, and where ``max_steps`` stops a run), and, for each
 model given a run directory, ``metrics.csv``, ``curves.png``, ``last``/``best.safetensors`` and
-the ``state.pt`` that :func:`fit` resumes from.
+the snapshots that :func:`fit` resumes from (``checkpoints/step-<N>/``, see
+:mod:`gatezoo.train.checkpoint`): one at every evaluation and, with ``checkpoint_every``, every
+that many optimizer steps in between; ``state.pt`` is the newest snapshot's training state.
+Every file a resumed run depends on is written atomically, and a snapshot is complete only once
+its manifest (sizes and SHA-256 of its files) is written, so a run killed at any instant resumes
+from its newest complete snapshot and ends bit-identical to an uninterrupted run. A non-finite
+training loss stops the run before anything is saved for that step.
 
 Several models may train side by side (:class:`Trainee` each): at every optimizer step each takes
 its step on the same batches, the one that goes first rotating from step to step, and each one's
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +57,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError
 
 STATE_FILE = "state.pt"
+"""The run directory's copy (hard link) of its newest snapshot's training state."""
 STATE_VERSION = 2
 
 
@@ -135,7 +143,8 @@ class Trainee:
 
     ``spec`` and ``model_args`` rebuild the model from a checkpoint (see
     :mod:`gatezoo.train.checkpoint`); ``run_dir`` (optional) receives ``metrics.csv``,
-    ``curves.png``, ``last.safetensors``, ``best.safetensors`` and ``state.pt``.
+    ``curves.png``, ``last.safetensors``, ``best.safetensors``, the snapshots under
+    ``checkpoints/`` and ``state.pt``.
     """
 
     spec: str
@@ -162,14 +171,12 @@ class Trainee:
 
 
 def write_metrics(rows: Sequence[Mapping], path: Path) -> None:
-    """Write metric rows as CSV (columns of the first row, in order)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    """Write metric rows as CSV (columns of the first row, in order), atomically."""
+    with ckpt.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for row in rows:
             w.writerow({k: _fmt(v) for k, v in row.items()})
-    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -300,58 +307,122 @@ def _moe_row(t: Trainee, step: int) -> dict:
     return row
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
+    """Load trainee ``t`` from the newest snapshot of its run directory that verifies against its
+    manifest, warning about (and skipping) each newer one that does not; returns the position."""
+    run_dir = t.run_dir
+    snapshots = ckpt.list_snapshots(run_dir)
+    if not snapshots:
+        return _resume_state_file(t, steps_per_epoch, device)
+    problems = []
+    for _, folder in snapshots:
+        try:
+            ckpt.verify_snapshot(folder)
+            state = ckpt.load_state(folder / ckpt.STATE_FILE)
+        except (ckpt.CheckpointError, FileNotFoundError) as e:
+            problems.append(str(e))
+            _warn(f"skipping snapshot {folder.name}: {e}")
+            continue
+        if problems:
+            _warn(f"falling back to the older snapshot {folder.name}")
+        return _restore(t, state, folder / ckpt.MODEL_FILE, steps_per_epoch, device)
+    raise ConfigError(f"--resume {str(run_dir)!r}: no snapshot under {ckpt.SNAPSHOT_DIR}/ is complete and intact: "
+                      + "; ".join(problems))
+
+
+def _resume_state_file(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
+    """A run directory without snapshots (written before they existed): ``state.pt`` and
+    ``last.safetensors`` of the same evaluation."""
     state_path = t.run_dir / STATE_FILE
     if not state_path.is_file():
-        raise ConfigError(f"--resume {str(t.run_dir)!r}: no {STATE_FILE} there (not a run directory, or it never "
-                          f"finished an epoch)")
-    state = ckpt.load_state(state_path)
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: no checkpoint there (no {ckpt.SNAPSHOT_DIR}/step-*/ "
+                          f"snapshot and no {STATE_FILE}; not a run directory, or it never saved one)")
+    try:
+        state = ckpt.load_state(state_path)
+        step = ckpt.read_checkpoint_metadata(t.run_dir / "last.safetensors").get("step")
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: {e}") from e
+    position = state.get("position", {}) if isinstance(state.get("position"), dict) else {}
+    if state.get("version") == STATE_VERSION and step != position.get("global_step"):
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: {STATE_FILE} is of step {position.get('global_step')} "
+                          f"but last.safetensors of step {step}, and there is no snapshot under "
+                          f"{ckpt.SNAPSHOT_DIR}/")
+    return _restore(t, state, t.run_dir / "last.safetensors", steps_per_epoch, device)
+
+
+def _restore(t: Trainee, state: dict, weights: Path, steps_per_epoch: int, device: torch.device) -> dict:
+    """Set trainee ``t`` to a loaded training ``state`` and the weights in ``weights``; returns the position."""
     if state.get("version") != STATE_VERSION:
-        raise ConfigError(f"--resume {str(t.run_dir)!r}: {STATE_FILE} has state format {state.get('version')} "
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: the training state has format {state.get('version')} "
                           f"(gatezoo 0.1.0 wrote format 1); this version reads format {STATE_VERSION}")
     if state["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(f"--resume: the run had {state['steps_per_epoch']} steps per epoch, this config gives "
                           f"{steps_per_epoch} (batch_size, accum_steps or data changed)")
-    ckpt.load_weights(t.model, t.run_dir / "last.safetensors", device)
+    try:
+        ckpt.load_weights(t.model, weights, device)
+    except ckpt.CheckpointError as e:  # verified, so the model differs (model_args overridden?)
+        raise ConfigError(f"--resume: {e}") from e
     t.optimizer.load_state_dict(state["optimizer"])
     if t.scheduler is not None:
         t.scheduler.load_state_dict(state["scheduler"])
     t.stats.load_state_dict(state["running"])
     t.best, t.items, t.seconds = state["best"], state["items"], state["seconds"]
     ckpt.set_rng_state(state["rng"])
-    t.rows = read_metrics(t.run_dir / "metrics.csv")
-    _trim_expert_load(t.run_dir / "expert_load.csv", state["position"]["global_step"])
+    step = state["position"]["global_step"]
+    # rows (and expert loads) that a run killed after its evaluation but before its snapshot wrote
+    t.rows = [r for r in read_metrics(t.run_dir / "metrics.csv") if r.get("step", 0) <= step]
+    _trim_expert_load(t.run_dir / "expert_load.csv", step)
     return dict(state["position"])
 
 
 def _trim_expert_load(path: Path, step: int) -> None:
     """Drop the rows of ``expert_load.csv`` written after ``step`` (by a run that stopped before
-    saving its state), so that a resumed run does not write them twice."""
+    saving its snapshot), and any row a crash left incomplete, so that a resumed run does not
+    write them twice."""
     if not path.is_file():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+    kept = rows[:1] + [r for r in rows[1:] if len(r) == 4 and r[0].isdigit() and int(r[0]) <= step]
     if len(kept) != len(rows):
-        with open(path, "w", newline="") as f:
+        with ckpt.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
 
 
-def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str,
-          scheduled: bool = True) -> None:
-    meta = {"model": t.spec, "model_args": t.model_args, "task": task.checkpoint_info(), "epoch": row["epoch"],
-            "step": row["step"], "metrics": ev, "gatezoo_version": _version()}
-    ckpt.save_checkpoint(t.model, t.run_dir / "last.safetensors", meta)
-    if scheduled and ev[task.score] > t.best:
-        t.best = ev[task.score]
-        ckpt.save_checkpoint(t.model, t.run_dir / "best.safetensors", meta)
+def _metadata(task, t: Trainee, pos: dict, steps_per_epoch: int, metrics: dict | None = None) -> dict:
+    """The metadata of a checkpoint of ``t`` at ``pos`` (``metrics``: the evaluation there, if any)."""
+    step = pos["global_step"]
+    meta = {"model": t.spec, "model_args": t.model_args, "task": task.checkpoint_info(),
+            "epoch": step / steps_per_epoch, "step": step}
+    if metrics is not None:
+        meta["metrics"] = metrics
+    return {**meta, "gatezoo_version": _version()}
+
+
+def _snapshot(t: Trainee, pos: dict, steps_per_epoch: int, meta: dict) -> None:
+    """The resumable snapshot of ``t`` at ``pos`` (see :func:`gatezoo.train.checkpoint.save_snapshot`)."""
     state = {"version": STATE_VERSION, "position": dict(pos), "steps_per_epoch": steps_per_epoch, "best": t.best,
              "items": t.items, "seconds": t.seconds, "optimizer": t.optimizer.state_dict(),
              "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
              "running": t.stats.state_dict(), "rng": ckpt.rng_state()}
-    ckpt.save_state(state, t.run_dir / STATE_FILE)
+    ckpt.save_snapshot(t.run_dir, t.model, meta, state, pos["global_step"])
+
+
+def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str,
+          scheduled: bool = True) -> None:
+    """At an evaluation: ``last`` (and ``best``), ``metrics.csv``, ``curves.png``, then the snapshot."""
+    meta = _metadata(task, t, pos, steps_per_epoch, ev)
+    ckpt.save_checkpoint(t.model, t.run_dir / "last.safetensors", meta)
+    if scheduled and ev[task.score] > t.best:
+        t.best = ev[task.score]
+        ckpt.save_checkpoint(t.model, t.run_dir / "best.safetensors", meta)
     write_metrics(t.rows, t.run_dir / "metrics.csv")
     plot_curves(t.rows, t.run_dir / "curves.png", task.curves, title=title)
+    _snapshot(t, pos, steps_per_epoch, meta)
 
 
 def _version() -> str:
@@ -370,16 +441,20 @@ def steps_per_epoch(task, accum_steps: int = 1) -> int:
 def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device, bf16: bool = False,
         grad_clip: float | None = None, accum_steps: int = 1, max_steps: int | None = None,
         resume: bool = False, progress: bool = True, title: str = "", eval_every: int | None = None,
-        on_eval: Callable[[list[tuple[Trainee, dict]]], None] | None = None) -> dict:
+        on_eval: Callable[[list[tuple[Trainee, dict]]], None] | None = None,
+        checkpoint_every: int | None = None) -> dict:
     """Train every trainee on ``task`` for ``epochs`` epochs (or until ``max_steps`` optimizer steps).
 
     Each trainee's schedule must already span the run (:func:`steps_per_epoch` times ``epochs``
     steps). ``eval_every`` adds an evaluation (with its metrics row and checkpoints) every that many
-    optimizer steps inside an epoch, beside the one at each epoch's end. ``resume`` continues a
-    single trainee from its ``run_dir/state.pt`` at the step where it stopped, mid-epoch included;
+    optimizer steps inside an epoch, beside the one at each epoch's end. Every evaluation saves a
+    snapshot of each trainee that has a ``run_dir``; ``checkpoint_every`` saves one every that many
+    optimizer steps between evaluations as well (no evaluation, no metrics row). ``resume``
+    continues a single trainee from the newest intact snapshot of its ``run_dir`` (falling back to
+    the older one, with a warning, when the newest is incomplete or damaged), mid-epoch included;
     the result equals an uninterrupted run's. ``on_eval`` receives the list of ``(trainee, row)``
     after each evaluation, before the epoch's running sums restart. The evaluation where
-    ``max_steps`` stops a run between scheduled ones writes its row, ``last`` and the state, but
+    ``max_steps`` stops a run between scheduled ones writes its row, ``last`` and a snapshot, but
     does not compete for ``best`` and does not reach ``on_eval``, so a resumed run ends like an
     uninterrupted one. Returns the position reached:
     ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
@@ -388,8 +463,13 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         raise ValueError("fit needs at least one trainee")
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ConfigError(f"accum_steps must be a positive integer, got {accum_steps!r}")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
-        raise ConfigError(f"eval_every must be a positive integer (or null), got {eval_every!r}")
+    for name, every in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ConfigError(f"{name} must be a positive integer (or null), got {every!r}")
+    try:
+        ckpt.faults()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if grad_clip is not None and not grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0 (or null for none), got {grad_clip!r}")
     per_epoch = steps_per_epoch(task, accum_steps)
@@ -443,6 +523,12 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
             if t.run_dir is not None:
                 _save(task, t, row, t.last, pos, per_epoch, title, scheduled)
 
+    def snapshot_all() -> None:
+        pos["elapsed"] = elapsed0 + time.perf_counter() - start_time
+        for t in trainees:
+            if t.run_dir is not None:
+                _snapshot(t, pos, per_epoch, _metadata(task, t, pos, per_epoch))
+
     while pos["epoch"] < epochs and not stopped:
         epoch, start = pos["epoch"], pos["step_in_epoch"]
         batches = task.train_batches.epoch(epoch, start * accum_steps)
@@ -456,6 +542,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
             process_steps += 1
             pos["step_in_epoch"] += 1
             pos["global_step"] += 1
+            ckpt.fault("kill-at-step", pos["global_step"])  # a testing aid: GATEZOO_FAULT
             if pos["step_in_epoch"] % 10 == 0 or pos["step_in_epoch"] == per_epoch:
                 if n == 1:
                     bar.set_postfix_str(f"loss={trainees[0].stats.loss:.4f} {task.unit}/s={trainees[0].stats.rate:.0f}",
@@ -467,11 +554,14 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 break
             if eval_every and pos["global_step"] % eval_every == 0 and pos["step_in_epoch"] < per_epoch:
                 evaluate_all(finished_epoch=False)
+            elif (checkpoint_every and pos["global_step"] % checkpoint_every == 0
+                  and pos["step_in_epoch"] < per_epoch):
+                snapshot_all()
         bar.close()
 
         finished = pos["step_in_epoch"] >= per_epoch
         # an evaluation only because max_steps stopped the run is not one of the run's own: it
-        # writes its row, last and state.pt, but neither competes for best nor reaches on_eval,
+        # writes its row, last and its snapshot, but neither competes for best nor reaches on_eval,
         # so a resumed run ends with the same best checkpoint as an uninterrupted one
         evaluate_all(finished_epoch=finished,
                      scheduled=finished or bool(eval_every and pos["global_step"] % eval_every == 0))

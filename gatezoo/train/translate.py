@@ -26,7 +26,9 @@ target tokens bucketed by length, gradient clipping, dev loss and dev BLEU (gree
   so evaluation is reproducible);
 - ``metrics.csv`` (epoch, step, train_loss, train_acc (token accuracy), dev_loss, dev_bleu, lr,
   tok_per_s (target tokens per second of training step time), seconds) and ``curves.png``;
-- ``last.safetensors``, ``best.safetensors`` (highest dev BLEU), ``state.pt`` for ``--resume``;
+- ``last.safetensors``, ``best.safetensors`` (highest dev BLEU), and for ``--resume`` the
+  snapshots ``checkpoints/step-<N>/`` (the newest two; one at every evaluation, and every
+  ``checkpoint_every`` steps if set) and ``state.pt`` (the newest snapshot's training state);
 - with ``average_last N`` > 1: ``averaged.safetensors``, the mean of the weights at the last N
   evaluations (kept under ``avg/``);
 - ``test.json``: test BLEU/chrF of the final (averaged, else last) weights with ``beam_size``,
@@ -74,7 +76,7 @@ from .text import (
     split_pairs,
 )
 
-_SHARED = ("accum_steps", "bf16", "out", "name", "device", "max_steps", "threads", "progress")
+_SHARED = ("accum_steps", "bf16", "out", "name", "device", "max_steps", "checkpoint_every", "threads", "progress")
 
 
 def _key(name: str, **changes) -> Key:
@@ -316,7 +318,12 @@ class _Averager:
         for t, row in results:
             folder = t.run_dir / "avg"
             folder.mkdir(exist_ok=True)
-            save_file(_unique_state(t.model), str(folder / f"step-{int(row['step']):08d}.safetensors"))
+            step = int(row["step"])
+            for stale in folder.glob("step-*.safetensors"):  # left by a run resumed from an earlier snapshot
+                if int(stale.stem.split("-")[1]) > step:
+                    stale.unlink()
+            with ckpt.atomic_path(folder / f"step-{step:08d}.safetensors") as tmp:
+                save_file(_unique_state(t.model), str(tmp))
             for old in sorted(folder.glob("step-*.safetensors"))[:-self.n]:
                 old.unlink()
 
@@ -437,7 +444,7 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
                         shutil.copyfile(run_dir / f, d / f)
             trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d))
         for t in trainees:
-            (t.run_dir / "config.yaml").write_text(dump_config({**cfg, "model": t.spec}, MT_KEYS))
+            ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
         if fresh:
             print(f"{data}: {len(split.train):,} train / {len(split.dev):,} dev / {len(split.test):,} test pairs, "
                   f"vocabulary {tokenizer.vocab_size:,}, {task.train_batches.tokens:,} target tokens per epoch")
@@ -448,7 +455,7 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         pos = fit(task, trainees, resume=not fresh, title=title, epochs=cfg["epochs"], device=device,
                   bf16=cfg["bf16"], grad_clip=cfg["grad_clip"], accum_steps=cfg["accum_steps"],
                   max_steps=cfg["max_steps"], progress=cfg["progress"], eval_every=cfg["eval_every"],
-                  on_eval=averager)
+                  on_eval=averager, checkpoint_every=cfg["checkpoint_every"])
     except BaseException:
         if fresh and not any((d / STATE_FILE).exists() for d in [run_dir, *run_dir.glob("*")]):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: no half-made run directory
@@ -499,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="YAML", help="config file (keys below; omitted keys take their defaults)")
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its state.pt, with RUN_DIR/config.yaml as the config")
+                        help="continue the run in RUN_DIR from its newest intact snapshot (RUN_DIR/checkpoints/), "
+                        "with RUN_DIR/config.yaml as the config")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help="train these models side by side on the same batches (instead of --model); each gets "
                         "a subdirectory, and sidebyside.csv compares them")
