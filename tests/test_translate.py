@@ -93,6 +93,29 @@ def test_reorder_permutes_every_cache():
     assert all(c.k.shape[0] == 2 for c in (*cache.self_attn, *cache.cross_attn))
 
 
+def test_reorder_within_sentences_keeps_the_cross_attention_cache():
+    # beams of one sentence share their cross-attention keys/values and memory: reordering beams
+    # within their sentences leaves them in place (no copy), and decoding stays exact
+    model = _model("softmax")
+    src = _src(b=3)
+    expand = torch.arange(3).repeat_interleave(2)  # 2 beams per sentence
+    memory = model.encode(src).select(expand)
+    tgt = torch.randint(4, SMALL["vocab_size"], (6, 4))
+    tgt[:, 0] = BOS_ID
+    _, cache = model.decode_step(tgt[:, :2], memory, None)
+    cross = [c.k for c in cache.cross_attn]
+    swap = torch.tensor([1, 1, 2, 3, 5, 4])  # rows stay within their sentence
+    cache.reorder(swap)
+    assert memory.select(swap) is memory
+    assert all(c.k is k for c, k in zip(cache.cross_attn, cross))
+    logits, _ = model.decode_step(tgt[swap, 2:4], memory, cache)
+    torch.testing.assert_close(logits, model(src[expand[swap]], tgt[swap])[:, -1], rtol=1e-10, atol=1e-10)
+    # a sentence leaving the batch copies them
+    drop = torch.tensor([0, 1, 4, 5])
+    cache.reorder(drop)
+    assert cache.cross_attn[0].k.shape[0] == 4 and memory.select(drop).states.shape[0] == 4
+
+
 @pytest.mark.parametrize("attention", ["softmax", "rela"])
 def test_beam_size_one_equals_greedy(attention):
     model = _model(attention)

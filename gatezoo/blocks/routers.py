@@ -483,7 +483,10 @@ class GRKANRouter(Router):
     input) with autocast off, casting its parameters when they have another dtype.
 
     Args:
-        hidden: GRKAN hidden width (default ``dim``).
+        hidden: GRKAN hidden width (default ``2 * num_experts``: a KAN layer costs about
+            ``(grid_size + spline_order + 1) * in * out`` multiply-adds per token, so a hidden width of
+            ``dim`` made this router cost 15x a dense SwiGLU feed-forward at d = 256; ``2 E`` keeps it
+            a few percent).
         k: None or ``num_experts``.
         **kan_args: ``basis``, ``grid_size``, ``spline_order``, ``grid_range``... of the KAN layers.
     """
@@ -493,6 +496,7 @@ class GRKANRouter(Router):
     def __init__(self, dim: int, num_experts: int, k: int | None = None, *, hidden: int | None = None,
                  backend: str = "auto", device=None, dtype=None, **kan_args):
         super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
+        hidden = 2 * num_experts if hidden is None else hidden
         self.grkan = GRKAN(dim, hidden, num_experts, device=device, dtype=dtype, **kan_args)
 
     def forward(self, x, task_ids=None):

@@ -58,10 +58,13 @@ def _limits(src: torch.Tensor, model, max_len_a: float, max_len_b: int) -> list[
 
 
 def _finite(logits: torch.Tensor, step: int) -> torch.Tensor:
-    if not bool(torch.isfinite(logits).all()):
+    # one reduction instead of an elementwise isfinite: a NaN or an inf anywhere makes the sum
+    # non-finite (logits are far too small for a finite sum to overflow)
+    logits = logits.float()
+    if not bool(torch.isfinite(logits.sum())):
         raise FloatingPointError(f"the model produced non-finite logits (NaN or inf) at decoding step {step + 1}; "
                                  f"its weights or inputs are broken")
-    return logits.float()
+    return logits
 
 
 def _check_src(src) -> None:

@@ -165,11 +165,26 @@ class Memory:
 
     states: torch.Tensor
     mask: torch.Tensor
+    rows: torch.Tensor | None = None  # the encoder row each row is a copy of (None: row i is row i)
+
+    def source_rows(self) -> torch.Tensor:
+        """The encoder output row that each row holds (1-D LongTensor)."""
+        if self.rows is not None:
+            return self.rows
+        return torch.arange(self.states.shape[0], device=self.states.device)
 
     def select(self, index: torch.Tensor) -> Memory:
-        """The rows ``index`` (1-D LongTensor), e.g. each sentence repeated once per beam."""
+        """The rows ``index`` (1-D LongTensor), e.g. each sentence repeated once per beam.
+
+        When every selected row holds the same sentence as the row it replaces (beam search
+        reordering beams within their sentences), the content is unchanged and ``self`` is
+        returned without copying."""
         index = index.to(self.states.device)
-        return Memory(self.states.index_select(0, index), self.mask.index_select(0, index))
+        rows = self.source_rows()
+        new = rows.index_select(0, index)
+        if new.shape == rows.shape and torch.equal(new, rows):
+            return self
+        return Memory(self.states.index_select(0, index), self.mask.index_select(0, index), new)
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -179,14 +194,26 @@ class DecoderCache:
     """What the decoder keeps between steps: one self- and one cross-attention :class:`KVCache`
     per layer, and the number of target positions seen."""
 
-    def __init__(self, layers: int):
+    def __init__(self, layers: int, rows: torch.Tensor | None = None):
         self.self_attn = [KVCache() for _ in range(layers)]
         self.cross_attn = [KVCache() for _ in range(layers)]
         self.length = 0
+        self.rows = rows  # the source sentence of each row (Memory.source_rows), None if unknown
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` of every cache, in that order."""
-        for cache in (*self.self_attn, *self.cross_attn):
+        """Keep batch rows ``index`` of every cache, in that order.
+
+        Cross-attention keys and values depend only on the source sentence: when every selected
+        row holds the same sentence as the row it replaces (beams reordered within their
+        sentences), they are left in place instead of copied."""
+        for cache in self.self_attn:
+            cache.reorder(index)
+        if self.rows is not None:
+            new = self.rows.index_select(0, index.to(self.rows.device))
+            if new.shape == self.rows.shape and torch.equal(new, self.rows):
+                return
+            self.rows = new
+        for cache in self.cross_attn:
             cache.reorder(index)
 
 
@@ -279,7 +306,7 @@ class EncoderDecoder(nn.Module):
         follow the ``cache.length`` already decoded (the first call, with ``cache=None``, gets BOS).
         Returns the logits and the updated cache; equal to :meth:`decode` on the whole prefix."""
         if cache is None:
-            cache = DecoderCache(len(self.decoder))
+            cache = DecoderCache(len(self.decoder), memory.source_rows())
         start = cache.length
         if start + tokens.shape[1] > self.config.max_len:
             raise ValueError(f"decoding past the model's max_len={self.config.max_len} target positions")
