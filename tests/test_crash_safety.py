@@ -14,7 +14,6 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -83,23 +82,6 @@ def _kill_plan(seed, first, last, every):
 # image classification
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    """8x8 grayscale images of 3 classes: 64 train, 24 test."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
-        for i in range(n):
-            x[i, 2 * y[i]: 2 * y[i] + 3] += 150
-        return x, y
-
-    (x, y), (xt, yt) = make(64), make(24)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=y, x_test=xt, y_test=yt)
-    return path
-
 
 def _classify_args(data, out):
     # 4 steps per epoch, 12 in all; dropout and augmentation on, so every RNG state matters
@@ -151,24 +133,6 @@ def test_classify_killed_three_times_ends_bit_identical(tmp_path, tiny_npz, caps
 
 # ---------------------------------------------------------------------------------------------
 # translation
-
-WORDS_EN = "the a king man woman house of god land water light day night and said unto".split()
-WORDS_ES = "el la rey hombre mujer casa de dios tierra agua luz dia noche y dijo a".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """160 word-for-word 'translations'."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus")
-    src, tgt = [], []
-    for _ in range(160):
-        idx = [rng.randrange(len(WORDS_EN)) for _ in range(rng.randint(2, 7))]
-        src.append(" ".join(WORDS_EN[i] for i in idx))
-        tgt.append(" ".join(WORDS_ES[i] for i in idx))
-    (path / "train.en").write_text("\n".join(src) + "\n")
-    (path / "train.es").write_text("\n".join(tgt) + "\n")
-    return path
 
 
 def _translate_args(corpus, out):

@@ -25,23 +25,6 @@ from gatezoo.train.optim import inverse_sqrt, param_groups, warmup_cosine
 TINY = ["--model_args.dim", "32", "--model_args.depth", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    """8x8 grayscale images of 3 classes (a bright band whose row gives the class): 64 train, 24 test."""
-    rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
-        for i in range(n):
-            x[i, 2 * y[i] : 2 * y[i] + 3] += 150
-        return x, y
-
-    (x, y), (xt, yt) = make(64), make(24)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x=x, y=y, x_test=xt, y_test=yt)
-    return path
-
 
 def _run(tmp_path, tiny_npz, *extra, model="vit_tiny"):
     argv = ["--model", model, "--data", str(tiny_npz), "--out", str(tmp_path / "runs"), "--batch_size", "16",

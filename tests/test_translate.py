@@ -3,7 +3,6 @@ command end to end on a tiny corpus (train, save, resume, decode, evaluate) and 
 
 import io
 import json
-import random
 import sys
 
 import pytest
@@ -201,24 +200,6 @@ def test_decoding_errors():
 
 # ---------------------------------------------------------------------------------------------
 # the training command on a tiny corpus
-
-WORDS_EN = "the a king man woman house of god land water light day night and said unto".split()
-WORDS_ES = "el la rey hombre mujer casa de dios tierra agua luz dia noche y dijo a".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """160 word-for-word 'translations' (a word list mapped through a dictionary)."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus")
-    src, tgt = [], []
-    for _ in range(160):
-        idx = [rng.randrange(len(WORDS_EN)) for _ in range(rng.randint(2, 7))]
-        src.append(" ".join(WORDS_EN[i] for i in idx))
-        tgt.append(" ".join(WORDS_ES[i] for i in idx))
-    (path / "train.en").write_text("\n".join(src) + "\n")
-    (path / "train.es").write_text("\n".join(tgt) + "\n")
-    return path
 
 
 TINY_MT = ["--model_args", "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}", "--vocab_size", "40",

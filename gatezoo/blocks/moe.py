@@ -180,6 +180,16 @@ class _MoEModule(nn.Module):
             state["_pending"] = None
         return state
 
+    def _tokens(self, x, task_ids):
+        """Check ``x`` (..., in_features) and flatten it: ``(tokens (N, d), leading shape, task ids
+        per token or None)``."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+        lead = tuple(x.shape[:-1])
+        task_ids = _expand_task_ids(self.task_ids if task_ids is None else task_ids, lead)
+        return x.reshape(-1, self.in_features), lead, task_ids
+
     def reset_stats(self) -> None:
         for buf in (self.stat_load, self.stat_dropped, self.stat_zero, self.stat_tokens):
             buf.zero_()
@@ -316,13 +326,8 @@ class MoEFeedForward(_MoEModule):
         return self.router(x, task_ids)
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        lead = tuple(x.shape[:-1])
-        xf = x.reshape(-1, self.in_features)
+        xf, lead, task_ids = self._tokens(x, task_ids)
         n = xf.shape[0]
-        task_ids = _expand_task_ids(self.task_ids if task_ids is None else task_ids, lead)
         pending, self._pending = self._pending, None
         if pending is not None:
             if pending.weights.shape[0] != n:
@@ -437,12 +442,7 @@ class MoLELinear(_MoEModule):
         return layer
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
-                             f"{tuple(getattr(x, 'shape', ()))}")
-        lead = tuple(x.shape[:-1])
-        xf = x.reshape(-1, self.in_features)
-        task_ids = _expand_task_ids(self.task_ids if task_ids is None else task_ids, lead)
+        xf, lead, task_ids = self._tokens(x, task_ids)
         r = self.router(xf, task_ids)
         plan = make_plan(r.indices, self.num_experts, keep=r.keep)
         self._after_routing(r, plan)
