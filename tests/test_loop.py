@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gatezoo.train.config import ConfigError
 from gatezoo.train.loop import RunningStats, Trainee, fit, steps_per_epoch
 
 
@@ -123,8 +124,38 @@ def test_running_stats():
 def test_a_non_finite_loss_stops_the_run_with_a_clear_error():
     batches = ToyBatches(3, 4)
     batches.data[1][0][0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="toy: the training loss is not finite"):
-        fit(ToyTask(batches), [_trainee()], epochs=1, device=torch.device("cpu"), progress=False)
+    t = _trainee()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="toy: non-finite training loss .* at optimizer step 2"):
+        fit(ToyTask(batches), [t], epochs=1, device=torch.device("cpu"), progress=False)
+    # the first step was applied, the second was not
+    assert all(torch.isfinite(v).all() for v in t.model.state_dict().values())
+    assert any(not torch.equal(v, before[k]) for k, v in t.model.state_dict().items())
+
+
+def test_nonfinite_skip_skips_the_update_and_goes_on(capsys):
+    batches = ToyBatches(3, 4)
+    batches.data[1][0][0, 0] = float("nan")
+    scheduled = _trainee()
+    fit(ToyTask(batches), [scheduled], epochs=1, device=torch.device("cpu"), progress=False, nonfinite="skip")
+    assert scheduled.skipped == 1 and scheduled.scheduler.last_epoch == 3  # the schedule still advanced
+    assert "non-finite training loss" in capsys.readouterr().err
+    assert all(torch.isfinite(v).all() for v in scheduled.model.state_dict().values())
+    t, ref = _trainee(), _trainee()
+    t.scheduler = ref.scheduler = None  # a constant rate, so the updates compare one to one
+    fit(ToyTask(batches), [t], epochs=1, device=torch.device("cpu"), progress=False, nonfinite="skip")
+    # a run on the two good batches alone applies the same two updates (the optimizer never saw the bad one)
+    good = ToyBatches(3, 4)
+    good.data = [good.data[0], good.data[2]]
+    fit(ToyTask(good), [ref], epochs=1, device=torch.device("cpu"), progress=False)
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v, ref.model.state_dict()[k])
+
+
+def test_nonfinite_must_be_stop_or_skip():
+    with pytest.raises(ConfigError, match="nonfinite must be one of stop, skip"):
+        fit(ToyTask(ToyBatches(1, 4)), [_trainee()], epochs=1, device=torch.device("cpu"), progress=False,
+            nonfinite="ignore")
 
 
 def test_eval_every_adds_evaluations_and_a_max_steps_stop_does_not_compete_for_best(tmp_path):

@@ -30,7 +30,7 @@ from .routers import ROUTERS, Router, RoutingResult, make_router, router_z_loss,
 
 __all__ = [
     "EXPERTS", "MoEFeedForward", "MoLELinear", "PreGatedMoEStack", "link_pregated", "moe_aux_loss", "moe_stats",
-    "reset_moe_stats", "set_task_ids", "unlink_pregated",
+    "reset_moe_stats", "set_moe_process_group", "set_task_ids", "unlink_pregated",
 ]
 
 EXPERTS = sorted(GLU_VARIANTS) + [f"mlp-{k}" for k in sorted(KINDS)] + [
@@ -138,30 +138,68 @@ class _MoEModule(nn.Module):
         self.last_aux: dict = {}
         self.last_routing: RoutingResult | None = None
         self.task_ids = None  # default task ids for forwards that do not pass any (see set_task_ids)
+        self.process_group = None  # set_moe_process_group: reduce the routing statistics over it
 
     def _route(self, x: torch.Tensor, task_ids) -> RoutingResult:
         return self.router(x, task_ids)
 
+    def _global_counts(self, load: torch.Tensor, r: RoutingResult, plan: DispatchPlan):
+        """``(load, tokens, dropped, zero-expert tokens, world)`` of this forward summed over the
+        process group (one all-reduce), or of this process alone without one."""
+        masked = 0 if r.keep is None else (~r.keep).sum()
+        local = [load, torch.tensor([r.indices.shape[0]], device=load.device),
+                 (plan.dropped - masked).reshape(1).to(load.device), (plan.position < 0).all(1).sum().reshape(1)]
+        packed = torch.cat([t.to(torch.int64) for t in local])
+        world = 1
+        group = self.process_group
+        if group is not None and self.training and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size(group)
+            if world > 1:
+                torch.distributed.all_reduce(packed, group=group)
+        e = self.num_experts
+        return packed[:e], packed[e], packed[e + 1], packed[e + 2], world
+
     def _after_routing(self, r: RoutingResult, plan: DispatchPlan) -> None:
-        """Training bookkeeping (bias update, counters), then the auxiliary losses."""
+        """Training bookkeeping (bias update, counters), then the auxiliary losses.
+
+        With a process group (:func:`set_moe_process_group`) the load, token count, drops and
+        zero-expert tokens are summed over its processes first, so every process updates a
+        selection bias and counts with the global batch's load, and the balance and z-losses are
+        each process's share of the global batch's losses times the world size W: DDP's average
+        of the gradients then gives exactly the gradient of the global losses (the Switch loss
+        ``E sum_i f_i P_i`` is not a mean over tokens, so per-process losses would differ)."""
+        world, n_all = 1, None
         if self.training:
             with torch.no_grad():
                 ones = torch.ones_like(r.indices) if r.keep is None else r.keep.long()
                 load = torch.zeros(self.num_experts, dtype=torch.int64, device=r.indices.device).scatter_add_(
                     0, r.indices.reshape(-1), ones.reshape(-1))  # no host sync, unlike bincount on CUDA
+                load, tokens, dropped, zero, world = self._global_counts(load, r, plan)
                 update = getattr(self.router, "update_bias", None)
                 if update is not None:
                     update(load)
-                masked = 0 if r.keep is None else (~r.keep).sum()
                 self.stat_load += load.to(self.stat_load.device)
-                self.stat_dropped += (plan.dropped - masked).to(self.stat_dropped.device)
-                self.stat_zero += (plan.position < 0).all(1).sum().to(self.stat_zero.device)
-                self.stat_tokens += r.indices.shape[0]
+                self.stat_dropped += dropped.to(self.stat_dropped.device)
+                self.stat_zero += zero.to(self.stat_zero.device)
+                self.stat_tokens += tokens.to(self.stat_tokens.device)
+                if world > 1:
+                    n_all = tokens
         aux = dict(r.aux)
-        if self.router.balance and self.balance_coef:
-            aux["balance"] = self.balance_coef * switch_balance_loss(r.probs, r.indices, self.num_experts, keep=r.keep)
-        if r.logits is not None and self.z_loss_coef:
-            aux["z"] = self.z_loss_coef * router_z_loss(r.logits)
+        n = r.indices.shape[0]
+        if n_all is None:
+            if self.router.balance and self.balance_coef:
+                aux["balance"] = self.balance_coef * switch_balance_loss(r.probs, r.indices, self.num_experts,
+                                                                         keep=r.keep)
+            if r.logits is not None and self.z_loss_coef:
+                aux["z"] = self.z_loss_coef * router_z_loss(r.logits)
+        else:  # this process's share of the global losses, times the world size
+            scale = world / n_all.clamp(min=1).to(torch.float32)
+            aux = {name: value * (n * scale) for name, value in aux.items()}  # the routers' own: token means
+            if self.router.balance and self.balance_coef:
+                f = load.to(r.probs.dtype) / n_all.clamp(min=1)
+                aux["balance"] = self.balance_coef * self.num_experts * (f * r.probs.sum(0)).sum() * scale
+            if r.logits is not None and self.z_loss_coef:
+                aux["z"] = self.z_loss_coef * (torch.logsumexp(r.logits.float(), -1) ** 2).sum() * scale
         # kept for inspection only, detached: no autograd graph outlives the step through them
         self.last_aux = {name: value.detach() for name, value in aux.items()}
         self.last_routing = _detached(r)
@@ -587,6 +625,18 @@ def moe_stats(model: nn.Module) -> dict:
         "zero_expert_share": zero / tokens if tokens else 0.0,
     }
     return {"layers": layers, "all": summary}
+
+
+def set_moe_process_group(model: nn.Module, group) -> None:
+    """Make every MoE layer inside ``model`` sum its routing statistics over the processes of
+    ``group`` (a ``torch.distributed`` process group; None: this process alone, the default) in
+    training forwards: the load that moves a selection bias, the logged counters, and the balance
+    and z-losses, which become each process's share of the global batch's losses times the world
+    size (see ``_MoEModule._after_routing``), for data-parallel training whose gradients are
+    averaged over the processes (DistributedDataParallel, FSDP). Every process must then run the
+    same number of training forwards (one all-reduce per MoE layer each)."""
+    for _, m in _moe_modules(model):
+        m.process_group = group
 
 
 def set_task_ids(model: nn.Module, task_ids) -> None:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .checkpoint import write_text
 from .config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
@@ -214,7 +215,21 @@ def fit_options(cfg: Mapping, device: torch.device) -> dict:
     """The keyword arguments of :func:`~gatezoo.train.loop.fit` that a config sets."""
     return dict(epochs=cfg["epochs"], device=device, bf16=cfg["bf16"], grad_clip=cfg["grad_clip"],
                 accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], progress=cfg["progress"],
-                checkpoint_every=cfg.get("checkpoint_every"))
+                checkpoint_every=cfg.get("checkpoint_every"), nonfinite=cfg.get("nonfinite", "stop"))
+
+
+def start_run_dir(env: distributed.DistEnv, out, name: str) -> Path:
+    """A new run directory, made by rank 0 and named to every process (see :func:`new_run_dir`)."""
+    made = None
+    if env.main:
+        try:
+            made = new_run_dir(out, name)
+        except ConfigError as e:
+            made = e
+    made = distributed.broadcast_object(env, made)
+    if isinstance(made, Exception):
+        raise made
+    return made
 
 
 def train(cfg: dict, resume: str | Path | None = None) -> dict:
@@ -225,6 +240,8 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
+    env = distributed.setup(device)
+    device = distributed.device_for(env, device)
     dataset = load_dataset(cfg["data"])
     model_args = data_model_args(dataset, cfg["model_args"])
     cfg = {**cfg, "model_args": model_args, "data": data_spec(cfg["data"])}
@@ -233,20 +250,31 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
                                device=device, data=cfg["data"])
     per_epoch = steps_per_epoch(task, cfg["accum_steps"])
     fresh = resume is None
-    run_dir = new_run_dir(cfg["out"], cfg["name"] or cfg["model"]) if fresh else Path(resume)
+    if cfg["fsdp"] and not env.active:
+        raise ConfigError("fsdp: true needs several processes; launch with torchrun --nproc_per_node=N")
+    run_dir = start_run_dir(env, cfg["out"], cfg["name"] or cfg["model"]) if fresh else Path(resume)
     try:
         trainee = make_trainee(cfg, cfg["model"], model_args, per_epoch, device, run_dir, dataset=dataset)
-        if fresh:
+        trainee.net = distributed.wrap(trainee.model, env, device, cfg["fsdp"])
+        if env.rank > 0:  # dropout noise of its own
+            torch.manual_seed(cfg["seed"] * 1_000_003 + env.rank)
+        if fresh and env.main:
             print(dataset.summary())
-            print(f"{cfg['model']}: {trainee.params:,} parameters, {per_epoch} steps/epoch on {device}; "
+            where = f"{device}" + (f", {env.world} processes" if env.active else "")
+            print(f"{cfg['model']}: {trainee.params:,} parameters, {per_epoch} steps/epoch on {where}; "
                 f"run directory {run_dir}")
-        write_text(run_dir / "config.yaml", dump_config(cfg))
-        pos = fit(task, [trainee], resume=not fresh, title=f"{cfg['model']} on {dataset.name}",
+        if env.main:
+            write_text(run_dir / "config.yaml", dump_config(cfg))
+        pos = fit(task, [trainee], resume=not fresh, title=f"{cfg['model']} on {dataset.name}", env=env,
                   **fit_options(cfg, device))
     except BaseException:
-        if fresh and not (run_dir / STATE_FILE).exists():  # nothing worth keeping: no half-made run directory
+        if fresh and env.main and not (run_dir / STATE_FILE).exists():  # no half-made run directory
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        distributed.teardown(env)
+    if not env.main:
+        return {"run_dir": run_dir, "rank": env.rank}
     if pos["stopped"] and pos["epoch"] < cfg["epochs"]:
         print(f"stopped at max_steps={cfg['max_steps']} (step {pos['global_step']} of {cfg['epochs'] * per_epoch}); "
               f"continue with --resume {run_dir} --max_steps null")
@@ -289,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "rank" in result:  # a distributed run's other processes: rank 0 reports
+        return 0
     print(f"final test accuracy: {result['test_acc']:.4f} (best {result['best_acc']:.4f}) -- {result['run_dir']}")
     return 0
 

@@ -78,6 +78,10 @@ KEYS: dict[str, Key] = {
                             "evaluations, so a crash loses at most that many (null: at evaluations only)",
                             optional=True, minimum=1),
     "threads": Key(None, "int", "torch.set_num_threads for CPU runs", optional=True, minimum=1),
+    "nonfinite": Key("stop", "str", "at a non-finite training loss or gradient norm: stop (error naming the step) "
+                     "or skip (that optimizer step is skipped with a warning)", choices=("stop", "skip")),
+    "fsdp": Key(False, "bool", "under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
+                "instead of DistributedDataParallel"),
     "progress": Key(True, "bool", "tqdm progress bars"),
 }
 
@@ -154,25 +158,36 @@ def _canonical(key: str, keys: Mapping[str, Key] = KEYS) -> list[str]:
     return parts
 
 
-def apply_overrides(cfg: dict, overrides: Iterable[tuple[str, Any]], keys: Mapping[str, Key] = KEYS) -> dict:
-    """Set each dotted key of ``overrides`` in a copy of ``cfg``; only ``keys`` and dict sub-keys."""
+def apply_overrides(cfg: dict, overrides: Iterable[tuple[str, Any]], keys: Mapping[str, Key] = KEYS,
+                    problems: list[str] | None = None) -> dict:
+    """Set each dotted key of ``overrides`` in a copy of ``cfg``; only ``keys`` and dict sub-keys.
+    A bad override raises :class:`ConfigError`, or with a ``problems`` list is appended to it and skipped."""
     cfg = copy.deepcopy(cfg)
     for key, value in overrides:
-        parts = _canonical(key, keys)
-        if parts[0] not in keys:
-            raise ConfigError(f"unknown config key {parts[0]!r} (in --{key}); known keys: {', '.join(keys)}")
-        if len(parts) > 1 and keys[parts[0]].kind != "dict":
-            raise ConfigError(f"--{key}: {parts[0]!r} is not a mapping, so it has no sub-key {'.'.join(parts[1:])!r}")
-        node = cfg
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"--{key}: {p!r} holds {child!r}, not a mapping")
-            node = child
-        node[parts[-1]] = value
+        try:
+            _override(cfg, key, value, keys)
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
     return cfg
+
+
+def _override(cfg: dict, key: str, value: Any, keys: Mapping[str, Key]) -> None:
+    parts = _canonical(key, keys)
+    if parts[0] not in keys:
+        raise ConfigError(f"unknown config key {parts[0]!r} (in --{key}); known keys: {', '.join(keys)}")
+    if len(parts) > 1 and keys[parts[0]].kind != "dict":
+        raise ConfigError(f"--{key}: {parts[0]!r} is not a mapping, so it has no sub-key {'.'.join(parts[1:])!r}")
+    node = cfg
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--{key}: {p!r} holds {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = value
 
 
 def check(key: str, value: Any, keys: Mapping[str, Key] = KEYS) -> Any:
@@ -237,12 +252,32 @@ def validate(cfg: Mapping, keys: Mapping[str, Key] = KEYS) -> dict:
     """Check every key of ``cfg`` (all of ``keys``, default :data:`KEYS`, no others) and coerce its type."""
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"a config must be a mapping, got {type(cfg).__name__}")
+    problems = []
     unknown = [k for k in cfg if k not in keys]
     if unknown:
-        raise ConfigError(f"unknown config key(s) {unknown}; known keys: {', '.join(keys)}")
+        problems.append(f"unknown config key(s) {unknown}; known keys: {', '.join(keys)}")
     full = default_config(keys)
     full.update(cfg)
-    return {k: check(k, full[k], keys) for k in keys}
+    out = {}
+    for k in keys:
+        try:
+            out[k] = check(k, full[k], keys)
+        except ConfigError as e:
+            problems.append(str(e))
+    raise_all(problems)
+    return out
+
+
+def raise_all(problems: Sequence[str]) -> None:
+    """One :class:`ConfigError` listing every problem (nothing when there is none)."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        e = ConfigError(problems[0])
+    else:
+        e = ConfigError(f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems))
+    e.problems = list(problems)
+    raise e
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -277,10 +312,18 @@ def load_config(
     if path is not None and os.path.isdir(path):
         raise ConfigError(f"--config {str(path)!r} is a directory, not a YAML file")
     cfg = read_yaml(path) if path is not None else {}
+    problems = []
     unknown = [k for k in cfg if k not in keys]
-    if unknown:
-        raise ConfigError(f"config file {str(path)!r}: unknown key(s) {unknown}; known keys: {', '.join(keys)}")
-    return validate(apply_overrides({**(base or {}), **cfg}, overrides, keys), keys)
+    if unknown:  # named with the file, and listed with every other problem
+        problems.append(f"config file {str(path)!r}: unknown key(s) {unknown}; known keys: {', '.join(keys)}")
+        cfg = {k: v for k, v in cfg.items() if k not in unknown}
+    checked = None
+    try:
+        checked = validate(apply_overrides({**(base or {}), **cfg}, overrides, keys, problems), keys)
+    except ConfigError as e:
+        problems.extend(getattr(e, "problems", [str(e)]))
+    raise_all(problems)
+    return checked
 
 
 def config_source(config: str | os.PathLike | None, resume: str | os.PathLike | None):

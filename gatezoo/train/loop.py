@@ -27,7 +27,10 @@ that many optimizer steps in between; ``state.pt`` is the newest snapshot's trai
 Every file a resumed run depends on is written atomically, and a snapshot is complete only once
 its manifest (sizes and SHA-256 of its files) is written, so a run killed at any instant resumes
 from its newest complete snapshot and ends bit-identical to an uninterrupted run. A non-finite
-training loss stops the run before anything is saved for that step.
+training loss (or gradient norm) stops the run, naming the step, before the optimizer applies it
+(or, with ``nonfinite="skip"``, skips that update), so no checkpoint ever holds non-finite weights.
+Under ``torchrun`` every process trains on its share of each batch and rank 0 alone evaluates
+and writes (:mod:`gatezoo.train.distributed`).
 
 Several models may train side by side (:class:`Trainee` each): at every optimizer step each takes
 its step on the same batches, the one that goes first rotating from step to step, and each one's
@@ -55,6 +58,7 @@ from gatezoo.blocks.moe import moe_aux_loss, moe_stats, reset_moe_stats
 
 from . import checkpoint as ckpt
 from .config import ConfigError
+from .distributed import SINGLE, DistEnv, all_sum, gather_objects, shard
 
 STATE_FILE = "state.pt"
 """The run directory's copy (hard link) of its newest snapshot's training state."""
@@ -162,6 +166,13 @@ class Trainee:
     items: int = 0  # timed items and seconds of the finished epochs, for the mean throughput
     seconds: float = 0.0
     expert_load: dict = field(default_factory=dict)  # MoE layer name -> each expert's share, last evaluation
+    net: nn.Module | None = None  # what trains: ``model`` wrapped for data parallelism (None: ``model`` itself)
+    skipped: int = 0  # optimizer steps skipped for a non-finite loss (nonfinite="skip")
+
+    @property
+    def trained(self) -> nn.Module:
+        """The module the training forward and backward run through (``net`` or ``model``)."""
+        return self.model if self.net is None else self.net
 
     @property
     def rate(self) -> float:
@@ -237,59 +248,107 @@ def _groups(batches, accum: int):
         yield group
 
 
+NONFINITE = ("stop", "skip")
+"""What :func:`fit` does at a non-finite training loss (or gradient norm): stop the run, or skip the
+optimizer step (the schedule still advances) and go on."""
+
+
 def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_clip: float | None,
-          timed: bool) -> None:
-    """One optimizer step of trainee ``t`` over the batches of ``group``."""
+          timed: bool, env: DistEnv = SINGLE, nonfinite: str = "stop", step: int = 0) -> None:
+    """One optimizer step of trainee ``t`` over the batches of ``group`` (each process on its share
+    of every batch, the loss of a share weighted by its share of the batch's items)."""
     t.lr = t.optimizer.param_groups[0]["lr"]
     synchronize(device)
     t0 = time.perf_counter()
     t.optimizer.zero_grad(set_to_none=True)
     records = []
-    for batch in group:
-        with autocast(device, bf16):
-            loss, n, sums = task.loss(t.model, batch)
-            aux = moe_aux_loss(t.model)  # the MoE layers' balance / z-losses of this forward
-        total = loss if aux is None else loss + aux
-        (total if len(group) == 1 else total / len(group)).backward()
-        if aux is not None:
-            sums = {**sums, "aux_loss": aux.detach().float() * n}
-        records.append((loss.detach(), total.detach(), n, sums))
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
+    net = t.trained
+    for i, batch in enumerate(group):
+        batch = shard(batch, env)
+        # gradients are averaged over the processes once, at the last batch of the group
+        sync = contextlib.nullcontext() if i == len(group) - 1 or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with autocast(device, bf16):
+                loss, n, sums = task.loss(net, batch)
+                aux = moe_aux_loss(t.model)  # the MoE layers' balance / z-losses of this forward
+            total = loss if aux is None else loss + aux
+            weight = 1.0
+            n_all = n
+            if env.active:  # the share's weight in the global mean, times world to undo DDP's average
+                n_all = all_sum(env, [n])[0]
+                weight = n * env.world / n_all if n_all else 0.0
+                total = loss * weight if aux is None else loss * weight + aux
+            (total if len(group) == 1 else total / len(group)).backward()
+        if aux is not None:  # aux is already the process's share times world (see set_moe_process_group)
+            sums = {**sums, "aux_loss": aux.detach().float() * n_all / env.world}
+        records.append((loss.detach(), n, sums))
+    # .item() also waits for the device
+    losses = [loss.item() for loss, _, _ in records]
+    bad = not all(math.isfinite(v) for v in losses)
+    if not bad and aux is not None:
+        bad = not all(math.isfinite(float(s["aux_loss"])) for _, _, s in records)
+    norm = None
+    if grad_clip and not bad:
+        norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
+        bad = not math.isfinite(float(norm))
+    if env.active:
+        bad = all_sum(env, [float(bad)])[0] > 0
+    if bad:
+        what = f"loss {losses}" if norm is None else f"gradient norm {float(norm)}"
+        if nonfinite == "stop":
+            raise FloatingPointError(f"{t.spec}: non-finite training {what} at optimizer step {step + 1}; "
+                                     f"lower the learning rate, set grad_clip, check the data, or set "
+                                     f"nonfinite: skip")
+        t.optimizer.zero_grad(set_to_none=True)
+        t.skipped += 1
+        _warn(f"{t.spec}: non-finite training {what} at optimizer step {step + 1}: step skipped "
+              f"({t.skipped} so far)")
+        if t.scheduler is not None:
+            t.scheduler.step()
+        return
     t.optimizer.step()
     if t.scheduler is not None:
         t.scheduler.step()
-    # .item() also waits for the device
-    totals = [total.item() for _, total, _, _ in records]
-    if not all(math.isfinite(v) for v in totals):
-        raise FloatingPointError(f"{t.spec}: the training loss is not finite ({totals}); lower the "
-                                 f"learning rate, set grad_clip, or check the data")
-    # the logged training loss is the task's own; an auxiliary (MoE) loss is logged apart
-    records = [(loss.item(), n, {k: float(v) for k, v in sums.items()}) for loss, _, n, sums in records]
+    records = [(loss, n, {k: float(v) for k, v in sums.items()}) for loss, (_, n, sums) in zip(losses, records)]
     synchronize(device)
     dt = time.perf_counter() - t0
     for i, (loss, n, sums) in enumerate(records):
         t.stats.add(loss, n, sums, dt if i == 0 else 0.0, timed=timed)
 
 
+def _reduced(stats: RunningStats, env: DistEnv) -> RunningStats:
+    """``stats`` summed over the processes (seconds: their mean); ``stats`` itself for one process."""
+    if not env.active:
+        return stats
+    keys = sorted(stats.sums)
+    total = all_sum(env, [stats.loss_sum, stats.items, stats.timed, stats.seconds, *(stats.sums[k] for k in keys)])
+    out = RunningStats()
+    out.loss_sum, out.items, out.timed = total[0], int(total[1]), int(total[2])
+    out.seconds = total[3] / env.world
+    out.sums = dict(zip(keys, total[4:]))
+    return out
+
+
 MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "dropped_share", "zero_expert_share")
 """The metrics columns of a model with mixture-of-experts layers (:func:`_moe_row`)."""
 
 
-def _moe_row(t: Trainee, step: int) -> dict:
+def _moe_row(t: Trainee, step: int, running: RunningStats | None = None) -> dict:
     """The MoE columns of a metrics row: the mean auxiliary loss per item over the epoch so far
     (the window of ``train_loss``), and from the training steps since the last evaluation the
     mean over layers of the load's coefficient of variation,
     the least-loaded expert's share of the assignments (smallest over layers), the share of
     assignments dropped by a capacity, and the share of tokens no expert took. The per-expert
     shares go to ``expert_load.csv`` in the run directory (one row per layer and expert). The
-    load counters restart after each evaluation. Empty for a model without MoE layers."""
+    load counters restart after each evaluation. Empty for a model without MoE layers. ``running``:
+    the epoch's sums to use instead of ``t.stats`` (those reduced over the processes)."""
     stats = moe_stats(t.model)
     if not stats["layers"]:
         return {}
     s = stats["all"]
-    items = t.stats.items
-    row = {"aux_loss": t.stats.total("aux_loss") / items if items else float("nan"), "load_cv": s["load_cv"],
+    running = t.stats if running is None else running
+    items = running.items
+    row = {"aux_loss": running.total("aux_loss") / items if items else float("nan"), "load_cv": s["load_cv"],
            "min_expert_share": s["min_share"], "dropped_share": s["dropped_share"],
            "zero_expert_share": s["zero_expert_share"]}
     if t.run_dir is not None and s["assignments"]:
@@ -311,13 +370,13 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
+def _resume(t: Trainee, steps_per_epoch: int, device: torch.device, env: DistEnv = SINGLE) -> dict:
     """Load trainee ``t`` from the newest snapshot of its run directory that verifies against its
     manifest, warning about (and skipping) each newer one that does not; returns the position."""
     run_dir = t.run_dir
     snapshots = ckpt.list_snapshots(run_dir)
     if not snapshots:
-        return _resume_state_file(t, steps_per_epoch, device)
+        return _resume_state_file(t, steps_per_epoch, device, env)
     problems = []
     for _, folder in snapshots:
         try:
@@ -329,12 +388,12 @@ def _resume(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
             continue
         if problems:
             _warn(f"falling back to the older snapshot {folder.name}")
-        return _restore(t, state, folder / ckpt.MODEL_FILE, steps_per_epoch, device)
+        return _restore(t, state, folder / ckpt.MODEL_FILE, steps_per_epoch, device, env)
     raise ConfigError(f"--resume {str(run_dir)!r}: no snapshot under {ckpt.SNAPSHOT_DIR}/ is complete and intact: "
                       + "; ".join(problems))
 
 
-def _resume_state_file(t: Trainee, steps_per_epoch: int, device: torch.device) -> dict:
+def _resume_state_file(t: Trainee, steps_per_epoch: int, device: torch.device, env: DistEnv = SINGLE) -> dict:
     """A run directory without snapshots (written before they existed): ``state.pt`` and
     ``last.safetensors`` of the same evaluation."""
     state_path = t.run_dir / STATE_FILE
@@ -351,10 +410,11 @@ def _resume_state_file(t: Trainee, steps_per_epoch: int, device: torch.device) -
         raise ConfigError(f"--resume {str(t.run_dir)!r}: {STATE_FILE} is of step {position.get('global_step')} "
                           f"but last.safetensors of step {step}, and there is no snapshot under "
                           f"{ckpt.SNAPSHOT_DIR}/")
-    return _restore(t, state, t.run_dir / "last.safetensors", steps_per_epoch, device)
+    return _restore(t, state, t.run_dir / "last.safetensors", steps_per_epoch, device, env)
 
 
-def _restore(t: Trainee, state: dict, weights: Path, steps_per_epoch: int, device: torch.device) -> dict:
+def _restore(t: Trainee, state: dict, weights: Path, steps_per_epoch: int, device: torch.device,
+             env: DistEnv = SINGLE) -> dict:
     """Set trainee ``t`` to a loaded training ``state`` and the weights in ``weights``; returns the position."""
     if state.get("version") != STATE_VERSION:
         raise ConfigError(f"--resume {str(t.run_dir)!r}: the training state has format {state.get('version')} "
@@ -371,11 +431,19 @@ def _restore(t: Trainee, state: dict, weights: Path, steps_per_epoch: int, devic
         t.scheduler.load_state_dict(state["scheduler"])
     t.stats.load_state_dict(state["running"])
     t.best, t.items, t.seconds = state["best"], state["items"], state["seconds"]
-    ckpt.set_rng_state(state["rng"])
+    rngs = state.get("rng_ranks")
+    if env.active and rngs is not None and len(rngs) == env.world:
+        ckpt.set_rng_state(rngs[env.rank])
+    else:
+        if env.active and env.rank > 0:
+            _warn(f"the snapshot holds no RNG state for rank {env.rank} of {env.world} (saved by another number "
+                  f"of processes): dropout and noisy routers continue from rank 0's")
+        ckpt.set_rng_state(state["rng"])
     step = state["position"]["global_step"]
     # rows (and expert loads) that a run killed after its evaluation but before its snapshot wrote
     t.rows = [r for r in read_metrics(t.run_dir / "metrics.csv") if r.get("step", 0) <= step]
-    _trim_expert_load(t.run_dir / "expert_load.csv", step)
+    if env.main:
+        _trim_expert_load(t.run_dir / "expert_load.csv", step)
     return dict(state["position"])
 
 
@@ -403,17 +471,20 @@ def _metadata(task, t: Trainee, pos: dict, steps_per_epoch: int, metrics: dict |
     return {**meta, "gatezoo_version": _version()}
 
 
-def _snapshot(t: Trainee, pos: dict, steps_per_epoch: int, meta: dict) -> None:
-    """The resumable snapshot of ``t`` at ``pos`` (see :func:`gatezoo.train.checkpoint.save_snapshot`)."""
+def _snapshot(t: Trainee, pos: dict, steps_per_epoch: int, meta: dict, rngs: list | None = None) -> None:
+    """The resumable snapshot of ``t`` at ``pos`` (see :func:`gatezoo.train.checkpoint.save_snapshot`);
+    ``rngs``: every process's RNG state, in rank order, for a distributed run."""
     state = {"version": STATE_VERSION, "position": dict(pos), "steps_per_epoch": steps_per_epoch, "best": t.best,
              "items": t.items, "seconds": t.seconds, "optimizer": t.optimizer.state_dict(),
              "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
-             "running": t.stats.state_dict(), "rng": ckpt.rng_state()}
+             "running": t.stats.state_dict(), "rng": ckpt.rng_state() if rngs is None else rngs[0]}
+    if rngs is not None and len(rngs) > 1:
+        state["rng_ranks"] = rngs
     ckpt.save_snapshot(t.run_dir, t.model, meta, state, pos["global_step"])
 
 
 def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str,
-          scheduled: bool = True) -> None:
+          scheduled: bool = True, rngs: list | None = None) -> None:
     """At an evaluation: ``last`` (and ``best``), ``metrics.csv``, ``curves.png``, then the snapshot."""
     meta = _metadata(task, t, pos, steps_per_epoch, ev)
     ckpt.save_checkpoint(t.model, t.run_dir / "last.safetensors", meta)
@@ -422,7 +493,7 @@ def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int
         ckpt.save_checkpoint(t.model, t.run_dir / "best.safetensors", meta)
     write_metrics(t.rows, t.run_dir / "metrics.csv")
     plot_curves(t.rows, t.run_dir / "curves.png", task.curves, title=title)
-    _snapshot(t, pos, steps_per_epoch, meta)
+    _snapshot(t, pos, steps_per_epoch, meta, rngs)
 
 
 def _version() -> str:
@@ -442,7 +513,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         grad_clip: float | None = None, accum_steps: int = 1, max_steps: int | None = None,
         resume: bool = False, progress: bool = True, title: str = "", eval_every: int | None = None,
         on_eval: Callable[[list[tuple[Trainee, dict]]], None] | None = None,
-        checkpoint_every: int | None = None) -> dict:
+        checkpoint_every: int | None = None, nonfinite: str = "stop", env: DistEnv = SINGLE) -> dict:
     """Train every trainee on ``task`` for ``epochs`` epochs (or until ``max_steps`` optimizer steps).
 
     Each trainee's schedule must already span the run (:func:`steps_per_epoch` times ``epochs``
@@ -456,7 +527,13 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     after each evaluation, before the epoch's running sums restart. The evaluation where
     ``max_steps`` stops a run between scheduled ones writes its row, ``last`` and a snapshot, but
     does not compete for ``best`` and does not reach ``on_eval``, so a resumed run ends like an
-    uninterrupted one. Returns the position reached:
+    uninterrupted one. ``nonfinite`` (:data:`NONFINITE`): at a non-finite training loss (or
+    gradient norm, with ``grad_clip``) raise ``FloatingPointError`` naming the step (``"stop"``)
+    or skip that optimizer step with a warning (``"skip"``); either way no update with non-finite
+    values is applied, so no checkpoint holds them. ``env``: this process's place in a
+    distributed run (:mod:`gatezoo.train.distributed`; each trainee's ``net`` wrapped for it): every
+    process steps on its share of each batch, and only rank 0 evaluates, logs and writes.
+    Returns the position reached:
     ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
     """
     if not trainees:
@@ -472,13 +549,16 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         raise ConfigError(str(e)) from None
     if grad_clip is not None and not grad_clip > 0:
         raise ConfigError(f"grad_clip must be > 0 (or null for none), got {grad_clip!r}")
+    if nonfinite not in NONFINITE:
+        raise ConfigError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}")
     per_epoch = steps_per_epoch(task, accum_steps)
     pos = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "elapsed": 0.0}
     if resume:
         if len(trainees) != 1 or trainees[0].run_dir is None:
             raise ValueError("resume continues one trainee with a run directory")
-        pos.update(_resume(trainees[0], per_epoch, device))
-    log = tqdm.write if progress else print
+        pos.update(_resume(trainees[0], per_epoch, device, env))
+    progress = progress and env.main
+    log = (tqdm.write if progress else print) if env.main else (lambda *a, **k: None)
     if resume:
         log(f"resuming {trainees[0].run_dir} at epoch {pos['epoch'] + 1}, step {pos['global_step']}")
     start_time, elapsed0 = time.perf_counter(), pos["elapsed"]
@@ -489,6 +569,9 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     def evaluate_all(finished_epoch: bool, scheduled: bool = True) -> None:
         evals = []
         for t in trainees:
+            if not env.main:  # rank 0 evaluates alone; the others go on to the next step's collectives
+                evals.append({})
+                continue
             t.model.eval()
             try:
                 with torch.no_grad(), autocast(device, bf16):
@@ -497,11 +580,17 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 t.model.train()
         pos["elapsed"] = elapsed0 + time.perf_counter() - start_time  # the evaluations included
         results = []
+        rngs = gather_objects(env, ckpt.rng_state()) if env.active else None
         for t, ev in zip(trainees, evals):
-            train_metrics = task.train_metrics(t.stats)
-            row = {"epoch": pos["global_step"] / per_epoch, "step": pos["global_step"], "train_loss": t.stats.loss,
-                   **train_metrics, **ev, **_moe_row(t, pos["global_step"]), "lr": t.lr,
-                   f"{task.unit}_per_s": t.stats.rate, "seconds": pos["elapsed"]}
+            running = _reduced(t.stats, env)
+            if not env.main:
+                reset_moe_stats(t.model)
+                results.append((t, {}))
+                continue
+            train_metrics = task.train_metrics(running)
+            row = {"epoch": pos["global_step"] / per_epoch, "step": pos["global_step"], "train_loss": running.loss,
+                   **train_metrics, **ev, **_moe_row(t, pos["global_step"], running), "lr": t.lr,
+                   f"{task.unit}_per_s": running.rate, "seconds": pos["elapsed"]}
             t.rows.append(row)
             t.last = ev
             log(f"epoch {row['epoch']:.4g}" + (f" {t.spec}" if len(trainees) > 1 else "") + ": train loss "
@@ -509,7 +598,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 + " | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items())
                 + f" | {row[f'{task.unit}_per_s']:.0f} {task.unit}/s")
             results.append((t, row))
-        if on_eval is not None and scheduled:
+        if on_eval is not None and scheduled and env.main:
             on_eval(results)
         if finished_epoch:
             pos["epoch"] += 1
@@ -520,14 +609,15 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
                 t.items += t.stats.timed
                 t.seconds += t.stats.seconds
                 t.stats.reset()
-            if t.run_dir is not None:
-                _save(task, t, row, t.last, pos, per_epoch, title, scheduled)
+            if t.run_dir is not None and env.main:
+                _save(task, t, row, t.last, pos, per_epoch, title, scheduled, rngs)
 
     def snapshot_all() -> None:
         pos["elapsed"] = elapsed0 + time.perf_counter() - start_time
+        rngs = gather_objects(env, ckpt.rng_state()) if env.active else None
         for t in trainees:
-            if t.run_dir is not None:
-                _snapshot(t, pos, per_epoch, _metadata(task, t, pos, per_epoch))
+            if t.run_dir is not None and env.main:
+                _snapshot(t, pos, per_epoch, _metadata(task, t, pos, per_epoch), rngs)
 
     while pos["epoch"] < epochs and not stopped:
         epoch, start = pos["epoch"], pos["step_in_epoch"]
@@ -538,7 +628,8 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
             n = len(trainees)
             for k in range(n):
                 t = trainees[(pos["global_step"] + k) % n]
-                _step(task, t, group, device, bf16, grad_clip, timed=process_steps > 0)
+                _step(task, t, group, device, bf16, grad_clip, timed=process_steps > 0, env=env, nonfinite=nonfinite,
+                      step=pos["global_step"])
             process_steps += 1
             pos["step_in_epoch"] += 1
             pos["global_step"] += 1

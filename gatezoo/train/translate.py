@@ -58,7 +58,8 @@ from torch import nn
 from gatezoo.eval.decode import model_max_len
 
 from . import checkpoint as ckpt
-from .classify import new_run_dir
+from . import distributed
+from .classify import start_run_dir
 from .config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import DataFormatError, DataNotFoundError
 from .factory import build_model, count_params, parse_model_spec
@@ -76,7 +77,8 @@ from .text import (
     split_pairs,
 )
 
-_SHARED = ("accum_steps", "bf16", "out", "name", "device", "max_steps", "checkpoint_every", "threads", "progress")
+_SHARED = ("accum_steps", "bf16", "out", "name", "device", "max_steps", "checkpoint_every", "threads", "progress",
+           "nonfinite", "fsdp")
 
 
 def _key(name: str, **changes) -> Key:
@@ -284,6 +286,23 @@ def prepare_data(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[Split, Token
     return split, tokenizer, data
 
 
+def _prepare_data_once(env: distributed.DistEnv, cfg: Mapping, run_dir: Path, fresh: bool):
+    """:func:`prepare_data` by rank 0 (which writes the split and trains the tokenizer), then read
+    back by the other processes; rank 0's error, if any, raised on every process."""
+    error, result = None, None
+    if env.main:
+        try:
+            result = prepare_data(cfg, run_dir, fresh)
+        except (ConfigError, DataNotFoundError, DataFormatError) as e:
+            error = e
+    error = distributed.broadcast_object(env, error)
+    if error is not None:
+        raise error
+    if not env.main:
+        result = prepare_data(cfg, run_dir, False)
+    return result
+
+
 def make_mt_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, device: torch.device,
                     run_dir: Path | None = None) -> Trainee:
     """Model ``spec`` seeded with ``cfg["seed"]``, Adam (0.9, ``adam_beta2``) and the schedule of
@@ -404,16 +423,20 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
+    env = distributed.setup(device)
+    device = distributed.device_for(env, device)
     fresh = resume is None
     specs = list(models) if models else [cfg["model"]]
     if len(set(specs)) != len(specs):
         raise ConfigError(f"--models lists a model twice: {specs}")
     if len(specs) > 1 and not fresh:
         raise ConfigError("--resume continues a single-model run, not a side-by-side one")
+    if cfg["fsdp"] and not env.active:
+        raise ConfigError("fsdp: true needs several processes; launch with torchrun --nproc_per_node=N")
     name = cfg["name"] or (specs[0].split(":")[0] if len(specs) == 1 else "mt-sidebyside")
-    run_dir = new_run_dir(cfg["out"], name) if fresh else Path(resume)
+    run_dir = start_run_dir(env, cfg["out"], name) if fresh else Path(resume)
     try:
-        split, tokenizer, data = prepare_data(cfg, run_dir, fresh)
+        split, tokenizer, data = _prepare_data_once(env, cfg, run_dir, fresh)
         if cfg["model_args"].get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
             raise ConfigError(f"model_args.vocab_size {cfg['model_args']['vocab_size']} differs from the tokenizer's "
                               f"{tokenizer.vocab_size}; leave it out (it is set from the tokenizer)")
@@ -436,30 +459,39 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         per_epoch = steps_per_epoch(task, cfg["accum_steps"])
         trainees = []
         for spec, d in zip(specs, dirs):
-            if d != run_dir:  # each model's directory is a complete run directory
+            if d != run_dir and env.main:  # each model's directory is a complete run directory
                 d.mkdir()
                 shutil.copytree(run_dir / "data", d / "data")
                 for f in ("spm.model", "spm.vocab"):
                     if (run_dir / f).is_file():
                         shutil.copyfile(run_dir / f, d / f)
             trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d))
+            trainees[-1].net = distributed.wrap(trainees[-1].model, env, device, cfg["fsdp"])
+        if env.rank > 0:  # dropout noise of its own
+            torch.manual_seed(cfg["seed"] * 1_000_003 + env.rank)
         for t in trainees:
-            ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
-        if fresh:
+            if env.main:
+                ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
+        if fresh and env.main:
             print(f"{data}: {len(split.train):,} train / {len(split.dev):,} dev / {len(split.test):,} test pairs, "
                   f"vocabulary {tokenizer.vocab_size:,}, {task.train_batches.tokens:,} target tokens per epoch")
             print(", ".join(f"{t.spec}: {t.params:,} parameters" for t in trainees)
-                  + f"; {per_epoch} steps/epoch on {device}; run directory {run_dir}")
+                  + f"; {per_epoch} steps/epoch on {device}" + (f", {env.world} processes" if env.active else "")
+                  + f"; run directory {run_dir}")
         averager = _Averager(cfg["average_last"]) if cfg["average_last"] > 1 else None
         title = f"{specs[0] if len(specs) == 1 else ' vs '.join(specs)} on {data}"
         pos = fit(task, trainees, resume=not fresh, title=title, epochs=cfg["epochs"], device=device,
                   bf16=cfg["bf16"], grad_clip=cfg["grad_clip"], accum_steps=cfg["accum_steps"],
                   max_steps=cfg["max_steps"], progress=cfg["progress"], eval_every=cfg["eval_every"],
-                  on_eval=averager, checkpoint_every=cfg["checkpoint_every"])
+                  on_eval=averager, checkpoint_every=cfg["checkpoint_every"], nonfinite=cfg["nonfinite"], env=env)
     except BaseException:
-        if fresh and not any((d / STATE_FILE).exists() for d in [run_dir, *run_dir.glob("*")]):
+        if fresh and env.main and not any((d / STATE_FILE).exists() for d in [run_dir, *run_dir.glob("*")]):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: no half-made run directory
         raise
+    finally:
+        distributed.teardown(env)
+    if not env.main:
+        return {"run_dir": run_dir, "rank": env.rank}
     rows = []
     for t in trainees:
         test = _final_test(cfg, t, averager, split, tokenizer, device, pos["global_step"])
@@ -527,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "rank" in result:  # a distributed run's other processes: rank 0 reports
+        return 0
     print(f"final dev BLEU: {result['dev_bleu']:.2f} (best {result['best_bleu']:.2f}), "
           f"{result['tok_per_s']:.0f} target tokens/s -- {result['run_dir']}")
     return 0
