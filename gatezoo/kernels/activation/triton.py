@@ -88,7 +88,7 @@ def _glu_fwd_kernel(
     if GATE == 3:
         phi = a
     elif GATE == 4:
-        phi = tl.maximum(a, 0.0)
+        phi = tl.where(a < 0.0, 0.0, a)  # relu keeping NaN, as torch.relu
     else:
         g = _gate(a, GATE)
         if HAS_ALPHA:
@@ -96,6 +96,8 @@ def _glu_fwd_kernel(
             g = (1.0 + 2.0 * al) * g - al
         if ORDER == 2:
             phi = a * g
+            if GATE == 2:  # ATen's float32 GELU gives NaN at +inf; follow it so both backends agree
+                phi = tl.where(a == float("inf"), float("nan"), phi)
         else:
             phi = g
     if HAS_B:
@@ -127,7 +129,7 @@ def _glu_bwd_kernel(
         phi = a
         da = w
     elif GATE == 4:
-        phi = tl.maximum(a, 0.0)
+        phi = tl.where(a < 0.0, 0.0, a)  # relu keeping NaN, as torch.relu
         da = tl.where(a > 0.0, w, 0.0)
     else:
         g = _gate(a, GATE)

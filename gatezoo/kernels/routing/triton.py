@@ -61,7 +61,8 @@ def _route_fwd_kernel(L, NOISE, BIAS, W, IDX, COUNTS, R, E, slm, sle, snm, sne, 
     s = z
     if HAS_BIAS:
         s += tl.load(BIAS + cols * sb, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    s = tl.where(col_ok[None, :], tl.maximum(s, FLT_LOWEST), float("-inf"))
+    # NaN ranks first (as in torch.sort) and makes its row's weights NaN, as on the torch path
+    s = tl.where(col_ok[None, :], tl.where(s != s, float("inf"), tl.maximum(s, FLT_LOWEST)), float("-inf"))
     sel = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
     idx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
     hist = tl.zeros((BLOCK_E,), dtype=tl.int32)
