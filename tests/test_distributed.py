@@ -121,3 +121,30 @@ def test_two_processes_reach_the_parameters_of_one_translate(tmp_path, corpus):
     one, two = _run_dir(tmp_path / "one"), _run_dir(tmp_path / "two")
     _assert_close_weights(one, two)
     _assert_same_rows(one, two)
+
+
+def test_fsdp_with_a_resume_midway_reaches_the_parameters_of_one_process(tmp_path, tiny_npz):
+    # FSDP2 shards the MoE model over two processes; the run stops at step 6 (snapshots at 3 and 6
+    # hold the whole, gathered weights and optimizer state) and resumes under torchrun again
+    args = ["--model", "vit_tiny_moe", "--model_args", "{dim: 32, depth: 2, drop: 0.0, qkv_bias: false}", "--data",
+            str(tiny_npz), "--batch_size", "16", "--epochs", "2", "--grad_clip", "1.0", "--threads", "1",
+            "--progress", "false"]
+    _run("gatezoo.train.classify", [*args, "--out", str(tmp_path / "one")], 1)
+    _run("gatezoo.train.classify", [*args, "--out", str(tmp_path / "two"), "--fsdp", "true", "--max_steps", "6",
+                                    "--checkpoint_every", "3"], 2)
+    two = _run_dir(tmp_path / "two")
+    proc = _run("gatezoo.train.classify", ["--resume", str(two), "--max_steps", "null"], 2)
+    assert "resuming" in proc.stdout and "step 6" in proc.stdout
+    one = _run_dir(tmp_path / "one")
+    _assert_close_weights(one, two)
+    # the final row (its epoch's sums restored per process) equals the uninterrupted run's
+    final_one, final_two = _rows(one / "metrics.csv")[-1], _rows(two / "metrics.csv")[-1]
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc", "aux_loss"):
+        assert final_two[k] == pytest.approx(final_one[k], rel=1e-4), k
+
+
+def test_fsdp_needs_several_processes(tmp_path, tiny_npz):
+    from gatezoo.train import classify
+
+    code = classify.main(["--model", "vit_tiny", "--data", str(tiny_npz), "--fsdp", "true", "--out", str(tmp_path)])
+    assert code == 2 and not any(tmp_path.iterdir())

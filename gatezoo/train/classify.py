@@ -190,10 +190,12 @@ def new_run_dir(out: str | Path, name: str) -> Path:
 
 
 def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, device: torch.device,
-                 run_dir: Path | None = None, dataset: Dataset | None = None) -> Trainee:
+                 run_dir: Path | None = None, dataset: Dataset | None = None,
+                 env: distributed.DistEnv = distributed.SINGLE) -> Trainee:
     """Model ``spec`` seeded with ``cfg["seed"]``, its AdamW and schedule from ``cfg``, as a
     :class:`~gatezoo.train.loop.Trainee`. With ``dataset``, the spec's own overrides must fit it
-    too (image shape, classes)."""
+    too (image shape, classes). In a distributed run (``env``) the model is wrapped for data
+    parallelism (DDP, or FSDP with ``cfg["fsdp"]``) before its optimizer is made."""
     try:
         _, own = parse_model_spec(spec)
     except ValueError as e:
@@ -205,10 +207,22 @@ def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, d
         model = build_model(spec, **model_args).to(device)
     except ValueError as e:
         raise ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {e}") from e
+    params = count_params(model)
+    net, sharded = wrap_for(model, env, device, cfg)
     optimizer = build_optimizer(model, cfg["lr"], cfg["weight_decay"])
     scheduler = build_scheduler(optimizer, warmup_steps(cfg, per_epoch), cfg["epochs"] * per_epoch, cfg["schedule"])
     return Trainee(spec, model, optimizer, scheduler, model_args=dict(model_args), run_dir=run_dir,
-                   params=count_params(model))
+                   params=params, net=net, sharded=sharded)
+
+
+def wrap_for(model: nn.Module, env: distributed.DistEnv, device: torch.device, cfg: Mapping):
+    """``(net, sharded)`` of a trainee: ``net`` the DDP wrapper (None when the model trains as
+    is), ``sharded`` True when FSDP sharded ``model`` in place."""
+    if not env.active:
+        return None, False
+    fsdp = bool(cfg.get("fsdp"))
+    wrapped = distributed.wrap(model, env, device, fsdp)
+    return (None if wrapped is model else wrapped), fsdp
 
 
 def fit_options(cfg: Mapping, device: torch.device) -> dict:
@@ -254,8 +268,7 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
         raise ConfigError("fsdp: true needs several processes; launch with torchrun --nproc_per_node=N")
     run_dir = start_run_dir(env, cfg["out"], cfg["name"] or cfg["model"]) if fresh else Path(resume)
     try:
-        trainee = make_trainee(cfg, cfg["model"], model_args, per_epoch, device, run_dir, dataset=dataset)
-        trainee.net = distributed.wrap(trainee.model, env, device, cfg["fsdp"])
+        trainee = make_trainee(cfg, cfg["model"], model_args, per_epoch, device, run_dir, dataset=dataset, env=env)
         if env.rank > 0:  # dropout noise of its own
             torch.manual_seed(cfg["seed"] * 1_000_003 + env.rank)
         if fresh and env.main:

@@ -168,6 +168,14 @@ class Trainee:
     expert_load: dict = field(default_factory=dict)  # MoE layer name -> each expert's share, last evaluation
     net: nn.Module | None = None  # what trains: ``model`` wrapped for data parallelism (None: ``model`` itself)
     skipped: int = 0  # optimizer steps skipped for a non-finite loss (nonfinite="skip")
+    sharded: bool = False  # ``model`` is sharded in place by FSDP (fully_shard) across the processes
+    shadow: nn.Module | None = None  # rank 0, sharded: a plain copy with the whole weights (saving, evaluation)
+
+    @property
+    def whole_model(self) -> nn.Module:
+        """A module holding the whole weights: ``model``, or for a sharded trainee (on rank 0) the
+        copy gathered at the last evaluation or snapshot."""
+        return self.shadow if self.sharded else self.model
 
     @property
     def trained(self) -> nn.Module:
@@ -290,6 +298,7 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
     norm = None
     if grad_clip and not bad:
         norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
         bad = not math.isfinite(float(norm))
     if env.active:
         bad = all_sum(env, [float(bad)])[0] > 0
@@ -314,6 +323,52 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
     dt = time.perf_counter() - t0
     for i, (loss, n, sums) in enumerate(records):
         t.stats.add(loss, n, sums, dt if i == 0 else 0.0, timed=timed)
+
+
+def _whole(t: Trainee, env: DistEnv) -> dict | None:
+    """For a sharded trainee, gather the whole weights and optimizer state (a collective: every
+    process calls it): rank 0 gets ``t.shadow`` refreshed and the whole optimizer state (returned),
+    the others None. For any other trainee None (nothing to gather)."""
+    if not t.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(t.model, options=opts)
+    optim = get_optimizer_state_dict(t.model, t.optimizer, options=opts)
+    if not env.main:
+        return None
+    _make_shadow(t)
+    t.shadow.load_state_dict(weights)
+    return optim
+
+
+def _make_shadow(t: Trainee) -> None:
+    """Build ``t.shadow`` (once), on the device of ``t.model``'s local shards."""
+    if t.shadow is None:
+        from .factory import build_model
+
+        device = next(iter(t.model.parameters())).device
+        t.shadow = build_model(t.spec, **t.model_args).to(device)
+
+
+def _load_sharded(t: Trainee, weights: Path, optimizer_state: dict, device: torch.device) -> None:
+    """Set a sharded trainee's weights from a checkpoint file and its optimizer from a whole state."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    _make_shadow(t)
+    ckpt.load_weights(t.shadow, weights, device)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(t.model, t.shadow.state_dict(), options=opts)
+    set_optimizer_state_dict(t.model, t.optimizer, optimizer_state, options=opts)
 
 
 def _reduced(stats: RunningStats, env: DistEnv) -> RunningStats:
@@ -423,16 +478,24 @@ def _restore(t: Trainee, state: dict, weights: Path, steps_per_epoch: int, devic
         raise ConfigError(f"--resume: the run had {state['steps_per_epoch']} steps per epoch, this config gives "
                           f"{steps_per_epoch} (batch_size, accum_steps or data changed)")
     try:
-        ckpt.load_weights(t.model, weights, device)
+        if t.sharded:
+            _load_sharded(t, weights, state["optimizer"], device)
+        else:
+            ckpt.load_weights(t.model, weights, device)
     except ckpt.CheckpointError as e:  # verified, so the model differs (model_args overridden?)
         raise ConfigError(f"--resume: {e}") from e
-    t.optimizer.load_state_dict(state["optimizer"])
+    if not t.sharded:
+        t.optimizer.load_state_dict(state["optimizer"])
     if t.scheduler is not None:
         t.scheduler.load_state_dict(state["scheduler"])
-    t.stats.load_state_dict(state["running"])
+    running = state.get("running_ranks")
+    same_world = env.active and running is not None and len(running) == env.world
+    t.stats.load_state_dict(running[env.rank] if same_world else state["running"])
+    if env.active and not same_world and env.rank > 0:
+        t.stats.reset()  # rank 0 carries the sums saved by a run with another number of processes
     t.best, t.items, t.seconds = state["best"], state["items"], state["seconds"]
     rngs = state.get("rng_ranks")
-    if env.active and rngs is not None and len(rngs) == env.world:
+    if same_world and rngs is not None:
         ckpt.set_rng_state(rngs[env.rank])
     else:
         if env.active and env.rank > 0:
@@ -471,29 +534,33 @@ def _metadata(task, t: Trainee, pos: dict, steps_per_epoch: int, metrics: dict |
     return {**meta, "gatezoo_version": _version()}
 
 
-def _snapshot(t: Trainee, pos: dict, steps_per_epoch: int, meta: dict, rngs: list | None = None) -> None:
+def _snapshot(t: Trainee, pos: dict, steps_per_epoch: int, meta: dict, ranks: dict | None = None,
+              optim: dict | None = None) -> None:
     """The resumable snapshot of ``t`` at ``pos`` (see :func:`gatezoo.train.checkpoint.save_snapshot`);
-    ``rngs``: every process's RNG state, in rank order, for a distributed run."""
+    ``ranks``: ``{"rng": [...], "running": [...]}``, every process's RNG state and running sums in
+    rank order, for a distributed run; ``optim``: the whole optimizer state of a sharded trainee
+    (from :func:`_whole`)."""
     state = {"version": STATE_VERSION, "position": dict(pos), "steps_per_epoch": steps_per_epoch, "best": t.best,
-             "items": t.items, "seconds": t.seconds, "optimizer": t.optimizer.state_dict(),
+             "items": t.items, "seconds": t.seconds,
+             "optimizer": t.optimizer.state_dict() if optim is None else optim,
              "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
-             "running": t.stats.state_dict(), "rng": ckpt.rng_state() if rngs is None else rngs[0]}
-    if rngs is not None and len(rngs) > 1:
-        state["rng_ranks"] = rngs
-    ckpt.save_snapshot(t.run_dir, t.model, meta, state, pos["global_step"])
+             "running": t.stats.state_dict(), "rng": ckpt.rng_state()}
+    if ranks is not None:
+        state["rng_ranks"], state["running_ranks"] = ranks["rng"], ranks["running"]
+    ckpt.save_snapshot(t.run_dir, t.whole_model, meta, state, pos["global_step"])
 
 
 def _save(task, t: Trainee, row: dict, ev: dict, pos: dict, steps_per_epoch: int, title: str,
-          scheduled: bool = True, rngs: list | None = None) -> None:
+          scheduled: bool = True, ranks: dict | None = None, optim: dict | None = None) -> None:
     """At an evaluation: ``last`` (and ``best``), ``metrics.csv``, ``curves.png``, then the snapshot."""
     meta = _metadata(task, t, pos, steps_per_epoch, ev)
-    ckpt.save_checkpoint(t.model, t.run_dir / "last.safetensors", meta)
+    ckpt.save_checkpoint(t.whole_model, t.run_dir / "last.safetensors", meta)
     if scheduled and ev[task.score] > t.best:
         t.best = ev[task.score]
-        ckpt.save_checkpoint(t.model, t.run_dir / "best.safetensors", meta)
+        ckpt.save_checkpoint(t.whole_model, t.run_dir / "best.safetensors", meta)
     write_metrics(t.rows, t.run_dir / "metrics.csv")
     plot_curves(t.rows, t.run_dir / "curves.png", task.curves, title=title)
-    _snapshot(t, pos, steps_per_epoch, meta, rngs)
+    _snapshot(t, pos, steps_per_epoch, meta, ranks, optim)
 
 
 def _version() -> str:
@@ -568,19 +635,20 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         t.model.train()
     def evaluate_all(finished_epoch: bool, scheduled: bool = True) -> None:
         evals = []
+        optims = [_whole(t, env) for t in trainees]  # sharded trainees: gathered by every process
         for t in trainees:
             if not env.main:  # rank 0 evaluates alone; the others go on to the next step's collectives
                 evals.append({})
                 continue
-            t.model.eval()
+            model = t.whole_model
+            model.eval()
             try:
                 with torch.no_grad(), autocast(device, bf16):
-                    evals.append(task.evaluate(t.model))
+                    evals.append(task.evaluate(model))
             finally:
-                t.model.train()
+                model.train()
         pos["elapsed"] = elapsed0 + time.perf_counter() - start_time  # the evaluations included
         results = []
-        rngs = gather_objects(env, ckpt.rng_state()) if env.active else None
         for t, ev in zip(trainees, evals):
             running = _reduced(t.stats, env)
             if not env.main:
@@ -603,21 +671,31 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         if finished_epoch:
             pos["epoch"] += 1
             pos["step_in_epoch"] = 0
-        for t, row in results:
+        for t, _ in results:
             # the counters restart with the epoch; the saved state then resumes into a fresh one
             if finished_epoch:
                 t.items += t.stats.timed
                 t.seconds += t.stats.seconds
                 t.stats.reset()
+        ranks = _per_rank()
+        for i, ((t, row), optim) in enumerate(zip(results, optims)):
             if t.run_dir is not None and env.main:
-                _save(task, t, row, t.last, pos, per_epoch, title, scheduled, rngs)
+                _save(task, t, row, t.last, pos, per_epoch, title, scheduled, _of(ranks, i), optim)
+
+    def _per_rank() -> list | None:
+        """Every process's RNG state and running sums (one per trainee), for a distributed snapshot."""
+        return gather_objects(env, (ckpt.rng_state(), [t.stats.state_dict() for t in trainees])) if env.active else None
+
+    def _of(ranks: list | None, i: int) -> dict | None:
+        return None if ranks is None else {"rng": [r[0] for r in ranks], "running": [r[1][i] for r in ranks]}
 
     def snapshot_all() -> None:
         pos["elapsed"] = elapsed0 + time.perf_counter() - start_time
-        rngs = gather_objects(env, ckpt.rng_state()) if env.active else None
-        for t in trainees:
+        ranks = _per_rank()
+        for i, t in enumerate(trainees):
+            optim = _whole(t, env)
             if t.run_dir is not None and env.main:
-                _snapshot(t, pos, per_epoch, _metadata(task, t, pos, per_epoch), rngs)
+                _snapshot(t, pos, per_epoch, _metadata(task, t, pos, per_epoch), _of(ranks, i), optim)
 
     while pos["epoch"] < epochs and not stopped:
         epoch, start = pos["epoch"], pos["step_in_epoch"]

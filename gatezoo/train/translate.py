@@ -59,7 +59,7 @@ from gatezoo.eval.decode import model_max_len
 
 from . import checkpoint as ckpt
 from . import distributed
-from .classify import start_run_dir
+from .classify import start_run_dir, wrap_for
 from .config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import DataFormatError, DataNotFoundError
 from .factory import build_model, count_params, parse_model_spec
@@ -304,7 +304,7 @@ def _prepare_data_once(env: distributed.DistEnv, cfg: Mapping, run_dir: Path, fr
 
 
 def make_mt_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, device: torch.device,
-                    run_dir: Path | None = None) -> Trainee:
+                    run_dir: Path | None = None, env: distributed.DistEnv = distributed.SINGLE) -> Trainee:
     """Model ``spec`` seeded with ``cfg["seed"]``, Adam (0.9, ``adam_beta2``) and the schedule of
     ``cfg``, as a :class:`~gatezoo.train.loop.Trainee`."""
     try:
@@ -318,10 +318,12 @@ def make_mt_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int
         raise ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {e}") from e
     if not hasattr(model, "decode_step"):
         raise ConfigError(f"model {spec!r} is not a translation model (no decode_step)")
+    params = count_params(model)
+    net, sharded = wrap_for(model, env, device, cfg)  # DDP / FSDP before the optimizer sees the parameters
     optimizer = build_optimizer(model, cfg["lr"], cfg["weight_decay"], betas=(0.9, cfg["adam_beta2"]), eps=1e-9)
     scheduler = build_scheduler(optimizer, warmup_steps(cfg, per_epoch), cfg["epochs"] * per_epoch, cfg["schedule"])
     return Trainee(spec, model, optimizer, scheduler, model_args=dict(model_args), run_dir=run_dir,
-                   params=count_params(model))
+                   params=params, net=net, sharded=sharded)
 
 
 class _Averager:
@@ -342,7 +344,7 @@ class _Averager:
                 if int(stale.stem.split("-")[1]) > step:
                     stale.unlink()
             with ckpt.atomic_path(folder / f"step-{step:08d}.safetensors") as tmp:
-                save_file(_unique_state(t.model), str(tmp))
+                save_file(_unique_state(t.whole_model), str(tmp))
             for old in sorted(folder.glob("step-*.safetensors"))[:-self.n]:
                 old.unlink()
 
@@ -359,7 +361,7 @@ class _Averager:
             state = load_file(str(f))
             total = {k: v.double() for k, v in state.items()} if total is None else {
                 k: total[k] + state[k].double() for k in total}
-        model = trainee.model
+        model = trainee.whole_model
         current = _unique_state(model)
         model.load_state_dict({k: (v / len(files)).to(current[k].dtype) for k, v in total.items()}, strict=False)
         path = trainee.run_dir / "averaged.safetensors"
@@ -465,8 +467,7 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
                 for f in ("spm.model", "spm.vocab"):
                     if (run_dir / f).is_file():
                         shutil.copyfile(run_dir / f, d / f)
-            trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d))
-            trainees[-1].net = distributed.wrap(trainees[-1].model, env, device, cfg["fsdp"])
+            trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d, env))
         if env.rank > 0:  # dropout noise of its own
             torch.manual_seed(cfg["seed"] * 1_000_003 + env.rank)
         for t in trainees:
