@@ -1,8 +1,11 @@
 """nn.Modules built on :mod:`gatezoo.kernels`: gated activations, feed-forwards, norms,
 attention, token-mixing (MLP-Mixer, NiNformer) blocks, Kolmogorov-Arnold layers, and
-mixture-of-experts routers and layers."""
+mixture-of-experts routers and layers. Every constructor and forward checks its arguments
+(:mod:`gatezoo.blocks.checks`): a wrong type raises :class:`ArgumentTypeError` (a TypeError), a
+wrong value or shape ValueError, each naming the argument."""
 
 from .attention import KVCache, ReLAAttention, SoftmaxAttention
+from .checks import ArgumentTypeError
 from .feedforward import (
     GLU_FAMILIES,
     GLU_VARIANTS,
@@ -45,6 +48,7 @@ from .routers import (
 )
 
 __all__ = [
+    "ArgumentTypeError",
     "GLU_FAMILIES", "GLU_VARIANTS", "MLP_ACTIVATIONS", "GatedAct", "GatedRMSNorm", "GLUFeedForward", "KVCache",
     "MixerBlock", "Mlp", "NiNBlock",
     "ReLAAttention", "RMSNorm", "SoftmaxAttention", "TokenMixing", "glu_hidden_features",

@@ -8,6 +8,11 @@
 ``context`` makes it cross-attention; ``key_padding_mask`` is bool (B, key_len), True = keep;
 ``cache`` is a :class:`KVCache` for incremental decoding whose outputs equal the full
 recomputation.
+
+Inputs are checked (:mod:`gatezoo.blocks.checks`): ``x`` and ``context`` must be floating-point
+tensors of the block's width and dtype, ``causal`` a bool, ``cache`` a :class:`KVCache` of the same
+batch size and layer shape; a context of zero tokens is an error. An empty batch or zero query
+tokens give an empty output of shape (B, T, dim).
 """
 
 from __future__ import annotations
@@ -19,6 +24,17 @@ from torch.nn.utils import parametrize
 
 from gatezoo.kernels import rela_attention
 
+from .checks import (
+    ArgumentTypeError,
+    check_backend,
+    check_bool,
+    check_dtype,
+    check_float_tensor,
+    check_index,
+    check_int,
+    check_optional_int,
+    check_probability,
+)
 from .norm import GatedRMSNorm, RMSNorm
 
 
@@ -26,7 +42,9 @@ class KVCache:
     """Keys and values of the tokens seen so far, (B, Hk, T, head_dim) each.
 
     Self-attention appends the new step's keys and values; cross-attention computes them from
-    the context on the first call and reuses them afterwards. Use one cache per layer.
+    the context on the first call and reuses them afterwards. Use one cache per layer and per
+    batch: a step whose batch size, heads or head size differ from the cached ones raises
+    ValueError (``reorder`` is how beam search changes the rows).
     """
 
     def __init__(self):
@@ -37,8 +55,22 @@ class KVCache:
     def __len__(self) -> int:
         return 0 if self.k is None else self.k.shape[2]
 
+    def check(self, batch: int, heads: int, head_dim: int) -> None:
+        """Raise ValueError unless the cached keys (if any) are for ``batch`` rows of ``heads``
+        heads of ``head_dim`` features."""
+        if self.k is None:
+            return
+        b, h, _, d = self.k.shape
+        if b != batch:
+            raise ValueError(f"cache holds keys for batch size {b}, but this step has batch size {batch}; use a new "
+                             f"KVCache per batch (or cache.reorder(index) to change its rows)")
+        if (h, d) != (heads, head_dim):
+            raise ValueError(f"cache holds keys of {h} heads x {d} features, but this layer has {heads} heads x "
+                             f"{head_dim}; use one KVCache per attention layer")
+
     def append(self, k: torch.Tensor, v: torch.Tensor):
         """Add the keys and values of new positions (self-attention) and return all of them."""
+        self.check(k.shape[0], k.shape[1], k.shape[3])
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v
@@ -47,6 +79,7 @@ class KVCache:
         """Keep batch rows ``index`` (a 1-D LongTensor), in that order: beam search calls it to
         follow each beam's parent, to expand a sentence into beams or to drop finished ones."""
         if self.k is not None:
+            check_index("index", index, self.k.shape[0])
             index = index.to(self.k.device)
             self.k = self.k.index_select(0, index)
             self.v = self.v.index_select(0, index)
@@ -56,8 +89,10 @@ class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
                  dropout: float = 0.0, bias: bool = False):
         super().__init__()
-        if dim < 1 or heads < 1:
-            raise ValueError(f"dim and heads must be positive, got dim={dim}, heads={heads}")
+        dim, heads = check_int("dim", dim), check_int("heads", heads)
+        head_dim, kv_heads = check_optional_int("head_dim", head_dim), check_optional_int("kv_heads", kv_heads, 0)
+        check_probability("dropout", dropout)
+        check_bool("bias", bias)
         if head_dim is None:
             if dim % heads:
                 raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}), or pass head_dim")
@@ -65,7 +100,7 @@ class _Attention(nn.Module):
         kv_heads = heads if kv_heads is None else kv_heads
         if kv_heads < 1 or heads % kv_heads:
             raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.q = nn.Linear(dim, heads * head_dim, bias=bias)
         self.kv = nn.Linear(dim, 2 * kv_heads * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
@@ -83,12 +118,24 @@ class _Attention(nn.Module):
         """x: (B, T, dim). context: (B, S, dim) for cross-attention. key_padding_mask: bool
         (B, key_len), True = keep, over all keys (cached ones included). causal: mask future
         keys, aligned bottom-right so a cached decoding step sees every earlier key."""
-        if x.dim() != 3:
-            raise ValueError(f"x must have shape (batch, seq, dim), got {tuple(x.shape)}")
+        check_float_tensor("x", x)
+        if x.dim() != 3 or x.shape[2] != self.dim:
+            raise ValueError(f"x must have shape (batch, seq, dim) with dim={self.dim}, got {tuple(x.shape)}")
+        check_dtype("x", x, self.q.weight)
         b, t, dim = x.shape
-        if context is not None and (context.dim() != 3 or context.shape[0] != b or context.shape[2] != dim):
-            raise ValueError(f"context must have shape (batch={b}, seq, dim={dim}), got {tuple(context.shape)}")
+        if context is not None:
+            check_float_tensor("context", context)
+            if context.dim() != 3 or context.shape[0] != b or context.shape[2] != dim:
+                raise ValueError(f"context must have shape (batch={b}, seq, dim={dim}), got {tuple(context.shape)}")
+            if context.shape[1] == 0:
+                raise ValueError(f"context must hold at least one token (shape (batch, seq >= 1, dim)), got "
+                                 f"{tuple(context.shape)}")
+            check_dtype("context", context, self.kv.weight)
+        check_bool("causal", causal)
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise ArgumentTypeError(f"cache must be a KVCache or None, got {type(cache).__name__}")
+            cache.check(b, self.kv_heads, self.head_dim)
             if cache.cross is None:
                 cache.cross = context is not None
             elif cache.cross != (context is not None):
@@ -100,8 +147,9 @@ class _Attention(nn.Module):
             # split on the feature axis: backward joins the three gradients with one cat into the
             # layout the matmul wants (indexing a (.., 2, ..) view instead zero-fills and adds)
             nk = self.kv_heads * self.head_dim
-            q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2)
-                       for y in qkv.split([self.heads * self.head_dim, nk, nk], dim=-1))
+            q, k, v = (y.view(b, t, heads, self.head_dim).transpose(1, 2)
+                       for y, heads in zip(qkv.split([self.heads * self.head_dim, nk, nk], dim=-1),
+                                           (self.heads, self.kv_heads, self.kv_heads)))
             if cache is not None:
                 k, v = cache.append(k, v)
             return self._finish(q, k, v, key_padding_mask, causal, b, t)
@@ -110,7 +158,7 @@ class _Attention(nn.Module):
             k, v = cache.k, cache.v  # cross-attention keys were computed on the first step
         else:
             src = x if context is None else context
-            k, v = (y.view(b, src.shape[1], -1, self.head_dim).transpose(1, 2)
+            k, v = (y.view(b, src.shape[1], self.kv_heads, self.head_dim).transpose(1, 2)
                     for y in self.kv(src).split(self.kv_heads * self.head_dim, dim=-1))
             if cache is not None:
                 k, v = cache.append(k, v)
@@ -145,6 +193,9 @@ class ReLAAttention(_Attention):
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
                  norm: str | None = "gated_rms", dropout: float = 0.0, bias: bool = False, backend: str = "auto"):
         super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias)
+        check_backend(backend)
+        if norm is not None and not isinstance(norm, str):
+            raise ArgumentTypeError(f"norm must be a str or None, got {norm!r} ({type(norm).__name__})")
         width = self.heads * self.head_dim
         norms = {
             "gated_rms": lambda: GatedRMSNorm(width, backend=backend),
@@ -171,6 +222,8 @@ class SoftmaxAttention(_Attention):
 
     def _attend(self, q, k, v, key_padding_mask, causal):
         tq, tk = q.shape[2], k.shape[2]
+        if q.numel() == 0:  # an empty batch or no queries: nothing to attend (and no empty launch on GPU)
+            return q.new_zeros(q.shape)
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)

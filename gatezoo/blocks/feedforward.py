@@ -3,6 +3,10 @@
 ``GLUFeedForward`` and ``Mlp`` take timm's MLP signature (``in_features, hidden_features,
 out_features, act_layer, norm_layer, bias, drop``), so either plugs into
 ``timm.models.vision_transformer.VisionTransformer(mlp_layer=...)``.
+
+Arguments are checked (:mod:`gatezoo.blocks.checks`): sizes are positive ints (None, not 0,
+asks for the default), ``bias`` and ``expanded`` are bools, ``drop`` is in [0, 1); the forward
+takes a floating-point tensor (..., in_features) of the parameters' dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +18,17 @@ import torch
 from torch import nn
 
 from gatezoo.kernels import KINDS, gated_act, glu_packed
+
+from .checks import (
+    ArgumentTypeError,
+    check_backend,
+    check_bool,
+    check_features,
+    check_int,
+    check_optional_int,
+    check_probability,
+    check_str,
+)
 
 # timm passes an activation class (torch's or timm's own of the same name); a GLU reads it as
 # the gate it should use.
@@ -59,6 +74,15 @@ GLU_FAMILIES = {"swiglu": 2, "geglu": 2, "atglu": 2, "xswiglu": None, "xgeglu": 
 _LEGACY = {"xnormglu": "xgeglu1"}
 
 
+def _check_common(bias, drop, norm_layer) -> None:
+    """The arguments both feed-forwards share: ``bias`` a bool, ``drop`` in [0, 1), ``norm_layer``
+    a norm class (callable) or None."""
+    check_bool("bias", bias)
+    check_probability("drop", drop)
+    if norm_layer is not None and not callable(norm_layer):
+        raise ArgumentTypeError(f"norm_layer must be a norm class (such as nn.LayerNorm) or None, got {norm_layer!r}")
+
+
 def glu_variant(name: str, order: int | None = None) -> tuple[str, bool, str]:
     """``(kernel kind, expanded, canonical name)`` of a GLU name, e.g. ``glu_variant("xswiglu",
     order=1)`` -> ``("sigmoid", True, "xswiglu1")``.
@@ -66,6 +90,8 @@ def glu_variant(name: str, order: int | None = None) -> tuple[str, bool, str]:
     ``order`` (1 or 2) picks the order of a family name without one (``swiglu``, ``geglu``,
     ``atglu`` and their ``x`` forms); with a name that carries its order it must agree.
     """
+    if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+        raise ArgumentTypeError(f"order must be 1, 2 or None, got {order!r} ({type(order).__name__})")
     if order is not None and order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     if name in _LEGACY:
@@ -90,6 +116,7 @@ def glu_variant(name: str, order: int | None = None) -> tuple[str, bool, str]:
 def glu_hidden_features(dim: int) -> int:
     """2/3 of 4*dim (the parameter count of a 4x MLP), rounded up to a multiple of 8 so the
     matmuls map onto tensor-core tiles."""
+    dim = check_int("dim", dim)
     hidden = (8 * dim + 2) // 3  # ceil(2/3 * 4 * dim)
     return (hidden + 7) // 8 * 8
 
@@ -106,6 +133,9 @@ class GatedAct(nn.Module):
 
     def __init__(self, kind: str = "silu", expanded: bool = False, backend: str = "auto"):
         super().__init__()
+        check_str("kind", kind)
+        check_bool("expanded", expanded)
+        check_backend(backend)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         if expanded and not KINDS[kind].takes_alpha:
@@ -160,7 +190,9 @@ class GLUFeedForward(nn.Module):
         if kind is None:
             kind = "silu" if act_layer is None else _kind_from_act_layer(act_layer)
         if not isinstance(kind, str):
-            raise TypeError(f"kind must be a string, got {type(kind).__name__}")
+            raise ArgumentTypeError(f"kind must be a string, got {type(kind).__name__}")
+        check_bool("expanded", expanded)
+        check_optional_int("order", order)
         if kind in KINDS:
             if order is not None and order != KINDS[kind].order:
                 raise ValueError(f"order={order!r} contradicts kind={kind!r}, whose order is {KINDS[kind].order}")
@@ -172,10 +204,14 @@ class GLUFeedForward(nn.Module):
                              f"(or {sorted(GLU_FAMILIES)} with order=), got {kind!r}")
         if expanded and not KINDS[kind].takes_alpha:
             raise ValueError(f"expanded=True needs a gated kind; {kind!r} has no gate to expand")
-        if not isinstance(in_features, int) or in_features < 1:
-            raise ValueError(f"in_features must be a positive int, got {in_features!r}")
-        hidden = hidden_features or glu_hidden_features(in_features)
-        out_features = out_features or in_features
+        in_features = check_int("in_features", in_features)
+        hidden = check_optional_int("hidden_features", hidden_features)
+        hidden = glu_hidden_features(in_features) if hidden is None else hidden
+        out_features = check_optional_int("out_features", out_features)
+        out_features = in_features if out_features is None else out_features
+        _check_common(bias, drop, norm_layer)
+        check_backend(backend)
+        self.in_features = in_features
         self.kind, self.expanded, self.backend = kind, expanded, backend
         self.hidden_features = hidden
         self.fc1 = nn.Linear(in_features, 2 * hidden, bias=bias, **dd)
@@ -186,6 +222,8 @@ class GLUFeedForward(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        check_features("x", x, self.in_features, "in_features", like=self.fc1.weight)
         h = glu_packed(self.fc1(x), self.kind, self.alpha, backend=self.backend)
         return self.drop2(self.fc2(self.norm(self.drop1(h))))
 
@@ -221,13 +259,24 @@ class Mlp(nn.Module):
                 raise ValueError(f"act_layer must be one of {sorted(MLP_ACTIVATIONS)} or an nn.Module class, "
                                  f"got {act_layer!r}")
             act_layer = MLP_ACTIVATIONS[act_layer]
-        hidden = hidden_features or 4 * in_features
+        elif not callable(act_layer):
+            raise ArgumentTypeError(f"act_layer must be a name of {sorted(MLP_ACTIVATIONS)} or an nn.Module class, "
+                                    f"got {act_layer!r} ({type(act_layer).__name__})")
+        in_features = check_int("in_features", in_features)
+        hidden = check_optional_int("hidden_features", hidden_features)
+        hidden = 4 * in_features if hidden is None else hidden
+        out_features = check_optional_int("out_features", out_features)
+        out_features = in_features if out_features is None else out_features
+        _check_common(bias, drop, norm_layer)
+        self.in_features = in_features
         self.fc1 = nn.Linear(in_features, hidden, bias=bias, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.norm = norm_layer(hidden, **dd) if norm_layer is not None else nn.Identity()
-        self.fc2 = nn.Linear(hidden, out_features or in_features, bias=bias, **dd)
+        self.fc2 = nn.Linear(hidden, out_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in_features) -> (..., out_features)."""
+        check_features("x", x, self.in_features, "in_features", like=self.fc1.weight)
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))

@@ -40,6 +40,8 @@ import math
 import torch
 from torch import nn
 
+from .checks import ArgumentTypeError, check_bool, check_float_tensor, check_non_negative, check_positive
+
 BASES = ("bspline", "rbf")
 
 
@@ -57,7 +59,9 @@ def bspline_basis(x: torch.Tensor, knots: torch.Tensor, order: int) -> torch.Ten
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
@@ -97,8 +101,10 @@ class KANLayer(nn.Module):
             raise ValueError(f"grid_range must be a pair (lo, hi) of numbers, got {grid_range!r}") from None
         if not lo < hi:
             raise ValueError(f"grid_range must have lo < hi, got {grid_range!r}")
-        if not scale_noise >= 0:
-            raise ValueError(f"scale_noise must be >= 0, got {scale_noise!r}")
+        scale_noise = check_non_negative("scale_noise", scale_noise)
+        check_bool("bias", bias)
+        if base_activation is not None and not callable(base_activation):
+            raise ArgumentTypeError(f"base_activation must be an nn.Module class or None, got {base_activation!r}")
         self.in_features, self.out_features = in_features, out_features
         self.basis, self.grid_size, self.spline_order, self.grid_range = basis, grid_size, spline_order, (lo, hi)
         h = (hi - lo) / grid_size
@@ -134,7 +140,8 @@ class KANLayer(nn.Module):
         return torch.exp(-((x.unsqueeze(-1) - centres) / self.cell).square())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        check_float_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
                              f"{tuple(x.shape)}")
         bases = self.basis_values(x).flatten(-2)  # (..., in * num_basis)
@@ -173,6 +180,7 @@ class GRKAN(nn.Module):
         _positive_int("dim", dim)
         hidden = dim if hidden is None else _positive_int("hidden", hidden)
         out = dim if out_features is None else _positive_int("out_features", out_features)
+        eps = check_positive("eps", eps)
         self.dim, self.hidden, self.out_features = dim, hidden, out
         self.kan1 = KANLayer(dim, hidden, **kan_args, **dd)
         self.kan2 = KANLayer(hidden, 2 * out, **kan_args, **dd)
@@ -180,7 +188,8 @@ class GRKAN(nn.Module):
         self.norm = nn.LayerNorm(out, eps=eps, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.dim:
+        check_float_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have {self.dim} features in its last dimension, got shape {tuple(x.shape)}")
         a, b = self.kan2(self.kan1(x)).chunk(2, dim=-1)
         return self.norm(self.skip(x) + a * torch.sigmoid(b))

@@ -2,7 +2,9 @@
 
 Both mix along the token axis with :func:`gatezoo.kernels.token_mixing`, which fuses the two
 token-axis matmuls, their biases, the GELU and the residual (no transposes are materialised).
-Inputs are (B, N, dim): N tokens of width dim.
+Inputs are (B, N, dim): N tokens of width dim, floating point; a batch of B = 0 gives an empty
+output. Sizes must be positive ints, ``drop`` in [0, 1), ``shared_norm`` a bool
+(:mod:`gatezoo.blocks.checks`); an input of the wrong shape or an integer dtype raises naming it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,28 @@ from torch import nn
 
 from gatezoo.kernels import token_mixing
 
+from .checks import (
+    ArgumentTypeError,
+    check_backend,
+    check_bool,
+    check_dtype,
+    check_float_tensor,
+    check_int,
+    check_optional_int,
+    check_probability,
+)
 from .feedforward import Mlp
+
+
+def _check_tokens(u, num_tokens: int, dim: int, like: torch.Tensor) -> None:
+    """``u`` must be a floating-point (batch, num_tokens, dim) tensor of ``like``'s dtype."""
+    check_float_tensor("input", u)
+    if u.dim() != 3 or u.shape[1] != num_tokens:
+        raise ValueError(f"input must have shape (batch, {num_tokens} tokens, dim), got {tuple(u.shape)}")
+    if u.shape[2] != dim:
+        raise ValueError(f"input must have {dim} channels in its last dimension (dim={dim}), got shape "
+                         f"{tuple(u.shape)}")
+    check_dtype("input", u, like)
 
 
 class TokenMixing(nn.Module):
@@ -31,9 +54,10 @@ class TokenMixing(nn.Module):
     def __init__(self, num_tokens: int, dim: int, hidden: int, drop: float = 0.0, backend: str = "auto"):
         super().__init__()
         for name, v in (("num_tokens", num_tokens), ("dim", dim), ("hidden", hidden)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.num_tokens, self.backend = num_tokens, backend
+            check_int(name, v)
+        check_probability("drop", drop)
+        check_backend(backend)
+        self.num_tokens, self.dim, self.backend = num_tokens, dim, backend
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(num_tokens, hidden)  # weight (hidden, N): W1 of token_mixing
         self.fc2 = nn.Linear(hidden, num_tokens)  # weight (N, hidden): W2
@@ -41,8 +65,11 @@ class TokenMixing(nn.Module):
 
     def forward(self, u: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """u: (B, N, dim) -> (B, N, dim); ``gate`` (same shape) multiplies the result."""
-        if u.dim() != 3 or u.shape[1] != self.num_tokens:
-            raise ValueError(f"input must have shape (batch, {self.num_tokens} tokens, dim), got {tuple(u.shape)}")
+        _check_tokens(u, self.num_tokens, self.dim, self.fc1.weight)
+        if gate is not None:
+            check_float_tensor("gate", gate)
+            if gate.shape != u.shape:
+                raise ValueError(f"gate must have the input's shape {tuple(u.shape)}, got {tuple(gate.shape)}")
         z = self.norm(u)
         if self.training and self.drop.p > 0:
             h = self.drop(nn.functional.gelu(self.fc1(z.transpose(1, 2))))
@@ -69,6 +96,8 @@ class MixerBlock(nn.Module):
     def __init__(self, num_tokens: int, dim: int, tokens_hidden: int, channels_hidden: int, drop: float = 0.0,
                  backend: str = "auto"):
         super().__init__()
+        check_int("tokens_hidden", tokens_hidden)
+        check_int("channels_hidden", channels_hidden)
         self.tokens = TokenMixing(num_tokens, dim, tokens_hidden, drop=drop, backend=backend)
         self.norm = nn.LayerNorm(dim)
         self.channels = Mlp(dim, channels_hidden, drop=drop)
@@ -105,14 +134,22 @@ class NiNBlock(nn.Module):
                  ffn_hidden: int | None = None, ffn: nn.Module | None = None, drop: float = 0.0,
                  backend: str = "auto", shared_norm: bool = False):
         super().__init__()
+        check_int("num_tokens", num_tokens)
+        check_int("dim", dim)
+        ffn_hidden = check_optional_int("ffn_hidden", ffn_hidden)
+        if ffn is not None and not isinstance(ffn, nn.Module):
+            raise ArgumentTypeError(f"ffn must be an nn.Module or None, got {ffn!r} ({type(ffn).__name__})")
+        check_bool("shared_norm", shared_norm)
         self.norm1 = nn.LayerNorm(dim)
         self.lin = nn.Linear(dim, dim)
         self.mixer = MixerBlock(num_tokens, dim, tokens_hidden, channels_hidden, drop=drop, backend=backend)
         self.norm2 = None if shared_norm else nn.LayerNorm(dim)
-        self.ffn = ffn if ffn is not None else Mlp(dim, ffn_hidden or 4 * dim, drop=drop)
+        self.ffn = ffn if ffn is not None else Mlp(dim, 4 * dim if ffn_hidden is None else ffn_hidden, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim)."""
+        tokens = self.mixer.tokens
+        _check_tokens(x, tokens.num_tokens, tokens.dim, self.lin.weight)
         z = self.norm1(x)
         x = torch.addcmul(x, self.lin(z), self.mixer(z))  # x + Lin(z) * Mixer(z), one pass
         return x + self.ffn((self.norm1 if self.norm2 is None else self.norm2)(x))

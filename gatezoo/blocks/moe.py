@@ -25,6 +25,14 @@ from torch import nn
 from gatezoo.kernels import KINDS, gated_act, glu_packed
 from gatezoo.kernels.routing import DispatchPlan, grouped_mm, make_plan, permute, unpermute
 
+from .checks import (
+    ArgumentTypeError,
+    check_backend,
+    check_bool,
+    check_float_tensor,
+    check_non_negative,
+    check_probability,
+)
 from .feedforward import GLU_FAMILIES, GLU_VARIANTS, glu_hidden_features, glu_variant
 from .routers import ROUTERS, Router, RoutingResult, make_router, router_z_loss, switch_balance_loss
 
@@ -46,7 +54,7 @@ without an order (``xswiglu``...) are accepted as in :func:`~gatezoo.blocks.feed
 def _expert_kind(expert) -> tuple[str, bool, bool]:
     """``(kernel kind, expanded, is_glu)`` of an expert name."""
     if not isinstance(expert, str):
-        raise TypeError(f"expert must be a name, got {type(expert).__name__}")
+        raise ArgumentTypeError(f"expert must be a name, got {type(expert).__name__}")
     if expert.startswith("mlp-"):
         act = expert[4:]
         if act in KINDS:
@@ -66,7 +74,7 @@ def _round8(v: float) -> int:
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return value
@@ -93,6 +101,9 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def _build_router(router, dim: int, num_experts: int, k: int | None, router_args, backend: str, dd) -> Router:
+    if router_args is not None and not isinstance(router_args, dict):
+        raise ArgumentTypeError(f"router_args must be a dict of the router's keyword arguments or None, got "
+                                f"{router_args!r} ({type(router_args).__name__})")
     if isinstance(router, Router):
         if router_args:
             raise ValueError("router_args only applies when router is a name")
@@ -103,7 +114,8 @@ def _build_router(router, dim: int, num_experts: int, k: int | None, router_args
             raise ValueError(f"k={k} contradicts the given router's k={router.k}")
         return router
     if not isinstance(router, str):
-        raise TypeError(f"router must be a name in {sorted(ROUTERS)} or a Router, got {type(router).__name__}")
+        raise ArgumentTypeError(f"router must be a name in {sorted(ROUTERS)} or a Router, got "
+                                f"{type(router).__name__}")
     args = dict(router_args or {})
     if "k" in args:
         if k is not None and args["k"] != k:
@@ -120,8 +132,7 @@ class _MoEModule(nn.Module):
 
     def _setup(self, router: Router, balance_coef: float, z_loss_coef: float, device) -> None:
         for name, value in (("balance_coef", balance_coef), ("z_loss_coef", z_loss_coef)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            check_non_negative(name, value)
         self.router = router
         self.num_experts = router.num_experts
         self.k = router.k
@@ -221,7 +232,8 @@ class _MoEModule(nn.Module):
     def _tokens(self, x, task_ids):
         """Check ``x`` (..., in_features) and flatten it: ``(tokens (N, d), leading shape, task ids
         per token or None)``."""
-        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+        check_float_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
                              f"{tuple(getattr(x, 'shape', ()))}")
         lead = tuple(x.shape[:-1])
@@ -308,14 +320,22 @@ class MoEFeedForward(_MoEModule):
         dd = {"device": device, "dtype": dtype}
         _positive_int("in_features", in_features)
         _positive_int("num_experts", num_experts)
+        check_bool("bias", bias)
+        check_probability("drop", drop)
+        check_backend(backend)
+        if norm_layer is not None and not callable(norm_layer):
+            raise ArgumentTypeError(f"norm_layer must be a norm class (such as nn.LayerNorm) or None, got "
+                                    f"{norm_layer!r}")
         kind, expanded, is_glu = _expert_kind(expert)
         if k is None and router in ("topk", "task_aware") and "k" not in (router_args or {}):
             k = min(2, num_experts)
         self._setup(_build_router(router, in_features, num_experts, k, router_args, backend, dd),
                     balance_coef, z_loss_coef, device)
         if capacity_factor is not None:
-            if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) \
-                    or not 0 < capacity_factor < math.inf:
+            if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+                raise ArgumentTypeError(f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r} "
+                                        f"({type(capacity_factor).__name__})")
+            if not 0 < capacity_factor < math.inf:
                 raise ValueError(f"capacity_factor must be None or a finite number > 0, got {capacity_factor!r}")
             capacity_factor = float(capacity_factor)
         if hidden_features is None:
@@ -451,8 +471,13 @@ class MoLELinear(_MoEModule):
         _positive_int("out_features", out_features)
         _positive_int("num_experts", num_experts)
         _positive_int("rank", rank)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ArgumentTypeError(f"alpha must be a finite number, got {alpha!r} ({type(alpha).__name__})")
+        if not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+        check_bool("freeze_base", freeze_base)
+        check_bool("bias", bias)
+        check_backend(backend)
         self._setup(_build_router(router, in_features, num_experts, None, router_args, backend, dd),
                     balance_coef, z_loss_coef, device)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -517,6 +542,7 @@ def link_pregated(layers: Sequence[MoEFeedForward], *, record_events: bool = Fal
     With ``record_events=True`` the returned list receives ``("route", i)`` whenever a router of
     layer i is evaluated and ``("experts", i)`` whenever layer i's experts run; otherwise None.
     """
+    check_bool("record_events", record_events)
     layers = list(layers)
     for i, layer in enumerate(layers):
         if not isinstance(layer, MoEFeedForward):
@@ -546,8 +572,8 @@ class PreGatedMoEStack(nn.Module):
 
     def __init__(self, layers: Sequence[MoEFeedForward], *, residual: bool = True, record_events: bool = False):
         super().__init__()
+        self.residual = check_bool("residual", residual)
         self.layers = nn.ModuleList(layers)
-        self.residual = residual
         self.events = link_pregated(self.layers, record_events=record_events)
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:

@@ -43,6 +43,7 @@ from torch.func import functional_call
 
 from gatezoo.kernels.routing import route
 
+from .checks import ArgumentTypeError, check_backend, check_bool, check_non_negative
 from .kan import GRKAN
 
 __all__ = [
@@ -123,7 +124,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
@@ -131,7 +132,7 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
 
 def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__}")
     if not value > 0 or math.isinf(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
@@ -180,7 +181,7 @@ class Router(nn.Module):
                              f"({num_experts}), got k={k}")
         self.k = k
         self.dense = k == num_experts
-        self.backend = backend
+        self.backend = check_backend(backend)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -257,7 +258,8 @@ class TopKRouter(Router):
         super().__init__(dim, num_experts, k, backend=backend)
         dd = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(dim, num_experts, bias=False, **dd)
-        self.noisy = bool(noisy)
+        self.noisy = check_bool("noisy", noisy)
+        check_bool("selection_bias", selection_bias)
         self.noise = nn.Linear(dim, num_experts, bias=False, **dd) if noisy else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
@@ -376,7 +378,7 @@ class GumbelSoftmaxRouter(Router):
         self.tau = _check_positive("tau", tau)
         self.samples = _check_int("samples", samples)
         self.seed = _check_int("seed", seed, 0)
-        self.hard = bool(hard)
+        self.hard = check_bool("hard", hard)
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self._eval_noise: tuple | None = None  # (key, tensor) cache of eval_noise()
 
@@ -448,9 +450,7 @@ class AdaptiveThresholdRouter(Router):
         self.dense = False  # k = E slots, but only the active ones run
         if tau_max is None:
             tau_max = 1.0 / num_experts
-        if isinstance(tau_max, bool) or not isinstance(tau_max, (int, float)) or not 0 <= tau_max < math.inf:
-            raise ValueError(f"tau_max must be a finite number >= 0, got {tau_max!r}")
-        self.tau_max = float(tau_max)
+        self.tau_max = check_non_negative("tau_max", tau_max)
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self.threshold = nn.Linear(dim, 1, device=device, dtype=dtype)
 

@@ -94,6 +94,20 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return backend
 
 
+def positive_number(name: str, value) -> float:
+    """``value`` as a float when it is a finite real number > 0 (not a bool); otherwise
+    ``TypeError`` (not a number) or ``ValueError`` (NaN, infinite, zero or negative) naming ``name``."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
 def float64_unsupported(*tensors) -> Unsupported:
     """The default Triton limit: the kernels compute in float32 and take float16, bfloat16 and
     float32 inputs only, so any float64 tensor among ``tensors`` sends the call elsewhere."""

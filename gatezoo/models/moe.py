@@ -9,6 +9,7 @@ token uses (k for the selecting routers, all E for the dense ones), rounded up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from gatezoo.blocks import ROUTERS, MoEFeedForward, link_pregated
+from gatezoo.blocks.checks import ArgumentTypeError, check_bool, check_int, check_str
 
 # routers that pick k experts per token; the others weigh every expert (k = E)
 _SELECTING = ("topk", "task_aware")
@@ -49,27 +51,40 @@ class MoEOptions:
     pregated: bool = False
 
     def validate_moe(self) -> None:
-        """Raise ValueError naming the first MoE field that is out of range (only when ffn is moe)."""
-        if isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {self.num_experts!r}")
+        """Raise ValueError (TypeError for a wrong type) naming the first MoE field that is out of
+        range (only when ffn is moe)."""
+        check_int("num_experts", self.num_experts)
+        check_str("router", self.router)
+        check_str("moe_expert", self.moe_expert)
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {self.router!r}")
         if self.moe_k is not None:
             k = self.moe_k
-            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise ArgumentTypeError(f"moe_k must be an int in [1, num_experts={self.num_experts}] or null, "
+                                        f"got {k!r} ({type(k).__name__})")
+            if not 1 <= k <= self.num_experts:
                 raise ValueError(f"moe_k must be an int in [1, num_experts={self.num_experts}] or null, "
                                  f"got {self.moe_k!r}")
             if self.router not in _SELECTING and self.moe_k != self.num_experts:
                 raise ValueError(f"moe_k={self.moe_k} needs a selecting router ({_SELECTING}); router "
                                  f"{self.router!r} weighs all {self.num_experts} experts")
         if not isinstance(self.router_args, dict):
-            raise ValueError(f"router_args must be a mapping, got {self.router_args!r}")
-        if not isinstance(self.pregated, bool):
-            raise ValueError(f"pregated must be true or false, got {self.pregated!r}")
+            raise ArgumentTypeError(f"router_args must be a mapping, got {self.router_args!r}")
+        check_bool("pregated", self.pregated)
         for name in ("balance_coef", "z_loss_coef"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ArgumentTypeError(f"{name} must be a number >= 0, got {v!r} ({type(v).__name__})")
+            if not 0 <= v < math.inf:
+                raise ValueError(f"{name} must be a number >= 0 (and finite), got {v!r}")
+        c = self.capacity_factor
+        if c is not None:
+            if isinstance(c, bool) or not isinstance(c, (int, float)):
+                raise ArgumentTypeError(f"capacity_factor must be null (dropless) or a finite number > 0, got {c!r} "
+                                        f"({type(c).__name__})")
+            if not 0 < c < math.inf:
+                raise ValueError(f"capacity_factor must be null (dropless) or a finite number > 0, got {c!r}")
 
     @property
     def experts_per_token(self) -> int:

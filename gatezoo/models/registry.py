@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from gatezoo.blocks.checks import ArgumentTypeError
+
 from .translation import EncoderDecoder, TranslationConfig
 from .vision import MixerConfig, MLPMixer, NiNformer, NiNformerConfig, VisionTransformer, ViTConfig
 
@@ -35,7 +37,11 @@ def list_models() -> list[str]:
 
 
 def model_config(name: str, **overrides):
-    """The config dataclass of preset ``name`` with ``overrides`` applied (validated)."""
+    """The config dataclass of preset ``name`` with ``overrides`` applied (validated: a field of
+    the wrong type raises TypeError, one out of range ValueError, each naming the field)."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"name must be a model name (a str, see list_models()), got {name!r} "
+                                f"({type(name).__name__})")
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
     _, cfg_cls, preset = _REGISTRY[name]

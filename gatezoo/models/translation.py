@@ -21,6 +21,11 @@ every attention kind (and for the peers of :mod:`gatezoo.train.mt_peers`):
 
 Cross-attention keys and values are computed once per sentence, on the first step, and kept in
 the cache.
+
+Inputs are checked: token ids must be (batch, length) integer tensors with ids in
+[0, vocab_size) (float ids are a TypeError, not truncated), ``src`` and ``tgt_in`` (or the decoding
+step's ``tokens`` and the :class:`Memory`) must have the same batch size, and a batch of zero
+sentences gives empty logits.
 """
 
 from __future__ import annotations
@@ -40,6 +45,15 @@ from gatezoo.blocks import (
     Mlp,
     ReLAAttention,
     SoftmaxAttention,
+)
+from gatezoo.blocks.checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_index,
+    check_int,
+    check_positive,
+    check_probability,
+    check_str,
 )
 
 from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforward
@@ -78,32 +92,32 @@ class TranslationConfig(MoEOptions):
     bias: bool = True  # biases on the attention projections
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise ValueError (TypeError for a wrong type) naming the first field that is out of range."""
         for name in ("vocab_size", "dim", "enc_layers", "dec_layers", "heads", "ffn_hidden", "max_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, getattr(self, name))
         if self.vocab_size <= EOS_ID:
             raise ValueError(f"vocab_size must exceed the special ids 0..{EOS_ID}, got {self.vocab_size}")
         if self.dim % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
         if self.dim % 2:
             raise ValueError(f"dim must be even (sinusoidal positions), got {self.dim}")
+        check_str("attention", self.attention)
+        check_str("ffn", self.ffn)
         if self.attention not in MT_ATTENTIONS:
             raise ValueError(f"attention must be one of {MT_ATTENTIONS}, got {self.attention!r}")
         if self.ffn not in MT_FFNS and self.ffn not in GLU_FAMILIES:
             raise ValueError(f"ffn must be one of {MT_FFNS}, got {self.ffn!r}")
         if self.ffn == "moe":
             self.validate_moe()
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+        check_probability("dropout", self.dropout)
+        check_positive("norm_eps", self.norm_eps)
+        check_bool("bias", self.bias)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     """(length, dim) position table: sines in the first half, cosines in the second, at
     wavelengths from 2*pi to 10000*2*pi (the tensor2tensor/fairseq layout)."""
+    length, dim = check_int("length", length, 0), check_int("dim", dim)
     half = dim // 2
     rate = math.log(10000.0) / max(half - 1, 1)
     freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -rate)
@@ -179,6 +193,7 @@ class Memory:
         When every selected row holds the same sentence as the row it replaces (beam search
         reordering beams within their sentences), the content is unchanged and ``self`` is
         returned without copying."""
+        check_index("index", index, self.states.shape[0])
         index = index.to(self.states.device)
         rows = self.source_rows()
         new = rows.index_select(0, index)
@@ -200,12 +215,20 @@ class DecoderCache:
         self.length = 0
         self.rows = rows  # the source sentence of each row (Memory.source_rows), None if unknown
 
+    def batch_size(self) -> int | None:
+        """The number of rows the cached keys hold (None before the first step)."""
+        for cache in (*self.self_attn, *self.cross_attn):
+            if cache.k is not None:
+                return cache.k.shape[0]
+        return None if self.rows is None else self.rows.shape[0]
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` of every cache, in that order.
 
         Cross-attention keys and values depend only on the source sentence: when every selected
         row holds the same sentence as the row it replaces (beams reordered within their
         sentences), they are left in place instead of copied."""
+        check_index("index", index, self.batch_size())
         for cache in self.self_attn:
             cache.reorder(index)
         if self.rows is not None:
@@ -219,10 +242,14 @@ class DecoderCache:
 
 def check_ids(name: str, ids, vocab_size: int, max_len: int) -> None:
     """Raise a clear error unless ``ids`` is a (batch, length) integer tensor of token ids below
-    ``vocab_size`` with ``1 <= length <= max_len``."""
+    ``vocab_size`` with ``1 <= length <= max_len``: TypeError for another type or dtype (float ids
+    are not truncated), ValueError for a shape or an id out of range."""
     if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a LongTensor of token ids, got {type(ids).__name__}")
-    if ids.dim() != 2 or ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
+        raise ArgumentTypeError(f"{name} must be a LongTensor of token ids, got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise ArgumentTypeError(f"{name} must be a (batch, length) integer tensor of token ids, got {ids.dtype} of "
+                                f"shape {tuple(ids.shape)}")
+    if ids.dim() != 2:
         raise ValueError(f"{name} must be a (batch, length) integer tensor, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
     if ids.shape[1] < 1:
@@ -233,6 +260,15 @@ def check_ids(name: str, ids, vocab_size: int, max_len: int) -> None:
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): min {int(ids.min())}, "
                          f"max {int(ids.max())}")
+
+
+def _check_memory(memory, name: str, batch: int) -> None:
+    """``memory`` must be a :class:`Memory` of ``batch`` rows (those of the ids ``name``)."""
+    if not isinstance(memory, Memory):
+        raise ArgumentTypeError(f"memory must be a Memory (from model.encode(src)), got {type(memory).__name__}")
+    if len(memory) != batch:
+        raise ValueError(f"{name} has batch size {batch} but memory holds {len(memory)} sentences; select the "
+                         f"memory's rows to match (memory.select(index))")
 
 
 class EncoderDecoder(nn.Module):
@@ -246,6 +282,9 @@ class EncoderDecoder(nn.Module):
         super().__init__()
         if cfg is not None and overrides:
             raise TypeError(f"pass either a config or field overrides, not both (got {sorted(overrides)})")
+        if cfg is not None and not isinstance(cfg, TranslationConfig):
+            raise ArgumentTypeError(f"cfg must be a TranslationConfig (or pass its fields as keyword arguments), got "
+                                    f"{type(cfg).__name__}")
         cfg = TranslationConfig(**overrides) if cfg is None else cfg
         cfg.validate()
         self.config = cfg
@@ -288,6 +327,7 @@ class EncoderDecoder(nn.Module):
     def decode(self, tgt_in: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Logits (B, T, vocab) of every next token of ``tgt_in`` (teacher forcing)."""
         check_ids("tgt_in", tgt_in, self.config.vocab_size, self.config.max_len)
+        _check_memory(memory, "tgt_in", tgt_in.shape[0])
         x = self._embed(tgt_in)
         for layer in self.decoder:
             x = layer(x, memory.states, memory.mask)
@@ -298,6 +338,10 @@ class EncoderDecoder(nn.Module):
 
         Padding positions of ``tgt_in`` need no mask: the decoder is causal, so they only
         influence their own (ignored) outputs."""
+        both_2d = all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (src, tgt_in))
+        if both_2d and tgt_in.shape[0] != src.shape[0]:  # the rest is checked by encode and decode
+            raise ValueError(f"tgt_in has batch size {tgt_in.shape[0]} but src has {src.shape[0]}; row i of tgt_in "
+                             f"must be the target of row i of src")
         return self.decode(tgt_in, self.encode(src))
 
     def decode_step(self, tokens: torch.Tensor, memory: Memory, cache: DecoderCache | None = None
@@ -305,8 +349,19 @@ class EncoderDecoder(nn.Module):
         """Logits (B, vocab) of the token after ``tokens`` (B, t): the newest target tokens, which
         follow the ``cache.length`` already decoded (the first call, with ``cache=None``, gets BOS).
         Returns the logits and the updated cache; equal to :meth:`decode` on the whole prefix."""
+        check_ids("tokens", tokens, self.config.vocab_size, self.config.max_len)
+        _check_memory(memory, "tokens", tokens.shape[0])
         if cache is None:
             cache = DecoderCache(len(self.decoder), memory.source_rows())
+        elif not isinstance(cache, DecoderCache):
+            raise ArgumentTypeError(f"cache must be a DecoderCache (or None to start), got {type(cache).__name__}")
+        elif len(cache.self_attn) != len(self.decoder):
+            raise ValueError(f"cache holds {len(cache.self_attn)} decoder layers, but this model has "
+                             f"{len(self.decoder)}; start with cache=None")
+        rows = cache.batch_size()
+        if rows is not None and rows != tokens.shape[0]:
+            raise ValueError(f"cache holds keys for batch size {rows}, but tokens has batch size {tokens.shape[0]}; "
+                             f"start a new cache (cache=None) or cache.reorder(index) it")
         start = cache.length
         if start + tokens.shape[1] > self.config.max_len:
             raise ValueError(f"decoding past the model's max_len={self.config.max_len} target positions")

@@ -4,10 +4,16 @@ All three share the stem and the head: a convolutional patch embedding (kernel =
 patch), a stack of blocks, a final LayerNorm and a linear head over the class token (ViT) or
 the mean of the tokens (Mixer, NiNformer). ``model(images)`` maps (B, in_chans, H, W) images to
 (B, num_classes) logits.
+
+The configs' ``validate`` checks every field (wrong type: TypeError, wrong value: ValueError,
+each naming the field; a bool field must be an actual bool). ``model(images)`` takes normalised
+floating-point images of the model's dtype (uint8 images are an error, not silently cast), and an
+empty batch gives (0, num_classes) logits.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +29,16 @@ from gatezoo.blocks import (
     NiNBlock,
     ReLAAttention,
     SoftmaxAttention,
+)
+from gatezoo.blocks.checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_dtype,
+    check_float_tensor,
+    check_int,
+    check_positive,
+    check_probability,
+    check_str,
 )
 
 from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforward
@@ -40,9 +56,21 @@ with a warning (see :func:`gatezoo.blocks.glu_variant`)."""
 
 def _positive_ints(cfg, *names):
     for name in names:
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_int(name, getattr(cfg, name))
+
+
+def _bools(cfg, *names):
+    for name in names:
+        check_bool(name, getattr(cfg, name))
+
+
+def _config(cls, cfg, overrides):
+    if cfg is not None and overrides:
+        raise TypeError(f"pass either a config or field overrides, not both (got overrides {sorted(overrides)})")
+    if cfg is not None and not isinstance(cfg, cls):
+        raise ArgumentTypeError(f"cfg must be a {cls.__name__} (or pass its fields as keyword arguments), got "
+                                f"{type(cfg).__name__}")
+    return cls(**overrides) if cfg is None else cfg
 
 
 @dataclass
@@ -63,12 +91,11 @@ class ImageConfig:
         return (self.img_size // self.patch_size) ** 2
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise ValueError (TypeError for a wrong type) naming the first field that is out of range."""
         _positive_ints(self, "img_size", "patch_size", "in_chans", "num_classes", "dim", "depth")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})")
-        if not 0.0 <= self.drop < 1.0:
-            raise ValueError(f"drop must be in [0, 1), got {self.drop!r}")
+        check_probability("drop", self.drop)
 
 
 @dataclass
@@ -86,18 +113,26 @@ class ViTConfig(ImageConfig, MoEOptions):
 
     def validate(self) -> None:
         super().validate()
+        check_str("attention", self.attention)
+        check_str("ffn", self.ffn)
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.ffn not in FFNS and self.ffn not in GLU_FAMILIES:
             raise ValueError(f"ffn must be one of {FFNS} (or {tuple(GLU_FAMILIES)}, which warn), got {self.ffn!r}")
         if self.ffn == "moe":
             self.validate_moe()
-        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 1 or self.dim % self.heads:
+        check_int("heads", self.heads)
+        if self.dim % self.heads:
             raise ValueError(f"heads must be a positive int dividing dim ({self.dim}), got {self.heads!r}")
         ratio = self.mlp_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or int(self.dim * ratio) < 1:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ArgumentTypeError(f"mlp_ratio must be a positive number (hidden width dim * mlp_ratio >= 1), "
+                                    f"got {ratio!r} ({type(ratio).__name__})")
+        if not math.isfinite(ratio) or int(self.dim * ratio) < 1:
             raise ValueError(f"mlp_ratio must be a positive number (hidden width dim * mlp_ratio >= 1), "
                              f"got {self.mlp_ratio!r}")
+        check_bool("qkv_bias", self.qkv_bias)
+        check_positive("norm_eps", self.norm_eps)
 
 
 @dataclass
@@ -126,24 +161,32 @@ class NiNformerConfig(ImageConfig):
     def validate(self) -> None:
         super().validate()
         _positive_ints(self, "tokens_hidden", "channels_hidden", "ffn_hidden")
-        for name in ("head_norm", "shared_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        _bools(self, "head_norm", "shared_norm")
 
 
 class PatchEmbed(nn.Module):
     """Non-overlapping patches as tokens: a convolution with kernel = stride = patch size,
-    (B, C, H, W) -> (B, (H/p)(W/p), dim)."""
+    (B, C, H, W) -> (B, (H/p)(W/p), dim).
+
+    The images must be floating point (normalised, as :class:`gatezoo.train.data.Batches` gives
+    them) of the convolution's dtype, (B, in_chans, img_size, img_size)."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
         super().__init__()
+        for name, v in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans), ("dim", dim)):
+            check_int(name, v)
+        if img_size % patch_size:
+            raise ValueError(f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})")
         self.img_size, self.in_chans = img_size, in_chans
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_tensor("images", x, hint=" (normalised images: convert uint8 pixels with x.float() / 255 and "
+                                             "normalise, as gatezoo.train.data.Batches does)")
         if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != (self.img_size, self.img_size):
             raise ValueError(f"images must have shape (batch, {self.in_chans}, {self.img_size}, {self.img_size}), "
                              f"got {tuple(x.shape)}")
+        check_dtype("images", x, self.proj.weight)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -162,6 +205,9 @@ class ViTBlock(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        if not isinstance(cfg, ViTConfig):
+            raise ArgumentTypeError(f"cfg must be a ViTConfig, got {type(cfg).__name__}")
+        cfg.validate()
         attn = SoftmaxAttention if cfg.attention == "softmax" else ReLAAttention
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = attn(cfg.dim, cfg.heads, dropout=cfg.drop, bias=cfg.qkv_bias)
@@ -171,12 +217,6 @@ class ViTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
-
-
-def _config(cls, cfg, overrides):
-    if cfg is not None and overrides:
-        raise TypeError(f"pass either a config or field overrides, not both (got overrides {sorted(overrides)})")
-    return cls(**overrides) if cfg is None else cfg
 
 
 class _ImageModel(nn.Module):

@@ -14,7 +14,9 @@ and class names for a train and a test split. ``spec`` is one of
   PIL reads; grayscale images give one channel, colour images three).
 
 A data set that is not there raises :class:`DataNotFoundError`, whose message says how to get
-it; a file that is there but cannot be read raises :class:`DataFormatError`.
+it; a file that is there but cannot be read raises :class:`DataFormatError` naming the file: a
+truncated or corrupt file, a label that is negative or not below :data:`MAX_CLASSES`, an empty
+train or test split (an empty test split would report an accuracy over zero images).
 
 :class:`Batches` walks such tensors in mini-batches without worker processes: a per-epoch
 shuffle from a seeded ``torch.Generator``, conversion to float normalised with the training
@@ -26,14 +28,19 @@ from __future__ import annotations
 
 import gzip
 import math
+import numbers
 import os
 import struct
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from gatezoo.blocks.checks import ArgumentTypeError, check_bool, check_int
 
 FASHION_MNIST = "fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -49,6 +56,9 @@ FASHION_MNIST_CLASSES = (
     "Bag",
     "Ankle boot",
 )
+MAX_CLASSES = 100_000
+"""The most classes a data set may have: a label must lie in [0, MAX_CLASSES). A label beyond it
+is almost certainly a corrupt value (it would otherwise allocate a class per value up to it)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 
 HOW_TO_GET = (
@@ -190,6 +200,9 @@ class Dataset:
                 )
         if len(self.train_images) == 0:
             raise DataFormatError(f"{self.name}: the train split is empty")
+        if len(self.test_images) == 0:
+            raise DataFormatError(f"{self.source or self.name}: the test split is empty (an accuracy over zero test "
+                                  f"images means nothing); give it test images")
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
             raise DataFormatError(
                 f"{self.name}: train images {tuple(self.train_images.shape[1:])} and test images "
@@ -277,7 +290,12 @@ def _labels(y: np.ndarray, n: int, what: str) -> torch.Tensor:
     if y.ndim != 1 or len(y) != n or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
         raise DataFormatError(f"{what}: labels must be integers of shape ({n},), got {y.dtype} {y.shape}")
     if y.size and y.min() < 0:
-        raise DataFormatError(f"{what}: labels must be >= 0, got {y.min()}")
+        i = int(np.argmin(y))
+        raise DataFormatError(f"{what}: label {y[i]} (at index {i}) is negative; labels must be class indices >= 0")
+    if y.size and y.max() >= MAX_CLASSES:
+        i = int(np.argmax(y))
+        raise DataFormatError(f"{what}: label {y[i]} (at index {i}) is out of range: labels must be class indices in "
+                              f"[0, {MAX_CLASSES}) (MAX_CLASSES); is the file corrupt?")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -326,7 +344,14 @@ def load_idx_dir(root: str | os.PathLike, name: str | None = None) -> Dataset:
 
 
 def holdout_split(n: int, fraction: float = 1 / 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, test) index arrays: a fixed permutation, its last ``n * fraction`` held out."""
+    """Deterministic (train, test) index arrays: a fixed permutation, its last ``n * fraction`` held out.
+
+    ``n`` must be an int >= 2 and ``fraction`` a number in (0, 1)."""
+    check_int("n", n, 0)
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise ArgumentTypeError(f"fraction must be a number in (0, 1), got {fraction!r} ({type(fraction).__name__})")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     if n < 2:
         raise DataFormatError(f"need at least 2 examples to hold out a test split, got {n}")
     perm = np.random.default_rng(seed).permutation(n)
@@ -341,9 +366,19 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
     """
     path = Path(path)
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataFormatError(f"{path}: cannot read as .npz ({e})") from e
+        return _load_npz(path, name)
+    except DataFormatError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # a truncated or corrupt archive fails when it is opened or when a member is read
+        raise DataFormatError(f"{path}: cannot read as .npz ({type(e).__name__}: {e}); is the file truncated or "
+                              f"corrupt?") from e
+
+
+def _load_npz(path: Path, name: str | None) -> Dataset:
+    z = np.load(path, allow_pickle=False)
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataFormatError(f"{path}: not an .npz archive (a single .npy array?); save x and y with np.savez")
     with z:
         keys = set(z.files)
         if not {"x", "y"} <= keys:
@@ -355,6 +390,9 @@ def load_npz(path: str | os.PathLike, name: str | None = None) -> Dataset:
         if "x_test" in keys:
             xt = _to_uint8(_to_nchw(z["x_test"], f"{path}:x_test"), f"{path}:x_test")
             yt = _labels(z["y_test"], len(xt), f"{path}:y_test")
+            if len(xt) == 0:
+                raise DataFormatError(f"{path}:x_test: the test split is empty; drop x_test/y_test to hold out a "
+                                      f"sixth of x as test")
         else:
             tr, te = holdout_split(len(x))
             x, xt = x[tr], x[te]
@@ -409,8 +447,10 @@ def load_image_folder(root: str | os.PathLike, name: str | None = None) -> Datas
             for f in sorted((d / c).iterdir())
             if f.suffix.lower() in IMAGE_SUFFIXES
         ]
-    if not listing["train"]:
-        raise DataFormatError(f"{dirs[0]}: no images (suffixes {', '.join(IMAGE_SUFFIXES)})")
+    for split, d in zip(("train", "test"), dirs):
+        if not listing[split]:
+            raise DataFormatError(f"{d}: no images in the {split} split (expected {d}/<class>/<image> with a suffix "
+                                  f"of {', '.join(IMAGE_SUFFIXES)})")
 
     gray_modes = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
     images, size, color = {}, None, False
@@ -466,7 +506,10 @@ def _is_gray(im) -> bool:
 
 def load_dataset(data: str | os.PathLike = FASHION_MNIST) -> Dataset:
     """Load a data set from a name or path (see the module docstring for what ``data`` may be)."""
-    if not isinstance(data, (str, os.PathLike)) or not str(data):
+    if not isinstance(data, (str, os.PathLike)):
+        raise ArgumentTypeError(f"data must be 'fashion-mnist' or a path (str or os.PathLike), got {data!r} "
+                                f"({type(data).__name__})")
+    if not str(data):
         raise ValueError(f"data must be 'fashion-mnist' or a path, got {data!r}")
     spec = str(data)
     if spec.lower().replace("_", "-") in (FASHION_MNIST, "fashionmnist"):
@@ -513,6 +556,11 @@ class Batches:
     ``augment`` applies a random shift of up to ``shift`` pixels (zero padding) and a horizontal
     flip with probability 1/2, drawn per batch from a generator seeded with
     ``(seed, epoch, batch index)``.
+
+    Every argument is checked (TypeError for a wrong type, ValueError for a wrong value, each
+    naming the argument): ``images`` a uint8 (N, C, H, W) tensor, ``labels`` an integer (N,)
+    tensor, ``batch_size`` a positive int, ``mean`` and ``std`` C finite numbers (std > 0), the
+    flags actual bools.
     """
 
     def __init__(
@@ -530,17 +578,38 @@ class Batches:
         drop_last: bool = False,
         device: str | torch.device = "cpu",
     ):
-        if images.dtype != torch.uint8 or images.ndim != 4:
+        if not isinstance(images, torch.Tensor):
+            raise ArgumentTypeError(f"images must be a uint8 (N, C, H, W) tensor, got {type(images).__name__}")
+        if images.dtype != torch.uint8:
+            raise ArgumentTypeError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} "
+                                    f"{tuple(images.shape)}")
+        if images.ndim != 4:
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool:
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ArgumentTypeError(f"labels must be an integer tensor of class indices, got {got}")
         if labels.ndim != 1 or len(labels) != len(images):
             raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise ArgumentTypeError(f"batch_size must be a positive integer, got {batch_size!r} "
+                                    f"({type(batch_size).__name__})")
+        if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         c = images.shape[1]
+        for what, values in (("mean", mean), ("std", std)):
+            if isinstance(values, (str, bytes)) or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+                raise ArgumentTypeError(f"{what} must be a sequence of {c} numbers, got {values!r}")
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"{what} must hold finite numbers, got {list(values)}")
         if len(mean) != c or len(std) != c or min(std) <= 0:
             raise ValueError(f"mean and std must hold {c} values (std > 0), got mean={list(mean)}, std={list(std)}")
-        if not isinstance(shift, int) or shift < 0:
-            raise ValueError(f"shift must be a non-negative integer, got {shift!r}")
+        for what, flag in (("shuffle", shuffle), ("augment", augment), ("drop_last", drop_last)):
+            check_bool(what, flag)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ArgumentTypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+        check_int("shift", shift, 0)
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -564,7 +633,15 @@ class Batches:
         return torch.randperm(n, generator=g)
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield the batches of ``epoch``, beginning at batch index ``start``."""
+        """The batches of ``epoch``, beginning at batch index ``start`` (0 <= start <= len; checked
+        here, not at the first batch)."""
+        check_int("epoch", epoch, 0)
+        check_int("start", start, 0)
+        if start > len(self):
+            raise ValueError(f"start must be a batch index in [0, {len(self)}], got {start}")
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.order(epoch).to(self.device)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]

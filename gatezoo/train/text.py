@@ -21,12 +21,15 @@ The pieces, in the order a translation trainer uses them:
 
 Every error about text data is a :class:`TextDataError` (a
 :class:`~gatezoo.train.data.DataFormatError`) or a :class:`~gatezoo.train.data.DataNotFoundError`,
-so a command line catches the same two families as for image data.
+so a command line catches the same two families as for image data. A wrong argument raises
+TypeError (a wrong type: a str where a bool belongs, a float token id) or ValueError (a wrong
+value: a negative token id), naming the argument.
 """
 
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import random
 import re
@@ -36,6 +39,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
+
+from gatezoo.blocks.checks import ArgumentTypeError, check_bool, check_int
 
 from . import sword
 from .data import DataFormatError, DataNotFoundError, derive_seed
@@ -57,6 +62,22 @@ class TextDataError(DataFormatError):
     line counts differ, a split or vocabulary that does not fit the corpus, an over-long example."""
 
 
+def _check_path(name: str, path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a path (str or os.PathLike), got {path!r} ({type(path).__name__})")
+    return Path(path)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_seed(seed) -> int:
+    if not _is_id(seed):
+        raise ArgumentTypeError(f"seed must be an int, got {seed!r} ({type(seed).__name__})")
+    return int(seed)
+
+
 # --------------------------------------------------------------------------------------------
 # Files of sentences
 
@@ -69,7 +90,8 @@ def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[st
     :class:`TextDataError` naming the file (and the 1-based line) if it is empty (unless
     ``allow_empty``), holds bytes that are not UTF-8, or has a blank line.
     """
-    path = Path(path)
+    path = _check_path("path", path)
+    check_bool("allow_empty", allow_empty)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -104,6 +126,8 @@ def read_parallel(
     """``(source, target)`` sentence pairs from two files read with :func:`read_lines`, line ``i``
     of one paired with line ``i`` of the other; raises :class:`TextDataError` naming both files and
     both line counts when the counts differ."""
+    _check_path("src_path", src_path)
+    _check_path("tgt_path", tgt_path)
     src = read_lines(src_path, allow_empty=allow_empty)
     tgt = read_lines(tgt_path, allow_empty=allow_empty)
     if len(src) != len(tgt):
@@ -223,8 +247,12 @@ def split_pairs(pairs: Sequence[tuple[str, str]], *, dev: int = 500, test: int =
     part, the next ``dev`` to the dev part, the others to training, and each part keeps the corpus
     order. Raises :class:`TextDataError` if ``dev + test`` leaves no training pairs."""
     for name, value in (("dev", dev), ("test", test)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ArgumentTypeError(f"split_pairs: {name} must be a non-negative integer, got {value!r} "
+                                    f"({type(value).__name__})")
+        if value < 0:
             raise ValueError(f"split_pairs: {name} must be a non-negative integer, got {value!r}")
+    _check_seed(seed)
     n = len(pairs)
     if dev + test >= n:
         raise TextDataError(f"split_pairs: dev={dev} + test={test} = {dev + test} pairs held out of {n} leaves no "
@@ -301,6 +329,9 @@ class Tokenizer:
                              f"more), got {vocab_size!r}")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"Tokenizer.train: model_type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+        if isinstance(character_coverage, bool) or not isinstance(character_coverage, numbers.Real):
+            raise ArgumentTypeError(f"Tokenizer.train: character_coverage must be a number in (0, 1], got "
+                                    f"{character_coverage!r} ({type(character_coverage).__name__})")
         if not 0.0 < character_coverage <= 1.0:
             raise ValueError(f"Tokenizer.train: character_coverage must be in (0, 1], got {character_coverage!r}")
         if isinstance(sentences, str):
@@ -364,17 +395,19 @@ class Tokenizer:
         """The ids of each text (no ``<s>``/``</s>`` added); a single str gives a single list."""
         if isinstance(texts, str):
             return self._sp.encode(texts, out_type=int)
-        return self._sp.encode(list(texts), out_type=int)
+        return self._sp.encode(_check_texts(texts), out_type=int)
 
     def encode_pieces(self, texts: Sequence[str] | str) -> list[list[str]] | list[str]:
         """The pieces of each text (``▁`` marks a preceding space); a single str gives a single list."""
         if isinstance(texts, str):
             return self._sp.encode(texts, out_type=str)
-        return self._sp.encode(list(texts), out_type=str)
+        return self._sp.encode(_check_texts(texts), out_type=str)
 
     def _clean(self, ids: Iterable[int]) -> list[int]:
         out = []
         for i in ids:
+            if not _is_id(i):
+                raise ArgumentTypeError(f"Tokenizer.decode: ids must be int token ids, got {i!r} ({type(i).__name__})")
             i = int(i)
             if i == EOS_ID:
                 break
@@ -390,6 +423,9 @@ class Tokenizer:
         1-D tensor) gives one str; an empty list gives ``""``. In each sequence ``<pad>`` and ``<s>``
         are dropped and everything from the first ``</s>`` on is cut; ``<unk>`` decodes as ``" ⁇ "``."""
         if isinstance(ids, torch.Tensor):
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ArgumentTypeError(f"Tokenizer.decode: ids must be an integer tensor of token ids, got "
+                                        f"{ids.dtype}")
             if ids.ndim not in (1, 2):
                 raise ValueError(f"Tokenizer.decode: expected a 1-D or 2-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
@@ -433,6 +469,32 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.src, self.tgt_in, self.tgt_out)))
 
 
+def _check_texts(texts) -> list[str]:
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ArgumentTypeError(f"texts[{i}] must be a str, got {t!r} ({type(t).__name__})")
+    return texts
+
+
+def _check_rows(name: str, rows: Sequence[Sequence[int]]) -> None:
+    """Each row of ``rows`` must be a sequence of int token ids >= 0 (float ids are not truncated)."""
+    for r, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
+            raise ArgumentTypeError(f"{name}[{r}] must be a sequence of int token ids, got {type(row).__name__}")
+        if isinstance(row, torch.Tensor):
+            if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+                raise ArgumentTypeError(f"{name}[{r}] must hold int token ids, got a {row.dtype} tensor")
+            if row.numel() and int(row.min()) < 0:
+                raise ValueError(f"{name}[{r}] must hold token ids >= 0, got {int(row.min())}")
+            continue
+        for i in row:
+            if not _is_id(i):
+                raise ArgumentTypeError(f"{name}[{r}] must hold int token ids, got {i!r} ({type(i).__name__})")
+            if i < 0:
+                raise ValueError(f"{name}[{r}] must hold token ids >= 0, got {i}")
+
+
 def _pad(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     out = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     for r, row in enumerate(rows):
@@ -443,7 +505,15 @@ def _pad(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
 
 def collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]]) -> Batch:
     """A :class:`Batch` from source and target id lists (without ``<s>``/``</s>``): each tensor is as
-    wide as its longest row (at least 1) and right-padded with :data:`PAD_ID`."""
+    wide as its longest row (at least 1) and right-padded with :data:`PAD_ID`. Every id must be an
+    int >= 0."""
+    _check_rows("src_ids", src_ids)
+    _check_rows("tgt_ids", tgt_ids)
+    return _collate(src_ids, tgt_ids)
+
+
+def _collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]]) -> Batch:
+    """:func:`collate` without the per-id checks (for ids checked before)."""
     if len(src_ids) != len(tgt_ids):
         raise ValueError(f"collate: {len(src_ids)} source sequences but {len(tgt_ids)} target sequences")
     if not src_ids:
@@ -488,6 +558,10 @@ class TokenBatches:
             raise ValueError(f"TokenBatches: max_tokens must be a positive integer, got {max_tokens!r}")
         if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
             raise ValueError(f"TokenBatches: max_len must be a positive integer or None, got {max_len!r}")
+        check_bool("shuffle", shuffle)
+        _check_seed(seed)
+        _check_rows("src_ids", src_ids)
+        _check_rows("tgt_ids", tgt_ids)
         self.src_ids = [list(s) for s in src_ids]
         """The source ids of every example."""
         self.tgt_ids = [list(t) for t in tgt_ids]
@@ -528,12 +602,20 @@ class TokenBatches:
         return order
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
-        """Yield the :class:`Batch` objects of ``epoch``, beginning at its batch number ``start``."""
+        """The :class:`Batch` objects of ``epoch``, beginning at its batch number ``start``
+        (0 <= start <= len; checked here, not at the first batch)."""
+        check_int("epoch", epoch, 0)
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral):
+            raise ArgumentTypeError(f"TokenBatches.epoch: start must be an int in 0 .. {len(self)}, got {start!r} "
+                                    f"({type(start).__name__})")
         if not 0 <= start <= len(self):
             raise ValueError(f"TokenBatches.epoch: start must be in 0 .. {len(self)}, got {start}")
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
         for b in self.order(epoch)[start:]:
             members = self.batches[b]
-            yield collate([self.src_ids[i] for i in members], [self.tgt_ids[i] for i in members])
+            yield _collate([self.src_ids[i] for i in members], [self.tgt_ids[i] for i in members])
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import dispatch, float64_unsupported
+from ..backend import dispatch, float64_unsupported, positive_number
 from .naive import gated_rms_norm_composed, norm_composed, rms_norm_composed
 from .torch_path import RMSNormFunction, in_compute_dtype
 
@@ -33,8 +33,7 @@ def _check(x, named_weights, eps):
             raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(w.shape)}")
         if w.device != x.device:
             raise ValueError(f"{name} must be on x's device {x.device}, got {w.device}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
+    positive_number("eps", eps)
 
 
 def _run(backend: str, x, weight, gate_weight, eps: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import dispatch
+from ..backend import dispatch, positive_number
 from .naive import rela_composed
 from .torch_path import ReLAFunction
 
@@ -76,7 +76,7 @@ def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     float32 inputs as TF32 on the tensor cores; the torch path is exact float32.
     """
     _check(q, k, v, key_padding_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else positive_number("scale", scale)
     causal = bool(causal)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(q.device)

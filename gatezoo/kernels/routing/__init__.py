@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import dispatch
+from ..backend import dispatch, positive_number
 from .naive import (
     DispatchPlan,
     Routing,
@@ -82,9 +82,7 @@ def route(logits: torch.Tensor, k: int, *, bias: torch.Tensor | None = None, noi
         if noise.shape != logits.shape:
             raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
         _same_device("noise", noise, logits)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
-    args = (logits, k, bias, noise, float(scale))
+    args = (logits, k, bias, noise, positive_number("scale", scale))
 
     def torch_path():
         from .torch_path import route_torch
