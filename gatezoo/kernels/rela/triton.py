@@ -99,7 +99,7 @@ def _rela_fwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else "tf32") * scale
         keep = _keep(offs_m, offs_n, mask_row, TQ, TK, CAUSAL, HAS_MASK)
         # relu that keeps NaN (as torch.relu does): a NaN score propagates, it does not become 0
-        p = tl.where(keep & (s >= 0.0) | keep & (s != s), s, 0.0)
+        p = tl.where(keep, tl.maximum(s, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else "tf32")
     tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m.to(tl.int64)[:, None] * som + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=(offs_m[:, None] < TQ) & d_ok[None, :])
@@ -143,9 +143,9 @@ def _rela_bwd_dkdv_kernel(
             # everything transposed (keys x queries) so each product has the key block as its
             # M dimension: one shape of tensor-core tile (wgmma on sm_90) for all four
             st = tl.dot(k, tl.trans(q), input_precision="ieee" if IEEE else "tf32") * scale
-            allowed = _keep_t(offs_n, offs_m, mask_row, TQ, TK, CAUSAL, HAS_MASK)
-            keep = allowed & (st > 0.0)
-            pt = tl.where(keep | allowed & (st != st), st, 0.0)  # relu(st), NaN kept as in the forward
+            # st > 0 or NaN (one unordered compare): relu(st) keeps NaN, as in the forward
+            keep = _keep_t(offs_n, offs_m, mask_row, TQ, TK, CAUSAL, HAS_MASK) & ~(st <= 0.0)
+            pt = tl.where(keep, st, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee" if IEEE else "tf32")
             dpt = tl.dot(v, tl.trans(do), input_precision="ieee" if IEEE else "tf32")
             dst = tl.where(keep, dpt, 0.0)
