@@ -120,3 +120,13 @@ def test_translate_mistakes(case, corpus, files, tmp_path, capsys):
     code = translate.main(args + (MT if "--config" not in args else []))
     _assert_clean_error(code, capsys.readouterr().err, expected)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_every_model_argument_problem_in_one_message(files, tmp_path, capsys):
+    code = classify.main(["--model", "vit_tiny", "--data", files["npz"], "--model_args",
+                          "{dim: 30, heads: 4, patch_size: 3, qkv_bias: 'no', depth: 0}", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "4 problems" in err
+    for name in ("depth", "patch_size", "heads", "qkv_bias"):
+        assert name in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

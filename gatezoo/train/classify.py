@@ -50,7 +50,7 @@ from . import distributed
 from .checkpoint import write_text
 from .config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
-from .factory import build_model, count_params, parse_model_spec
+from .factory import build_model, count_params, model_problems, parse_model_spec
 from .loop import STATE_FILE, Trainee, autocast, fit, resolve_device, steps_per_epoch
 from .optim import build_optimizer, build_scheduler
 
@@ -206,7 +206,7 @@ def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, d
     try:
         model = build_model(spec, **model_args).to(device)
     except ValueError as e:
-        raise ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {e}") from e
+        raise model_error(spec, model_args, e) from e
     params = count_params(model)
     net, sharded = wrap_for(model, env, device, cfg)
     optimizer = build_optimizer(model, cfg["lr"], cfg["weight_decay"])
@@ -223,6 +223,16 @@ def wrap_for(model: nn.Module, env: distributed.DistEnv, device: torch.device, c
     fsdp = bool(cfg.get("fsdp"))
     wrapped = distributed.wrap(model, env, device, fsdp)
     return (None if wrapped is model else wrapped), fsdp
+
+
+def model_error(spec: str, model_args: Mapping, error: Exception) -> ConfigError:
+    """A :class:`ConfigError` listing every problem of ``model_args`` for model ``spec`` (see
+    :func:`~gatezoo.train.factory.model_problems`), ``error`` being the first build's."""
+    problems = model_problems(spec, dict(model_args), error)
+    if len(problems) == 1:
+        return ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {problems[0]}")
+    return ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {len(problems)} problems:\n"
+                       + "\n".join(f"  - {p}" for p in problems))
 
 
 def fit_options(cfg: Mapping, device: torch.device) -> dict:

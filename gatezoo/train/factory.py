@@ -72,3 +72,28 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def model_problems(spec: str, overrides: dict, first: Exception) -> list[str]:
+    """Every problem of ``overrides`` for model ``spec`` that building it reveals, ``first`` (the
+    error of the first build) included: a model checks its arguments one at a time, so each
+    argument an error names is put back to its default and the model built again (on the meta
+    device, no memory), until it builds or an error names no argument given."""
+    import torch
+
+    problems, args = [str(first)], dict(overrides)
+    for _ in range(len(args)):
+        named = [k for k in args if problems[-1].startswith(k) or f" {k} " in problems[-1] or f"({k})" in problems[-1]]
+        if not named:
+            break
+        for k in named:
+            del args[k]
+        try:
+            with torch.device("meta"):
+                build_model(spec, **args)
+            break
+        except (ValueError, TypeError) as e:
+            if str(e) in problems:
+                break
+            problems.append(str(e))
+    return problems

@@ -59,7 +59,7 @@ from gatezoo.eval.decode import model_max_len
 
 from . import checkpoint as ckpt
 from . import distributed
-from .classify import start_run_dir, wrap_for
+from .classify import model_error, start_run_dir, wrap_for
 from .config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
 from .data import DataFormatError, DataNotFoundError
 from .factory import build_model, count_params, parse_model_spec
@@ -315,7 +315,7 @@ def make_mt_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int
     try:
         model = build_model(spec, **model_args).to(device)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {e}") from e
+        raise model_error(spec, model_args, e) from e
     if not hasattr(model, "decode_step"):
         raise ConfigError(f"model {spec!r} is not a translation model (no decode_step)")
     params = count_params(model)
@@ -450,7 +450,7 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
             try:
                 probe = build_model(spec, **model_args)
             except (ValueError, TypeError) as e:
-                raise ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {e}") from e
+                raise model_error(spec, model_args, e) from e
             limit = model_max_len(probe)
             max_len = limit if max_len is None else min(max_len, limit)
             del probe
