@@ -417,3 +417,19 @@ def test_bad_arguments_name_the_argument():
         MoEFeedForward(8)(torch.randn(2, 7))
     with pytest.raises(ValueError, match="x must have 6 features"):
         MoLELinear(6, 4)(torch.randn(2, 7))
+
+
+def test_moe_stats_weight_share_is_each_experts_share_of_the_routing_weight():
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, 6, num_experts=4, router="softmax", backend="torch").train()
+    x = torch.randn(5, 7, 8)
+    moe(x)
+    r = moe.last_routing
+    expected = torch.zeros(4, dtype=torch.float64)
+    expected.scatter_add_(0, r.indices.reshape(-1), r.weights.double().reshape(-1))
+    layer = moe_stats(moe)["layers"]["MoEFeedForward"]
+    torch.testing.assert_close(torch.tensor(layer["weight_share"], dtype=torch.float64), expected / expected.sum())
+    assert layer["min_weight_share"] == pytest.approx(float((expected / expected.sum()).min()))
+    assert layer["min_share"] == 0.25  # a dense router: every expert takes every token
+    reset_moe_stats(moe)
+    assert moe_stats(moe)["layers"]["MoEFeedForward"]["weight_share"] == [0.0] * 4

@@ -356,6 +356,8 @@ def test_sidebyside_moe_columns_and_expert_load(tmp_path, tiny_npz, capsys):
     assert float(topk["aux_loss"]) > 0 and float(topk["load_cv"]) >= 0 and float(topk["dropped_share"]) == 0
     assert 0 < float(topk["min_expert_share"]) <= 0.25
     assert float(dense["load_cv"]) == 0 and float(dense["min_expert_share"]) == 0.25  # every expert, every token
+    assert 0 < float(dense["min_weight_share"]) <= 0.25  # ... but the gate's weight is what is balanced or not
+    assert 0 < float(topk["min_weight_share"]) <= 0.25
     loads = _rows(out / "tiny-expert-load.csv")
     assert {r["model"] for r in loads} == {"vit_tiny_moe", "vit_tiny_moe:router=softmax"}
     assert len(loads) == 2 * 2 * 4  # 2 models x 2 layers x 4 experts, one evaluation

@@ -145,6 +145,9 @@ class _MoEModule(nn.Module):
         self.register_buffer("stat_dropped", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("stat_zero", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        # the routing weight each expert received in all (its share of the gate; for a dense router,
+        # whose every expert sees every token, the one measure of balance)
+        self.register_buffer("stat_weight", torch.zeros(e, dtype=torch.float64, device=device), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.last_aux: dict = {}
         self.last_routing: RoutingResult | None = None
@@ -170,6 +173,18 @@ class _MoEModule(nn.Module):
         e = self.num_experts
         return packed[:e], packed[e], packed[e + 1], packed[e + 2], world
 
+    def _global_weight(self, r: RoutingResult, world: int) -> torch.Tensor:
+        """The routing weight each expert got in this forward (active choices only), summed over
+        the process group when there is one."""
+        w = r.weights.detach().to(torch.float64)
+        if r.keep is not None:
+            w = w * r.keep
+        total = torch.zeros(self.num_experts, dtype=torch.float64, device=w.device).scatter_add_(
+            0, r.indices.reshape(-1).to(w.device), w.reshape(-1))
+        if world > 1:
+            torch.distributed.all_reduce(total, group=self.process_group)
+        return total
+
     def _after_routing(self, r: RoutingResult, plan: DispatchPlan) -> None:
         """Training bookkeeping (bias update, counters), then the auxiliary losses.
 
@@ -193,6 +208,7 @@ class _MoEModule(nn.Module):
                 self.stat_dropped += dropped.to(self.stat_dropped.device)
                 self.stat_zero += zero.to(self.stat_zero.device)
                 self.stat_tokens += tokens.to(self.stat_tokens.device)
+                self.stat_weight += self._global_weight(r, world).to(self.stat_weight.device)
                 if world > 1:
                     n_all = tokens
         aux = dict(r.aux)
@@ -241,7 +257,7 @@ class _MoEModule(nn.Module):
         return x.reshape(-1, self.in_features), lead, task_ids
 
     def reset_stats(self) -> None:
-        for buf in (self.stat_load, self.stat_dropped, self.stat_zero, self.stat_tokens):
+        for buf in (self.stat_load, self.stat_dropped, self.stat_zero, self.stat_tokens, self.stat_weight):
             buf.zero_()
 
 
@@ -614,6 +630,8 @@ def _layer_stats(m: _MoEModule) -> dict:
     assignments = float(load.sum())
     tokens = int(m.stat_tokens)
     mean = float(load.mean())
+    weight = m.stat_weight.double().cpu()
+    weight_total = float(weight.sum())
     return {
         "tokens": tokens,
         "assignments": int(assignments),
@@ -622,6 +640,8 @@ def _layer_stats(m: _MoEModule) -> dict:
         "min_share": float(load.min()) / assignments if assignments else 0.0,
         "dropped_share": int(m.stat_dropped) / assignments if assignments else 0.0,
         "zero_expert_share": int(m.stat_zero) / tokens if tokens else 0.0,
+        "weight_share": (weight / weight_total).tolist() if weight_total else [0.0] * weight.numel(),
+        "min_weight_share": float(weight.min()) / weight_total if weight_total else 0.0,
     }
 
 
@@ -632,10 +652,12 @@ def moe_stats(model: nn.Module) -> dict:
     ``assignments`` (routed (token, expert) pairs, before any capacity), ``load_share`` (each
     expert's share of them), ``load_cv`` (coefficient of variation std/mean of the per-expert
     loads, 0 when perfectly balanced), ``min_share`` (the least-loaded expert's share; 1/E when
-    balanced), ``dropped_share`` (assignments dropped by the capacity / assignments) and
-    ``zero_expert_share`` (tokens left with no active expert / tokens). ``all`` sums tokens,
+    balanced), ``dropped_share`` (assignments dropped by the capacity / assignments),
+    ``zero_expert_share`` (tokens left with no active expert / tokens), and ``weight_share`` /
+    ``min_weight_share``: each expert's share of the routing weight given out (the gate's balance,
+    which for a dense router, whose experts all see every token, is the measure that counts). ``all`` sums tokens,
     assignments, drops and zero-expert tokens over the layers and gives the mean and max
-    ``load_cv`` and the smallest ``min_share``.
+    ``load_cv`` and the smallest ``min_share`` and ``min_weight_share``.
     """
     layers = {name: _layer_stats(m) for name, m in _moe_modules(model)}
     dropped = sum(s["dropped_share"] * s["assignments"] for s in layers.values())
@@ -647,6 +669,7 @@ def moe_stats(model: nn.Module) -> dict:
         "layers": len(layers), "tokens": tokens, "assignments": assignments,
         "load_cv": sum(cvs) / len(cvs) if cvs else 0.0, "max_load_cv": max(cvs, default=0.0),
         "min_share": min((s["min_share"] for s in layers.values()), default=0.0),
+        "min_weight_share": min((s["min_weight_share"] for s in layers.values()), default=0.0),
         "dropped_share": dropped / assignments if assignments else 0.0,
         "zero_expert_share": zero / tokens if tokens else 0.0,
     }

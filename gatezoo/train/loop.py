@@ -384,7 +384,7 @@ def _reduced(stats: RunningStats, env: DistEnv) -> RunningStats:
     return out
 
 
-MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "dropped_share", "zero_expert_share")
+MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "min_weight_share", "dropped_share", "zero_expert_share")
 """The metrics columns of a model with mixture-of-experts layers (:func:`_moe_row`)."""
 
 
@@ -392,7 +392,9 @@ def _moe_row(t: Trainee, step: int, running: RunningStats | None = None) -> dict
     """The MoE columns of a metrics row: the mean auxiliary loss per item over the epoch so far
     (the window of ``train_loss``), and from the training steps since the last evaluation the
     mean over layers of the load's coefficient of variation,
-    the least-loaded expert's share of the assignments (smallest over layers), the share of
+    the least-loaded expert's share of the assignments (smallest over layers), the smallest share
+    of the routing weight any expert received (the gate's balance, which is what a dense router's
+    is measured by), the share of
     assignments dropped by a capacity, and the share of tokens no expert took. The per-expert
     shares go to ``expert_load.csv`` in the run directory (one row per layer and expert). The
     load counters restart after each evaluation. Empty for a model without MoE layers. ``running``:
@@ -404,7 +406,8 @@ def _moe_row(t: Trainee, step: int, running: RunningStats | None = None) -> dict
     running = t.stats if running is None else running
     items = running.items
     row = {"aux_loss": running.total("aux_loss") / items if items else float("nan"), "load_cv": s["load_cv"],
-           "min_expert_share": s["min_share"], "dropped_share": s["dropped_share"],
+           "min_expert_share": s["min_share"], "min_weight_share": s["min_weight_share"],
+           "dropped_share": s["dropped_share"],
            "zero_expert_share": s["zero_expert_share"]}
     if t.run_dir is not None and s["assignments"]:
         path = t.run_dir / "expert_load.csv"

@@ -48,10 +48,9 @@ from ..models import VisionTransformer, vit_state_dict_from_timm
 from .classify import ImageClassification, data_model_args, fit_options, make_trainee
 from .config import ConfigError, check, keys_help, load_config
 from .data import DataFormatError, DataNotFoundError, load_dataset
-from .loop import Trainee, fit, resolve_device, save_figure, steps_per_epoch
+from .loop import MOE_COLUMNS, Trainee, fit, resolve_device, save_figure, steps_per_epoch
 
-MOE_COLUMNS = ("aux_loss", "load_cv", "min_expert_share", "dropped_share", "zero_expert_share")
-"""The mixture-of-experts columns (see :func:`gatezoo.train.loop._moe_row`); NaN for dense models."""
+# MOE_COLUMNS (from the loop): the mixture-of-experts columns, NaN for dense models
 COLUMNS = ("model", "seed", "params", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
            "train_img_per_s", "train_seconds", "lr", "batch_size", "device", *MOE_COLUMNS)
 
