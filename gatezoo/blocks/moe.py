@@ -159,17 +159,20 @@ class _MoEModule(nn.Module):
 
     def _global_counts(self, load: torch.Tensor, r: RoutingResult, plan: DispatchPlan):
         """``(load, tokens, dropped, zero-expert tokens, world)`` of this forward summed over the
-        process group (one all-reduce), or of this process alone without one."""
+        process group (one all-reduce; tensors), or of this process alone without one (``tokens``
+        then a Python int)."""
         masked = 0 if r.keep is None else (~r.keep).sum()
-        local = [load, torch.tensor([r.indices.shape[0]], device=load.device),
-                 (plan.dropped - masked).reshape(1).to(load.device), (plan.position < 0).all(1).sum().reshape(1)]
-        packed = torch.cat([t.to(torch.int64) for t in local])
-        world = 1
+        dropped, zero = plan.dropped - masked, (plan.position < 0).all(1).sum()
+        tokens = r.indices.shape[0]
         group = self.process_group
+        world = 1
         if group is not None and self.training and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size(group)
-            if world > 1:
-                torch.distributed.all_reduce(packed, group=group)
+        if world == 1:  # the common case: no packing, no copy to the device
+            return load, tokens, dropped, zero, 1
+        local = [load, torch.tensor([tokens], device=load.device), dropped.reshape(1).to(load.device), zero.reshape(1)]
+        packed = torch.cat([t.to(torch.int64) for t in local])
+        torch.distributed.all_reduce(packed, group=group)
         e = self.num_experts
         return packed[:e], packed[e], packed[e + 1], packed[e + 2], world
 
@@ -207,7 +210,7 @@ class _MoEModule(nn.Module):
                 self.stat_load += load.to(self.stat_load.device)
                 self.stat_dropped += dropped.to(self.stat_dropped.device)
                 self.stat_zero += zero.to(self.stat_zero.device)
-                self.stat_tokens += tokens.to(self.stat_tokens.device)
+                self.stat_tokens += tokens if isinstance(tokens, int) else tokens.to(self.stat_tokens.device)
                 self.stat_weight += self._global_weight(r, world).to(self.stat_weight.device)
                 if world > 1:
                     n_all = tokens
