@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gatezoo.kernels import KINDS, gated_act, glu_packed
-from gatezoo.kernels.routing import DispatchPlan, grouped_mm, make_plan, permute, unpermute
+from gatezoo.kernels.routing import DispatchPlan, expert_ffn, grouped_mm, make_plan, permute, unpermute
 
 from .checks import (
     ArgumentTypeError,
@@ -431,6 +431,10 @@ class MoEFeedForward(_MoEModule):
         if cast is not None:
             xf, w1, w2 = xf.to(cast), w1.to(cast), w2.to(cast)
             b1, b2 = (None if b is None else b.to(cast) for b in (b1, b2))
+        if isinstance(self.norm, nn.Identity) and not (self.training and self.drop1.p > 0):
+            # nothing between the two projections but the activation: the fused op
+            return expert_ffn(xf, w1, w2, weights, plan, self.kind, glu=self.is_glu, alpha=self.alpha, b1=b1, b2=b2,
+                              backend=self.backend)
         xs = permute(xf, plan, backend=self.backend)
         h = grouped_mm(xs, w1, plan.offsets, backend=self.backend)
         expert_of_row = None

@@ -11,6 +11,10 @@ At each expert count E it times, forward and forward+backward, on N tokens of wi
   plainly) on the very same weights: for every expert, ``torch.where`` over the (N, k) choices,
   gather, the expert's matmuls, scale, ``index_add_`` back.
 
+Parameter gradients are set to None before every call, as ``zero_grad()`` does in a training
+step, so that no implementation is charged for adding into the previous call's gradients (with
+64 experts those are 8 times the dense feed-forward's weights).
+
 and, at the first E, each router of :data:`gatezoo.blocks.ROUTERS` alone (its forward, and its
 forward+backward through the combine weights), as its overhead against the dense feed-forward.
 """
@@ -51,6 +55,19 @@ def loop_moe(moe: MoEFeedForward):
     return run
 
 
+def _fresh_grads(fn, module: torch.nn.Module):
+    """``fn`` with ``module``'s parameter gradients set to None before each call, as a training
+    step's ``zero_grad()`` does: no implementation pays for adding into the last call's gradients."""
+    params = list(module.parameters())
+
+    def run(x):
+        for p in params:
+            p.grad = None
+        return fn(x)
+
+    return run
+
+
 def _ours(moe: MoEFeedForward):
     def run(x):
         y = moe(x)
@@ -79,11 +96,12 @@ def bench_moe(dtype, device, reps: int, tokens: int = MOE_TOKENS, dim: int = MOE
         torch.manual_seed(0)
         dense = GLUFeedForward(dim, glu_hidden).to(device, dtype)
         moe = MoEFeedForward(dim, hidden, num_experts=e, k=k, router="topk", backend="torch").to(device, dtype)
-        impls = {"dense-glu": dense, "gatezoo-torch": _ours(moe), "loop": loop_moe(moe)}
+        impls = {"dense-glu": _fresh_grads(dense, dense), "gatezoo-torch": _fresh_grads(_ours(moe), moe),
+                 "loop": _fresh_grads(loop_moe(moe), moe)}
         if device.type == "cuda":
             moe_t = MoEFeedForward(dim, hidden, num_experts=e, k=k, router="topk", backend="triton").to(device, dtype)
             moe_t.load_state_dict(moe.state_dict())
-            impls["gatezoo-triton"] = _ours(moe_t)
+            impls["gatezoo-triton"] = _fresh_grads(_ours(moe_t), moe_t)
         calls, saved = {}, {}
         for name, fn in impls.items():
             _add_impl(calls, saved, name, fn, [x0.detach().clone().requires_grad_()], dy, f"moe E={e}")

@@ -12,21 +12,29 @@ import torch
 
 
 class Scratch:
-    """Named buffers of one dtype and device; each grows to the largest size asked for."""
+    """Named buffers of one dtype and device; each grows to the largest size asked for. The view
+    last handed out for a (key, shape) is kept, so that loops asking for the same shapes again
+    (one chunk after another, expert after expert) do not pay for slicing and viewing each time."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype, self.device = dtype, device
         self.bufs: dict = {}
+        self.views: dict = {}
 
     def get(self, key, *shape: int) -> torch.Tensor:
         """A contiguous view of buffer ``key`` with ``shape`` (contents undefined)."""
+        buf = self.bufs.get(key)
+        hit = self.views.get((key, shape))
+        if hit is not None and hit[0] is buf:
+            return hit[1]
         n = 1
         for s in shape:
             n *= s
-        buf = self.bufs.get(key)
         if buf is None or buf.numel() < n:
             buf = self.bufs[key] = torch.empty(n, dtype=self.dtype, device=self.device)
-        return buf[:n].view(shape)
+        view = buf[:n].view(shape)
+        self.views[(key, shape)] = (buf, view)
+        return view
 
     def like(self, key, t: torch.Tensor) -> torch.Tensor:
         """Buffer ``key`` shaped like ``t``."""

@@ -159,10 +159,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None) -> None:
-    """y = phi(a) [* b], chunk by chunk in the compute dtype."""
+def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None, scratch: Scratch | None = None) -> None:
+    """y = phi(a) [* b], chunk by chunk in the compute dtype (temporaries in ``scratch``, a
+    :class:`~gatezoo.kernels.scratch.Scratch` of the compute dtype, or a fresh one)."""
     cdt = _compute_dtype(a.dtype)
-    tmp = Scratch(cdt, a.device)
+    tmp = scratch if scratch is not None else Scratch(cdt, a.device)
     for sl in _blocks(*a.shape, a.device):
         ac = a[sl] if a.dtype == cdt else tmp.like(0, a[sl]).copy_(a[sl])
         direct = b is None and y.dtype == cdt  # write phi straight into the output
@@ -173,11 +174,13 @@ def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None) -> None:
             y[sl].copy_(p)
 
 
-def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_alpha: bool):
+def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_alpha: bool,
+                     scratch: Scratch | None = None):
     """Writes dL/da into ``da`` and dL/db into ``db`` (either may be None), chunk by chunk;
-    returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``."""
+    returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``. Temporaries live in
+    ``scratch`` (of the compute dtype) or a fresh one."""
     cdt = _compute_dtype(a.dtype)
-    scratch = Scratch(cdt, a.device)
+    scratch = scratch if scratch is not None else Scratch(cdt, a.device)
     partials = []
     for sl in _blocks(*a.shape, a.device):
         ac = a[sl] if a.dtype == cdt else scratch.like(4, a[sl]).copy_(a[sl])

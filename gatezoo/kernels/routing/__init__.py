@@ -11,6 +11,10 @@ A dropless MoE feed-forward is, with these ops::
     ys = grouped_mm(glu_packed(h, "silu"), w2, plan.offsets)
     y = unpermute(ys, r.weights, plan)                 # (N, d) weighted sum over each token's choices
 
+or, the same in one call (fused per expert on the torch backend)::
+
+    y = expert_ffn(x, w1, w2, r.weights, plan, "silu")
+
 Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
 
 * ``naive.py`` - the plain compositions, the oracles.
@@ -27,6 +31,7 @@ from ..backend import dispatch, positive_number
 from .naive import (
     DispatchPlan,
     Routing,
+    expert_ffn_composed,
     grouped_mm_composed,
     permute_composed,
     plan_composed,
@@ -35,8 +40,8 @@ from .naive import (
 )
 
 __all__ = [
-    "DispatchPlan", "Routing", "grouped_mm", "grouped_mm_composed", "make_plan", "permute", "permute_composed",
-    "plan_composed", "route", "route_composed", "unpermute", "unpermute_composed",
+    "DispatchPlan", "Routing", "expert_ffn", "expert_ffn_composed", "grouped_mm", "grouped_mm_composed", "make_plan",
+    "permute", "permute_composed", "plan_composed", "route", "route_composed", "unpermute", "unpermute_composed",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -229,3 +234,94 @@ def _fp64(*ts):
     from ..backend import float64_unsupported
 
     return float64_unsupported(*ts)
+
+
+def _check_stack(name: str, t, shape: tuple, like: torch.Tensor) -> None:
+    """``t`` a float tensor of exactly ``shape``, with ``like``'s dtype and device."""
+    _float(name, t)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name} must have x's dtype {like.dtype}, got {t.dtype}")
+    _same_device(name, t, like)
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
+               kind: str, *, glu: bool = True, alpha=None, b1: torch.Tensor | None = None,
+               b2: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """The experts' whole feed-forward of a MoE layer, ``out[n] = sum_j weights[n, j] f_e(x[n])``
+    over token n's kept assignments (e = its expert), with ``f_e(x) = act(x w1[e] + b1[e]) w2[e]
+    + b2[e]``; equal to :func:`permute`, :func:`grouped_mm`, the activation, :func:`grouped_mm`
+    and :func:`unpermute` in a row (:func:`~.naive.expert_ffn_composed`).
+
+    The torch backend runs those steps expert by expert on its slice, while the slice is in cache,
+    and saves only the pre-activation (see :class:`~.torch_path.ExpertFFNFunction`): on a CPU it
+    costs little beyond its matmuls. The Triton backend runs the five kernels in a row.
+
+    Args:
+        x: (N, d) tokens.
+        w1: (E, d, 2H) when ``glu`` (the two halves ``[a | b]`` packed, as :func:`~gatezoo.kernels.glu_packed`
+            reads them), else (E, d, H).
+        w2: (E, H, d_out).
+        weights: (N, k) combine weights, the plan's shape.
+        plan: the :class:`DispatchPlan` of the routing (from :func:`make_plan`).
+        kind: the activation, a name of :data:`~gatezoo.kernels.KINDS` (``"silu"`` for SwiGLU).
+        glu: gate the second half by ``phi`` of the first (a GLU expert), or apply ``phi`` alone.
+        alpha: expanded-gate parameter (a float or 0-dim tensor, differentiable) or None.
+        b1, b2: optional (E, 2H or H) and (E, d_out) biases.
+        backend: ``"auto" | "torch" | "triton"``.
+    """
+    from ..activation import _check_alpha, get_kind
+
+    _float("x", x, 2)
+    _check_plan(plan)
+    spec = get_kind(kind)
+    if not isinstance(glu, bool):
+        raise TypeError(f"glu must be a bool, got {type(glu).__name__}")
+    _float("w1", w1, 3)
+    experts = plan.offsets.numel() - 1
+    if w1.shape[0] != experts or w1.shape[1] != x.shape[1] or (glu and w1.shape[2] % 2):
+        raise ValueError(f"w1 must have shape ({experts}, {x.shape[1]}, {'2H' if glu else 'H'}) for the plan's "
+                         f"{experts} experts and x's width, got {tuple(w1.shape)}")
+    hidden = w1.shape[2] // 2 if glu else w1.shape[2]
+    _check_stack("w1", w1, tuple(w1.shape), x)
+    _float("w2", w2, 3)
+    if w2.shape[:2] != (experts, hidden):
+        raise ValueError(f"w2 must have shape ({experts}, {hidden}, d_out) to follow w1, got {tuple(w2.shape)}")
+    _check_stack("w2", w2, tuple(w2.shape), x)
+    if b1 is not None:
+        _check_stack("b1", b1, (experts, w1.shape[2]), x)
+    if b2 is not None:
+        _check_stack("b2", b2, (experts, w2.shape[2]), x)
+    _float("weights", weights, 2)
+    if weights.shape != plan.position.shape or x.shape[0] != plan.position.shape[0]:
+        raise ValueError(f"x and weights must cover the plan's {plan.position.shape[0]} tokens with weights of shape "
+                         f"(tokens, k) = {tuple(plan.position.shape)}, got x {tuple(x.shape)} and weights "
+                         f"{tuple(weights.shape)}")
+    _same_device("weights", weights, x)
+    _same_device("plan", plan.token, x)
+    alpha_t = _check_alpha(alpha, spec, x)
+    args = (x, w1, w2, weights, plan, spec, glu, alpha_t, b1, b2)
+
+    def torch_path():
+        from .torch_path import expert_ffn_torch
+
+        return expert_ffn_torch(*args)
+
+    def triton_path():
+        from ..activation import gated_act, glu_packed
+        from .naive import _row_experts
+
+        rows = _row_experts(plan, experts) if b1 is not None or b2 is not None else None
+        h = grouped_mm(permute(x, plan, backend="triton"), w1, plan.offsets, backend="triton")
+        if b1 is not None:
+            h = h + b1[rows]
+        a = (glu_packed if glu else gated_act)(h, kind, alpha_t, backend="triton")
+        ys = grouped_mm(a, w2, plan.offsets, backend="triton")
+        if b2 is not None:
+            ys = ys + b2[rows]
+        return unpermute(ys, weights, plan, backend="triton")
+
+    return dispatch(backend, x, naive=lambda: expert_ffn_composed(*args), torch_path=torch_path,
+                    triton_path=triton_path, triton_unsupported=lambda: _fp64(x, w1),
+                    empty=x.numel() == 0 or plan.order.numel() == 0)

@@ -9,6 +9,8 @@ traces. Shapes: N tokens, E experts, k choices per token, M = N * k assignments.
 * :func:`permute_composed`, :func:`unpermute_composed` - gather rows into expert order and the
   weighted sum back to tokens.
 * :func:`grouped_mm_composed` - one matmul per expert on its contiguous slice of rows.
+* :func:`expert_ffn_composed` - the experts' whole feed-forward from these ops: permute, first
+  projection, activation, second projection, weighted un-permute.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
+from ..activation.naive import phi_composed
 
 
 class Routing(NamedTuple):
@@ -128,3 +132,38 @@ def grouped_mm_composed(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
     bounds = offsets.tolist()
     parts = [x[bounds[e]:bounds[e + 1]] @ weight[e] for e in range(weight.shape[0])]
     return torch.cat(parts + [x.new_zeros(x.shape[0] - bounds[-1], weight.shape[-1])], 0)
+
+
+def _row_experts(plan: DispatchPlan, num_experts: int) -> torch.Tensor:
+    """The expert of every sorted row (M',)."""
+    return torch.repeat_interleave(torch.arange(num_experts, device=plan.counts.device), plan.counts,
+                                   output_size=plan.order.numel())
+
+
+def expert_ffn_composed(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                        plan: DispatchPlan, spec, glu: bool, alpha: torch.Tensor | None = None,
+                        b1: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts' feed-forward of a MoE layer, op by op::
+
+        xs = x[plan.token]                                  # rows in expert order
+        h  = xs @ w1[e] + b1[e]                             # per expert, on its slice
+        a  = phi(h[:, :H]) * h[:, H:]  (glu)  or  phi(h)    # spec: a row of the activation table
+        ys = a @ w2[e] + b2[e]
+        out[n] = sum_j weights[n, j] * ys[position[n, j]]   # over the kept assignments
+
+    x (N, d), w1 (E, d, 2H or H), w2 (E, H, d_out), weights (N, k); out (N, d_out) in x's dtype.
+    """
+    num_experts = w1.shape[0]
+    h = grouped_mm_composed(permute_composed(x, plan), w1, plan.offsets)
+    rows = _row_experts(plan, num_experts) if b1 is not None or b2 is not None else None
+    if b1 is not None:
+        h = h + b1[rows]
+    if glu:
+        half = h.shape[1] // 2
+        a = phi_composed(h[:, :half], spec, alpha) * h[:, half:]
+    else:
+        a = phi_composed(h, spec, alpha)
+    ys = grouped_mm_composed(a, w2, plan.offsets)
+    if b2 is not None:
+        ys = ys + b2[rows]
+    return unpermute_composed(ys, weights, plan)
