@@ -234,6 +234,8 @@ def test_moe_layer_takes_the_fused_path_unless_something_sits_between_the_projec
         assert calls, "in eval mode dropout is the identity: the fused op applies"
     finally:
         routing_torch.ExpertFFNFunction.apply = original
+    with torch.no_grad():  # without autograd the pre-activation lives in scratch: same output
+        assert torch.equal(plain(x), y)
     r = plain.last_routing
     plan = make_plan(r.indices, 4)
     ref = expert_ffn_composed(x.reshape(-1, 16), plain.w1, plain.w2, r.weights, plan, get_kind("silu"), True)

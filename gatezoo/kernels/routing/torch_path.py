@@ -289,13 +289,16 @@ class ExpertFFNFunction(torch.autograd.Function):
         blocks = expert_blocks(bounds, width)
         w1s, w2s = w1.unbind(0), w2.unbind(0)
         b1s, b2s = (None if b is None else b.unbind(0) for b in (b1, b2))
-        hs = []
+        hs, keep = [], any(ctx.needs_input_grad)
         bufs, act_scratch = Scratch(x.dtype, x.device), Scratch(acc, x.device)
         for lo, hi, experts, rows in blocks:
             tok, m = plan.token[lo:hi], hi - lo
             xs = torch.index_select(x, 0, tok, out=bufs.get("x", m, d))
-            h = torch.empty((m, width), dtype=x.dtype, device=x.device)
-            hs.append(h)
+            if keep:
+                h = torch.empty((m, width), dtype=x.dtype, device=x.device)
+                hs.append(h)
+            else:  # nothing will call backward: h can live in the scratch too
+                h = bufs.get("h", m, width)
             _project(xs, w1s, b1s, experts, rows, h)
             a = bufs.get("a", m, hid)
             if glu:
