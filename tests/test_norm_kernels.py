@@ -34,6 +34,19 @@ def test_matches_float64(gated, dtype, layout, backend):
         assert_close(name, g_ref, g, TOL[dtype])
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["rms", "gated"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("layout", ["contig", "transposed"])
+def test_torch_path_in_several_chunks(gated, dtype, layout, monkeypatch):
+    """The CPU path walks the rows in chunks: two rows per chunk here (15 rows, a short last
+    chunk), against the same float64 oracle."""
+    import gatezoo.kernels.norm.torch_path as norm_torch
+
+    monkeypatch.setattr(norm_torch, "CPU_CHUNK_ELEMENTS", 2 * 37)
+    assert len(norm_torch._row_chunks(15, 37, torch.device("cpu"))) == 8
+    test_matches_float64(gated, dtype, layout, "torch")
+
+
 def test_gradcheck_and_second_order():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)

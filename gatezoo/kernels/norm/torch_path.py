@@ -1,7 +1,8 @@
 """The torch backend of RMSNorm and gated RMSNorm.
 
 :class:`RMSNormFunction` computes in float32 (float64 for float64 inputs), returns x's dtype,
-saves only its inputs and recomputes ``1 / rms`` and the gate in backward. It must match
+saves its inputs and ``1 / rms`` per row, recomputes the gate in backward, and walks the rows
+in cache-sized chunks on the CPU. It must match
 :func:`~.naive.rms_norm_composed` and :func:`~.naive.gated_rms_norm_composed`, which also give
 its second-order gradients.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import composed_grads
+from ..scratch import Scratch
 from .naive import norm_composed
 
 
@@ -19,46 +21,95 @@ def in_compute_dtype(t):
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _sum_rows(t):
-    return t.reshape(-1, t.shape[-1]).sum(0)
+# Elements per chunk on CPU: the handful of chunk-sized temporaries of one chunk stays in cache
+# while the backward's dozen elementwise passes run over it.
+CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def _row_chunks(rows: int, cols: int, device: torch.device):
+    """Row slices of about CPU_CHUNK_ELEMENTS elements on CPU, one slice elsewhere (where
+    chunking only adds launches)."""
+    if device.type != "cpu":
+        return [slice(None)]
+    step = max(1, CPU_CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(r, r + step) for r in range(0, rows, step)]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``w * x / rms(x) [* sigmoid(u * x)]``; ``gate_weight`` None for plain RMSNorm."""
+    """``w * x / rms(x) [* sigmoid(u * x)]``; ``gate_weight`` None for plain RMSNorm. Saves its
+    inputs and ``1 / rms`` per row; backward recomputes the gate.
+
+    Both passes walk the rows in chunks of about ``CPU_CHUNK_ELEMENTS`` on the CPU, with every
+    temporary in a few chunk-sized scratch buffers, so that the elementwise passes of the formula
+    (a dozen in backward) read main memory once."""
 
     @staticmethod
     def forward(ctx, x, weight, gate_weight, eps: float):
-        xc = in_compute_dtype(x)
-        n = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
-        y = n.mul_(in_compute_dtype(weight))
-        if gate_weight is not None:
-            y.mul_(torch.sigmoid(xc * in_compute_dtype(gate_weight)))
+        xr = _rows(x)
+        cdt = in_compute_dtype(xr[:0]).dtype
+        w = weight.to(cdt)
+        u = None if gate_weight is None else gate_weight.to(cdt)
+        y = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
+        rstd = torch.empty((xr.shape[0], 1), dtype=cdt, device=x.device)
+        tmp = Scratch(cdt, x.device)
+        for sl in _row_chunks(*xr.shape, x.device):
+            xc = xr[sl] if xr.dtype == cdt else tmp.like("x", xr[sl]).copy_(xr[sl])
+            r = torch.mul(xc, xc, out=tmp.like("n", xc)).mean(-1, keepdim=True).add_(eps).rsqrt_()
+            rstd[sl] = r
+            out = y[sl] if y.dtype == cdt else tmp.like("y", xc)
+            torch.mul(xc, r, out=out).mul_(w)
+            if u is not None:
+                out.mul_(torch.mul(xc, u, out=tmp.like("s", xc)).sigmoid_())
+            if out is not y[sl]:
+                y[sl].copy_(out)
         ctx.eps = eps
-        ctx.save_for_backward(x, weight, gate_weight)
-        return y.to(x.dtype)
+        ctx.save_for_backward(x, weight, gate_weight, rstd)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, gate_weight = ctx.saved_tensors
+        x, weight, gate_weight, rstd = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             return composed_grads(ctx, norm_composed, (x, weight, gate_weight, ctx.eps), dy)
-        xc, w, dyc = in_compute_dtype(x), in_compute_dtype(weight), in_compute_dtype(dy)
-        r = torch.rsqrt(xc.square().mean(-1, keepdim=True) + ctx.eps)
-        n = xc * r
-        gn = dyc * w  # gradient reaching n, before the gate
-        dgate = None
-        if gate_weight is not None:
-            u = in_compute_dtype(gate_weight)
-            s = torch.sigmoid(xc * u)
-            dgate = gn * n * s * (1.0 - s)  # dL/d(u x)
-            gn = gn * s
-        dx = r * (gn - n * (gn * n).mean(-1, keepdim=True))
-        if dgate is not None:
-            dx = dx + dgate * u
-        dw = _sum_rows(dyc * n * (s if gate_weight is not None else 1.0))
-        du = _sum_rows(dgate * xc) if gate_weight is not None else None
+        xr, dyr = _rows(x), _rows(dy)
+        cdt = in_compute_dtype(xr[:0]).dtype
+        w = weight.to(cdt)
+        gated = gate_weight is not None
+        u = gate_weight.to(cdt) if gated else None
+        dx = torch.empty(xr.shape, dtype=x.dtype, device=x.device)
+        dw = torch.zeros(w.shape, dtype=cdt, device=x.device)
+        du = torch.zeros(w.shape, dtype=cdt, device=x.device) if gated else None
+        tmp = Scratch(cdt, x.device)
+        for sl in _row_chunks(*xr.shape, x.device):
+            xc = xr[sl] if xr.dtype == cdt else tmp.like("x", xr[sl]).copy_(xr[sl])
+            dyc = dyr[sl] if dyr.dtype == cdt else tmp.like("dy", dyr[sl]).copy_(dyr[sl])
+            r = rstd[sl]
+            n = torch.mul(xc, r, out=tmp.like("n", xc))  # n = x / rms(x)
+            t = tmp.like("t", xc)
+            if gated:
+                s = torch.mul(xc, u, out=tmp.like("s", xc)).sigmoid_()
+                a = torch.mul(dyc, n, out=tmp.like("a", xc))  # dy * n
+                dw += torch.mul(a, s, out=t).sum(0)
+                # dL/d(u x) = w * dy * n * s * (1 - s)
+                dg = torch.ops.aten.sigmoid_backward.grad_input(a.mul_(w), s, grad_input=a)
+                du += torch.mul(dg, xc, out=t).sum(0)
+                gn = torch.mul(dyc, w, out=tmp.like("gn", xc)).mul_(s)  # gradient reaching n
+            else:
+                dw += torch.mul(dyc, n, out=t).sum(0)
+                gn = torch.mul(dyc, w, out=tmp.like("gn", xc))
+            dot = torch.mul(gn, n, out=t).mean(-1, keepdim=True)
+            out = dx[sl] if dx.dtype == cdt else tmp.like("dx", xc)
+            torch.addcmul(gn, n, dot, value=-1.0, out=out).mul_(r)  # r * (gn - n * mean(gn * n))
+            if gated:
+                out.addcmul_(dg, u)
+            if out is not dx[sl]:
+                dx[sl].copy_(out)
         return (
-            dx.to(x.dtype),
+            dx.view(x.shape),
             dw.to(weight.dtype),
             None if du is None else du.to(gate_weight.dtype),
             None,
