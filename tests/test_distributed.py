@@ -59,7 +59,9 @@ def _run(module, args, procs):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
                "-m", module, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    if proc.returncode != 0:  # the whole tail, unabridged (an assertion's repr would cut it)
+        pytest.fail(f"{' '.join(cmd)} exited with status {proc.returncode}\n--- stdout ---\n{proc.stdout[-2000:]}"
+                    f"\n--- stderr ---\n{proc.stderr[-8000:]}", pytrace=False)
     return proc
 
 

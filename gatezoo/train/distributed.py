@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -106,8 +107,14 @@ def device_for(env: DistEnv, device: torch.device) -> torch.device:
 
 
 def teardown(env: DistEnv) -> None:
-    """Leave the process group (no-op for a single process)."""
+    """Leave the process group (no-op for a single process). On a normal exit every process
+    first waits for the others, so that none closes its connections while another is still
+    finishing the last collective (gloo aborts the latter with SIGABRT). Called while an
+    exception propagates (from a ``finally``), it leaves at once: the other processes may never
+    reach a barrier."""
     if env.active and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
