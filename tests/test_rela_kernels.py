@@ -138,6 +138,28 @@ def test_second_order_gradients(backend):
         assert_close("second order", t_ref.grad, t.grad, 1e-10 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_head_path_writes_the_block_layout_and_equals_the_chunked_path(causal, monkeypatch):
+    """Short float32 sequences with one query head per key head go head by head: the output and
+    the gradients come in (B, T, H, D) storage (joining the heads is then a view), with the
+    values of the chunked path."""
+    from gatezoo.kernels.rela import torch_path
+
+    q, k, v, mask = _inputs((2, 3, 3, 7, 9, 16, causal, True), torch.float32, "transposed")
+    do = torch.randn(2, 3, 7, 16)
+    results = []
+    for budget in (torch_path.CPU_CHUNK_SCORES, 8):  # the per-head path, then the chunked one
+        monkeypatch.setattr(torch_path, "CPU_CHUNK_SCORES", budget)
+        assert torch_path._per_head_ok(q, k, v, causal) == (budget != 8)
+        ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = rela_attention(*ins, causal=causal, key_padding_mask=mask, backend="torch")
+        results.append([out, *torch.autograd.grad(out, ins, do)])
+    for t in results[0]:
+        assert t.transpose(1, 2).is_contiguous()
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *results):
+        assert_close(name, b, a, 1e-6)
+
+
 def test_cpu_chunk_plan():
     """Whole score rows for two heads where they fit in the budget, fewer rows when they do not,
     and short row chunks for causal attention so the masked half is skipped."""

@@ -3,6 +3,13 @@
 :class:`ReLAFunction` walks the score matrix in chunks (query rows forward, key rows backward),
 saves only q, k, v (and the mask) and recomputes the scores in backward. It must match
 :func:`~.naive.rela_composed`, which also gives its second-order gradients.
+
+When every query head has its own key head, the operands are float32/float64 and one head's
+whole stack of score matrices fits the chunk budget (short sequences: translation, ViT), it goes
+head by head instead (:func:`_per_head_forward`): bmm reads each head's strided (B, T, D) view
+of q, k, v in place, so nothing is copied into a merged (B * H) batch, and the output and the
+gradients are written in (B, T, H, D) storage, the layout the attention block joins its heads
+in. On (64, 4, 40, 64) this made ReLA's forward+backward cost what SDPA's does.
 """
 
 from __future__ import annotations
@@ -121,6 +128,73 @@ class _Problem:
         return s
 
 
+def _per_head_ok(q, k, v, causal: bool) -> bool:
+    """The per-head path applies: CPU, one query head per key head, float32/float64 operands
+    (nothing to convert), and one head's whole stack of score matrices within the chunk budget
+    (short causal rows only, as in the chunk plan)."""
+    b, h, tq, _ = q.shape
+    tk = k.shape[2]
+    return (q.device.type == "cpu" and k.shape[1] == h and q.dtype in (torch.float32, torch.float64)
+            and k.dtype == q.dtype and v.dtype == q.dtype and b * tq * tk <= CPU_CHUNK_SCORES
+            and (not causal or tq <= CAUSAL_ROWS))
+
+
+def _head_scores(qh, kh, pad, causal: bool, scale: float, out):
+    """relu(masked qh khᵀ * scale) of one head, (B, Tq, Tk), into ``out``."""
+    tq, tk = qh.shape[1], kh.shape[1]
+    torch.baddbmm(out, qh, kh.transpose(1, 2), beta=0.0, alpha=scale, out=out).relu_()
+    if causal and tk - tq < tk - 1:  # some query misses some key
+        i = torch.arange(tq, device=out.device)[:, None]
+        j = torch.arange(tk, device=out.device)[None, :]
+        out.masked_fill_(j > i + (tk - tq), 0.0)  # a select: masked inf or NaN scores become 0
+    if pad is not None:
+        out.masked_fill_(pad, 0.0)
+    return out
+
+
+def _per_head_forward(q, k, v, key_padding_mask, causal: bool, scale: float):
+    """ReLA one head at a time on strided (B, T, D) views of every head: no copy of q, k, v,
+    and the output is written in (B, Tq, H, D) storage, so joining the heads afterwards
+    (``o.transpose(1, 2).reshape(B, Tq, H * D)``) is a view."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    out = torch.empty((b, tq, h, d), dtype=q.dtype, device=q.device)
+    pad = None if key_padding_mask is None else ~key_padding_mask[:, None, :]
+    s = torch.empty((b, tq, tk), dtype=q.dtype, device=q.device)
+    o = torch.empty((b, tq, d), dtype=q.dtype, device=q.device)
+    for i in range(h):
+        _head_scores(q[:, i], k[:, i], pad, causal, scale, s)
+        # bmm reads strided operands in place but loops matrix by matrix into a strided output:
+        # through a contiguous buffer instead
+        out[:, :, i].copy_(torch.bmm(s, v[:, i], out=o))
+    return out.transpose(1, 2)
+
+
+def _per_head_grads(q, k, v, key_padding_mask, causal: bool, scale: float, do):
+    """dq, dk, dv of :func:`_per_head_forward`, each written in (B, T, H, D) storage (the layout
+    of q, k, v when a fused projection made them), scores recomputed one head at a time."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    dq = torch.empty((b, tq, h, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, tk, h, d), dtype=q.dtype, device=q.device)
+    dv = torch.empty((b, tk, h, d), dtype=q.dtype, device=q.device)
+    pad = None if key_padding_mask is None else ~key_padding_mask[:, None, :]
+    do = do.to(q.dtype)
+    p = torch.empty((b, tq, tk), dtype=q.dtype, device=q.device)
+    ds = torch.empty((b, tq, tk), dtype=q.dtype, device=q.device)
+    gq = torch.empty((b, tq, d), dtype=q.dtype, device=q.device)
+    gk = torch.empty((b, tk, d), dtype=q.dtype, device=q.device)
+    for i in range(h):  # each product into a contiguous buffer, then into its strided place
+        qh, kh, vh, doh = q[:, i], k[:, i], v[:, i], do[:, i]
+        _head_scores(qh, kh, pad, causal, scale, p)
+        dv[:, :, i].copy_(torch.bmm(p.transpose(1, 2), doh, out=gk))  # dv = Pᵀ dO
+        torch.bmm(doh, vh.transpose(1, 2), out=ds)  # dP = dO vᵀ
+        torch.ops.aten.threshold_backward.grad_input(ds, p, 0.0, grad_input=ds)  # dS = dP 1[S > 0]
+        dq[:, :, i].copy_(torch.baddbmm(gq, ds, kh, beta=0.0, alpha=scale, out=gq))  # dq = scale dS k
+        dk[:, :, i].copy_(torch.baddbmm(gk, ds.transpose(1, 2), qh, beta=0.0, alpha=scale, out=gk))
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+
+
 class ReLAFunction(torch.autograd.Function):
     """relu(q k^T * scale, masked) v in chunks; saves only q, k, v and the mask.
 
@@ -134,6 +208,10 @@ class ReLAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, causal: bool, scale: float):
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, key_padding_mask)
+        if _per_head_ok(q, k, v, causal):
+            return _per_head_forward(q, k, v, key_padding_mask, causal, scale)
         pb = _Problem(q, k, v, key_padding_mask, causal, scale)
         bhk = pb.b * pb.hk
         out = torch.empty((bhk, pb.g, pb.tq, pb.d), dtype=pb.cdt, device=q.device)
@@ -149,8 +227,6 @@ class ReLAFunction(torch.autograd.Function):
             else:
                 o = torch.bmm(p, pb.v[cs, :stop], out=pb.bufs.get("o", n, pb.g * rows, pb.d))
                 out[cs, :, rs].copy_(o.view(n, pb.g, rows, pb.d))
-        ctx.causal, ctx.scale = causal, scale
-        ctx.save_for_backward(q, k, v, key_padding_mask)
         return out.view(pb.b, pb.h, pb.tq, pb.d).to(q.dtype)
 
     @staticmethod
@@ -159,6 +235,8 @@ class ReLAFunction(torch.autograd.Function):
         causal, scale = ctx.causal, ctx.scale
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             return composed_grads(ctx, rela_composed_args, (q, k, v, key_padding_mask, causal, scale), do)
+        if _per_head_ok(q, k, v, causal):
+            return _per_head_grads(q, k, v, key_padding_mask, causal, scale, do)
         return _chunked_grads(q, k, v, key_padding_mask, causal, scale, do)
 
 
