@@ -1,10 +1,11 @@
 """The torch backend of the routing ops (the definitions are in :mod:`.naive`).
 
-* :func:`route_torch` - ``torch.topk`` over an order-preserving int64 encoding of the selection
-  scores, so that ties pick the lower expert first exactly as the stable sort of
+* :func:`route_torch` - ties pick the lower expert first exactly as the stable sort of
   :func:`~.naive.route_composed` does (``torch.topk`` on the float scores breaks ties in no
   documented order: on all-zero logits, as from a zero-initialised router, it picks the highest
-  experts). :class:`RouteFunction` saves the (N, k) weights and indices it computed plus its
+  experts): a float ``torch.topk`` of k + 1 decides the rows without ties or NaN, an
+  order-preserving int64 encoding of the scores the others (:func:`topk_lower_first`).
+  :class:`RouteFunction` saves the (N, k) weights and indices it computed plus its
   inputs ``logits``, ``bias`` and ``noise`` (not copied, but kept alive until the backward: the
   first-order backward uses only the weights and indices and the logits' shape and dtype, the
   inputs serve the double backward); the logits' gradient is scattered into the k selected
@@ -16,6 +17,9 @@
   (every sorted row has exactly one assignment) and ``dw = <dout[token[i]], y[i]>``.
 * :func:`grouped_mm_torch` - :class:`GroupedMMFunction`: one ``torch.mm`` per expert on its
   contiguous slice, written into a preallocated output; saves only its inputs.
+* :func:`expert_ffn_torch` - :class:`ExpertFFNFunction`: the experts' whole feed-forward
+  (permute, projection, activation, projection, weighted un-permute) block by block of experts
+  while the block is in cache; saves only the pre-activation.
 
 No dense E x N masks or one-hot tensors anywhere. Second-order gradients differentiate the
 compositions of :mod:`.naive` (:func:`~gatezoo.kernels.backend.composed_grads`).
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from ..activation.torch_path import _backward_chunks, _compute_dtype, _forward_chunks
 from ..backend import composed_grads
 from ..scratch import Scratch
 from .naive import (
@@ -212,11 +217,6 @@ def grouped_mm_torch(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     return GroupedMMFunction.apply(x, weight, offsets)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Where sums over tokens accumulate: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # Sorted rows per block of the fused expert feed-forward: about 2^20 elements of the widest
 # hidden tensor, so that one block's temporaries stay in cache between its steps.
 FFN_BLOCK_ELEMENTS = 1 << 20
@@ -277,12 +277,10 @@ class ExpertFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, weights, alpha, b1, b2, plan: DispatchPlan, spec, glu: bool):
-        from ..activation.torch_path import _forward_chunks
-
         bounds = plan.offsets.tolist()
         n, d = x.shape
         width, hid, d_out = w1.shape[2], w2.shape[1], w2.shape[2]
-        acc = _acc_dtype(x.dtype)
+        acc = _compute_dtype(x.dtype)  # where sums over tokens accumulate
         al = None if alpha is None else float(alpha)
         ws = weights.to(acc).reshape(-1).index_select(0, plan.order)
         out = torch.zeros((n, d_out), dtype=acc, device=x.device)
@@ -316,8 +314,6 @@ class ExpertFFNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from ..activation.torch_path import _backward_chunks, _forward_chunks
-
         x, w1, w2, weights, alpha, b1, b2, *hs = ctx.saved_tensors
         plan, spec, glu, al = ctx.plan, ctx.spec, ctx.glu, ctx.alpha
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
@@ -326,7 +322,7 @@ class ExpertFFNFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         n, d = x.shape
         num_experts, width, hid, d_out = w1.shape[0], w1.shape[2], w2.shape[1], w2.shape[2]
-        acc = _acc_dtype(x.dtype)
+        acc = _compute_dtype(x.dtype)  # where sums over tokens accumulate
         ws = weights.to(acc).reshape(-1).index_select(0, plan.order)
         dout = dout.to(x.dtype)
         dx = torch.zeros((n, d), dtype=acc, device=x.device) if need[0] else None
