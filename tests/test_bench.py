@@ -150,3 +150,14 @@ def test_moe_loop_reference_equals_the_layer():
     x = torch.randn(23, 12, dtype=torch.float64)
     # (the routing weights are float32 by design, hence the tolerance)
     torch.testing.assert_close(loop_moe(moe)(x), moe(x), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_bench(tmp_path, capsys):
+    assert bench.main(["--op", "dropout", "--size", "160", "--reps", "2", "--no-compile", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "dropout-cpu.csv")))
+    assert {r["impl"] for r in rows} == {"eager", "gatezoo-torch"} and {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    # gatezoo keeps a one-byte mask per element for backward; PyTorch's CPU dropout a float one
+    saved = {r["impl"]: int(r["saved_bytes"]) for r in rows if r["mode"] == "fwd+bwd"}
+    assert saved["gatezoo-torch"] == 160 * 160 and saved["eager"] >= saved["gatezoo-torch"]
+    assert (tmp_path / "dropout-cpu.png").stat().st_size > 0

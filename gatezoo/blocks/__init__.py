@@ -6,6 +6,7 @@ wrong value or shape ValueError, each naming the argument."""
 
 from .attention import KVCache, ReLAAttention, SoftmaxAttention
 from .checks import ArgumentTypeError
+from .dropout import Dropout
 from .feedforward import (
     GLU_FAMILIES,
     GLU_VARIANTS,
@@ -48,7 +49,7 @@ from .routers import (
 )
 
 __all__ = [
-    "ArgumentTypeError",
+    "ArgumentTypeError", "Dropout",
     "GLU_FAMILIES", "GLU_VARIANTS", "MLP_ACTIVATIONS", "GatedAct", "GatedRMSNorm", "GLUFeedForward", "KVCache",
     "MixerBlock", "Mlp", "NiNBlock",
     "ReLAAttention", "RMSNorm", "SoftmaxAttention", "TokenMixing", "glu_hidden_features",

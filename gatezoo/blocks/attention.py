@@ -35,6 +35,7 @@ from .checks import (
     check_optional_int,
     check_probability,
 )
+from .dropout import Dropout
 from .norm import GatedRMSNorm, RMSNorm
 
 
@@ -104,7 +105,7 @@ class _Attention(nn.Module):
         self.q = nn.Linear(dim, heads * head_dim, bias=bias)
         self.kv = nn.Linear(dim, 2 * kv_heads * head_dim, bias=bias)
         self.proj = nn.Linear(heads * head_dim, dim, bias=bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def _attend(self, q, k, v, key_padding_mask, causal):
         raise NotImplementedError

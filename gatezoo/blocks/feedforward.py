@@ -29,6 +29,7 @@ from .checks import (
     check_probability,
     check_str,
 )
+from .dropout import Dropout
 
 # timm passes an activation class (torch's or timm's own of the same name); a GLU reads it as
 # the gate it should use.
@@ -216,10 +217,10 @@ class GLUFeedForward(nn.Module):
         self.hidden_features = hidden
         self.fc1 = nn.Linear(in_features, 2 * hidden, bias=bias, **dd)
         self.alpha = nn.Parameter(torch.zeros((), **dd)) if expanded else None
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = Dropout(drop)
         self.norm = norm_layer(hidden, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden, out_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
@@ -271,10 +272,10 @@ class Mlp(nn.Module):
         self.in_features = in_features
         self.fc1 = nn.Linear(in_features, hidden, bias=bias, **dd)
         self.act = act_layer()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = Dropout(drop)
         self.norm = norm_layer(hidden, **dd) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden, out_features, bias=bias, **dd)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""

@@ -24,6 +24,7 @@ from .checks import (
     check_optional_int,
     check_probability,
 )
+from .dropout import Dropout
 from .feedforward import Mlp
 
 
@@ -61,7 +62,7 @@ class TokenMixing(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(num_tokens, hidden)  # weight (hidden, N): W1 of token_mixing
         self.fc2 = nn.Linear(hidden, num_tokens)  # weight (N, hidden): W2
-        self.drop = nn.Dropout(drop)
+        self.drop = Dropout(drop)
 
     def forward(self, u: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """u: (B, N, dim) -> (B, N, dim); ``gate`` (same shape) multiplies the result."""

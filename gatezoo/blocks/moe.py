@@ -33,6 +33,7 @@ from .checks import (
     check_non_negative,
     check_probability,
 )
+from .dropout import Dropout
 from .feedforward import GLU_FAMILIES, GLU_VARIANTS, glu_hidden_features, glu_variant
 from .routers import ROUTERS, Router, RoutingResult, make_router, router_z_loss, switch_balance_loss
 
@@ -372,7 +373,7 @@ class MoEFeedForward(_MoEModule):
         self.b2 = nn.Parameter(torch.empty(e, out_features, **dd)) if bias else None
         self.alpha = nn.Parameter(torch.zeros((), **dd)) if expanded else None
         self.norm = norm_layer(h, **dd) if norm_layer is not None else nn.Identity()
-        self.drop1, self.drop2 = nn.Dropout(drop), nn.Dropout(drop)
+        self.drop1, self.drop2 = Dropout(drop), Dropout(drop)
         # pre-gating (see link_pregated): the next layer, the routing handed over, the event log
         object.__setattr__(self, "_pregate_next", None)
         self._pending: RoutingResult | None = None

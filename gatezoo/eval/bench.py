@@ -6,6 +6,7 @@
     python -m gatezoo.eval.bench --op attention     # ReLA vs SDPA softmax, T = 256 ... 4096
     python -m gatezoo.eval.bench --op token_mixing  # MLP-Mixer token mixing at two model shapes
     python -m gatezoo.eval.bench --op moe           # top-2 MoE vs dense GLU vs a per-expert loop, E = 8, 64
+    python -m gatezoo.eval.bench --op dropout       # dropout p=0.1 on a 4096 x 4096 tensor vs F.dropout
 
 For each variant (plain, and expanded with a trainable alpha where the kind has a gate) it times
 the eager PyTorch composition, ``torch.compile`` of that composition, gatezoo's torch path and,
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gatezoo.kernels import KINDS, gated_act, glu, rela_attention, token_mixing
+from gatezoo.kernels import KINDS, dropout, gated_act, glu, rela_attention, token_mixing
 from gatezoo.kernels.activation.naive import phi_composed
 from gatezoo.kernels.mixing import token_mixing_composed
 from gatezoo.kernels.rela.naive import rela_composed
@@ -47,14 +48,18 @@ from .benchcore import (  # noqa: F401  (re-exported: the benchmark's public hel
     write_csv,
 )
 
-OPS = ("glu", "gated_act", "attention", "token_mixing", "moe")
+OPS = ("glu", "gated_act", "attention", "token_mixing", "moe", "dropout")
+DROPOUT_P = 0.1
 # token mixing shapes (batch, tokens, channels, hidden): mixer_tiny on 28x28 images with
 # patch 4, and Mixer-B/16 on 224x224 images
 MIXING_SHAPES = {"mixer_tiny-28": (128, 49, 128, 64), "mixer_b16-224": (32, 196, 768, 384)}
 
 
 def variants(op: str, kinds):
-    """(variant name, kind, uses alpha) for the kinds asked for."""
+    """(variant name, kind, uses alpha) for the kinds asked for (one ``p=0.1`` variant for dropout)."""
+    if op == "dropout":
+        yield f"p={DROPOUT_P}", None, False
+        return
     for kind in kinds:
         spec = KINDS[kind]
         yield kind, kind, False
@@ -63,7 +68,15 @@ def variants(op: str, kinds):
 
 
 def make_impls(op: str, kind: str, device: torch.device, use_compile: bool) -> dict:
-    """{impl name: callable} for one kind: eager composition, its torch.compile, gatezoo paths."""
+    """{impl name: callable} for one kind: eager composition, its torch.compile, gatezoo paths
+    (for dropout: ``F.dropout``, its torch.compile and :func:`gatezoo.kernels.dropout`)."""
+    if op == "dropout":
+        impls = {"eager": lambda a: F.dropout(a, DROPOUT_P)}
+        if use_compile:
+            torch._dynamo.reset()
+            impls["compile"] = torch.compile(impls["eager"], dynamic=False)
+        impls["gatezoo-torch"] = lambda a: dropout(a, DROPOUT_P)
+        return impls
     spec = KINDS[kind]
     if op == "glu":
         def eager(a, b, alpha=None):
@@ -92,7 +105,7 @@ def make_impls(op: str, kind: str, device: torch.device, use_compile: bool) -> d
 
 def bench_op(op: str, kinds, size: int, dtype: torch.dtype, device: torch.device, reps: int,
              use_compile: bool = True, progress: bool = True) -> list[Row]:
-    """Time every variant of ``op`` (``"glu"`` or ``"gated_act"``) on size x size inputs."""
+    """Time every variant of ``op`` (``"glu"``, ``"gated_act"`` or ``"dropout"``) on size x size inputs."""
     rows_out: list[Row] = []
     machine = device_name(device)
     numel = size * size

@@ -31,13 +31,14 @@ report).
 
 from .activation import KINDS, ActKind, gated_act, glu, glu_packed
 from .backend import BACKENDS, resolve_backend, triton_available
+from .drop import dropout
 from .mixing import token_mixing
 from .norm import gated_rms_norm, rms_norm
 from .rela import rela_attention
 from .routing import DispatchPlan, Routing, expert_ffn, grouped_mm, make_plan, permute, route, unpermute
 
 __all__ = [
-    "BACKENDS", "KINDS", "ActKind", "DispatchPlan", "Routing", "expert_ffn", "gated_act", "gated_rms_norm", "glu",
-    "glu_packed", "grouped_mm", "make_plan", "permute", "rela_attention", "resolve_backend", "rms_norm", "route",
-    "token_mixing", "triton_available", "unpermute",
+    "BACKENDS", "KINDS", "ActKind", "DispatchPlan", "Routing", "dropout", "expert_ffn", "gated_act",
+    "gated_rms_norm", "glu", "glu_packed", "grouped_mm", "make_plan", "permute", "rela_attention",
+    "resolve_backend", "rms_norm", "route", "token_mixing", "triton_available", "unpermute",
 ]

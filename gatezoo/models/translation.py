@@ -40,6 +40,7 @@ from gatezoo.blocks import (
     GLU_FAMILIES,
     GLU_VARIANTS,
     MLP_ACTIVATIONS,
+    Dropout,
     GLUFeedForward,
     KVCache,
     Mlp,
@@ -290,7 +291,7 @@ class EncoderDecoder(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD_ID)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.dim), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.enc_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
