@@ -3,13 +3,13 @@
 On the CPU, PyTorch's dropout draws one Bernoulli sample per element and keeps a float mask for
 backward; in the translation model's training step on this project's 2-core machine its
 ``bernoulli_`` calls took about 14% of the time (profiled). :func:`dropout` draws 64 random bits
-at a time with ``torch.randint`` instead and splits them into two 32-bit integers, each compared
-with ``round(p * 2**32)``: two keep/drop decisions per draw, with the drop probability exact to
-``2**-32``. The kept elements are scaled by ``1 / (1 - p)``, as in
-:func:`torch.nn.functional.dropout`, and only the one-byte boolean mask is saved for backward.
-Measured here (``python -m gatezoo.eval.bench --op dropout``; float32, p = 0.1): forward+backward
-in about 0.67x the time of ``F.dropout``, and a whole ``transformer_mt_tiny`` training step in
-about 0.92x.
+at a time (``Tensor.random_`` over the whole int64 range, in cache-sized chunks) and splits them
+into two 32-bit integers, each compared with ``round(p * 2**32)``: two keep/drop decisions per
+draw, with the drop probability exact to ``2**-32``. The kept elements are scaled by
+``1 / (1 - p)``, as in :func:`torch.nn.functional.dropout`, and only the one-byte boolean mask
+is saved for backward. Measured here (float32, p = 0.1): forward+backward in 0.62x the time of
+``F.dropout`` at 2560 x 1024 and 0.79x at 4096 x 4096 (``python -m gatezoo.eval.bench --op
+dropout``), and a whole ``transformer_mt_tiny`` training step in about 0.92x.
 
 Everywhere else (CUDA, where PyTorch's fused dropout kernel is already one memory-bound pass;
 tensors under ``CPU_MIN_ELEMENTS``; ``torch.compile``; ``inplace=True``; p of 0 or 1) it is
@@ -43,7 +43,7 @@ def check_probability(name: str, p) -> float:
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """A bool tensor of ``shape`` whose elements are True (kept) with probability ``1 - p``
-    each, independently: 32 random bits per element, two per 64-bit ``torch.randint`` draw,
+    each, independently: 32 random bits per element, two per 64-bit draw of ``Tensor.random_``,
     drawn ``DRAW_CHUNK`` at a time into one reused buffer (no tensor of random bits as large as
     the input is ever allocated)."""
     n = 1
