@@ -71,20 +71,22 @@ def make_impls(op: str, kind: str, device: torch.device, use_compile: bool) -> d
     """{impl name: callable} for one kind: eager composition, its torch.compile, gatezoo paths
     (for dropout: ``F.dropout``, its torch.compile and :func:`gatezoo.kernels.dropout`)."""
     if op == "dropout":
-        impls = {"eager": lambda a: F.dropout(a, DROPOUT_P)}
-        if use_compile:
-            torch._dynamo.reset()
-            impls["compile"] = torch.compile(impls["eager"], dynamic=False)
-        impls["gatezoo-torch"] = lambda a: dropout(a, DROPOUT_P)
-        return impls
-    spec = KINDS[kind]
-    if op == "glu":
+        def eager(a):
+            return F.dropout(a, DROPOUT_P)
+
+        def ours(backend):  # one path: PyTorch's own dropout on CUDA
+            return lambda a: dropout(a, DROPOUT_P)
+    elif op == "glu":
+        spec = KINDS[kind]
+
         def eager(a, b, alpha=None):
             return phi_composed(a, spec, alpha) * b
 
         def ours(backend):
             return lambda a, b, alpha=None: glu(a, b, kind, alpha, backend=backend)
     else:
+        spec = KINDS[kind]
+
         def eager(a, alpha=None):
             return phi_composed(a, spec, alpha)
 
@@ -98,7 +100,7 @@ def make_impls(op: str, kind: str, device: torch.device, use_compile: bool) -> d
         torch._dynamo.reset()
         impls["compile"] = torch.compile(eager, dynamic=False)
     impls["gatezoo-torch"] = ours("torch")
-    if device.type == "cuda":
+    if device.type == "cuda" and op != "dropout":
         impls["gatezoo-triton"] = ours("triton")
     return impls
 

@@ -19,6 +19,7 @@ tensors under ``CPU_MIN_ELEMENTS``; ``torch.compile``; ``inplace=True``; p of 0 
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -46,9 +47,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     each, independently: 32 random bits per element, two per 64-bit draw of ``Tensor.random_``,
     drawn ``DRAW_CHUNK`` at a time into one reused buffer (no tensor of random bits as large as
     the input is ever allocated)."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     draws = (n + 1) // 2
     keep = torch.empty(2 * draws, dtype=torch.bool, device=device)
     bits = torch.empty(min(draws, DRAW_CHUNK), dtype=torch.int64, device=device)
