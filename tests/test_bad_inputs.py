@@ -239,6 +239,8 @@ SILENT = [
     ("vit norm_eps='1e-6'", lambda: vit(norm_eps="1e-6"), TypeError, r"norm_eps"),
     ("mt norm_eps='1e-5'", lambda: mt(norm_eps="1e-5"), TypeError, r"norm_eps"),
     ("mt norm_eps=inf", lambda: mt(norm_eps=float("inf")), ValueError, r"norm_eps"),
+    ("mt norm_position='mid'", lambda: mt(norm_position="mid"), ValueError, r"norm_position must be one of"),
+    ("mt norm_position=True", lambda: mt(norm_position=True), TypeError, r"norm_position"),
     ("vit mlp_ratio=nan", lambda: vit(mlp_ratio=float("nan")), ValueError, r"mlp_ratio"),
     ("vit mlp_ratio=inf", lambda: vit(mlp_ratio=float("inf")), ValueError, r"mlp_ratio"),
     ("vit mlp_ratio='4'", lambda: vit(mlp_ratio="4"), TypeError, r"mlp_ratio"),

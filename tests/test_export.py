@@ -33,12 +33,12 @@ def _one_thread():
 
 
 def tiny_model(ffn: str = "mlp-relu", *, bias: bool = True, steps: int = 0, seed: int = 0,
-               norm_eps: float = 1e-5) -> EncoderDecoder:
+               norm_eps: float = 1e-5, norm_position: str = "pre") -> EncoderDecoder:
     """A 2+2 layer, dim 32 model, trained ``steps`` Adam steps to reverse random token sequences."""
     torch.manual_seed(seed)
     model = EncoderDecoder(TranslationConfig(vocab_size=V, dim=32, enc_layers=2, dec_layers=2, heads=4, ffn_hidden=64,
                                              dropout=0.0, max_len=64, ffn=ffn, bias=bias,
-                                             norm_eps=norm_eps))
+                                             norm_eps=norm_eps, norm_position=norm_position))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -70,9 +70,10 @@ def ct2_translate(path, sents: list[list[int]], **options) -> list[list[int]]:
     return [[VOCAB.index(t) for t in r.hypotheses[0]] for r in results]
 
 
-@pytest.mark.parametrize("ffn, bias", [("mlp-relu", True), ("mlp-gelu", True), ("swiglu", False)])
-def test_ctranslate2_greedy_and_scores_match(tmp_path, ffn, bias):
-    model = tiny_model(ffn, bias=bias, steps=100)
+@pytest.mark.parametrize("ffn, bias, norm_position", [("mlp-relu", True, "pre"), ("mlp-gelu", True, "pre"),
+                                                     ("swiglu", False, "pre"), ("mlp-relu", True, "post")])
+def test_ctranslate2_greedy_and_scores_match(tmp_path, ffn, bias, norm_position):
+    model = tiny_model(ffn, bias=bias, steps=100, norm_position=norm_position)
     path = export_ctranslate2(model, tmp_path / "ct2", VOCAB)
     assert path == tmp_path / "ct2" and (path / "model.bin").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no temporary directory left

@@ -70,6 +70,29 @@ def test_cached_decoding_equals_the_full_forward(attention, ffn):
     torch.testing.assert_close(logits, full[:, -1], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+def test_post_norm_layers_and_cached_decoding(attention):
+    model = _model(attention, norm_position="post")
+    assert isinstance(model.enc_norm, torch.nn.Identity) and isinstance(model.dec_norm, torch.nn.Identity)
+    layer, x = model.encoder[0], torch.randn(3, 6, SMALL["dim"], dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    h = layer.norm1(x + layer.attn(x, key_padding_mask=mask))
+    torch.testing.assert_close(layer(x, mask), layer.norm2(h + layer.ffn(h)), rtol=0, atol=0)
+    pre = _model(attention)  # same seed, same weights: only the norm placement differs
+    pre.load_state_dict(model.state_dict(), strict=False)
+    src = _src()
+    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 6))
+    tgt[:, 0] = BOS_ID
+    full = model(src, tgt)
+    assert not torch.allclose(full, pre(src, tgt))
+    memory, cache, steps = model.encode(src), None, []
+    for i in range(tgt.shape[1]):
+        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-10, atol=1e-10)
+
+
 def test_reorder_permutes_every_cache():
     model = _model("rela")
     src = _src()

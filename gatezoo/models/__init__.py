@@ -18,6 +18,7 @@ from .translation import (
     EOS_ID,
     MT_ATTENTIONS,
     MT_FFNS,
+    NORM_POSITIONS,
     PAD_ID,
     DecoderCache,
     EncoderDecoder,
@@ -40,7 +41,8 @@ from .vision import (
 )
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "MT_ATTENTIONS", "MT_FFNS", "PAD_ID", "DecoderCache", "EncoderDecoder", "Memory",
+    "BOS_ID", "EOS_ID", "MT_ATTENTIONS", "MT_FFNS", "NORM_POSITIONS", "PAD_ID", "DecoderCache", "EncoderDecoder",
+    "Memory",
     "MoEOptions", "moe_feedforward",
     "TranslationConfig", "ctranslate2_available", "export_ctranslate2", "sinusoidal_positions",
     "ATTENTIONS", "FFNS", "ImageConfig", "MLPMixer", "MixerConfig", "NiNformer", "NiNformerConfig", "PatchEmbed",

@@ -1,9 +1,9 @@
 """Export a softmax :class:`~gatezoo.models.EncoderDecoder` to a CTranslate2 model directory.
 
 :func:`export_ctranslate2` fills a CTranslate2 ``TransformerSpec`` (pre-norm encoder and decoder
-stacks with a final LayerNorm each) from the model's tensors and saves it (``model.bin``,
-``config.json``, ``shared_vocabulary.json``), so that ``ctranslate2.Translator`` runs the model
-on CPU or GPU with its own search. The mapping:
+stacks with a final LayerNorm each, or post-norm stacks for ``norm_position="post"``) from the
+model's tensors and saves it (``model.bin``, ``config.json``, ``shared_vocabulary.json``), so that
+``ctranslate2.Translator`` runs the model on CPU or GPU with its own search. The mapping:
 
 ======================================  =====================================================
 gatezoo                                 CTranslate2 spec
@@ -27,6 +27,7 @@ cross-attention ``q``, ``kv``,          ``attention.linear[0]`` (query), ``linea
                                         ``ffn.linear_0_noact`` = b rows, ``fc2`` ->
                                         ``linear_1``; ``ffn_glu=True``
 ``enc_norm`` / ``dec_norm``             ``encoder.layer_norm`` / ``decoder.layer_norm``
+                                        (pre-norm only)
 ``config.norm_eps``                     ``config.json`` ``layer_norm_epsilon``
 ======================================  =====================================================
 
@@ -222,10 +223,13 @@ def _check_output_dir(output_dir: Path, force: bool) -> None:
 def _build_spec(model: EncoderDecoder, vocabulary: list[str], enc_act: tuple[str, bool], dec_act: tuple[str, bool]):
     common_spec, transformer_spec = _import_ctranslate2()
     cfg = model.config
+    pre_norm = cfg.norm_position == "pre"
     encoder = transformer_spec.TransformerEncoderSpec(
-        cfg.enc_layers, cfg.heads, pre_norm=True, activation=common_spec.Activation[enc_act[0]], ffn_glu=enc_act[1])
+        cfg.enc_layers, cfg.heads, pre_norm=pre_norm, activation=common_spec.Activation[enc_act[0]],
+        ffn_glu=enc_act[1])
     decoder = transformer_spec.TransformerDecoderSpec(
-        cfg.dec_layers, cfg.heads, pre_norm=True, activation=common_spec.Activation[dec_act[0]], ffn_glu=dec_act[1])
+        cfg.dec_layers, cfg.heads, pre_norm=pre_norm, activation=common_spec.Activation[dec_act[0]],
+        ffn_glu=dec_act[1])
     spec = transformer_spec.TransformerSpec(encoder, decoder)
 
     embed = _np(model.embed.weight)
@@ -240,12 +244,14 @@ def _build_spec(model: EncoderDecoder, vocabulary: list[str], enc_act: tuple[str
     for layer_spec, layer in zip(encoder.layer, model.encoder):
         _set_self_attention(layer_spec.self_attention, layer.attn, layer.norm1)
         _set_ffn(layer_spec.ffn, layer.ffn, layer.norm2)
-    _set_norm(encoder.layer_norm, model.enc_norm)
+    if pre_norm:  # a post-norm stack has no final norm, in either library
+        _set_norm(encoder.layer_norm, model.enc_norm)
     for layer_spec, layer in zip(decoder.layer, model.decoder):
         _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.norm1)
         _set_cross_attention(layer_spec.attention, layer.cross_attn, layer.norm2)
         _set_ffn(layer_spec.ffn, layer.ffn, layer.norm3)
-    _set_norm(decoder.layer_norm, model.dec_norm)
+    if pre_norm:
+        _set_norm(decoder.layer_norm, model.dec_norm)
 
     config = spec.config
     config.layer_norm_epsilon = float(cfg.norm_eps)

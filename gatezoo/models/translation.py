@@ -3,7 +3,8 @@
 ``EncoderDecoder`` is the pre-norm Transformer of Vaswani et al. (2017) as most toolkits train it
 today: a joint (source and target) vocabulary whose one embedding matrix feeds the encoder and
 the decoder and is the output projection, embeddings scaled by sqrt(dim) plus sinusoidal
-positions, pre-norm layers with a final LayerNorm after each stack. The attention of all three
+positions, pre-norm layers with a final LayerNorm after each stack (``norm_position="post"``
+gives the original post-norm layers instead). The attention of all three
 places (encoder self-, decoder causal self- and cross-attention) is chosen by name, ``softmax``
 or ``rela`` (rectified linear attention with its gated RMS output norm, Zhang et al. 2021), and
 the feed-forward by name: ``mlp-<activation>`` or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS`.
@@ -65,6 +66,11 @@ MT_FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS, "moe")
 """Feed-forward names :class:`TranslationConfig` takes (``mlp-relu`` is the original Transformer's;
 ``moe`` is a mixture of experts, see :class:`~gatezoo.models.moe.MoEOptions`)."""
 
+NORM_POSITIONS = ("pre", "post")
+"""Where :class:`TranslationConfig` puts each sub-layer's LayerNorm: ``pre`` (before the
+sub-layer, inside the residual branch, the default) or ``post`` (after the residual sum, as in
+Vaswani et al. 2017 and the ReLA paper's models)."""
+
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
 """Special token ids: the tokenizer of :mod:`gatezoo.train.text` fixes pad 0, unk 1, BOS 2, EOS 3."""
 
@@ -91,6 +97,7 @@ class TranslationConfig(MoEOptions):
     max_len: int = 256
     norm_eps: float = 1e-5
     bias: bool = True  # biases on the attention projections
+    norm_position: str = "pre"  # "pre": x + f(LN x), final LN per stack; "post": LN(x + f(x)), no final LN
 
     def validate(self) -> None:
         """Raise ValueError (TypeError for a wrong type) naming the first field that is out of range."""
@@ -113,6 +120,9 @@ class TranslationConfig(MoEOptions):
         check_probability("dropout", self.dropout)
         check_positive("norm_eps", self.norm_eps)
         check_bool("bias", self.bias)
+        check_str("norm_position", self.norm_position)
+        if self.norm_position not in NORM_POSITIONS:
+            raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -140,26 +150,41 @@ def _feedforward(cfg: TranslationConfig) -> nn.Module:
     return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.dropout)
 
 
-class EncoderLayer(nn.Module):
-    """``x + self_attn(LN x)``, then ``x + ffn(LN x)``."""
+class _Residual(nn.Module):
+    """Shared by the layers: ``x + f(LN x)`` (pre-norm) or ``LN(x + f(x))`` (post-norm)."""
 
     def __init__(self, cfg: TranslationConfig):
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
+
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, f, **kwargs) -> torch.Tensor:
+        if self.post_norm:
+            return norm(x + f(x, **kwargs))
+        return x + f(norm(x), **kwargs)
+
+
+class EncoderLayer(_Residual):
+    """``x + self_attn(LN x)``, then ``x + ffn(LN x)`` (post-norm: ``LN(x + self_attn(x))``, then
+    ``LN(x + ffn(x))``)."""
+
+    def __init__(self, cfg: TranslationConfig):
+        super().__init__(cfg)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = _attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = _feedforward(cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_padding_mask=mask)
-        return x + self.ffn(self.norm2(x))
+        x = self._residual(x, self.norm1, self.attn, key_padding_mask=mask)
+        return self._residual(x, self.norm2, self.ffn)
 
 
-class DecoderLayer(nn.Module):
-    """``x + self_attn(LN x, causal)``, ``x + cross_attn(LN x, memory)``, ``x + ffn(LN x)``."""
+class DecoderLayer(_Residual):
+    """``x + self_attn(LN x, causal)``, ``x + cross_attn(LN x, memory)``, ``x + ffn(LN x)`` (or
+    each as ``LN(x + f(x))`` when post-norm)."""
 
     def __init__(self, cfg: TranslationConfig):
-        super().__init__()
+        super().__init__(cfg)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.self_attn = _attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
@@ -168,9 +193,10 @@ class DecoderLayer(nn.Module):
         self.ffn = _feedforward(cfg)
 
     def forward(self, x, memory, memory_mask, self_cache=None, cross_cache=None):
-        x = x + self.self_attn(self.norm1(x), causal=True, cache=self_cache)
-        x = x + self.cross_attn(self.norm2(x), context=memory, key_padding_mask=memory_mask, cache=cross_cache)
-        return x + self.ffn(self.norm3(x))
+        x = self._residual(x, self.norm1, self.self_attn, causal=True, cache=self_cache)
+        x = self._residual(x, self.norm2, self.cross_attn, context=memory, key_padding_mask=memory_mask,
+                           cache=cross_cache)
+        return self._residual(x, self.norm3, self.ffn)
 
 
 @dataclass
@@ -273,7 +299,7 @@ def _check_memory(memory, name: str, batch: int) -> None:
 
 
 class EncoderDecoder(nn.Module):
-    """Pre-norm encoder-decoder Transformer with tied embeddings (see the module docstring).
+    """Pre-norm (or post-norm) encoder-decoder Transformer with tied embeddings (see the module docstring).
 
     >>> model = EncoderDecoder(TranslationConfig(vocab_size=8000, attention="rela"))
     >>> logits = model(src_ids, tgt_in_ids)            # (B, T, 8000)
@@ -293,11 +319,12 @@ class EncoderDecoder(nn.Module):
         self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.dim), persistent=False)
         self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
-        self.enc_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        post = cfg.norm_position == "post"  # post-norm stacks end in a LayerNorm already
+        self.enc_norm = nn.Identity() if post else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         link_stack(cfg, [layer.ffn for layer in self.encoder])
         link_stack(cfg, [layer.ffn for layer in self.decoder])
-        self.dec_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.dec_norm = nn.Identity() if post else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self._init_weights()
 
     def _init_weights(self):
