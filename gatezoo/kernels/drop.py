@@ -31,14 +31,15 @@ CPU_MIN_ELEMENTS = 1 << 14
 DRAW_CHUNK = 1 << 18
 
 
-def check_probability(name: str, p) -> float:
-    """``p`` as a float when it is a real number in [0, 1] (not a bool); otherwise ``TypeError``
-    or ``ValueError`` naming ``name``."""
+def _check_p(p) -> float:
+    """``p`` as a float when it is a real number in [0, 1] (not a bool), as ``F.dropout`` takes it;
+    otherwise ``TypeError`` or ``ValueError`` naming ``p``. (Not ``gatezoo.blocks.checks``: the
+    kernels import nothing above them, and a block's rate excludes 1.)"""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1], got {p!r} ({type(p).__name__})")
+        raise TypeError(f"p must be a number in [0, 1], got {p!r} ({type(p).__name__})")
     p = float(p)
     if not 0.0 <= p <= 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
     return p
 
 
@@ -80,7 +81,7 @@ def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, inplace: boo
     """Dropout, as :func:`torch.nn.functional.dropout` (same arguments and scaling), with the
     faster mask of :func:`keep_mask` for floating-point CPU tensors of at least
     ``CPU_MIN_ELEMENTS`` elements while training."""
-    p = check_probability("p", p)
+    p = _check_p(p)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if (not training or p == 0.0 or p == 1.0 or inplace or x.device.type != "cpu" or not x.is_floating_point()
