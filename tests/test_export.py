@@ -134,8 +134,12 @@ def test_unsupported_feedforward_is_refused(tmp_path, ffn):
 
 
 def test_rela_and_other_models_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"no rectified linear attention \(ReLA\); only softmax"):
+    with pytest.raises(ValueError, match=r"no rectified linear attention \(ReLA\), which this model uses in its "
+                                         r"encoder, decoder, cross attention; only softmax"):
         export_ctranslate2(EncoderDecoder(vocab_size=V, dim=32, heads=4, ffn_hidden=64, attention="rela"),
+                           tmp_path / "out", VOCAB)
+    with pytest.raises(ValueError, match=r"\(ReLA\), which this model uses in its cross attention; only softmax"):
+        export_ctranslate2(EncoderDecoder(vocab_size=V, dim=32, heads=4, ffn_hidden=64, cross_attention="rela"),
                            tmp_path / "out", VOCAB)
     with pytest.raises(ValueError, match="takes a gatezoo EncoderDecoder, got Linear"):
         export_ctranslate2(torch.nn.Linear(2, 2), tmp_path / "out", VOCAB)

@@ -93,6 +93,35 @@ def test_post_norm_layers_and_cached_decoding(attention):
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("place, other", [("encoder", "softmax"), ("decoder", "softmax"), ("cross", "softmax"),
+                                          ("cross", "rela")])
+def test_attention_per_place(place, other):
+    from gatezoo.blocks import ReLAAttention, SoftmaxAttention
+
+    flip = "rela" if other == "softmax" else "softmax"
+    model = _model(other, **{f"{place}_attention": flip})
+    kinds = {"encoder": [layer.attn for layer in model.encoder],
+             "decoder": [layer.self_attn for layer in model.decoder],
+             "cross": [layer.cross_attn for layer in model.decoder]}
+    cls = {"softmax": SoftmaxAttention, "rela": ReLAAttention}
+    for where, blocks in kinds.items():
+        want = flip if where == place else other
+        assert model.config.attention_at(where) == want
+        assert all(type(b) is cls[want] for b in blocks), (where, [type(b).__name__ for b in blocks])
+    # a mixed model decodes through its caches exactly as the full forward computes
+    src = _src()
+    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 6))
+    tgt[:, 0] = BOS_ID
+    full = model(src, tgt)
+    memory, cache, steps = model.encode(src), None, []
+    for i in range(tgt.shape[1]):
+        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"place must be one of \('encoder', 'decoder', 'cross'\), got 'self'"):
+        model.config.attention_at("self")
+
+
 def test_reorder_permutes_every_cache():
     model = _model("rela")
     src = _src()

@@ -16,6 +16,7 @@ from .registry import create_model, list_models, model_config
 from .translation import (
     BOS_ID,
     EOS_ID,
+    MT_ATTENTION_PLACES,
     MT_ATTENTIONS,
     MT_FFNS,
     NORM_POSITIONS,
@@ -41,8 +42,8 @@ from .vision import (
 )
 
 __all__ = [
-    "BOS_ID", "EOS_ID", "MT_ATTENTIONS", "MT_FFNS", "NORM_POSITIONS", "PAD_ID", "DecoderCache", "EncoderDecoder",
-    "Memory",
+    "BOS_ID", "EOS_ID", "MT_ATTENTION_PLACES", "MT_ATTENTIONS", "MT_FFNS", "NORM_POSITIONS", "PAD_ID",
+    "DecoderCache", "EncoderDecoder", "Memory",
     "MoEOptions", "moe_feedforward",
     "TranslationConfig", "ctranslate2_available", "export_ctranslate2", "sinusoidal_positions",
     "ATTENTIONS", "FFNS", "ImageConfig", "MLPMixer", "MixerConfig", "NiNformer", "NiNformerConfig", "PatchEmbed",

@@ -69,7 +69,7 @@ from torch import nn
 from gatezoo.blocks import GLUFeedForward, Mlp, ReLAAttention, SoftmaxAttention
 from gatezoo.blocks.feedforward import GatedAct
 
-from .translation import BOS_ID, EOS_ID, PAD_ID, EncoderDecoder
+from .translation import BOS_ID, EOS_ID, MT_ATTENTION_PLACES, PAD_ID, EncoderDecoder
 
 __all__ = ["SPECIAL_PIECES", "ctranslate2_available", "export_ctranslate2"]
 
@@ -291,9 +291,10 @@ def export_ctranslate2(model: EncoderDecoder, output_dir: str | os.PathLike, voc
     if not isinstance(model, EncoderDecoder):
         raise ValueError(f"export_ctranslate2 takes a gatezoo EncoderDecoder, got {type(model).__name__}")
     cfg = model.config
-    if cfg.attention != "softmax":
-        raise ValueError("CTranslate2 has no rectified linear attention (ReLA); only softmax EncoderDecoder "
-                         "models can be exported")
+    rela = [place for place in MT_ATTENTION_PLACES if cfg.attention_at(place) != "softmax"]
+    if rela:
+        raise ValueError(f"CTranslate2 has no rectified linear attention (ReLA), which this model uses in its "
+                         f"{', '.join(rela)} attention; only softmax EncoderDecoder models can be exported")
     enc_act = _stack_activation(model.encoder, cfg.heads, cfg.dim, ("attn",), "encoder")
     dec_act = _stack_activation(model.decoder, cfg.heads, cfg.dim, ("self_attn", "cross_attn"), "decoder")
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]

@@ -7,7 +7,9 @@ positions, pre-norm layers with a final LayerNorm after each stack (``norm_posit
 gives the original post-norm layers instead). The attention of all three
 places (encoder self-, decoder causal self- and cross-attention) is chosen by name, ``softmax``
 or ``rela`` (rectified linear attention with its gated RMS output norm, Zhang et al. 2021), and
-the feed-forward by name: ``mlp-<activation>`` or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS`.
+``encoder_attention``, ``decoder_attention`` and ``cross_attention`` override it for one place
+(e.g. ReLA in the self-attentions and softmax in cross-attention). The feed-forward is chosen by
+name: ``mlp-<activation>`` or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS`.
 
 Training calls ``model(src_ids, tgt_in_ids) -> logits (B, T_tgt, vocab)``, padding id 0. Search
 code uses only the narrow decoding interface, so greedy, beam and any later decoder work for
@@ -62,6 +64,9 @@ from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforwa
 
 MT_ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`TranslationConfig` takes."""
+MT_ATTENTION_PLACES = ("encoder", "decoder", "cross")
+"""Where :class:`TranslationConfig` places attention: encoder self-, decoder causal self- and
+cross-attention (the fields ``encoder_attention``, ``decoder_attention``, ``cross_attention``)."""
 MT_FFNS = (*(f"mlp-{act}" for act in MLP_ACTIVATIONS), *GLU_VARIANTS, "moe")
 """Feed-forward names :class:`TranslationConfig` takes (``mlp-relu`` is the original Transformer's;
 ``moe`` is a mixture of experts, see :class:`~gatezoo.models.moe.MoEOptions`)."""
@@ -83,6 +88,10 @@ class TranslationConfig(MoEOptions):
     ``ffn_hidden`` is the hidden width of an MLP feed-forward; a GLU gets 2/3 of it (rounded up
     to a multiple of 8), which keeps the parameter count. ``max_len`` bounds source and target
     lengths in tokens (the target counting BOS); longer input is an error.
+
+    ``attention`` names the attention of all three places; ``encoder_attention`` (encoder
+    self-attention), ``decoder_attention`` (decoder causal self-attention) and
+    ``cross_attention``, when set, replace it in that place (:meth:`attention_at`).
     """
 
     vocab_size: int = 8000
@@ -92,6 +101,9 @@ class TranslationConfig(MoEOptions):
     heads: int = 4
     ffn_hidden: int = 1024
     attention: str = "softmax"
+    encoder_attention: str | None = None  # None: ``attention``
+    decoder_attention: str | None = None
+    cross_attention: str | None = None
     ffn: str = "mlp-relu"
     dropout: float = 0.1
     max_len: int = 256
@@ -109,10 +121,14 @@ class TranslationConfig(MoEOptions):
             raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
         if self.dim % 2:
             raise ValueError(f"dim must be even (sinusoidal positions), got {self.dim}")
-        check_str("attention", self.attention)
+        for name in ("attention", *(f"{place}_attention" for place in MT_ATTENTION_PLACES)):
+            value = getattr(self, name)
+            if value is None and name != "attention":
+                continue
+            check_str(name, value)
+            if value not in MT_ATTENTIONS:
+                raise ValueError(f"{name} must be one of {MT_ATTENTIONS}, got {value!r}")
         check_str("ffn", self.ffn)
-        if self.attention not in MT_ATTENTIONS:
-            raise ValueError(f"attention must be one of {MT_ATTENTIONS}, got {self.attention!r}")
         if self.ffn not in MT_FFNS and self.ffn not in GLU_FAMILIES:
             raise ValueError(f"ffn must be one of {MT_FFNS}, got {self.ffn!r}")
         if self.ffn == "moe":
@@ -123,6 +139,14 @@ class TranslationConfig(MoEOptions):
         check_str("norm_position", self.norm_position)
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+
+    def attention_at(self, place: str) -> str:
+        """The attention name used at ``place`` (one of :data:`MT_ATTENTION_PLACES`): its own field
+        when set, else ``attention``."""
+        if place not in MT_ATTENTION_PLACES:
+            raise ValueError(f"place must be one of {MT_ATTENTION_PLACES}, got {place!r}")
+        own = getattr(self, f"{place}_attention")
+        return self.attention if own is None else own
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -136,8 +160,8 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def _attention(cfg: TranslationConfig) -> nn.Module:
-    cls = SoftmaxAttention if cfg.attention == "softmax" else ReLAAttention
+def _attention(cfg: TranslationConfig, place: str) -> nn.Module:
+    cls = SoftmaxAttention if cfg.attention_at(place) == "softmax" else ReLAAttention
     return cls(cfg.dim, cfg.heads, dropout=cfg.dropout, bias=cfg.bias)
 
 
@@ -170,7 +194,7 @@ class EncoderLayer(_Residual):
     def __init__(self, cfg: TranslationConfig):
         super().__init__(cfg)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = _attention(cfg)
+        self.attn = _attention(cfg, "encoder")
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = _feedforward(cfg)
 
@@ -186,9 +210,9 @@ class DecoderLayer(_Residual):
     def __init__(self, cfg: TranslationConfig):
         super().__init__(cfg)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.self_attn = _attention(cfg)
+        self.self_attn = _attention(cfg, "decoder")
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.cross_attn = _attention(cfg)
+        self.cross_attn = _attention(cfg, "cross")
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = _feedforward(cfg)
 
