@@ -320,7 +320,43 @@ def test_rela_run_prints_sparsity(corpus, tmp_path, capsys):
     assert out.count("encoder self") == 1 and out.count("decoder self") == 1 and out.count("cross") == 1
     model, tokenizer, _ = etranslate.load_run(run, "last")
     rows = etranslate.rela_sparsity(model, tokenizer, [("the king", "el rey")])
-    assert len(rows) == 3 and all(0 <= r["zero_share"] <= 1 and 0 <= r["null_row_share"] <= 1 for r in rows)
+    assert len(rows) == 3
+    for r in rows:
+        assert set(r) == {"layer", "kind", "zero_share", "null_row_share", "full_row_share", "offset_share"}
+        assert all(0 <= r[k] <= 1 for k in ("zero_share", "null_row_share", "full_row_share", "offset_share"))
+        assert r["null_row_share"] + r["full_row_share"] <= 1
+
+
+@pytest.mark.parametrize("causal, masked", [(False, True), (True, False)])
+def test_rela_statistics_count_what_they_say(causal, masked):
+    from gatezoo.blocks import ReLAAttention
+
+    torch.manual_seed(3)
+    attn = ReLAAttention(6, 2, bias=True).double().eval()
+    x = torch.randn(1, 7, 6, dtype=torch.float64)
+    x[0, 2] = 0.0  # a query whose scores are its bias term's alone
+    mask = torch.tensor([[True] * 5 + [False] * 2]) if masked else None
+    with etranslate.record_rela_sparsity(attn) as stats, torch.no_grad():
+        attn(x, key_padding_mask=mask, causal=causal)
+        q = attn.q(x)[0].view(7, 2, 3).transpose(0, 1)
+        k = attn.kv(x)[0, :, :6].view(7, 2, 3).transpose(0, 1)
+    (zeros, total, null, rows, full, offset, energy), = stats.values()
+    want = [0, 0, 0, 0, 0, 0.0, 0.0]
+    for h in range(2):
+        for i in range(7):
+            keys = [j for j in range(7) if (not causal or j <= i) and (mask is None or mask[0, j])]
+            sc = [float(q[h, i] @ k[h, j]) / 3 ** 0.5 for j in keys]
+            pos = sum(v > 0 for v in sc)
+            want[0] += len(sc) - pos
+            want[1] += len(sc)
+            want[2] += pos == 0
+            want[3] += 1
+            want[4] += pos == len(sc)
+            want[5] += len(sc) * (sum(sc) / len(sc)) ** 2
+            want[6] += sum(v * v for v in sc)
+    assert [zeros, total, null, rows, full] == want[:5]
+    assert 0 < want[0] < want[1] and want[2] + want[4] > 0  # the case is not trivial
+    assert offset == pytest.approx(want[5], rel=1e-9) and energy == pytest.approx(want[6], rel=1e-9)
 
 
 def test_side_by_side_with_the_peers(corpus, tmp_path):

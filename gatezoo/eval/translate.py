@@ -13,11 +13,12 @@ dev BLEU), ``last`` or ``averaged`` (the mean of the last evaluations' weights).
 Without ``--evaluate`` the command reads sentences from stdin, one per line, and writes their
 translations to stdout in the same order. With it, the command translates a split of the run (or
 ``--src`` files) and prints BLEU and chrF on detokenised text with their sacreBLEU signatures,
-the decoding speed, and, for a ReLA model, the share of exactly-zero attention weights and of
-all-zero ("null") query rows per layer and attention kind (the sparsity figures of Zhang et al.
-2021). ``--ctranslate2`` adds a comparison with CTranslate2 on the exported weights: decoding
-speed with the same beam, length penalty, batches and threads, and the share of sentences whose
-greedy outputs are token-identical (:func:`compare_ctranslate2`).
+the decoding speed, and, for a ReLA model, per layer and attention kind the share of
+exactly-zero attention weights, of all-zero ("null") and of zero-free ("full") query rows (the
+sparsity figures of Zhang et al. 2021), and the share of the scores that is a row's common
+offset (:func:`record_rela_sparsity`). ``--ctranslate2`` adds a comparison with CTranslate2 on
+the exported weights: decoding speed with the same beam, length penalty, batches and threads,
+and the share of sentences whose greedy outputs are token-identical (:func:`compare_ctranslate2`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gatezoo.blocks import ReLAAttention
@@ -134,9 +134,13 @@ def evaluate_translation(model: nn.Module, tokenizer, pairs: Sequence[tuple[str,
 def record_rela_sparsity(model: nn.Module):
     """Within the block, every :class:`~gatezoo.blocks.ReLAAttention` of ``model`` also counts its
     attention weights ``relu(q k^T * scale)`` over the keys it may see (padding and future keys
-    excluded): yields a dict ``module name -> [zero weights, weights, null rows, rows]``. Use it
-    with batch size 1 (padded query rows would count as rows)."""
-    stats: dict[str, list[int]] = {}
+    excluded): yields a dict ``module name -> [zero weights, weights, null rows, rows, full rows,
+    offset energy, score energy]``. A null row has no positive weight, a full row no zero weight;
+    the offset energy is the sum over rows of (visible keys) x (mean score of the row)^2 and the
+    score energy the sum of squared scores, so their ratio is the share of the scores that shifts
+    a whole row alike (which softmax ignores and ReLA turns into "attend to all or to nothing").
+    Use it with batch size 1 (padded query rows would count as rows)."""
+    stats: dict[str, list[float]] = {}
     patched = []
 
     def wrap(name, module):
@@ -151,15 +155,19 @@ def record_rela_sparsity(model: nn.Module):
             keep = keep[None, None].expand(q.shape[0], q.shape[1], tq, tk)
             if key_padding_mask is not None:
                 keep = keep & key_padding_mask[:, None, None, :]
-            weights = F.relu(q.float() @ k_.float().transpose(-1, -2) * q.shape[-1] ** -0.5)
-            zero = (weights == 0) & keep
-            row_has_keys = keep.any(-1)
-            null = (zero.sum(-1) == keep.sum(-1)) & row_has_keys
-            s = stats.setdefault(name, [0, 0, 0, 0])
+            scores = (q.double() @ k_.double().transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~keep, 0.0)
+            zero = (scores <= 0) & keep
+            visible, zeros = keep.sum(-1), zero.sum(-1)
+            row_has_keys = visible > 0
+            mean = scores.sum(-1) / visible.clamp(min=1)
+            s = stats.setdefault(name, [0] * 7)
             s[0] += int(zero.sum())
             s[1] += int(keep.sum())
-            s[2] += int(null.sum())
+            s[2] += int(((zeros == visible) & row_has_keys).sum())
             s[3] += int(row_has_keys.sum())
+            s[4] += int(((zeros == 0) & row_has_keys).sum())
+            s[5] += float((visible * mean.square()).sum())
+            s[6] += float(scores.square().sum())
             return original(q, k, v, key_padding_mask, causal)
 
         module._attend = attend
@@ -177,9 +185,10 @@ def record_rela_sparsity(model: nn.Module):
 
 def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, sentences: int = 200,
                   device: str | torch.device = "cpu") -> list[dict]:
-    """Per ReLA attention layer: ``{"layer", "kind", "zero_share", "null_row_share"}`` over the
-    first ``sentences`` pairs, teacher-forced one sentence at a time. ``kind`` is ``encoder self``,
-    ``decoder self`` or ``cross``. Empty for a model without ReLA."""
+    """Per ReLA attention layer: ``{"layer", "kind", "zero_share", "null_row_share",
+    "full_row_share", "offset_share"}`` over the first ``sentences`` pairs, teacher-forced one
+    sentence at a time (see :func:`record_rela_sparsity` for what each counts). ``kind`` is
+    ``encoder self``, ``decoder self`` or ``cross``. Empty for a model without ReLA."""
     from gatezoo.train.text import collate
 
     pairs = list(pairs)[:sentences]
@@ -191,12 +200,13 @@ def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
             batch = collate([tokenizer.encode(src)], [tokenizer.encode(tgt)]).to(device)
             model(batch.src, batch.tgt_in)
     rows = []
-    for name, (zeros, total, null, nrows) in stats.items():
+    for name, (zeros, total, null, nrows, full, offset, energy) in stats.items():
         parts = name.split(".")
         kind = {"attn": "encoder self", "self_attn": "decoder self", "cross_attn": "cross"}.get(parts[-1], parts[-1])
         layer = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
         rows.append({"layer": layer, "kind": kind, "zero_share": zeros / max(total, 1),
-                     "null_row_share": null / max(nrows, 1)})
+                     "null_row_share": null / max(nrows, 1), "full_row_share": full / max(nrows, 1),
+                     "offset_share": offset / energy if energy > 0 else 0.0})
     return rows
 
 
@@ -340,10 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{ev['sent_per_s']:.1f} sentences/s, {ev['tok_per_s']:.0f} target tokens/s ({ev['seconds']:.1f} s)")
         sparsity = rela_sparsity(model, tokenizer, pairs, device=args.device)
         if sparsity:
-            print("ReLA sparsity (first 200 sentences, teacher-forced): layer, kind, zero weights, null rows")
+            print("ReLA sparsity (first 200 sentences, teacher-forced): layer, kind, zero weights, null rows, "
+                  "full rows, row offset share of the scores")
             for row in sparsity:
                 print(f"  {row['layer']}  {row['kind']:<12}  {100 * row['zero_share']:5.1f}%  "
-                      f"{100 * row['null_row_share']:5.1f}%")
+                      f"{100 * row['null_row_share']:5.1f}%  {100 * row['full_row_share']:5.1f}%  "
+                      f"{100 * row['offset_share']:5.1f}%")
         comparison = None
         if args.ctranslate2:
             comparison = compare_ctranslate2(model, tokenizer, [src for src, _ in pairs], beam_size=args.beam_size,
