@@ -34,6 +34,21 @@ def _src(b=5, s=9, seed=1):
     return src
 
 
+def _check_stepwise_decoding(model, length, tol):
+    """Decode random targets of ``length`` tokens one step at a time through the caches and check
+    the logits against the full forward; returns (src, tgt, full logits)."""
+    src = _src()
+    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], length))
+    tgt[:, 0] = BOS_ID
+    full = model(src, tgt)
+    memory, cache, steps = model.encode(src), None, []
+    for i in range(tgt.shape[1]):
+        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=tol, atol=tol)
+    return src, tgt, full
+
+
 # ---------------------------------------------------------------------------------------------
 # model and decoding interface
 
@@ -54,15 +69,7 @@ def test_cached_decoding_equals_the_full_forward(attention, ffn):
     model = _model(attention, ffn)
     # a mixture of experts computes its routing weights in float32, whatever the model's dtype
     tol = 1e-6 if ffn == "moe" else 1e-10
-    src = _src()
-    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 7))
-    tgt[:, 0] = BOS_ID
-    full = model(src, tgt)
-    memory, cache, steps = model.encode(src), None, []
-    for i in range(tgt.shape[1]):
-        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=tol, atol=tol)
+    src, tgt, full = _check_stepwise_decoding(model, 7, tol)
     # several tokens at once after a cached prefix
     memory, cache = model.encode(src), None
     _, cache = model.decode_step(tgt[:, :3], memory, cache)
@@ -81,16 +88,8 @@ def test_post_norm_layers_and_cached_decoding(attention):
     torch.testing.assert_close(layer(x, mask), layer.norm2(h + layer.ffn(h)), rtol=0, atol=0)
     pre = _model(attention)  # same seed, same weights: only the norm placement differs
     pre.load_state_dict(model.state_dict(), strict=False)
-    src = _src()
-    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 6))
-    tgt[:, 0] = BOS_ID
-    full = model(src, tgt)
+    src, tgt, full = _check_stepwise_decoding(model, 6, 1e-10)
     assert not torch.allclose(full, pre(src, tgt))
-    memory, cache, steps = model.encode(src), None, []
-    for i in range(tgt.shape[1]):
-        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("place, other", [("encoder", "softmax"), ("decoder", "softmax"), ("cross", "softmax"),
@@ -108,16 +107,7 @@ def test_attention_per_place(place, other):
         want = flip if where == place else other
         assert model.config.attention_at(where) == want
         assert all(type(b) is cls[want] for b in blocks), (where, [type(b).__name__ for b in blocks])
-    # a mixed model decodes through its caches exactly as the full forward computes
-    src = _src()
-    tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 6))
-    tgt[:, 0] = BOS_ID
-    full = model(src, tgt)
-    memory, cache, steps = model.encode(src), None, []
-    for i in range(tgt.shape[1]):
-        logits, cache = model.decode_step(tgt[:, i:i + 1], memory, cache)
-        steps.append(logits)
-    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-10, atol=1e-10)
+    _check_stepwise_decoding(model, 6, 1e-10)  # a mixed model decodes through its caches too
     with pytest.raises(ValueError, match=r"place must be one of \('encoder', 'decoder', 'cross'\), got 'self'"):
         model.config.attention_at("self")
 
