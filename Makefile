@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Data sets from Debian packages, as package:file-it-installs pairs; a package is installed when
 # its file is missing. Fashion-MNIST is the default data set of the image commands (any other
 # copy: pass --data PATH); the KJV and Reina-Valera 1909 Bibles (SWORD zText modules) give the
-# English-Spanish verse pairs of gatezoo.train.sword.
+# English-Spanish verse pairs of gatezoo.train.data.sword.
 DATA_PACKAGES := dataset-fashion-mnist:/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
   sword-text-kjv:/usr/share/sword/modules/texts/ztext/engKJV2006eb/nt.bzz \
   sword-text-sparv:/usr/share/sword/modules/texts/ztext/spaRV1909eb/nt.bzz

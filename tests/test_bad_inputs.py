@@ -61,8 +61,8 @@ from gatezoo.models import (
     model_config,
     sinusoidal_positions,
 )
-from gatezoo.train import text
-from gatezoo.train.data import Batches, DataFormatError, holdout_split, load_dataset, write_idx
+from gatezoo.train.data import text
+from gatezoo.train.data.images import Batches, DataFormatError, holdout_split, load_dataset, write_idx
 
 T = "torch"  # the backend of the blocks in these tests
 

@@ -2,7 +2,7 @@
 steps and inside a save, fallback from a damaged snapshot, clear errors for damaged files, and no
 snapshot of a step whose loss was not finite.
 
-The kills come from the ``GATEZOO_FAULT`` hook (:func:`gatezoo.train.checkpoint.fault`) in real
+The kills come from the ``GATEZOO_FAULT`` hook (:func:`gatezoo.train.core.checkpoint.fault`) in real
 training subprocesses (``python -m gatezoo.train.classify`` / ``translate``) on the CPU with one
 thread, so an interrupted-and-resumed run must end bit-identical to an uninterrupted one.
 """
@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from gatezoo.train import checkpoint as ckpt
 from gatezoo.train import classify, evaluate
-from gatezoo.train.config import ConfigError
-from gatezoo.train.loop import STATE_FILE, Trainee, fit
+from gatezoo.train.core import checkpoint as ckpt
+from gatezoo.train.core.config import ConfigError
+from gatezoo.train.core.loop import STATE_FILE, Trainee, fit
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -288,7 +288,7 @@ def test_damaged_checkpoints_raise_errors_naming_the_file(tmp_path, capsys):
 
 
 def test_a_truncated_checkpoint_to_evaluate_names_the_file(tmp_path, tiny_npz, capsys):
-    from gatezoo.train.factory import build_model
+    from gatezoo.train.core.factory import build_model
 
     args = {"dim": 32, "depth": 1, "img_size": 8, "in_chans": 1, "num_classes": 3}
     path = tmp_path / "last.safetensors"

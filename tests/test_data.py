@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gatezoo.train import data as gdata
-from gatezoo.train.data import (
+from gatezoo.train.data import images as gdata
+from gatezoo.train.data.images import (
     Batches,
     DataFormatError,
     DataNotFoundError,

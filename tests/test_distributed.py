@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gatezoo.train.config import ConfigError
-from gatezoo.train.distributed import SINGLE, DistEnv, shard, share
+from gatezoo.train.core.config import ConfigError
+from gatezoo.train.core.distributed import SINGLE, DistEnv, shard, share
 
 
 def test_share_splits_rows_into_contiguous_complete_pieces():

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from gatezoo.train.config import ConfigError
-from gatezoo.train.loop import RunningStats, Trainee, fit, steps_per_epoch
+from gatezoo.train.core.config import ConfigError
+from gatezoo.train.core.loop import RunningStats, Trainee, fit, steps_per_epoch
 
 
 class ToyBatches:
@@ -218,7 +218,7 @@ def test_moe_aux_loss_enters_the_step_and_the_load_is_logged(tmp_path):
 
 
 def test_resume_trims_expert_load_rows_written_after_the_saved_state(tmp_path):
-    from gatezoo.train.loop import _trim_expert_load
+    from gatezoo.train.core.loop import _trim_expert_load
 
     path = tmp_path / "expert_load.csv"
     path.write_text("step,layer,expert,share\n10,l0,0,0.5\n10,l0,1,0.5\n20,l0,0,0.25\n20,l0,1,0.75\n")

@@ -1,4 +1,4 @@
-"""The translation peers of gatezoo.train.mt_peers: shapes, step-by-step decoding, padding, size, search."""
+"""The translation peers of gatezoo.train.peers.translation: shapes, step-by-step decoding, padding, size, search."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from gatezoo.eval.decode import beam_search, greedy_search
 from gatezoo.models import create_model
 from gatezoo.models.translation import BOS_ID, EOS_ID, Memory
-from gatezoo.train.mt_peers import PrefixCache, create_mt_peer, list_mt_peers
+from gatezoo.train.peers.translation import PrefixCache, create_mt_peer, list_mt_peers
 
 VOCAB = 40
 TINY = dict(dim=32, enc_layers=2, dec_layers=2, heads=2, ffn_hidden=64, max_len=24)

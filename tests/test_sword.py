@@ -3,7 +3,7 @@
 import pytest
 
 from gatezoo.train import sword
-from gatezoo.train.data import DataFormatError, DataNotFoundError
+from gatezoo.train.data.images import DataFormatError, DataNotFoundError
 
 EN = {"ot": ["", "In the <w lemma=\"strong:H7225\">beginning</w> God created.", "",
              "\u00b6 And God saw the light.<note placement=\"foot\"><reference>1.4 </reference>Heb. between</note> ",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gatezoo.train import sword, text
-from gatezoo.train.data import DataFormatError, DataNotFoundError
-from gatezoo.train.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Split, TextDataError, TokenBatches, Tokenizer
+from gatezoo.train.data import sword, text
+from gatezoo.train.data.images import DataFormatError, DataNotFoundError
+from gatezoo.train.data.text import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Split, TextDataError, TokenBatches, Tokenizer
 
 
 def _sentences(n: int, seed: int = 0) -> list[str]:

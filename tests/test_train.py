@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from gatezoo.models import create_model
 from gatezoo.train import classify, evaluate, sidebyside
-from gatezoo.train import data as gdata
-from gatezoo.train.checkpoint import load_checkpoint, read_checkpoint_metadata
-from gatezoo.train.config import ConfigError, keys_help, load_config, parse_overrides
-from gatezoo.train.factory import build_model, model_names, parse_model_spec
-from gatezoo.train.optim import inverse_sqrt, param_groups, warmup_cosine
+from gatezoo.train.core.checkpoint import load_checkpoint, read_checkpoint_metadata
+from gatezoo.train.core.config import ConfigError, keys_help, load_config, parse_overrides
+from gatezoo.train.core.factory import build_model, model_names, parse_model_spec
+from gatezoo.train.core.optim import inverse_sqrt, param_groups, warmup_cosine
+from gatezoo.train.data import images as gdata
 
 TINY = ["--model_args.dim", "32", "--model_args.depth", "1"]
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from gatezoo.eval import translate as etranslate
 from gatezoo.eval.decode import beam_search, greedy_search, translate_ids
 from gatezoo.models import BOS_ID, EOS_ID, PAD_ID, EncoderDecoder, TranslationConfig, create_model, list_models
-from gatezoo.train import translate
-from gatezoo.train.config import ConfigError
+from gatezoo.train import translate, translate_eval
+from gatezoo.train.core.config import ConfigError
 
 SMALL = dict(vocab_size=40, dim=32, heads=4, ffn_hidden=48, enc_layers=2, dec_layers=2, dropout=0.0)
 
@@ -278,11 +278,11 @@ def test_train_resume_decode_evaluate(corpus, tmp_path, capsys, monkeypatch):
     # the translate command: stdin -> stdout, one line per input line
     monkeypatch.setattr(sys, "stdin", io.StringIO("the king said\n\nthe woman\n"))
     capsys.readouterr()
-    assert etranslate.main([str(full), "--beam_size", "2", "--checkpoint", "last"]) == 0
+    assert translate_eval.main([str(full), "--beam_size", "2", "--checkpoint", "last"]) == 0
     lines = capsys.readouterr().out.split("\n")
     assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
     # the evaluate command on the run's test split
-    assert etranslate.main([str(full), "--evaluate", "--beam_size", "1", "--json", str(tmp_path / "ev.json")]) == 0
+    assert translate_eval.main([str(full), "--evaluate", "--beam_size", "1", "--json", str(tmp_path / "ev.json")]) == 0
     out = capsys.readouterr().out
     assert "BLEU" in out and "chrF" in out and "nrefs:1" in out
     assert json.loads((tmp_path / "ev.json").read_text())["sentences"] == 10
@@ -292,7 +292,7 @@ def test_ctranslate2_comparison(corpus, tmp_path, capsys):
     pytest.importorskip("ctranslate2")
     run = _train(corpus, tmp_path / "runs", "--max_steps", "6", "--final_test", "false", "--lr", "0.01")
     capsys.readouterr()
-    assert etranslate.main([str(run), "--evaluate", "--ctranslate2", "--beam_size", "2", "--threads", "1",
+    assert translate_eval.main([str(run), "--evaluate", "--ctranslate2", "--beam_size", "2", "--threads", "1",
                             "--checkpoint", "last", "--json", str(tmp_path / "ev.json")]) == 0
     assert "CTranslate2" in capsys.readouterr().out
     c = json.loads((tmp_path / "ev.json").read_text())["ctranslate2"]
@@ -304,11 +304,11 @@ def test_rela_run_prints_sparsity(corpus, tmp_path, capsys):
                  "--final_test", "false", "--average_last", "0")
     assert not (run / "test.json").exists()
     capsys.readouterr()
-    assert etranslate.main([str(run), "--evaluate", "--beam_size", "1", "--checkpoint", "last"]) == 0
+    assert translate_eval.main([str(run), "--evaluate", "--beam_size", "1", "--checkpoint", "last"]) == 0
     out = capsys.readouterr().out
     assert "ReLA sparsity" in out
     assert out.count("encoder self") == 1 and out.count("decoder self") == 1 and out.count("cross") == 1
-    model, tokenizer, _ = etranslate.load_run(run, "last")
+    model, tokenizer, _ = translate_eval.load_run(run, "last")
     rows = etranslate.rela_sparsity(model, tokenizer, [("the king", "el rey")])
     assert len(rows) == 3
     for r in rows:
@@ -362,7 +362,7 @@ def test_side_by_side_with_the_peers(corpus, tmp_path):
     assert [r.split(",")[0] for r in rows[1:]] == ["transformer_mt_tiny", "torch_transformer_mt_tiny",
                                                  "xtransformer_mt_tiny"]
     for name in ("transformer_mt_tiny", "torch_transformer_mt_tiny", "xtransformer_mt_tiny"):
-        model, _, meta = etranslate.load_run(run_dir / name, "last")  # each subdirectory is a complete run
+        model, _, meta = translate_eval.load_run(run_dir / name, "last")  # each subdirectory is a complete run
         assert meta["model"] == name and meta["step"] == 3
         assert json.loads((run_dir / name / "test.json").read_text())["sentences"] == 10
 
@@ -404,14 +404,14 @@ def test_bad_input_errors_and_nothing_half_done(corpus, tmp_path, capsys):
 def test_long_input_to_the_translate_command(corpus, tmp_path, capsys, monkeypatch):
     run = _train(corpus, tmp_path / "runs", "--max_steps", "1", "--final_test", "false", "--model_args.max_len", "40")
     monkeypatch.setattr(sys, "stdin", io.StringIO(" ".join(["the king"] * 30) + "\n"))
-    assert etranslate.main([str(run), "--checkpoint", "last"]) == 2
+    assert translate_eval.main([str(run), "--checkpoint", "last"]) == 2
     assert "max_len" in capsys.readouterr().err
 
 
 def test_shipped_configs_load():
     import pathlib
 
-    from gatezoo.train.factory import model_names
+    from gatezoo.train.core.factory import model_names
 
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.stem for p in root.glob("transformer_mt*.yaml"))

@@ -22,17 +22,19 @@ from .mixer import MixerBlock, NiNBlock, TokenMixing
 from .moe import (
     EXPERTS,
     MoEFeedForward,
+    MoELayers,
     MoLELinear,
     PreGatedMoEStack,
     link_pregated,
     moe_aux_loss,
+    moe_layers,
     moe_stats,
     reset_moe_stats,
     set_task_ids,
     unlink_pregated,
 )
 from .norm import GatedRMSNorm, RMSNorm
-from .routers import (
+from .routing import (
     ROUTERS,
     AdaptiveThresholdRouter,
     GRKANRouter,
@@ -59,6 +61,7 @@ __all__ = [
     # mixture of experts
     "EXPERTS", "ROUTERS", "AdaptiveThresholdRouter", "GRKANRouter", "GumbelSoftmaxRouter", "ModifiedSoftmaxRouter",
     "MoEFeedForward", "MoLELinear", "PreGatedMoEStack", "Router", "RoutingResult", "SoftmaxRouter",
-    "TaskAwareRouter", "TopKRouter", "link_pregated", "make_router", "moe_aux_loss", "moe_stats",
+    "TaskAwareRouter", "TopKRouter", "link_pregated", "make_router", "MoELayers", "moe_aux_loss", "moe_layers",
+    "moe_stats",
     "reset_moe_stats", "router_z_loss", "set_task_ids", "switch_balance_loss", "unlink_pregated",
 ]

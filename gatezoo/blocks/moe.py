@@ -1,8 +1,8 @@
 """Mixture-of-experts blocks: the sparse :class:`MoEFeedForward`, AdaMoLE's :class:`MoLELinear`,
 pre-gating across a stack of MoE layers, and the load statistics and auxiliary losses.
 
-Every layer flattens its tokens to (N, d), asks its router (:mod:`gatezoo.blocks.routers`) for a
-:class:`~gatezoo.blocks.routers.RoutingResult`, and runs only the selected (token, expert)
+Every layer flattens its tokens to (N, d), asks its router (:mod:`gatezoo.blocks.routing`) for a
+:class:`~gatezoo.blocks.routing.RoutingResult`, and runs only the selected (token, expert)
 pairs through the routing ops of :mod:`gatezoo.kernels.routing`::
 
     plan = make_plan(indices, E, capacity=..., keep=keep)   # assignments sorted by expert
@@ -35,7 +35,7 @@ from .checks import (
 )
 from .dropout import Dropout
 from .feedforward import GLU_FAMILIES, GLU_VARIANTS, glu_hidden_features, glu_variant
-from .routers import ROUTERS, Router, RoutingResult, make_router, router_z_loss, switch_balance_loss
+from .routing import ROUTERS, Router, RoutingResult, make_router, router_z_loss, switch_balance_loss
 
 __all__ = [
     "EXPERTS", "MoEFeedForward", "MoLELinear", "PreGatedMoEStack", "link_pregated", "moe_aux_loss", "moe_stats",
@@ -300,8 +300,8 @@ class MoEFeedForward(_MoEModule):
         num_experts: E.
         k: experts per token for the selecting routers (default None: 2 for ``topk`` and
             ``task_aware``, all E for the dense routers, which reject any other k).
-        router: a name of :data:`~gatezoo.blocks.routers.ROUTERS` or a ready
-            :class:`~gatezoo.blocks.routers.Router` for ``in_features`` and ``num_experts``.
+        router: a name of :data:`~gatezoo.blocks.routing.ROUTERS` or a ready
+            :class:`~gatezoo.blocks.routing.Router` for ``in_features`` and ``num_experts``.
         router_args: keyword arguments of the router's class (``noisy``, ``tau``, ``num_tasks``...).
         expert: expert architecture, a name of :data:`EXPERTS` (default ``"swiglu"``).
         capacity_factor: None (dropless) or c > 0: every expert takes at most
@@ -321,7 +321,7 @@ class MoEFeedForward(_MoEModule):
     ``nn.Linear``. After every forward, ``aux_loss`` holds the 0-dim auxiliary loss to add to the
     training loss (the router's own aux entries + ``balance_coef * switch`` + ``z_loss_coef *
     z``; a zero tensor when none applies), ``last_aux`` its parts and ``last_routing`` the
-    :class:`~gatezoo.blocks.routers.RoutingResult`, both detached (for inspection). A
+    :class:`~gatezoo.blocks.routing.RoutingResult`, both detached (for inspection). A
     ``copy.deepcopy`` or pickle of the layer gets ``aux_loss = None`` (the graph is not copied).
     Training forwards also update the load counters read by :func:`moe_stats` and, for a
     ``topk`` router with ``selection_bias=True``, the selection bias (from that batch's load,
@@ -474,7 +474,7 @@ class MoLELinear(_MoEModule):
         num_experts: E LoRA experts.
         rank: r, the LoRA rank.
         alpha: LoRA scaling numerator: the experts' sum is scaled by ``alpha / rank``.
-        router: a name of :data:`~gatezoo.blocks.routers.ROUTERS` (default
+        router: a name of :data:`~gatezoo.blocks.routing.ROUTERS` (default
             ``"adaptive_threshold"``) or a ready Router; ``router_args`` go to its class
             (``k`` included for the selecting routers).
         freeze_base: ``requires_grad=False`` on the base layer (fine-tuning only the adapters).
@@ -701,3 +701,46 @@ def set_task_ids(model: nn.Module, task_ids) -> None:
     not pass any, e.g. inside a timm model whose blocks cannot forward the argument); None clears."""
     for _, m in _moe_modules(model):
         m.task_ids = task_ids
+
+
+class MoELayers:
+    """The mixture-of-experts layers inside a model, as a training loop sees them: the one handle
+    through which a loop adds their auxiliary losses, reads and resets their routing statistics,
+    and tells them which processes to reduce over (see :func:`moe_layers`).
+
+    It looks the layers up at each call, so it stays right when a wrapper (DDP, FSDP) or a
+    method swaps modules. An instance is falsy for a model without MoE layers."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __bool__(self) -> bool:
+        return bool(_moe_modules(self.model))
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The sum of the layers' auxiliary losses of their last forward (:func:`moe_aux_loss`)."""
+        return moe_aux_loss(self.model)
+
+    def stats(self, reset: bool = False) -> dict:
+        """The load statistics since the last reset (:func:`moe_stats`); ``reset`` zeroes the
+        counters after reading them."""
+        out = moe_stats(self.model)
+        if reset:
+            reset_moe_stats(self.model)
+        return out
+
+    def reset(self) -> None:
+        """Zero the layers' load counters (:func:`reset_moe_stats`)."""
+        reset_moe_stats(self.model)
+
+    def set_process_group(self, group) -> None:
+        """Sum routing statistics and losses over ``group`` (:func:`set_moe_process_group`)."""
+        set_moe_process_group(self.model, group)
+
+
+def moe_layers(model: nn.Module) -> MoELayers:
+    """The :class:`MoELayers` handle of ``model``: how the training loop (and any other) asks a
+    model for its mixture-of-experts auxiliary loss and routing statistics."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return MoELayers(model)

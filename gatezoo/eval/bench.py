@@ -47,6 +47,7 @@ from .benchcore import (  # noqa: F401  (re-exported: the benchmark's public hel
     time_interleaved,
     write_csv,
 )
+from .plots import pyplot
 
 OPS = ("glu", "gated_act", "attention", "token_mixing", "moe", "dropout")
 DROPOUT_P = 0.1
@@ -273,10 +274,7 @@ def bench_mixing(dtype, device, reps: int, use_compile: bool = True, progress: b
 
 def plot_attention(rows: list[Row], path: str) -> None:
     """Forward+backward time and saved bytes against sequence length, one line per impl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r.mode == "fwd+bwd"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -299,10 +297,7 @@ def plot_attention(rows: list[Row], path: str) -> None:
 
 def plot(rows: list[Row], path: str) -> None:
     """Two panels: forward+backward median time and saved bytes, one bar group per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r.mode == "fwd+bwd"]
     names = list(dict.fromkeys(r.variant for r in rows))

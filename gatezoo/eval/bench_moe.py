@@ -30,6 +30,7 @@ from tqdm import tqdm
 from gatezoo.blocks import ROUTERS, GLUFeedForward, MoEFeedForward, glu_hidden_features, make_router
 
 from .benchcore import Row, _add_impl, device_name, paired_ratio, saved_bytes, time_interleaved
+from .plots import pyplot
 
 MOE_TOKENS, MOE_DIM, MOE_K, MOE_EXPERTS = 8192, 256, 2, (8, 64)
 
@@ -177,10 +178,7 @@ def moe_summary(rows: list[Row]) -> str:
 
 def plot_moe(rows: list[Row], path: str) -> None:
     """Forward+backward time of each implementation over E, as a ratio to the dense GLU."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fb = [r for r in rows if r.mode == "fwd+bwd" and r.variant != "router"]
     variants = list(dict.fromkeys(r.variant for r in fb))

@@ -47,6 +47,19 @@ def model_max_len(model) -> int:
     return int(value)
 
 
+def pad_ids(rows, *, bos: bool = False) -> torch.Tensor:
+    """Token id lists as one ``(len(rows), width)`` int64 tensor, right-padded with ``PAD_ID``
+    (``width`` the longest row, at least 1); with ``bos`` every row starts with ``BOS_ID`` (a
+    decoder input for teacher forcing). The ids are not checked: the model's ``encode`` and
+    ``decode`` check them."""
+    rows = [[BOS_ID, *r] if bos else list(r) for r in rows]
+    out = torch.full((len(rows), max(1, max((len(r) for r in rows), default=0))), PAD_ID, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
 def _limits(src: torch.Tensor, model, max_len_a: float, max_len_b: int) -> list[int]:
     if not max_len_a >= 0 or max_len_b < 0:
         raise ValueError(f"max_len_a and max_len_b must be >= 0, got {max_len_a!r} and {max_len_b!r}")

@@ -1,32 +1,24 @@
-"""Translate with a trained run, and score translations: sacreBLEU, chrF and ReLA sparsity.
+"""Score translations: decode a list of texts with any model of the decoding interface, sacreBLEU
+BLEU and chrF, ReLA attention sparsity, and a comparison with CTranslate2 on the same weights.
 
-    echo "In the beginning was the Word" | python -m gatezoo.eval.translate RUN_DIR
-    python -m gatezoo.eval.translate RUN_DIR --evaluate                 # the run's test split
-    python -m gatezoo.eval.translate RUN_DIR --evaluate --split dev --beam_size 1
-    python -m gatezoo.eval.translate RUN_DIR --evaluate --src my.en --ref my.es
-    python -m gatezoo.eval.translate RUN_DIR --evaluate --ctranslate2 --threads 2   # against CTranslate2
+This module knows models and tokenizers, not run directories: the command that translates or
+scores with a trained run is ``python -m gatezoo.train.translate_eval`` (it loads the run and calls
+the functions here). A tokenizer is any object with ``encode(texts) -> list[list[int]]``,
+``decode(ids) -> str`` and, for :func:`compare_ctranslate2`, ``pieces() -> list[str]``, as
+:class:`gatezoo.train.data.text.Tokenizer` has.
 
-A run directory (written by :mod:`gatezoo.train.translate`) holds the tokenizer (``spm.model``),
-the split (``data/``) and the checkpoints; ``--checkpoint`` picks ``best`` (default, the highest
-dev BLEU), ``last`` or ``averaged`` (the mean of the last evaluations' weights).
-
-Without ``--evaluate`` the command reads sentences from stdin, one per line, and writes their
-translations to stdout in the same order. With it, the command translates a split of the run (or
-``--src`` files) and prints BLEU and chrF on detokenised text with their sacreBLEU signatures,
-the decoding speed, and, for a ReLA model, per layer and attention kind the share of
-exactly-zero attention weights, of all-zero ("null") and of zero-free ("full") query rows (the
-sparsity figures of Zhang et al. 2021), and the share of the scores that is a row's common
-offset (:func:`record_rela_sparsity`). ``--ctranslate2`` adds a comparison with CTranslate2 on
-the exported weights: decoding speed with the same beam, length penalty, batches and threads,
-and the share of sentences whose greedy outputs are token-identical (:func:`compare_ctranslate2`).
+- :func:`translate_texts`: batched greedy or beam search (:mod:`gatezoo.eval.decode`), detokenised.
+- :func:`score`: corpus BLEU and chrF with their sacreBLEU signatures.
+- :func:`evaluate_translation`: both, plus decoding speed.
+- :func:`record_rela_sparsity`, :func:`rela_sparsity`: the share of exactly-zero attention weights,
+  of all-zero ("null") and zero-free ("full") query rows (the sparsity figures of Zhang et al.
+  2021), and the share of the scores that is a row's common offset.
+- :func:`compare_ctranslate2`: decoding speed and greedy agreement against CTranslate2.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,32 +28,7 @@ from torch import nn
 
 from gatezoo.blocks import ReLAAttention
 
-from .decode import translate_ids
-
-CHECKPOINTS = ("best", "last", "averaged")
-"""Checkpoint names of a translation run directory (``<name>.safetensors``)."""
-
-
-def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu"):
-    """``(model, tokenizer, metadata)`` of a translation run directory (eval mode)."""
-    from gatezoo.train.checkpoint import load_checkpoint
-    from gatezoo.train.text import Tokenizer
-
-    run_dir = Path(run_dir)
-    if checkpoint not in CHECKPOINTS:
-        raise ValueError(f"checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
-    path = run_dir / f"{checkpoint}.safetensors"
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {str(run_dir)!r} not found")
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} not found (checkpoints there: "
-                                f"{sorted(p.stem for p in run_dir.glob('*.safetensors'))})")
-    model, meta = load_checkpoint(path, device)
-    task = meta.get("task", {})
-    if task.get("name") != "translation":
-        raise ValueError(f"{str(path)!r} is not a translation checkpoint (task {task.get('name')!r})")
-    tokenizer = Tokenizer(run_dir / task.get("tokenizer", "spm.model"))
-    return model.eval(), tokenizer, meta
+from .decode import model_max_len, pad_ids, translate_ids
 
 
 def _batches(lengths: Sequence[int], max_sentences: int) -> Iterator[list[int]]:
@@ -80,9 +47,6 @@ def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_s
     Sources longer than the model allows raise ``ValueError`` naming the sentence."""
     from tqdm import tqdm
 
-    from gatezoo.eval.decode import model_max_len
-    from gatezoo.train.text import collate
-
     ids = tokenizer.encode(list(texts))
     limit = model_max_len(model)
     for i, row in enumerate(ids):
@@ -96,7 +60,7 @@ def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_s
     groups = list(_batches([len(r) for r in ids], batch_sentences))
     with torch.no_grad():
         for group in tqdm(groups, disable=not progress, desc="translating", unit="batch", leave=False):
-            src = collate([ids[i] for i in group], [[] for _ in group]).src.to(device)
+            src = pad_ids([ids[i] for i in group]).to(device)
             hyps = translate_ids(model, src, beam_size=beam_size, length_penalty=length_penalty,
                                  max_len_a=max_len_a, max_len_b=max_len_b)
             for i, h in zip(group, hyps):
@@ -109,7 +73,10 @@ def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_s
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """Corpus BLEU and chrF of detokenised ``hypotheses`` against ``references`` (sacreBLEU's
     defaults: 13a tokenisation, exponential smoothing; chrF with char order 6, beta 2)."""
-    from sacrebleu.metrics import BLEU, CHRF
+    try:
+        from sacrebleu.metrics import BLEU, CHRF
+    except ImportError as e:
+        raise ImportError("BLEU and chrF need sacrebleu: pip install 'gatezoo[mt]' (or pip install sacrebleu)") from e
 
     if len(hypotheses) != len(references):
         raise ValueError(f"got {len(hypotheses)} hypotheses for {len(references)} references")
@@ -189,16 +156,14 @@ def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     "full_row_share", "offset_share"}`` over the first ``sentences`` pairs, teacher-forced one
     sentence at a time (see :func:`record_rela_sparsity` for what each counts). ``kind`` is
     ``encoder self``, ``decoder self`` or ``cross``. Empty for a model without ReLA."""
-    from gatezoo.train.text import collate
-
     pairs = list(pairs)[:sentences]
     with torch.no_grad(), record_rela_sparsity(model) as stats:
         if not any(isinstance(m, ReLAAttention) for m in model.modules()):
             return []
         model.eval()
         for src, tgt in pairs:
-            batch = collate([tokenizer.encode(src)], [tokenizer.encode(tgt)]).to(device)
-            model(batch.src, batch.tgt_in)
+            src_ids, tgt_in = pad_ids([tokenizer.encode(src)]), pad_ids([tokenizer.encode(tgt)], bos=True)
+            model(src_ids.to(device), tgt_in.to(device))
     rows = []
     for name, (zeros, total, null, nrows, full, offset, energy) in stats.items():
         parts = name.split(".")
@@ -225,8 +190,6 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
 
     from gatezoo.eval.decode import model_max_len
     from gatezoo.models.export import export_ctranslate2
-    from gatezoo.train.text import collate
-
     torch.set_num_threads(threads)
     model = model.float().eval().cpu()  # both on the CPU, in float32
     pieces = tokenizer.pieces()
@@ -247,7 +210,7 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
             t0 = time.perf_counter()
             with torch.no_grad():
                 for group in groups:
-                    src = collate([ids[i] for i in group], [[] for _ in group]).src
+                    src = pad_ids([ids[i] for i in group])
                     for i, h in zip(group, translate_ids(model, src, beam_size=beam, length_penalty=length_penalty,
                                                          max_len_a=max_len_a, max_len_b=max_len_b)):
                         out[i] = h
@@ -280,105 +243,3 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
             "ctranslate2_version": ctranslate2.__version__}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gatezoo.eval.translate",
-        description="Translate stdin to stdout with a trained translation run, or (--evaluate) score a split or "
-        "files with sacreBLEU BLEU and chrF.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("run_dir", help="a run directory written by python -m gatezoo.train.translate")
-    parser.add_argument("--checkpoint", default="best", choices=CHECKPOINTS, help="which weights [best]")
-    parser.add_argument("--evaluate", action="store_true", help="score a split of the run (or --src/--ref)")
-    parser.add_argument("--split", default="test", choices=("test", "dev"), help="the split to score [test]")
-    parser.add_argument("--src", help="source file to score instead of a split (with --ref)")
-    parser.add_argument("--ref", help="reference file of --src")
-    parser.add_argument("--beam_size", type=int, default=5, help="1 = greedy [5]")
-    parser.add_argument("--length_penalty", type=float, default=1.0, help="score / length**penalty [1.0]")
-    parser.add_argument("--max_len_a", type=float, default=1.2, help="length limit a * source + b [1.2]")
-    parser.add_argument("--max_len_b", type=int, default=10, help="length limit a * source + b [10]")
-    parser.add_argument("--batch_sentences", type=int, default=64, help="sentences per decoding batch [64]")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... [cpu]")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--ctranslate2", action="store_true",
-                        help="--evaluate: also export the model to CTranslate2 and compare decoding speed (beam "
-                        "--beam_size) and greedy outputs on the same sentences, batches and threads")
-    parser.add_argument("--output", help="--evaluate: also write the translations to this file")
-    parser.add_argument("--json", help="--evaluate: also write the scores to this JSON file")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
-    from gatezoo.train.data import DataFormatError, DataNotFoundError
-    from gatezoo.train.text import Split, read_parallel
-
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("beam_size", "batch_sentences"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
-            return 2
-    options = dict(beam_size=args.beam_size, length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-                   max_len_b=args.max_len_b, batch_sentences=args.batch_sentences, device=args.device)
-    try:
-        model, tokenizer, meta = load_run(args.run_dir, args.checkpoint, args.device)
-        if not args.evaluate:
-            lines = [line.strip() for line in sys.stdin]
-            kept = [i for i, line in enumerate(lines) if line]
-            result = translate_texts(model, tokenizer, [lines[i] for i in kept], **options)
-            out = [""] * len(lines)
-            for i, hyp in zip(kept, result["hypotheses"]):
-                out[i] = hyp
-            sys.stdout.write("".join(f"{line}\n" for line in out))
-            return 0
-        if (args.src is None) != (args.ref is None):
-            raise ValueError("--src and --ref go together")
-        if args.src is not None:
-            pairs, what = read_parallel(args.src, args.ref), f"{args.src} -> {args.ref}"
-        else:
-            pairs, what = getattr(Split.load(Path(args.run_dir) / "data"), args.split), f"the {args.split} split"
-            if not pairs:
-                raise ValueError(f"the run's {args.split} split is empty")
-        ev = evaluate_translation(model, tokenizer, pairs, progress=True, **options)
-        print(f"{meta['model']} ({args.checkpoint}, step {meta.get('step')}) on {what}, {len(pairs)} sentences, "
-              f"beam {args.beam_size}")
-        print(f"BLEU {ev['bleu']:.2f}  [{ev['bleu_signature']}]")
-        print(f"chrF {ev['chrf']:.2f}  [{ev['chrf_signature']}]")
-        print(f"{ev['sent_per_s']:.1f} sentences/s, {ev['tok_per_s']:.0f} target tokens/s ({ev['seconds']:.1f} s)")
-        sparsity = rela_sparsity(model, tokenizer, pairs, device=args.device)
-        if sparsity:
-            print("ReLA sparsity (first 200 sentences, teacher-forced): layer, kind, zero weights, null rows, "
-                  "full rows, row offset share of the scores")
-            for row in sparsity:
-                print(f"  {row['layer']}  {row['kind']:<12}  {100 * row['zero_share']:5.1f}%  "
-                      f"{100 * row['null_row_share']:5.1f}%  {100 * row['full_row_share']:5.1f}%  "
-                      f"{100 * row['offset_share']:5.1f}%")
-        comparison = None
-        if args.ctranslate2:
-            comparison = compare_ctranslate2(model, tokenizer, [src for src, _ in pairs], beam_size=args.beam_size,
-                                             length_penalty=args.length_penalty, max_len_a=args.max_len_a,
-                                             max_len_b=args.max_len_b, batch_sentences=args.batch_sentences,
-                                             threads=args.threads or torch.get_num_threads())
-            c = comparison
-            print(f"CTranslate2 {c['ctranslate2_version']} (float32, {c['threads']} threads, beam {c['beam_size']}): "
-                  f"{c['ctranslate2_tok_per_s']:.0f} target tokens/s; gatezoo {c['gatezoo_tok_per_s']:.0f} "
-                  f"({c['speed_ratio']:.2f}x); greedy outputs token-identical on "
-                  f"{100 * c['greedy_identical']:.1f}% of {c['sentences']} sentences")
-        if args.output:
-            Path(args.output).write_text("".join(f"{h}\n" for h in ev["hypotheses"]), encoding="utf-8")
-        if args.json:
-            record = {k: v for k, v in ev.items() if k != "hypotheses"}
-            record.update(model=meta["model"], checkpoint=args.checkpoint, beam_size=args.beam_size,
-                          rela_sparsity=sparsity, ctranslate2=comparison)
-            Path(args.json).write_text(json.dumps(record, indent=2))
-    except (ValueError, FileNotFoundError, DataNotFoundError, DataFormatError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ name: ``mlp-<activation>`` or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS`.
 
 Training calls ``model(src_ids, tgt_in_ids) -> logits (B, T_tgt, vocab)``, padding id 0. Search
 code uses only the narrow decoding interface, so greedy, beam and any later decoder work for
-every attention kind (and for the peers of :mod:`gatezoo.train.mt_peers`):
+every attention kind (and for the peers of :mod:`gatezoo.train.peers.translation`):
 
 - ``memory = model.encode(src_ids)``: a :class:`Memory` (encoder states and source mask) with
   ``select(index)`` to expand sentences into beams or drop finished ones;
@@ -44,9 +44,7 @@ from gatezoo.blocks import (
     GLU_VARIANTS,
     MLP_ACTIVATIONS,
     Dropout,
-    GLUFeedForward,
     KVCache,
-    Mlp,
     ReLAAttention,
     SoftmaxAttention,
 )
@@ -60,7 +58,8 @@ from gatezoo.blocks.checks import (
     check_str,
 )
 
-from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforward
+from .feedforward import build_feedforward
+from .moe import MoEOptions, init_experts, inside_moe, link_stack
 
 MT_ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`TranslationConfig` takes."""
@@ -77,7 +76,7 @@ sub-layer, inside the residual branch, the default) or ``post`` (after the resid
 Vaswani et al. 2017 and the ReLA paper's models)."""
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3
-"""Special token ids: the tokenizer of :mod:`gatezoo.train.text` fixes pad 0, unk 1, BOS 2, EOS 3."""
+"""Special token ids: the tokenizer of :mod:`gatezoo.train.data.text` fixes pad 0, unk 1, BOS 2, EOS 3."""
 
 
 @dataclass
@@ -165,15 +164,6 @@ def _attention(cfg: TranslationConfig, place: str) -> nn.Module:
     return cls(cfg.dim, cfg.heads, dropout=cfg.dropout, bias=cfg.bias)
 
 
-def _feedforward(cfg: TranslationConfig) -> nn.Module:
-    if cfg.ffn.startswith("mlp-"):
-        return Mlp(cfg.dim, cfg.ffn_hidden, act_layer=cfg.ffn[4:], drop=cfg.dropout)
-    hidden = (cfg.ffn_hidden * 2 // 3 + 7) // 8 * 8
-    if cfg.ffn == "moe":
-        return moe_feedforward(cfg, cfg.dim, hidden, cfg.dropout)
-    return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.dropout)
-
-
 class _Residual(nn.Module):
     """Shared by the layers: ``x + f(LN x)`` (pre-norm) or ``LN(x + f(x))`` (post-norm)."""
 
@@ -196,7 +186,7 @@ class EncoderLayer(_Residual):
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = _attention(cfg, "encoder")
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = _feedforward(cfg)
+        self.ffn = build_feedforward(cfg.ffn, cfg.dim, cfg.ffn_hidden, cfg.dropout, cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self._residual(x, self.norm1, self.attn, key_padding_mask=mask)
@@ -214,7 +204,7 @@ class DecoderLayer(_Residual):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.cross_attn = _attention(cfg, "cross")
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = _feedforward(cfg)
+        self.ffn = build_feedforward(cfg.ffn, cfg.dim, cfg.ffn_hidden, cfg.dropout, cfg)
 
     def forward(self, x, memory, memory_mask, self_cache=None, cross_cache=None):
         x = self._residual(x, self.norm1, self.self_attn, causal=True, cache=self_cache)

@@ -23,9 +23,7 @@ from gatezoo.blocks import (
     GLU_FAMILIES,
     GLU_VARIANTS,
     MLP_ACTIVATIONS,
-    GLUFeedForward,
     MixerBlock,
-    Mlp,
     NiNBlock,
     ReLAAttention,
     SoftmaxAttention,
@@ -41,7 +39,8 @@ from gatezoo.blocks.checks import (
     check_str,
 )
 
-from .moe import MoEOptions, init_experts, inside_moe, link_stack, moe_feedforward
+from .feedforward import build_feedforward
+from .moe import MoEOptions, init_experts, inside_moe, link_stack
 
 ATTENTIONS = ("softmax", "rela")
 """Attention names :class:`ViTConfig` takes."""
@@ -168,7 +167,7 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patches as tokens: a convolution with kernel = stride = patch size,
     (B, C, H, W) -> (B, (H/p)(W/p), dim).
 
-    The images must be floating point (normalised, as :class:`gatezoo.train.data.Batches` gives
+    The images must be floating point (normalised, as :class:`gatezoo.train.data.images.Batches` gives
     them) of the convolution's dtype, (B, in_chans, img_size, img_size)."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
@@ -182,22 +181,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_tensor("images", x, hint=" (normalised images: convert uint8 pixels with x.float() / 255 and "
-                                             "normalise, as gatezoo.train.data.Batches does)")
+                                             "normalise, as gatezoo.train.data.images.Batches does)")
         if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[2:]) != (self.img_size, self.img_size):
             raise ValueError(f"images must have shape (batch, {self.in_chans}, {self.img_size}, {self.img_size}), "
                              f"got {tuple(x.shape)}")
         check_dtype("images", x, self.proj.weight)
         return self.proj(x).flatten(2).transpose(1, 2)
-
-
-def _feedforward(cfg: ViTConfig) -> nn.Module:
-    if cfg.ffn.startswith("mlp-"):
-        return Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio), act_layer=cfg.ffn[4:], drop=cfg.drop)
-    # a GLU with the parameter count of the MLP it replaces: 2/3 of its hidden width
-    hidden = (int(cfg.dim * cfg.mlp_ratio) * 2 // 3 + 7) // 8 * 8
-    if cfg.ffn == "moe":
-        return moe_feedforward(cfg, cfg.dim, hidden, cfg.drop)
-    return GLUFeedForward(cfg.dim, hidden, kind=cfg.ffn, drop=cfg.drop)
 
 
 class ViTBlock(nn.Module):
@@ -212,7 +201,7 @@ class ViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = attn(cfg.dim, cfg.heads, dropout=cfg.drop, bias=cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = _feedforward(cfg)
+        self.ffn = build_feedforward(cfg.ffn, cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.drop, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))

@@ -1,21 +1,25 @@
-"""Data pipelines, the training loop and the command-line entry points.
+"""Training: data readers, the training loop and the command-line entry points.
 
-- :mod:`gatezoo.train.config`: the one config schema (YAML files with ``--key value`` overrides)
-  that every command line here reads.
-- :mod:`gatezoo.train.data`: image-classification data in memory (Fashion-MNIST from the Debian
-  package, idx directories, ``.npz``, image folders) and the :class:`~gatezoo.train.data.Batches`
-  iterator.
-- :mod:`gatezoo.train.factory`: models by name (gatezoo registry or timm peer, ``NAME:key=value``
-  specs); :mod:`gatezoo.train.peers`: the timm peers ``timm_vit_tiny`` and ``timm_mixer_tiny``.
-- :mod:`gatezoo.train.optim`: AdamW parameter groups, warm-up + cosine and inverse-square-root
-  schedules.
-- :mod:`gatezoo.train.checkpoint`: safetensors checkpoints that rebuild their own model and carry
-  their task's metadata; atomic writes; the snapshots (with checksum manifests) that ``--resume``
-  reads.
-- :mod:`gatezoo.train.loop`: :func:`~gatezoo.train.loop.fit`, the one training loop every task
-  drives (device, autocast, accumulation, clipping, schedule, progress, metrics, checkpoints).
-- ``python -m gatezoo.train.classify``: the image-classification task; train one model from a
-  config (run directory, resume).
-- ``python -m gatezoo.train.evaluate``: test and per-class accuracy of a checkpoint.
-- ``python -m gatezoo.train.sidebyside``: several models trained in turns on identical batches.
+The layer has three rooms and, at its top, one module per task with its command:
+
+- :mod:`gatezoo.train.core`: the loop and what every command shares. ``config`` (the one config
+  schema: YAML files with ``--key value`` overrides), ``loop`` (:func:`~gatezoo.train.core.loop.fit`,
+  the one training loop every task drives through a task object), ``checkpoint`` (safetensors
+  checkpoints that rebuild their own model, snapshots for ``--resume``, atomic writes), ``optim``
+  (AdamW groups and schedules), ``distributed`` (torchrun, DDP, FSDP), ``runs`` (devices, run
+  directories, wrapping a model for a distributed run) and ``factory`` (models by name or
+  ``NAME:key=value`` spec, peers included).
+- :mod:`gatezoo.train.data`: the data readers. ``images`` (Fashion-MNIST from the Debian package,
+  idx directories, ``.npz``, image folders, the seeded ``Batches``), ``text`` (parallel text, the
+  SentencePiece tokenizer, token-count batches) and ``sword`` (the Bible verse pairs).
+- :mod:`gatezoo.train.peers`: the side-by-side peers. ``vision`` (timm) and ``translation``
+  (``torch.nn.Transformer``, x-transformers).
+- The tasks and commands: ``python -m gatezoo.train.classify`` (train an image classifier),
+  ``python -m gatezoo.train.evaluate`` (accuracy of a classification checkpoint),
+  ``python -m gatezoo.train.sidebyside`` (several image models on identical batches),
+  ``python -m gatezoo.train.translate`` (train a translation model) and
+  ``python -m gatezoo.train.translate_eval`` (translate or score with a translation run).
+
+A new training method goes at the top, as one module with its command that drives
+:func:`~gatezoo.train.core.loop.fit`; a new data format goes to ``data``, a new peer to ``peers``.
 """

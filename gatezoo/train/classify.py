@@ -5,7 +5,7 @@
     python -m gatezoo.train.classify --resume runs/vit_tiny-20250101-120000
 
 The image-classification task (:class:`ImageClassification`) on the shared loop
-(:func:`gatezoo.train.loop.fit`). Each run writes ``<out>/<name or model>-<YYYYmmdd-HHMMSS>/``
+(:func:`gatezoo.train.core.loop.fit`). Each run writes ``<out>/<name or model>-<YYYYmmdd-HHMMSS>/``
 holding
 
 - ``config.yaml``: the resolved config (``model_args`` completed with the data set's
@@ -18,7 +18,7 @@ holding
 - ``curves.png``: loss and accuracy against epoch;
 - ``last.safetensors`` and ``best.safetensors`` (highest test accuracy; there is no separate
   validation split, so quote ``last``): weights with metadata that rebuild the model alone
-  (:func:`gatezoo.train.checkpoint.load_checkpoint`, ``python -m gatezoo.train.evaluate``);
+  (:func:`gatezoo.train.core.checkpoint.load_checkpoint`, ``python -m gatezoo.train.evaluate``);
 - ``checkpoints/step-<N>/``: the newest two snapshots for ``--resume`` (``model.safetensors``,
   ``state.pt`` with optimizer, scheduler, position in the run and every RNG state, and
   ``manifest.json`` with their sizes and SHA-256), one at every evaluation and, with
@@ -38,7 +38,6 @@ import argparse
 import shutil
 import sys
 from collections.abc import Mapping
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distributed
-from .checkpoint import write_text
-from .config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
-from .data import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
-from .factory import build_model, count_params, model_problems, parse_model_spec
-from .loop import STATE_FILE, Trainee, autocast, fit, resolve_device, steps_per_epoch
-from .optim import build_optimizer, build_scheduler
+from .core import distributed
+from .core.checkpoint import write_text
+from .core.config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
+from .core.factory import build_model, count_params, parse_model_spec
+from .core.loop import STATE_FILE, Trainee, autocast, fit, steps_per_epoch
+from .core.optim import build_optimizer, build_scheduler
+from .core.runs import model_error, resolve_device, start_run_dir, wrap_for
+from .data.images import FASHION_MNIST, Batches, DataFormatError, DataNotFoundError, Dataset, load_dataset
 
 METRICS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s", "seconds")
 """The columns of a classification run's ``metrics.csv``."""
@@ -118,12 +118,12 @@ def data_spec(data: str) -> str:
 
 
 class ImageClassification:
-    """The image-classification task of :func:`gatezoo.train.loop.fit`: label-smoothed
+    """The image-classification task of :func:`gatezoo.train.core.loop.fit`: label-smoothed
     cross-entropy on shuffled batches of ``dataset``'s training split, plain cross-entropy and
     accuracy on its test split.
 
     Args:
-        dataset: a :class:`~gatezoo.train.data.Dataset`.
+        dataset: a :class:`~gatezoo.train.data.images.Dataset`.
         batch_size, eval_batch_size: batch sizes.
         seed: seed of the epoch order (and of the augmentation).
         augment: light augmentation (random shifts, flips).
@@ -172,28 +172,11 @@ class ImageClassification:
                 "classes": list(self.dataset.classes), "mean": list(self.mean), "std": list(self.std)}
 
 
-def new_run_dir(out: str | Path, name: str) -> Path:
-    """Create ``<out>/<name>-<YYYYmmdd-HHMMSS>`` (``-2``, ``-3``... appended if taken)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out {str(out)!r} is a file, not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{name.replace('/', '_').replace(':', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
-    for k in range(1, 1000):
-        path = out / (stem if k == 1 else f"{stem}-{k}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a run directory {out / stem}")
-
-
 def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, device: torch.device,
                  run_dir: Path | None = None, dataset: Dataset | None = None,
                  env: distributed.DistEnv = distributed.SINGLE) -> Trainee:
     """Model ``spec`` seeded with ``cfg["seed"]``, its AdamW and schedule from ``cfg``, as a
-    :class:`~gatezoo.train.loop.Trainee`. With ``dataset``, the spec's own overrides must fit it
+    :class:`~gatezoo.train.core.loop.Trainee`. With ``dataset``, the spec's own overrides must fit it
     too (image shape, classes). In a distributed run (``env``) the model is wrapped for data
     parallelism (DDP, or FSDP with ``cfg["fsdp"]``) before its optimizer is made."""
     try:
@@ -215,49 +198,15 @@ def make_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, d
                    params=params, net=net, sharded=sharded)
 
 
-def wrap_for(model: nn.Module, env: distributed.DistEnv, device: torch.device, cfg: Mapping):
-    """``(net, sharded)`` of a trainee: ``net`` the DDP wrapper (None when the model trains as
-    is), ``sharded`` True when FSDP sharded ``model`` in place."""
-    if not env.active:
-        return None, False
-    fsdp = bool(cfg.get("fsdp"))
-    wrapped = distributed.wrap(model, env, device, fsdp)
-    return (None if wrapped is model else wrapped), fsdp
-
-
-def model_error(spec: str, model_args: Mapping, error: Exception) -> ConfigError:
-    """A :class:`ConfigError` listing every problem of ``model_args`` for model ``spec`` (see
-    :func:`~gatezoo.train.factory.model_problems`), ``error`` being the first build's."""
-    problems = model_problems(spec, dict(model_args), error)
-    if len(problems) == 1:
-        return ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {problems[0]}")
-    return ConfigError(f"cannot build model {spec!r} with model_args {dict(model_args)}: {len(problems)} problems:\n"
-                       + "\n".join(f"  - {p}" for p in problems))
-
-
 def fit_options(cfg: Mapping, device: torch.device) -> dict:
-    """The keyword arguments of :func:`~gatezoo.train.loop.fit` that a config sets."""
+    """The keyword arguments of :func:`~gatezoo.train.core.loop.fit` that a config sets."""
     return dict(epochs=cfg["epochs"], device=device, bf16=cfg["bf16"], grad_clip=cfg["grad_clip"],
                 accum_steps=cfg["accum_steps"], max_steps=cfg["max_steps"], progress=cfg["progress"],
                 checkpoint_every=cfg.get("checkpoint_every"), nonfinite=cfg.get("nonfinite", "stop"))
 
 
-def start_run_dir(env: distributed.DistEnv, out, name: str) -> Path:
-    """A new run directory, made by rank 0 and named to every process (see :func:`new_run_dir`)."""
-    made = None
-    if env.main:
-        try:
-            made = new_run_dir(out, name)
-        except ConfigError as e:
-            made = e
-    made = distributed.broadcast_object(env, made)
-    if isinstance(made, Exception):
-        raise made
-    return made
-
-
 def train(cfg: dict, resume: str | Path | None = None) -> dict:
-    """Run (or, with ``resume``, continue) the training ``cfg`` describes (see :mod:`gatezoo.train.config`).
+    """Run (or, with ``resume``, continue) the training ``cfg`` describes (see :mod:`gatezoo.train.core.config`).
 
     Returns ``{"run_dir", "test_acc" (last evaluation), "best_acc", "step", "epoch"}``.
     """

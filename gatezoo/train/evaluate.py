@@ -7,7 +7,7 @@
 The model is rebuilt from the checkpoint's metadata (``model`` and ``model_args``); the images are
 normalised with the mean/std stored there (those of the training set it was trained on). Without
 ``--data`` the data set recorded in the checkpoint is used. Prints the test accuracy and the
-accuracy of each class. Options use the config keys' names and checks (:mod:`gatezoo.train.config`):
+accuracy of each class. Options use the config keys' names and checks (:mod:`gatezoo.train.core.config`):
 ``--data``, ``--eval_batch_size``, ``--device``, ``--bf16``, ``--threads``.
 """
 
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
 from .classify import data_model_args, evaluate_model
-from .config import KEYS, ConfigError, check, parse_overrides
-from .data import Batches, DataFormatError, DataNotFoundError, load_dataset
-from .loop import resolve_device
+from .core.checkpoint import CheckpointError, load_checkpoint
+from .core.config import KEYS, ConfigError, check, parse_overrides
+from .core.runs import resolve_device
+from .data.images import Batches, DataFormatError, DataNotFoundError, load_dataset
 
 OPTIONS = ("data", "eval_batch_size", "device", "bf16", "threads")
 """Config keys the evaluate command takes as ``--key value``."""

@@ -4,7 +4,7 @@
     python -m gatezoo.train.sidebyside --models vit_tiny vit_tiny:ffn=xatglu1 --seeds 0 1 2
     python -m gatezoo.train.sidebyside --models vit_tiny mixer_tiny --max_steps 50 --model_args '{depth: 2}'
 
-The models train in turns on the shared loop (:func:`gatezoo.train.loop.fit` with one trainee per
+The models train in turns on the shared loop (:func:`gatezoo.train.core.loop.fit` with one trainee per
 model): one shuffled batch order (seeded), and at every step each model takes one optimizer step on
 the same batch, the model that goes first rotating from step to step. Each model's throughput
 counts only its own forward, backward and optimizer step (CUDA synchronised; the first step, which
@@ -14,8 +14,8 @@ evaluated on the test split after every epoch. The options are those of the clas
 same config keys, ``--config`` file and ``--key value`` overrides), plus ``--models``, ``--seeds``
 and ``--same_init``; the output directory ``out`` defaults to ``benchmarks``.
 
-A model is a gatezoo registry name, a timm peer of :mod:`gatezoo.train.peers`, or either with its
-own overrides, ``NAME:key=value,key=value`` (:func:`gatezoo.train.factory.parse_model_spec`), so
+A model is a gatezoo registry name, a timm peer of :mod:`gatezoo.train.peers.vision`, or either with its
+own overrides, ``NAME:key=value,key=value`` (:func:`gatezoo.train.core.factory.parse_model_spec`), so
 that variants of one preset run side by side: ``vit_tiny:ffn=mlp-xatlu``.
 
 ``--seeds 0 1 2 3`` repeats the whole run once per seed (initial weights and batch order both
@@ -44,11 +44,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from gatezoo.eval.plots import pyplot, save_figure
+
 from ..models import VisionTransformer, vit_state_dict_from_timm
 from .classify import ImageClassification, data_model_args, fit_options, make_trainee
-from .config import ConfigError, check, keys_help, load_config
-from .data import DataFormatError, DataNotFoundError, load_dataset
-from .loop import MOE_COLUMNS, Trainee, fit, resolve_device, save_figure, steps_per_epoch
+from .core.config import ConfigError, check, keys_help, load_config
+from .core.loop import MOE_COLUMNS, Trainee, fit, steps_per_epoch
+from .core.runs import resolve_device
+from .data.images import DataFormatError, DataNotFoundError, load_dataset
 
 # MOE_COLUMNS (from the loop): the mixture-of-experts columns, NaN for dense models
 COLUMNS = ("model", "seed", "params", "epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc",
@@ -176,10 +179,7 @@ def write_expert_load(loads: list[dict], path: Path) -> None:
 def plot_expert_load(loads: list[dict], path: Path, title: str = "") -> None:
     """One panel per MoE model: each layer's per-expert load share at the model's last evaluation
     of the last seed, with the balanced share 1/E dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     seed = loads[-1]["seed"]
     models = list(dict.fromkeys(r["model"] for r in loads if r["seed"] == seed))
@@ -304,10 +304,7 @@ def pairs_table(rows: Sequence[Mapping], pairs: Sequence[tuple[str, str]]) -> st
 def plot_accuracy(rows: list[dict], path: Path, title: str = "") -> None:
     """PNG of test accuracy against epoch, one line per model (the mean over the seeds of the rows,
     with each seed's run drawn faintly when there are several)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     seeds = list(dict.fromkeys(r.get("seed", 0) for r in rows))

@@ -35,7 +35,7 @@ target tokens bucketed by length, gradient clipping, dev loss and dev BLEU (gree
   unless ``final_test false``.
 
 ``--models A B C`` trains several models side by side on the same batches (the peers
-``torch_transformer_mt_tiny`` and ``xtransformer_mt_tiny`` of :mod:`gatezoo.train.mt_peers`, or
+``torch_transformer_mt_tiny`` and ``xtransformer_mt_tiny`` of :mod:`gatezoo.train.peers.translation`, or
 variants such as ``transformer_mt_tiny:ffn=swiglu``): each gets a complete run directory inside
 the run directory, and ``sidebyside.csv`` lists parameters, training tokens/s (each model's own
 step time; ``speed_ratio`` relative to the first model), dev and test BLEU, chrF and decoding speed.
@@ -57,15 +57,15 @@ from torch import nn
 
 from gatezoo.eval.decode import model_max_len
 
-from . import checkpoint as ckpt
-from . import distributed
-from .classify import model_error, start_run_dir, wrap_for
-from .config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
-from .data import DataFormatError, DataNotFoundError
-from .factory import build_model, count_params, parse_model_spec
-from .loop import STATE_FILE, Trainee, fit, resolve_device, steps_per_epoch, write_metrics
-from .optim import SCHEDULES, build_optimizer, build_scheduler
-from .text import (
+from .core import checkpoint as ckpt
+from .core import distributed
+from .core.config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
+from .core.factory import build_model, count_params, parse_model_spec
+from .core.loop import STATE_FILE, Trainee, fit, steps_per_epoch, write_metrics
+from .core.optim import SCHEDULES, build_optimizer, build_scheduler
+from .core.runs import model_error, resolve_device, start_run_dir, wrap_for
+from .data.images import DataFormatError, DataNotFoundError
+from .data.text import (
     PAD_ID,
     Split,
     TextDataError,
@@ -132,7 +132,7 @@ MT_KEYS: dict[str, Key] = {
     "max_len_a": Key(1.2, "float", "output length limit a * source length + b", minimum=0.0),
     "max_len_b": Key(10, "int", "output length limit a * source length + b", minimum=0),
 }
-"""The config keys of the translation command (its own schema; see :mod:`gatezoo.train.config`)."""
+"""The config keys of the translation command (its own schema; see :mod:`gatezoo.train.core.config`)."""
 
 METRICS = ("epoch", "step", "train_loss", "train_acc", "dev_loss", "dev_bleu", "lr", "tok_per_s", "seconds")
 """The columns of a translation run's ``metrics.csv``."""
@@ -145,10 +145,10 @@ def load_mt_config(path=None, overrides=(), base: Mapping | None = None) -> dict
 
 
 class Translation:
-    """The translation task for :func:`gatezoo.train.loop.fit`.
+    """The translation task for :func:`gatezoo.train.core.loop.fit`.
 
     Args:
-        split: the train/dev/test pairs. tokenizer: the joint :class:`~gatezoo.train.text.Tokenizer`.
+        split: the train/dev/test pairs. tokenizer: the joint :class:`~gatezoo.train.data.text.Tokenizer`.
         max_tokens: padded target tokens per training batch. max_len: the model's length limit
             (a longer training pair is an error naming it). seed: of the batch order.
         label_smoothing: of the training loss. eval_batch_size: sentences per decoding batch.
@@ -306,7 +306,7 @@ def _prepare_data_once(env: distributed.DistEnv, cfg: Mapping, run_dir: Path, fr
 def make_mt_trainee(cfg: Mapping, spec: str, model_args: Mapping, per_epoch: int, device: torch.device,
                     run_dir: Path | None = None, env: distributed.DistEnv = distributed.SINGLE) -> Trainee:
     """Model ``spec`` seeded with ``cfg["seed"]``, Adam (0.9, ``adam_beta2``) and the schedule of
-    ``cfg``, as a :class:`~gatezoo.train.loop.Trainee`."""
+    ``cfg``, as a :class:`~gatezoo.train.core.loop.Trainee`."""
     try:
         parse_model_spec(spec)
     except ValueError as e:

@@ -26,7 +26,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from .data import DataFormatError, DataNotFoundError
+from .images import DataFormatError, DataNotFoundError
 
 SWORD_ROOT = Path("/usr/share/sword")
 KJV, RV1909 = "engKJV2006eb", "spaRV1909eb"

@@ -4,7 +4,7 @@ that ``--resume`` reads.
 A checkpoint is a safetensors file of the model's weights whose metadata rebuilds the model and
 says what it was trained for. Every metadata value is stored as JSON text:
 
-- ``model``: the model name or spec (:func:`gatezoo.train.factory.build_model`);
+- ``model``: the model name or spec (:func:`gatezoo.train.core.factory.build_model`);
 - ``model_args``: the constructor overrides;
 - ``task``: whatever the task needs to use the model again, a mapping whose ``name`` says the
   task (an image classifier stores its data set, class names and input mean/std);

@@ -22,7 +22,7 @@ stepping the schedule once per optimizer step, the tqdm progress bar, evaluation
 (every ``eval_every`` steps as well, if given, and where ``max_steps`` stops a run), and, for each
 model given a run directory, ``metrics.csv``, ``curves.png``, ``last``/``best.safetensors`` and
 the snapshots that :func:`fit` resumes from (``checkpoints/step-<N>/``, see
-:mod:`gatezoo.train.checkpoint`): one at every evaluation and, with ``checkpoint_every``, every
+:mod:`gatezoo.train.core.checkpoint`): one at every evaluation and, with ``checkpoint_every``, every
 that many optimizer steps in between; ``state.pt`` is the newest snapshot's training state.
 Every file a resumed run depends on is written atomically, and a snapshot is complete only once
 its manifest (sizes and SHA-256 of its files) is written, so a run killed at any instant resumes
@@ -30,7 +30,7 @@ from its newest complete snapshot and ends bit-identical to an uninterrupted run
 training loss (or gradient norm) stops the run, naming the step, before the optimizer applies it
 (or, with ``nonfinite="skip"``, skips that update), so no checkpoint ever holds non-finite weights.
 Under ``torchrun`` every process trains on its share of each batch and rank 0 alone evaluates
-and writes (:mod:`gatezoo.train.distributed`).
+and writes (:mod:`gatezoo.train.core.distributed`).
 
 Several models may train side by side (:class:`Trainee` each): at every optimizer step each takes
 its step on the same batches, the one that goes first rotating from step to step, and each one's
@@ -54,7 +54,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gatezoo.blocks.moe import moe_aux_loss, moe_stats, reset_moe_stats
+from gatezoo.blocks.moe import moe_layers
+from gatezoo.eval.plots import plot_curves
 
 from . import checkpoint as ckpt
 from .config import ConfigError
@@ -63,19 +64,6 @@ from .distributed import SINGLE, DistEnv, all_sum, gather_objects, shard
 STATE_FILE = "state.pt"
 """The run directory's copy (hard link) of its newest snapshot's training state."""
 STATE_VERSION = 2
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; otherwise ``torch.device(device)``, checked."""
-    if device is None or (isinstance(device, str) and device.lower() == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    return dev
 
 
 def synchronize(device: torch.device) -> None:
@@ -146,7 +134,7 @@ class Trainee:
     """One model in :func:`fit`, with its optimizer, schedule and records.
 
     ``spec`` and ``model_args`` rebuild the model from a checkpoint (see
-    :mod:`gatezoo.train.checkpoint`); ``run_dir`` (optional) receives ``metrics.csv``,
+    :mod:`gatezoo.train.core.checkpoint`); ``run_dir`` (optional) receives ``metrics.csv``,
     ``curves.png``, ``last.safetensors``, ``best.safetensors``, the snapshots under
     ``checkpoints/`` and ``state.pt``.
     """
@@ -212,38 +200,6 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def plot_curves(rows: Sequence[Mapping], path: Path, panels: Sequence[tuple[str, Sequence[str]]],
-                title: str = "") -> None:
-    """``curves.png``: one panel per ``(y label, metric keys)`` of ``panels``, against epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    epochs = [r["epoch"] for r in rows]
-    for ax, (ylabel, keys) in zip(axes[0], panels):
-        for key, marker in zip(keys, "os^v"):
-            if key in rows[0]:
-                ax.plot(epochs, [r[key] for r in rows], f"{marker}-", label=key.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path, title)
-
-
-def save_figure(fig, path: Path, title: str = "") -> None:
-    """Title ``fig``, lay it out, write it to ``path`` as PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _groups(batches, accum: int):
     """The batches of one epoch from ``start`` on, in lists of ``accum`` (the last may be shorter)."""
     group = []
@@ -278,7 +234,7 @@ def _step(task, t: Trainee, group: list, device: torch.device, bf16: bool, grad_
         with sync:
             with autocast(device, bf16):
                 loss, n, sums = task.loss(net, batch)
-                aux = moe_aux_loss(t.model)  # the MoE layers' balance / z-losses of this forward
+                aux = moe_layers(t.model).aux_loss()  # the MoE layers' balance / z-losses of this forward
             total = loss if aux is None else loss + aux
             weight = 1.0
             n_all = n
@@ -399,7 +355,8 @@ def _moe_row(t: Trainee, step: int, running: RunningStats | None = None) -> dict
     shares go to ``expert_load.csv`` in the run directory (one row per layer and expert). The
     load counters restart after each evaluation. Empty for a model without MoE layers. ``running``:
     the epoch's sums to use instead of ``t.stats`` (those reduced over the processes)."""
-    stats = moe_stats(t.model)
+    layers = moe_layers(t.model)
+    stats = layers.stats()
     if not stats["layers"]:
         return {}
     s = stats["all"]
@@ -420,7 +377,7 @@ def _moe_row(t: Trainee, step: int, running: RunningStats | None = None) -> dict
                 for e, share in enumerate(layer["load_share"]):
                     w.writerow([step, name, e, f"{share:.6g}"])
     t.expert_load = {name: list(layer["load_share"]) for name, layer in stats["layers"].items()}
-    reset_moe_stats(t.model)
+    layers.reset()
     return row
 
 
@@ -539,7 +496,7 @@ def _metadata(task, t: Trainee, pos: dict, steps_per_epoch: int, metrics: dict |
 
 def _snapshot(t: Trainee, pos: dict, steps_per_epoch: int, meta: dict, ranks: dict | None = None,
               optim: dict | None = None) -> None:
-    """The resumable snapshot of ``t`` at ``pos`` (see :func:`gatezoo.train.checkpoint.save_snapshot`);
+    """The resumable snapshot of ``t`` at ``pos`` (see :func:`gatezoo.train.core.checkpoint.save_snapshot`);
     ``ranks``: ``{"rng": [...], "running": [...]}``, every process's RNG state and running sums in
     rank order, for a distributed run; ``optim``: the whole optimizer state of a sharded trainee
     (from :func:`_whole`)."""
@@ -601,7 +558,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     gradient norm, with ``grad_clip``) raise ``FloatingPointError`` naming the step (``"stop"``)
     or skip that optimizer step with a warning (``"skip"``); either way no update with non-finite
     values is applied, so no checkpoint holds them. ``env``: this process's place in a
-    distributed run (:mod:`gatezoo.train.distributed`; each trainee's ``net`` wrapped for it): every
+    distributed run (:mod:`gatezoo.train.core.distributed`; each trainee's ``net`` wrapped for it): every
     process steps on its share of each batch, and only rank 0 evaluates, logs and writes.
     Returns the position reached:
     ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
@@ -655,7 +612,7 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         for t, ev in zip(trainees, evals):
             running = _reduced(t.stats, env)
             if not env.main:
-                reset_moe_stats(t.model)
+                moe_layers(t.model).reset()
                 results.append((t, {}))
                 continue
             train_metrics = task.train_metrics(running)

@@ -12,7 +12,7 @@ processes. The loss of each share is weighted by its share of the batch's items 
 tokens) before DistributedDataParallel averages the gradients, so N processes compute the
 gradient of the same global mean loss as one process does, and reach the same parameters up to
 float rounding. Mixture-of-experts layers count their load and form their balance and z-losses
-over the whole global batch (:func:`gatezoo.blocks.moe.set_moe_process_group`), so they match too.
+over the whole global batch (:meth:`gatezoo.blocks.moe.MoELayers.set_process_group`), so they match too.
 
 Only rank 0 evaluates and writes (run directory, metrics, checkpoints); the training sums in the
 metrics (loss, accuracy, throughput, expert load) are reduced over the ranks first. The backend is
@@ -197,9 +197,9 @@ def wrap(model: nn.Module, env: DistEnv, device: torch.device, fsdp: bool = Fals
         if fsdp:
             raise ConfigError("fsdp needs several processes: launch with torchrun --nproc_per_node=N")
         return model
-    from gatezoo.blocks.moe import set_moe_process_group
+    from gatezoo.blocks.moe import moe_layers
 
-    set_moe_process_group(model, dist.group.WORLD)
+    moe_layers(model).set_process_group(dist.group.WORLD)
     if fsdp:
         try:
             from torch.distributed.fsdp import fully_shard

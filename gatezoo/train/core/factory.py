@@ -1,5 +1,5 @@
 """Models by name for the training entry points: the gatezoo registry, the timm peers of the image
-models, the translation peers (:mod:`gatezoo.train.mt_peers`), and model specs that carry their own
+models, the translation peers (:mod:`gatezoo.train.peers.translation`), and model specs that carry their own
 overrides.
 
 A model spec is a name, optionally followed by ``:key=value,key=value`` constructor overrides
@@ -13,14 +13,14 @@ from torch import nn
 
 from gatezoo.models import create_model, list_models
 
-from . import peers
+from ..peers import vision as peers
 from .config import parse_value
 
 
 def model_names() -> list[str]:
     """Every name :func:`build_model` accepts: the gatezoo registry, the timm peers, then the
     translation peers."""
-    from . import mt_peers
+    from ..peers import translation as mt_peers
 
     return list(list_models()) + peers.list_peers() + mt_peers.list_mt_peers()
 
@@ -55,7 +55,7 @@ def build_model(spec: str, **overrides) -> nn.Module:
         return peers.create_peer(name, **kwargs)
     if name in list_models():
         return create_model(name, **kwargs)
-    from . import mt_peers
+    from ..peers import translation as mt_peers
 
     if name in mt_peers.list_mt_peers():
         if "vocab_size" not in kwargs:

@@ -3,11 +3,11 @@
 The pieces, in the order a translation trainer uses them:
 
 - :func:`read_lines` / :func:`read_parallel`: UTF-8 files with one sentence per line (``train.src``
-  next to ``train.tgt``); a missing file raises :class:`~gatezoo.train.data.DataNotFoundError`, a
+  next to ``train.tgt``); a missing file raises :class:`~gatezoo.train.data.images.DataNotFoundError`, a
   bad one (empty, not UTF-8, a blank line, line counts that differ) :class:`TextDataError`, whose
   message names the file and the 1-based line.
 - :func:`bible_pairs`: the 31,150 English (King James) / Spanish (Reina-Valera 1909) verse pairs
-  of the Debian SWORD modules (see :mod:`gatezoo.train.sword`), whitespace-normalised.
+  of the Debian SWORD modules (see :mod:`gatezoo.train.data.sword`), whitespace-normalised.
 - :func:`split_pairs` and :class:`Split`: a seeded train/dev/test split that keeps corpus order
   inside each part, saved to and loaded from ``{train,dev,test}.{src,tgt}``.
 - :class:`Tokenizer`: a joint SentencePiece model with fixed special ids (:data:`PAD_ID` ``<pad>``,
@@ -20,7 +20,7 @@ The pieces, in the order a translation trainer uses them:
   that depends only on ``(seed, epoch)``, so a resumed run can start at any batch.
 
 Every error about text data is a :class:`TextDataError` (a
-:class:`~gatezoo.train.data.DataFormatError`) or a :class:`~gatezoo.train.data.DataNotFoundError`,
+:class:`~gatezoo.train.data.images.DataFormatError`) or a :class:`~gatezoo.train.data.images.DataNotFoundError`,
 so a command line catches the same two families as for image data. A wrong argument raises
 TypeError (a wrong type: a str where a bool belongs, a float token id) or ValueError (a wrong
 value: a negative token id), naming the argument.
@@ -37,13 +37,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 from gatezoo.blocks.checks import ArgumentTypeError, check_bool, check_int
 
 from . import sword
-from .data import DataFormatError, DataNotFoundError, derive_seed
+from .images import DataFormatError, DataNotFoundError, derive_seed
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 """The fixed special ids of every :class:`Tokenizer`: padding, unknown, begin and end of sentence."""
@@ -86,7 +85,7 @@ def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[st
     """The sentences of a UTF-8 file, one per line, each stripped of its line ending (``\\n`` or
     ``\\r\\n``) and surrounding whitespace. A leading byte-order mark is dropped.
 
-    Raises :class:`~gatezoo.train.data.DataNotFoundError` if the file is missing and
+    Raises :class:`~gatezoo.train.data.images.DataNotFoundError` if the file is missing and
     :class:`TextDataError` naming the file (and the 1-based line) if it is empty (unless
     ``allow_empty``), holds bytes that are not UTF-8, or has a blank line.
     """
@@ -147,10 +146,10 @@ def bible_pairs(
     """English → Spanish verse pairs: every verse that both the King James Version and the
     Reina-Valera 1909 have, in canonical order, each side whitespace-normalised.
 
-    ``kjv`` and ``rv`` are passed on to :func:`gatezoo.train.sword.aligned_verses` (a module name
+    ``kjv`` and ``rv`` are passed on to :func:`gatezoo.train.data.sword.aligned_verses` (a module name
     under ``/usr/share/sword`` or the path of a zText module directory); ``None`` means the Debian
     modules ``engKJV2006eb`` (``sword-text-kjv``) and ``spaRV1909eb`` (``sword-text-sparv``). A
-    missing module raises :class:`~gatezoo.train.data.DataNotFoundError` saying how to install it.
+    missing module raises :class:`~gatezoo.train.data.images.DataNotFoundError` saying how to install it.
     """
     verses = sword.aligned_verses(sword.KJV if kjv is None else kjv, sword.RV1909 if rv is None else rv)
     pairs = []
@@ -279,6 +278,17 @@ def _replace_atomically(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _spm():
+    """The sentencepiece module (the ``mt`` extra), imported on first use so that the package
+    imports without it; an ImportError naming the extra when it is missing."""
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError("the translation tokenizer needs sentencepiece: pip install 'gatezoo[mt]' "
+                          "(or pip install sentencepiece)") from e
+    return sentencepiece
+
+
 class Tokenizer:
     """A SentencePiece model with the fixed special ids :data:`PAD_ID` (``<pad>``), :data:`UNK_ID`
     (``<unk>``), :data:`BOS_ID` (``<s>``) and :data:`EOS_ID` (``</s>``).
@@ -293,7 +303,7 @@ class Tokenizer:
         if not self.path.is_file():
             raise DataNotFoundError(f"{self.path}: no such SentencePiece model file (train one with Tokenizer.train)")
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            self._sp = _spm().SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
             raise TextDataError(f"{self.path}: not a SentencePiece model ({e})") from e
         specials = [(self._sp.pad_id(), PAD_ID), (self._sp.unk_id(), UNK_ID), (self._sp.bos_id(), BOS_ID),
@@ -346,7 +356,7 @@ class Tokenizer:
         try:
             # model_writer instead of model_prefix: the trained model comes back as bytes (so it can be written
             # atomically, and it does not record a temporary file name inside itself).
-            spm.SentencePieceTrainer.train(
+            _spm().SentencePieceTrainer.train(
                 sentence_iterator=iter(texts),
                 model_writer=writer,
                 vocab_size=vocab_size,
@@ -372,7 +382,7 @@ class Tokenizer:
                                     ) from e
             raise TextDataError(f"Tokenizer.train: SentencePiece training failed ({message})") from e
         model = writer.getvalue()
-        processor = spm.SentencePieceProcessor(model_proto=model)
+        processor = _spm().SentencePieceProcessor(model_proto=model)
         vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
                         for i in range(processor.get_piece_size()))
         prefix = Path(model_prefix)
