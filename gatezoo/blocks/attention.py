@@ -360,16 +360,18 @@ class SoftmaxAttention(_Attention):
                              "its variable-length kernel packs the kept keys and would lose their positions; "
                              "drop one of them, or use impl='xformers' or impl='sdpa'")
         # without a causal mask the order of the keys does not matter, so any padding pattern
-        # becomes one packed sequence of kept keys per batch row (the variable-length API)
-        lens = key_padding_mask.sum(1, dtype=torch.int32)
-        max_k = int(lens.max())
-        if max_k == 0:  # every key of every row is padding
-            return q.new_zeros(b, tq, self.heads, d).transpose(1, 2)
+        # becomes one packed sequence of kept keys per batch row (the variable-length API). A row
+        # with no kept key packs its first key instead (no empty sequence reaches the kernel) and
+        # its output is set to 0, as in the SDPA path
+        empty = ~key_padding_mask.any(1)
+        packed = key_padding_mask.clone()
+        packed[:, 0] |= empty
+        lens = packed.sum(1, dtype=torch.int32)
         cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
-        o = fa.flash_attn_varlen_func(q.reshape(b * tq, self.heads, d), k[key_padding_mask], v[key_padding_mask],
-                                      cu_q, cu_k, tq, max_k).view(b, tq, self.heads, d)
-        o = torch.where((lens > 0)[:, None, None, None], o, 0.0)  # rows with no kept key: 0, as for SDPA
+        o = fa.flash_attn_varlen_func(q.reshape(b * tq, self.heads, d), k[packed], v[packed], cu_q, cu_k, tq,
+                                      int(lens.max())).view(b, tq, self.heads, d)
+        o = torch.where(empty[:, None, None, None], 0.0, o)
         return o.transpose(1, 2)
 
     def _xformers(self, q, k, v, key_padding_mask, causal):
