@@ -1,7 +1,8 @@
 """Attention blocks with one interface, so models swap them by name.
 
 ``ReLAAttention`` (rectified linear attention with its output norm, ReLA-g by default) and
-``SoftmaxAttention`` (``F.scaled_dot_product_attention``, flash kernels on GPU) both take
+``SoftmaxAttention`` (``F.scaled_dot_product_attention`` by default; opt-in flash-attn or xformers
+kernels on CUDA with ``impl=``, see docs/gpu.md) both take
 
     forward(x, context=None, key_padding_mask=None, causal=False, cache=None)
 
