@@ -1,7 +1,8 @@
 """Attention blocks with one interface, so models swap them by name.
 
 ``ReLAAttention`` (rectified linear attention with its output norm, ReLA-g by default) and
-``SoftmaxAttention`` (``F.scaled_dot_product_attention``, flash kernels on GPU) both take
+``SoftmaxAttention`` (``F.scaled_dot_product_attention`` by default; opt-in flash-attn or xformers
+kernels on CUDA with ``impl=``, see docs/gpu.md) both take
 
     forward(x, context=None, key_padding_mask=None, causal=False, cache=None)
 
@@ -16,6 +17,9 @@ tokens give an empty output of shape (B, T, dim).
 """
 
 from __future__ import annotations
+
+import importlib
+import re
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +38,7 @@ from .checks import (
     check_int,
     check_optional_int,
     check_probability,
+    check_str,
 )
 from .dropout import Dropout
 from .norm import GatedRMSNorm, RMSNorm
@@ -216,24 +221,81 @@ class ReLAAttention(_Attention):
         return self.norm(o)
 
 
+SOFTMAX_IMPLS = ("sdpa", "flash_attn", "xformers")
+# impl -> (module imported on first use, pip name of the package)
+_PEER_MODULES = {"flash_attn": ("flash_attn", "flash-attn"), "xformers": ("xformers.ops", "xformers")}
+
+
+def _import_peer(impl: str):
+    """The module behind ``impl`` (``flash_attn`` or ``xformers.ops``), imported at the first
+    forward that needs it: importing gatezoo never imports either package."""
+    module, package = _PEER_MODULES[impl]
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError) as err:  # OSError: a binary built for another CUDA or torch
+        raise ImportError(f"SoftmaxAttention(impl={impl!r}) needs the {package} package, which failed to import "
+                          f"({type(err).__name__}: {err}); install the 'gpu' extra on a machine with CUDA "
+                          f"(pip install 'gatezoo[gpu]'), or use impl='sdpa'") from err
+
+
+def _version_at_least(module, major: int, minor: int) -> bool:
+    """Whether ``module.__version__`` is at least ``major.minor`` (True when it cannot be read)."""
+    parts = re.findall(r"\d+", str(getattr(module, "__version__", "")))[:2]
+    return len(parts) < 2 or (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
 class SoftmaxAttention(_Attention):
-    """Standard softmax attention through ``F.scaled_dot_product_attention`` (flash kernels on
-    GPU), with the same interface as :class:`ReLAAttention`. A query whose keys are all masked
-    gets 0 (not NaN)."""
+    """Standard softmax attention with the same interface as :class:`ReLAAttention`. A query whose
+    keys are all masked gets 0 (not NaN).
+
+    Args:
+        dim, heads, head_dim, kv_heads, dropout, bias: as for :class:`ReLAAttention`.
+        impl: which function computes ``softmax(q k^T / sqrt(d)) v``:
+
+            * ``"sdpa"`` (default): ``F.scaled_dot_product_attention`` (PyTorch picks its flash or
+              memory-efficient kernels on GPU), on every device and dtype;
+            * ``"flash_attn"``: ``flash_attn.flash_attn_func`` of the flash-attn package (the
+              ``gpu`` extra), and ``flash_attn_varlen_func`` with a ``key_padding_mask``. CUDA
+              tensors in float16 or bfloat16 only (under ``torch.autocast`` the projections give
+              those from float32 weights); flash-attn >= 2.1 for causal calls with fewer queries
+              than keys (its bottom-right alignment); ``key_padding_mask`` together with
+              ``causal=True`` is refused (the packed keys would lose their positions);
+            * ``"xformers"``: ``xformers.ops.memory_efficient_attention``, CUDA tensors in
+              float16, bfloat16 or float32; padding masks go in as an additive bias tensor.
+
+            A call the chosen implementation cannot serve (a CPU tensor, a dtype or mask it does not
+            take) raises an error naming ``impl`` and the argument; it never falls back to SDPA
+            silently, as a forced kernel backend never does (docs/architecture.md, "Backend
+            dispatch"). Key-value caches work with all three: the cached keys are plain tensors.
+            The packages are imported at the first call that needs them; a missing one raises
+            ImportError naming the ``gpu`` extra. ``impl`` may be changed on a built module
+            (``attn.impl = "flash_attn"``); it is not part of the state dict. See docs/gpu.md.
+    """
+
+    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
+                 dropout: float = 0.0, bias: bool = False, impl: str = "sdpa"):
+        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias)
+        self.impl = impl
+
+    @property
+    def impl(self) -> str:
+        """The attention implementation, one of :data:`SOFTMAX_IMPLS`."""
+        return self.__dict__.get("_impl", "sdpa")  # modules pickled before impl existed used SDPA
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        check_str("impl", value)
+        if value not in SOFTMAX_IMPLS:
+            raise ValueError(f"impl must be one of {SOFTMAX_IMPLS}, got {value!r}")
+        self.__dict__["_impl"] = value
+
+    def extra_repr(self) -> str:
+        return "" if self.impl == "sdpa" else f"impl={self.impl!r}"
 
     def _attend(self, q, k, v, key_padding_mask, causal):
         tq, tk = q.shape[2], k.shape[2]
         if q.numel() == 0:  # an empty batch or no queries: nothing to attend (and no empty launch on GPU)
             return q.new_zeros(q.shape)
-        if self.kv_heads != self.heads:
-            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        if key_padding_mask is None and (not causal or tq == tk):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # fast paths
-        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
-        if causal:  # bottom-right aligned, as in rela_attention
-            keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        keep = keep[None, None]
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
                 got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
@@ -241,6 +303,105 @@ class SoftmaxAttention(_Attention):
             if tuple(key_padding_mask.shape) != (q.shape[0], tk):
                 raise ValueError(f"key_padding_mask must have shape (batch, key_len) = {(q.shape[0], tk)}, "
                                  f"got {tuple(key_padding_mask.shape)}")
-            keep = keep & key_padding_mask.to(q.device)[:, None, None, :]
+            key_padding_mask = key_padding_mask.to(q.device)
+        if self.impl == "flash_attn":
+            return self._flash_attn(q, k, v, key_padding_mask, causal)
+        if self.impl == "xformers":
+            return self._xformers(q, k, v, key_padding_mask, causal)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        if key_padding_mask is None and (not causal or tq == tk):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # fast paths
+        keep = self._keep(q, tk, key_padding_mask, causal)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return torch.where(keep.any(-1, keepdim=True), o, 0.0)
+
+    @staticmethod
+    def _keep(q, tk, key_padding_mask, causal):
+        """The bool mask (B or 1, 1, Tq, Tk) of the keys each query may see, True = keep."""
+        keep = torch.ones(q.shape[2], tk, dtype=torch.bool, device=q.device)
+        if causal:  # bottom-right aligned, as in rela_attention
+            keep = keep.tril(tk - q.shape[2])
+        keep = keep[None, None]
+        if key_padding_mask is not None:
+            keep = keep & key_padding_mask[:, None, None, :]
+        return keep
+
+    def _check_peer_input(self, q, dtypes):
+        """Raise unless the queries are CUDA tensors of one of ``dtypes`` (the peers' own errors
+        would name neither the module's argument nor the way out)."""
+        if q.device.type != "cuda":
+            raise ValueError(f"SoftmaxAttention(impl={self.impl!r}) runs on CUDA tensors only, but x is on "
+                             f"{q.device}; move the module and x to a GPU, or use impl='sdpa'")
+        if q.dtype not in dtypes:
+            names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ArgumentTypeError(f"SoftmaxAttention(impl={self.impl!r}) takes {names} only, but x projects to "
+                                    f"{q.dtype} queries; run under torch.autocast('cuda', dtype=torch.bfloat16), "
+                                    f"convert the module and x, or use impl='sdpa'")
+
+    def _flash_attn(self, q, k, v, key_padding_mask, causal):
+        self._check_peer_input(q, (torch.float16, torch.bfloat16))
+        fa = _import_peer("flash_attn")
+        b, _, tq, d = q.shape
+        tk = k.shape[2]
+        if causal and tq != tk and not _version_at_least(fa, 2, 1):
+            raise ValueError(f"SoftmaxAttention(impl='flash_attn') with causal=True and {tq} queries for {tk} keys "
+                             f"needs flash-attn >= 2.1 (older versions align the causal mask top-left), found "
+                             f"{fa.__version__}; upgrade flash-attn or use impl='sdpa'")
+        # flash-attn takes (B, T, H, D): transposed views of our (B, H, T, D) tensors, no copies;
+        # it reads grouped key/value heads itself (query head h reads h // (H / Hk))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if key_padding_mask is None:
+            # causal is bottom-right aligned (flash-attn >= 2.1) and a query with no visible key
+            # gets 0, both as in the SDPA path
+            return fa.flash_attn_func(q, k, v, causal=causal).transpose(1, 2)
+        if causal:
+            raise ValueError("SoftmaxAttention(impl='flash_attn') cannot combine key_padding_mask with causal=True: "
+                             "its variable-length kernel packs the kept keys and would lose their positions; "
+                             "drop one of them, or use impl='xformers' or impl='sdpa'")
+        # without a causal mask the order of the keys does not matter, so any padding pattern
+        # becomes one packed sequence of kept keys per batch row (the variable-length API). A row
+        # with no kept key packs its first key instead (no empty sequence reaches the kernel) and
+        # its output is set to 0, as in the SDPA path
+        empty = ~key_padding_mask.any(1)
+        packed = key_padding_mask.clone()
+        packed[:, 0] |= empty
+        lens = packed.sum(1, dtype=torch.int32)
+        cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
+        o = fa.flash_attn_varlen_func(q.reshape(b * tq, self.heads, d), k[packed], v[packed], cu_q, cu_k, tq,
+                                      int(lens.max())).view(b, tq, self.heads, d)
+        o = torch.where(empty[:, None, None, None], 0.0, o)
+        return o.transpose(1, 2)
+
+    def _xformers(self, q, k, v, key_padding_mask, causal):
+        self._check_peer_input(q, (torch.float16, torch.bfloat16, torch.float32))
+        xops = _import_peer("xformers")
+        b, h, tq, d = q.shape
+        tk = k.shape[2]
+        if self.kv_heads != self.heads:  # xformers' grouped (5-D) layout has no backward
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) views, as xformers takes them
+        if key_padding_mask is None and not causal:
+            return xops.memory_efficient_attention(q, k, v).transpose(1, 2)
+        if key_padding_mask is None and tq == tk:
+            return xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask()).transpose(1, 2)
+        bottom_right = getattr(getattr(xops, "fmha", None), "attn_bias", None)
+        bottom_right = getattr(bottom_right, "LowerTriangularFromBottomRightMask", None)
+        if key_padding_mask is None and tq < tk and bottom_right is not None:
+            return xops.memory_efficient_attention(q, k, v, attn_bias=bottom_right()).transpose(1, 2)
+        # anything else (a padding mask, or causal with more queries than keys, whose first
+        # queries see no key) goes in as an additive bias tensor: -inf where a key is masked,
+        # and 0 over the whole row of a query with no visible key, whose output is then set to
+        # 0 (a row of -inf would give NaN in the softmax and in the backward)
+        keep = self._keep(q.transpose(1, 2), tk, key_padding_mask, causal)  # (B or 1, 1, Tq, Tk)
+        seen = keep.any(-1, keepdim=True)
+        # xformers wants every stride but the last aligned to 16 bytes: a key axis padded to a
+        # multiple of 8, sliced back, and a stride-0 head axis
+        width = -(-tk // 8) * 8
+        bias = torch.zeros(keep.shape[0], 1, tq, width, dtype=q.dtype, device=q.device)[..., :tk]
+        bias.masked_fill_(~keep & seen, float("-inf"))
+        o = xops.memory_efficient_attention(q, k, v, attn_bias=bias.expand(b, h, tq, tk)).transpose(1, 2)
+        return torch.where(seen, o, 0.0)

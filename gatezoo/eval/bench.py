@@ -4,6 +4,7 @@
     python -m gatezoo.eval.bench --op gated_act     # the activations on a 4096 x 4096 tensor
     python -m gatezoo.eval.bench --op glu --kinds silu gelu --size 2048 --reps 20
     python -m gatezoo.eval.bench --op attention     # ReLA vs SDPA softmax, T = 256 ... 4096
+    python -m gatezoo.eval.bench --op attention --dtype bfloat16  # + flash-attn, xformers on CUDA
     python -m gatezoo.eval.bench --op token_mixing  # MLP-Mixer token mixing at two model shapes
     python -m gatezoo.eval.bench --op moe           # top-2 MoE vs dense GLU vs a per-expert loop, E = 8, 64
     python -m gatezoo.eval.bench --op dropout       # dropout p=0.1 on a 4096 x 4096 tensor vs F.dropout
@@ -156,9 +157,39 @@ def gemm_call(device: torch.device, dtype: torch.dtype):
     return lambda: a @ b
 
 
-def attention_impls(device: torch.device, t: int) -> dict:
-    """{impl: fn(q, k, v)} for the attention benchmark at sequence length t."""
+def attention_peers(device: torch.device, dtype: torch.dtype) -> tuple[dict, list[str]]:
+    """The softmax kernels of flash-attn and xformers (the ``gpu`` extra) that run here, as
+    ``{impl: fn(q, k, v)}`` on (B, H, T, D) tensors like SDPA's, and one note per peer left out
+    (not on CUDA, a dtype it does not take, not installed). Both packages take (B, T, H, D), so
+    they get transposed views, no copies."""
+    if device.type != "cuda":
+        return {}, ["flash-attn and xformers columns left out: they run on CUDA only"]
+    impls, notes = {}, []
+    flip = lambda *ts: (t.transpose(1, 2) for t in ts)
+    if dtype not in (torch.float16, torch.bfloat16):
+        notes.append(f"flash-attn column left out: it takes float16 or bfloat16, not {str(dtype)[6:]} (--dtype)")
+    else:
+        try:
+            import flash_attn
+        except (ImportError, OSError) as err:
+            notes.append(f"flash-attn column left out: it does not import ({err}); pip install 'gatezoo[gpu]'")
+        else:
+            impls["flash-attn-softmax"] = lambda q, k, v: flash_attn.flash_attn_func(*flip(q, k, v)).transpose(1, 2)
+    try:
+        import xformers.ops as xops
+    except (ImportError, OSError) as err:
+        notes.append(f"xformers column left out: it does not import ({err}); pip install 'gatezoo[gpu]'")
+    else:
+        impls["xformers-softmax"] = lambda q, k, v: xops.memory_efficient_attention(*flip(q, k, v)).transpose(1, 2)
+    return impls, notes
+
+
+def attention_impls(device: torch.device, t: int, dtype: torch.dtype | None = None) -> dict:
+    """{impl: fn(q, k, v)} for the attention benchmark at sequence length t; with ``dtype``, also
+    the flash-attn and xformers softmax kernels where they run (:func:`attention_peers`)."""
     impls = {"sdpa-softmax": lambda q, k, v: F.scaled_dot_product_attention(q, k, v)}
+    if dtype is not None:
+        impls.update(attention_peers(device, dtype)[0])
     if t <= 2048:  # the naive composition holds several T x T tensors: 2 GiB each at T=4096
         impls["rela-naive"] = lambda q, k, v: rela_composed(q, k, v)
     impls["gatezoo-torch"] = lambda q, k, v: rela_attention(q, k, v, backend="torch")
@@ -169,7 +200,8 @@ def attention_impls(device: torch.device, t: int) -> dict:
 
 def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, reps: int,
                     progress: bool = True) -> list[Row]:
-    """ReLA against softmax SDPA and the naive composition, for each sequence length in ``seqs``.
+    """ReLA against softmax SDPA (and, on CUDA where they import, the softmax kernels of
+    flash-attn and xformers) and the naive composition, for each sequence length in ``seqs``.
     Ratios are to SDPA (column ``ratio_vs_eager``); GFLOP/s count the matmuls (4 B H T^2 D
     forward, 14 B H T^2 D forward+backward). The forward rounds also time one ``GEMM_N``-cubed
     matmul (impl ``GEMM_IMPL``), so the forward's share of the machine's GEMM rate compares
@@ -183,7 +215,7 @@ def bench_attention(seqs, batch: int, heads: int, head_dim: int, dtype, device, 
         n_reps = max(3, min(reps, int(reps * (1024 / t) ** 2)))
         flops = {"fwd": 4 * batch * heads * t * t * head_dim, "fwd+bwd": 14 * batch * heads * t * t * head_dim}
         calls, saved = {}, {}
-        for impl, fn in attention_impls(device, t).items():
+        for impl, fn in attention_impls(device, t, dtype).items():
             leaf = [x.detach().clone().requires_grad_() for x in base]
 
             saved[impl] = saved_bytes(fn, leaf)
@@ -420,6 +452,8 @@ def main(argv=None) -> int:
             print(format_rows(rows, attention=True))
             for line in forward_vs_gemm(rows, ours_name(device)):
                 print(line)
+            for note in attention_peers(device, dtype)[1]:
+                print(f"note: {note}")
             print(f"wrote {stem}.csv and {stem}.png")
             continue
         if op == "moe":
