@@ -1,5 +1,5 @@
 """MoEFeedForward, MoLELinear, pre-gating, load statistics and auxiliary losses
-(docs/architecture.md, 'The math', 'Routers and mixtures of experts'; docs/moe.md)."""
+(docs/architecture.md, 'The math', 'Routers and mixtures of experts'; docs/routing.md)."""
 
 import copy
 import functools

@@ -1,4 +1,4 @@
-"""GLU and activation names: each says its order, maps to the formula of docs/activations.md and
+"""GLU and activation names: each says its order, maps to the formula of docs/activation.md and
 to the authors' classes (x-activation), and ambiguous names warn."""
 
 import math

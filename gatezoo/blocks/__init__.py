@@ -4,10 +4,7 @@ mixture-of-experts routers and layers. Every constructor and forward checks its 
 (:mod:`gatezoo.blocks.checks`): a wrong type raises :class:`ArgumentTypeError` (a TypeError), a
 wrong value or shape ValueError, each naming the argument."""
 
-from .attention import KVCache, ReLAAttention, SoftmaxAttention
-from .checks import ArgumentTypeError
-from .dropout import Dropout
-from .feedforward import (
+from .activation import (
     GLU_FAMILIES,
     GLU_VARIANTS,
     MLP_ACTIVATIONS,
@@ -17,8 +14,11 @@ from .feedforward import (
     glu_hidden_features,
     glu_variant,
 )
+from .attention import KVCache, SoftmaxAttention
+from .checks import ArgumentTypeError
+from .dropout import Dropout
 from .kan import GRKAN, KANLayer
-from .mixer import MixerBlock, NiNBlock, TokenMixing
+from .mixing import MixerBlock, NiNBlock, TokenMixing
 from .moe import (
     EXPERTS,
     MoEFeedForward,
@@ -34,6 +34,7 @@ from .moe import (
     unlink_pregated,
 )
 from .norm import GatedRMSNorm, RMSNorm
+from .rela import ReLAAttention
 from .routing import (
     ROUTERS,
     AdaptiveThresholdRouter,

@@ -1,6 +1,7 @@
 """Attention blocks with one interface, so models swap them by name.
 
-``ReLAAttention`` (rectified linear attention with its output norm, ReLA-g by default) and
+``SoftmaxAttention`` (here) and ``ReLAAttention`` (:mod:`gatezoo.blocks.rela`, rectified linear
+attention with its output norm, ReLA-g by default) are built on the one base of this module;
 ``SoftmaxAttention`` (``F.scaled_dot_product_attention`` by default; opt-in flash-attn or xformers
 kernels on CUDA with ``impl=``, see docs/gpu.md) both take
 
@@ -26,11 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gatezoo.kernels import rela_attention
-
 from .checks import (
     ArgumentTypeError,
-    check_backend,
     check_bool,
     check_dtype,
     check_float_tensor,
@@ -41,7 +39,6 @@ from .checks import (
     check_str,
 )
 from .dropout import Dropout
-from .norm import GatedRMSNorm, RMSNorm
 
 
 class KVCache:
@@ -182,43 +179,6 @@ class _Attention(nn.Module):
         o = self._attend(q, k, v, key_padding_mask, causal)
         o = self._output_norm(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         return self.drop(self.proj(o))
-
-
-class ReLAAttention(_Attention):
-    """Rectified linear attention (Zhang, Titov & Sennrich 2021): ``relu(q k^T / sqrt(d)) v``
-    per head, then an output norm over the concatenated heads, then ``proj``.
-
-    Args:
-        dim: model width. heads: query heads. head_dim: default dim // heads.
-        kv_heads: key/value heads (grouped-query attention), default ``heads``.
-        norm: ``"gated_rms"`` (ReLA-g, default), ``"rms"``, ``"layer"`` or None.
-        dropout: on the block output. bias: on the projections.
-        backend: kernel backend for the attention and the norm.
-    """
-
-    def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
-                 norm: str | None = "gated_rms", dropout: float = 0.0, bias: bool = False, backend: str = "auto"):
-        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias)
-        check_backend(backend)
-        if norm is not None and not isinstance(norm, str):
-            raise ArgumentTypeError(f"norm must be a str or None, got {norm!r} ({type(norm).__name__})")
-        width = self.heads * self.head_dim
-        norms = {
-            "gated_rms": lambda: GatedRMSNorm(width, backend=backend),
-            "rms": lambda: RMSNorm(width, backend=backend),
-            "layer": lambda: nn.LayerNorm(width),
-            None: nn.Identity,
-        }
-        if norm not in norms:
-            raise ValueError(f"norm must be one of {list(norms)}, got {norm!r}")
-        self.norm = norms[norm]()
-        self.backend = backend
-
-    def _attend(self, q, k, v, key_padding_mask, causal):
-        return rela_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, backend=self.backend)
-
-    def _output_norm(self, o):
-        return self.norm(o)
 
 
 SOFTMAX_IMPLS = ("sdpa", "flash_attn", "xformers")

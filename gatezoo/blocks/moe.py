@@ -11,7 +11,7 @@ pairs through the routing ops of :mod:`gatezoo.kernels.routing`::
     y    = unpermute(grouped_mm(h, w2, plan.offsets), weights, plan)
 
 See docs/architecture.md, 'The math' ('Routers and mixtures of experts') for the formulas and
-docs/moe.md for usage.
+docs/routing.md for usage.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import nn
 from gatezoo.kernels import KINDS, gated_act, glu_packed
 from gatezoo.kernels.routing import DispatchPlan, expert_ffn, grouped_mm, make_plan, permute, unpermute
 
+from .activation import GLU_FAMILIES, GLU_VARIANTS, glu_hidden_features, glu_variant
 from .checks import (
     ArgumentTypeError,
     check_backend,
@@ -34,7 +35,6 @@ from .checks import (
     check_probability,
 )
 from .dropout import Dropout
-from .feedforward import GLU_FAMILIES, GLU_VARIANTS, glu_hidden_features, glu_variant
 from .routing import ROUTERS, Router, RoutingResult, make_router, router_z_loss, switch_balance_loss
 
 __all__ = [
@@ -45,11 +45,11 @@ __all__ = [
 EXPERTS = sorted(GLU_VARIANTS) + [f"mlp-{k}" for k in sorted(KINDS)] + [
     f"mlp-x{k}" for k in sorted(KINDS) if KINDS[k].takes_alpha]
 """Expert names of :class:`MoEFeedForward`: every GLU name of
-:data:`~gatezoo.blocks.feedforward.GLU_VARIANTS` (packed ``w1`` of width 2h, gated by
+:data:`~gatezoo.blocks.activation.GLU_VARIANTS` (packed ``w1`` of width 2h, gated by
 :func:`~gatezoo.kernels.glu_packed`), ``mlp-<kind>`` for a plain two-layer MLP with the
 activation ``kind`` of :data:`~gatezoo.kernels.KINDS` (``mlp-gelu``, ``mlp-relu``...) and
 ``mlp-x<kind>`` for its expanded form (one trainable alpha, Huang 2024). GLU family names
-without an order (``xswiglu``...) are accepted as in :func:`~gatezoo.blocks.feedforward.glu_variant`."""
+without an order (``xswiglu``...) are accepted as in :func:`~gatezoo.blocks.activation.glu_variant`."""
 
 
 def _expert_kind(expert) -> tuple[str, bool, bool]:

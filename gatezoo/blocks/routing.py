@@ -23,7 +23,7 @@ Routers (``ROUTERS`` names them; :func:`make_router` builds one by name):
 ========================  =====================================================================
 
 The exact formulas are in docs/architecture.md, 'The math', section 'Routers and mixtures of
-experts'; the user guide is docs/moe.md.
+experts'; the user guide is docs/routing.md.
 
 Dtypes: routers compute their logits in float32 (float64 for float64 input) with autocast off,
 whatever the model's dtype; ``weights`` are always float32, ``logits`` and ``probs`` are in that

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from gatezoo.blocks import GLUFeedForward, Mlp, ReLAAttention, SoftmaxAttention
-from gatezoo.blocks.feedforward import GatedAct
+from gatezoo.blocks.activation import GatedAct
 
 from .translation import BOS_ID, EOS_ID, MT_ATTENTION_PLACES, PAD_ID, EncoderDecoder
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from gatezoo.kernels import token_mixing
 
+from .activation import Mlp
 from .checks import (
     ArgumentTypeError,
     check_backend,
@@ -25,7 +26,6 @@ from .checks import (
     check_probability,
 )
 from .dropout import Dropout
-from .feedforward import Mlp
 
 
 def _check_tokens(u, num_tokens: int, dim: int, like: torch.Tensor) -> None:

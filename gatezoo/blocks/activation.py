@@ -56,7 +56,7 @@ def _kind_from_act_layer(act_layer) -> str:
 # a gate g in {sigmoid (SwiGLU family), Phi (GEGLU), arctan/pi + 1/2 (ATGLU)}, an order (1:
 # g(a) * b, 2: a * g(a) * b) and the expansion g -> expand(g, alpha). Every name here says its order;
 # the short names keep their usual meaning (glu: sigmoid, order 1; swiglu / geglu / atglu: order 2,
-# which is also x-activation's default for ATGLU). See docs/activations.md for the full table.
+# which is also x-activation's default for ATGLU). See docs/activation.md for the full table.
 GLU_VARIANTS = {
     "glu": ("sigmoid", False), "xglu": ("sigmoid", True),
     "swiglu1": ("sigmoid", False), "xswiglu1": ("sigmoid", True),
