@@ -317,13 +317,13 @@ def prepare_data(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[Split, Token
 
 class PairOrigins:
     """Where each pair of a run's split came from, for error messages: ``origins(part, i)`` names
-    the file and the 1-based line of pair ``i`` of ``part``, or None when it is not in a file.
+    the file and the 1-based line of pair ``i`` of ``part``.
 
     A resumed run (``fresh`` false) reads its split from ``RUN_DIR/data/``, so the line is that of
     ``data/<part>.src``. A fresh run names the user's files: ``dev_src``/``test_src`` line by line,
     and for pairs split off ``src``/``tgt`` the line where the source sentence first appears
-    (repeated sources are dropped, so it is that pair's). The Bible has no file. Files are read
-    only when an error needs a line."""
+    (repeated sources are dropped, so it is that pair's). The Bible has no file: its pairs are
+    named by the start of their source sentence. Files are read only when an error needs a line."""
 
     def __init__(self, cfg: Mapping, run_dir: Path, fresh: bool, split: Split):
         self.cfg, self.run_dir, self.fresh, self.split = cfg, Path(run_dir), fresh, split
@@ -349,10 +349,13 @@ class PairOrigins:
             return f"{data / f'{part}.src'} / {part}.tgt line {index + 1}"
         if part in ("dev", "test") and self.cfg.get(f"{part}_src"):
             return f"{self.cfg[f'{part}_src']} / {self.cfg[f'{part}_tgt']} line {index + 1}"
+        source = getattr(self.split, part)[index][0]
         if self.cfg.get("src"):
-            number = self._line_of(self.cfg["src"], getattr(self.split, part)[index][0])
-            return f"{self.cfg['src']} / {self.cfg['tgt']} line {number}" if number else None
-        return None
+            number = self._line_of(self.cfg["src"], source)
+            if number:
+                return f"{self.cfg['src']} / {self.cfg['tgt']} line {number}"
+        # no file line to name (the Bible): the sentence's start, to find it by
+        return f"source {source[:40] + ('...' if len(source) > 40 else '')!r}"
 
 
 def _prepare_data_once(env: distributed.DistEnv, cfg: Mapping, run_dir: Path, fresh: bool):
