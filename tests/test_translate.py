@@ -394,8 +394,9 @@ def test_bad_input_errors_and_nothing_half_done(corpus, tmp_path, capsys):
     long = tmp_path / "long.en"
     long.write_text(" ".join(["the king"] * 30) + "\n" + "the man\n")
     (tmp_path / "long.es").write_text("el rey\nel hombre\n")
-    err = _error(capsys, ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), *base,
-                          "--test_src", str(long), "--test_tgt", str(tmp_path / "long.es"),
+    at = base.index("--test_size")  # test files replace the split-off test pairs: a size would do nothing
+    err = _error(capsys, ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), *base[:at],
+                          *base[at + 2:], "--test_src", str(long), "--test_tgt", str(tmp_path / "long.es"),
                           "--model_args.max_len", "40"])
     assert "test pair 1" in err and "max_len" in err
     assert not out.exists() or not any(out.iterdir())  # no half-made run directories

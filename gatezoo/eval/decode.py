@@ -18,12 +18,17 @@ nor EOS.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from gatezoo.blocks.checks import ArgumentTypeError
 from gatezoo.models.translation import BOS_ID, EOS_ID, PAD_ID
+
+SRC_DTYPES = (torch.int64, torch.int32)
+"""The dtypes of source ids the search functions take (an embedding's index types)."""
 
 
 @dataclass
@@ -60,14 +65,55 @@ def pad_ids(rows, *, bos: bool = False) -> torch.Tensor:
     return out
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_search_options(*, beam_size=1, length_penalty=1.0, max_len_a=1.2, max_len_b=10, n_best=1) -> dict:
+    """The search options checked, as plain Python numbers: ``beam_size`` an int >= 1, ``n_best``
+    an int in [1, beam_size], ``length_penalty`` and ``max_len_a`` finite numbers >= 0, ``max_len_b``
+    an int >= 0 (numpy integers and floats count as such; bools and strings do not). Raises
+    :class:`~gatezoo.blocks.checks.ArgumentTypeError` (a TypeError) for a wrong type and ValueError
+    for a wrong value, naming the option: a NaN penalty or an infinite limit would otherwise rank
+    every hypothesis alike or never stop, and a float beam is no size."""
+    for name, value in (("beam_size", beam_size), ("n_best", n_best)):
+        if not _is_int(value):
+            raise ArgumentTypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if n_best > beam_size:
+        raise ValueError(f"n_best must be an int in [1, beam_size={beam_size}], got {n_best!r}")
+    for name, value in (("length_penalty", length_penalty), ("max_len_a", max_len_a)):
+        if not _is_real(value):
+            raise ArgumentTypeError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not _is_int(max_len_b):
+        raise ArgumentTypeError(f"max_len_b must be an int >= 0, got {max_len_b!r} ({type(max_len_b).__name__})")
+    if max_len_b < 0:
+        raise ValueError(f"max_len_b must be an int >= 0, got {max_len_b!r}")
+    return {"beam_size": int(beam_size), "length_penalty": float(length_penalty), "max_len_a": float(max_len_a),
+            "max_len_b": int(max_len_b), "n_best": int(n_best)}
+
+
+def length_limit(source_length: int, max_len_a: float, max_len_b: int, cap: int) -> int:
+    """The most tokens (EOS included) generated for a source of ``source_length`` tokens:
+    ``floor(max_len_a * source_length + max_len_b)``, at least 1 and at most ``cap`` (the model's
+    ``max_len``)."""
+    value = max_len_a * source_length + max_len_b
+    # compared before the floor: a huge (finite) max_len_a would overflow int()
+    return max(1, cap if value >= cap else int(math.floor(value)))
+
+
 def _limits(src: torch.Tensor, model, max_len_a: float, max_len_b: int) -> list[int]:
-    if not max_len_a >= 0 or max_len_b < 0:
-        raise ValueError(f"max_len_a and max_len_b must be >= 0, got {max_len_a!r} and {max_len_b!r}")
     # generated token j is predicted at input position j - 1 (BOS at 0) and the last one, EOS, is
     # never fed back: a model of cap positions can generate cap tokens, EOS included
     cap = model_max_len(model)
-    lengths = (src != PAD_ID).sum(1).tolist()
-    return [max(1, min(cap, int(math.floor(max_len_a * n + max_len_b)))) for n in lengths]
+    return [length_limit(n, max_len_a, max_len_b, cap) for n in (src != PAD_ID).sum(1).tolist()]
 
 
 def _finite(logits: torch.Tensor, step: int) -> torch.Tensor:
@@ -81,9 +127,13 @@ def _finite(logits: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def _check_src(src) -> None:
-    if not isinstance(src, torch.Tensor) or src.dim() != 2 or src.is_floating_point():
-        got = tuple(src.shape) if isinstance(src, torch.Tensor) else type(src).__name__
-        raise ValueError(f"src must be a (batch, length) tensor of token ids, got {got}")
+    if not isinstance(src, torch.Tensor):
+        raise ArgumentTypeError(f"src must be a (batch, length) int64 tensor of token ids, got {type(src).__name__}")
+    if src.dtype not in SRC_DTYPES:  # a narrow integer dtype has wrapped large ids around; bools are no ids
+        raise ArgumentTypeError(f"src must be a (batch, length) int64 (or int32) tensor of token ids, got dtype "
+                                f"{src.dtype}")
+    if src.dim() != 2:
+        raise ValueError(f"src must be a (batch, length) tensor of token ids, got shape {tuple(src.shape)}")
 
 
 @torch.no_grad()
@@ -92,7 +142,8 @@ def greedy_search(model, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b
 
     Returns B token lists (no BOS/EOS). Equals :func:`beam_search` with ``beam_size=1``."""
     _check_src(src)
-    limits = _limits(src, model, max_len_a, max_len_b)
+    opts = check_search_options(max_len_a=max_len_a, max_len_b=max_len_b)
+    limits = _limits(src, model, opts["max_len_a"], opts["max_len_b"])
     memory = model.encode(src)
     b = src.shape[0]
     out: list[list[int]] = [[] for _ in range(b)]
@@ -143,11 +194,10 @@ def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty:
     Returns, per sentence, the ``n_best`` best :class:`Hypothesis` objects, best first.
     """
     _check_src(src)
-    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
-    if not isinstance(n_best, int) or not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be an int in [1, beam_size={beam_size}], got {n_best!r}")
-    limits = _limits(src, model, max_len_a, max_len_b)
+    opts = check_search_options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                                max_len_b=max_len_b, n_best=n_best)
+    beam_size, length_penalty, n_best = opts["beam_size"], opts["length_penalty"], opts["n_best"]
+    limits = _limits(src, model, opts["max_len_a"], opts["max_len_b"])
     k, b, dev = beam_size, src.shape[0], src.device
     memory = model.encode(src)
     memory = memory.select(torch.arange(b, device=dev).repeat_interleave(k))
@@ -217,7 +267,12 @@ def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty:
 def translate_ids(model, src: torch.Tensor, *, beam_size: int = 1, length_penalty: float = 1.0,
                   max_len_a: float = 1.2, max_len_b: int = 10) -> list[list[int]]:
     """The best token list per sentence: :func:`greedy_search` for ``beam_size=1``, else the top
-    hypothesis of :func:`beam_search`."""
+    hypothesis of :func:`beam_search`. Every option is checked (:func:`check_search_options`), the
+    length penalty too when greedy search does not use it."""
+    opts = check_search_options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                                max_len_b=max_len_b)
+    beam_size, length_penalty, max_len_a, max_len_b = (opts[k] for k in ("beam_size", "length_penalty", "max_len_a",
+                                                                        "max_len_b"))
     if beam_size == 1:
         return greedy_search(model, src, max_len_a=max_len_a, max_len_b=max_len_b)
     hyps = beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,

@@ -13,22 +13,50 @@ the functions here). A tokenizer is any object with ``encode(texts) -> list[list
 - :func:`record_rela_sparsity`, :func:`rela_sparsity`: the share of exactly-zero attention weights,
   of all-zero ("null") and zero-free ("full") query rows (the sparsity figures of Zhang et al.
   2021), and the share of the scores that is a row's common offset.
-- :func:`compare_ctranslate2`: decoding speed and greedy agreement against CTranslate2.
+- :func:`compare_ctranslate2`: decoding speed and greedy agreement against CTranslate2
+  (:func:`check_ctranslate2` says beforehand whether CTranslate2 can run a model).
 """
 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gatezoo.blocks import ReLAAttention
+from gatezoo.blocks.checks import ArgumentTypeError
 
-from .decode import model_max_len, pad_ids, translate_ids
+from .decode import check_search_options, length_limit, model_max_len, pad_ids, translate_ids
+
+
+def _check_count(name: str, value) -> int:
+    """A positive int option (sentences per batch, threads); bools and floats are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_texts(texts, names) -> tuple[list[str], list[str]]:
+    """``texts`` as a list of str, and what to call each in an error (``names``, or "sentence i")."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise ArgumentTypeError(f"texts must be a sequence of str, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ArgumentTypeError(f"texts[{i}] must be a str, got {t!r} ({type(t).__name__})")
+    if names is None:
+        return texts, [f"sentence {i + 1}" for i in range(len(texts))]
+    names = list(names)
+    if len(names) != len(texts) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"names must hold one str per text ({len(texts)}), got {len(names)} items")
+    return texts, names
 
 
 def _batches(lengths: Sequence[int], max_sentences: int) -> Iterator[list[int]]:
@@ -40,20 +68,30 @@ def _batches(lengths: Sequence[int], max_sentences: int) -> Iterator[list[int]]:
 
 def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_size: int = 5,
                     length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
-                    batch_sentences: int = 64, device: str | torch.device = "cpu", progress: bool = False) -> dict:
+                    batch_sentences: int = 64, device: str | torch.device = "cpu", progress: bool = False,
+                    names: Sequence[str] | None = None) -> dict:
     """Translate ``texts``; returns ``{"hypotheses", "seconds", "tokens"}`` (detokenised strings in
     input order, decoding wall time, generated target tokens with EOS).
 
-    Sources longer than the model allows raise ``ValueError`` naming the sentence."""
+    The options are checked first (:func:`gatezoo.eval.decode.check_search_options`;
+    ``batch_sentences`` a positive int). A source longer than the model allows, or one that
+    encodes to nothing, raises ``ValueError`` naming it: as ``names[i]`` when given (say
+    ``"news.en line 7"``), else as ``"sentence i + 1"``."""
     from tqdm import tqdm
 
-    ids = tokenizer.encode(list(texts))
+    opts = check_search_options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                                max_len_b=max_len_b)
+    opts.pop("n_best")
+    batch_sentences = _check_count("batch_sentences", batch_sentences)
+    texts, names = _check_texts(texts, names)
+    ids = tokenizer.encode(texts)
     limit = model_max_len(model)
-    for i, row in enumerate(ids):
+    for name, row in zip(names, ids):
         if len(row) > limit:
-            raise ValueError(f"sentence {i + 1} has {len(row)} tokens, more than the model's max_len={limit}")
+            raise ValueError(f"{name} has {len(row)} tokens, more than the model's max_len={limit}: shorten or "
+                             f"split it")
         if not row:
-            raise ValueError(f"sentence {i + 1} is empty")
+            raise ValueError(f"{name} encodes to no tokens")
     out: list[list[int]] = [[] for _ in ids]
     model.eval()
     t0 = time.perf_counter()
@@ -61,8 +99,7 @@ def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_s
     with torch.no_grad():
         for group in tqdm(groups, disable=not progress, desc="translating", unit="batch", leave=False):
             src = pad_ids([ids[i] for i in group]).to(device)
-            hyps = translate_ids(model, src, beam_size=beam_size, length_penalty=length_penalty,
-                                 max_len_a=max_len_a, max_len_b=max_len_b)
+            hyps = translate_ids(model, src, **opts)
             for i, h in zip(group, hyps):
                 out[i] = h
     seconds = time.perf_counter() - t0
@@ -90,6 +127,12 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 def evaluate_translation(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], **options) -> dict:
     """Translate the sources of ``pairs`` (keyword ``options`` as :func:`translate_texts`) and
     score them against the targets: BLEU, chrF, signatures, ``sent_per_s``, ``tok_per_s``."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise ArgumentTypeError(f"pairs must be a sequence of (source, target) pairs, got {type(pairs).__name__}")
+    pairs = list(pairs)
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ArgumentTypeError(f"pairs[{i}] must be a (source, target) pair of str, got {pair!r}")
     result = translate_texts(model, tokenizer, [s for s, _ in pairs], **options)
     scores = score(result["hypotheses"], [t for _, t in pairs])
     seconds = max(result["seconds"], 1e-9)
@@ -175,6 +218,25 @@ def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
     return rows
 
 
+def check_ctranslate2(model: nn.Module, tokenizer) -> None:
+    """Raise now if :func:`compare_ctranslate2` cannot run ``model``: ImportError when the
+    ``ctranslate2`` package is missing, ValueError naming what CTranslate2 cannot run (ReLA, an
+    activation it lacks, a model that is not a gatezoo ``EncoderDecoder``, a vocabulary that does not
+    fit). It exports into a temporary directory, removed again, and leaves ``model`` as it was: a
+    command calls it before a long decoding rather than fail after it."""
+    import tempfile
+
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError as e:
+        raise ImportError("the CTranslate2 comparison needs the ctranslate2 package: pip install ctranslate2 (or "
+                          "pip install 'gatezoo[mt-peers]')") from e
+    from gatezoo.models.export import export_ctranslate2
+
+    with tempfile.TemporaryDirectory() as directory:
+        export_ctranslate2(model, Path(directory) / "ct2", tokenizer.pieces())
+
+
 def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_size: int = 5,
                         length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
                         batch_sentences: int = 64, threads: int = 1, directory: str | Path | None = None) -> dict:
@@ -186,9 +248,16 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
     (gatezoo / CTranslate2), and the share of sentences whose greedy outputs are token-identical."""
     import tempfile
 
+    opts = check_search_options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
+                                max_len_b=max_len_b)
+    beam_size, length_penalty, max_len_a, max_len_b = (opts[k] for k in ("beam_size", "length_penalty", "max_len_a",
+                                                                        "max_len_b"))
+    batch_sentences = _check_count("batch_sentences", batch_sentences)
+    threads = _check_count("threads", threads)
+    texts, _ = _check_texts(texts, None)
+
     import ctranslate2
 
-    from gatezoo.eval.decode import model_max_len
     from gatezoo.models.export import export_ctranslate2
     torch.set_num_threads(threads)
     model = model.float().eval().cpu()  # both on the CPU, in float32
@@ -202,7 +271,7 @@ def compare_ctranslate2(model: nn.Module, tokenizer, texts: Sequence[str], *, be
                                            intra_threads=threads, inter_threads=1)
         ids = tokenizer.encode(list(texts))
         cap = model_max_len(model)
-        limits = [max(1, min(cap, int(max_len_a * len(r) + max_len_b))) for r in ids]
+        limits = [length_limit(len(r), max_len_a, max_len_b, cap) for r in ids]
         groups = list(_batches([len(r) for r in ids], batch_sentences))
 
         def run_gatezoo(beam):

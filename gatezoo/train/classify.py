@@ -47,7 +47,19 @@ from torch import nn
 
 from .core import distributed
 from .core.checkpoint import write_text
-from .core.config import ConfigError, config_source, dump_config, keys_help, load_config, warmup_steps
+from .core.config import (
+    ConfigError,
+    check_resume_config,
+    check_warmup_option,
+    config_source,
+    dump_config,
+    given_keys,
+    keys_help,
+    load_config,
+    parse_overrides,
+    raise_all,
+    warmup_steps,
+)
 from .core.factory import build_model, count_params, parse_model_spec
 from .core.loop import STATE_FILE, Trainee, autocast, fit, steps_per_epoch
 from .core.optim import build_optimizer, build_scheduler
@@ -56,6 +68,10 @@ from .data.images import FASHION_MNIST, Batches, DataFormatError, DataNotFoundEr
 
 METRICS = ("epoch", "step", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "img_per_s", "seconds")
 """The columns of a classification run's ``metrics.csv``."""
+RESUME_FIXED = ("model", "model_args", "data", "out", "name", "lr", "weight_decay", "batch_size", "accum_steps", "seed")
+"""Keys a resumed classification run cannot change: the run's weights fix the model, its
+``config.yaml`` the data set and the place, the saved optimizer state keeps its own learning rate
+and weight decay, and the batches follow from ``batch_size``, ``accum_steps`` and ``seed``."""
 
 
 def data_model_args(dataset: Dataset, model_args: Mapping[str, Any]) -> dict:
@@ -210,6 +226,9 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
 
     Returns ``{"run_dir", "test_acc" (last evaluation), "best_acc", "step", "epoch"}``.
     """
+    if resume is not None:
+        check_resume_config(resume, load_config(config_source(None, resume)), cfg, RESUME_FIXED,
+                            normalise={"data": data_spec})
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
@@ -235,10 +254,13 @@ def train(cfg: dict, resume: str | Path | None = None) -> dict:
             where = f"{device}" + (f", {env.world} processes" if env.active else "")
             print(f"{cfg['model']}: {trainee.params:,} parameters, {per_epoch} steps/epoch on {where}; "
                 f"run directory {run_dir}")
-        if env.main:
-            write_text(run_dir / "config.yaml", dump_config(cfg))
+        def write_config() -> None:
+            # once fit has accepted the run (a resume restored): a refused resume keeps RUN_DIR as it was
+            if env.main:
+                write_text(run_dir / "config.yaml", dump_config(cfg))
+
         pos = fit(task, [trainee], resume=not fresh, title=f"{cfg['model']} on {dataset.name}", env=env,
-                  **fit_options(cfg, device))
+                  on_start=write_config, **fit_options(cfg, device))
     except BaseException:
         if fresh and env.main and not (run_dir / STATE_FILE).exists():  # no half-made run directory
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -284,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         config_path = config_source(args.config, args.resume)
-        cfg = load_config(config_path, rest)
+        overrides = parse_overrides(rest)
+        cfg = load_config(config_path, overrides)
+        raise_all(check_warmup_option(cfg, given_keys(overrides)))
         result = train(cfg, resume=args.resume)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

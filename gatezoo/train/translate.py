@@ -48,7 +48,7 @@ import dataclasses
 import json
 import shutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -59,7 +59,21 @@ from gatezoo.eval.decode import model_max_len
 
 from .core import checkpoint as ckpt
 from .core import distributed
-from .core.config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, warmup_steps
+from .core.config import (
+    KEYS,
+    ConfigError,
+    Key,
+    check_resume_config,
+    check_warmup_option,
+    config_source,
+    dump_config,
+    given_keys,
+    keys_help,
+    load_config,
+    parse_overrides,
+    raise_all,
+    warmup_steps,
+)
 from .core.factory import build_model, count_params, parse_model_spec
 from .core.loop import STATE_FILE, Trainee, fit, steps_per_epoch, write_metrics
 from .core.optim import SCHEDULES, build_optimizer, build_scheduler
@@ -67,12 +81,14 @@ from .core.runs import model_error, resolve_device, start_run_dir, wrap_for
 from .data.images import DataFormatError, DataNotFoundError
 from .data.text import (
     PAD_ID,
+    SPLIT_PARTS,
     Split,
     TextDataError,
     TokenBatches,
     Tokenizer,
     bible_pairs,
     drop_repeated_sources,
+    read_lines,
     read_parallel,
     split_pairs,
 )
@@ -134,6 +150,13 @@ MT_KEYS: dict[str, Key] = {
 }
 """The config keys of the translation command (its own schema; see :mod:`gatezoo.train.core.config`)."""
 
+RESUME_FIXED = ("model", "model_args", "data", "src", "tgt", "dev_src", "dev_tgt", "test_src", "test_tgt", "dev_size",
+                "test_size", "split_seed", "vocab_size", "tokenizer", "out", "name", "lr", "weight_decay", "adam_beta2",
+                "max_tokens", "accum_steps", "seed")
+"""Keys a resumed translation run cannot change: the run directory holds the model, split and
+tokenizer they made; the saved optimizer state keeps its own learning rate, weight decay and
+betas; and the batches follow from ``max_tokens``, ``accum_steps`` and ``seed``."""
+
 METRICS = ("epoch", "step", "train_loss", "train_acc", "dev_loss", "dev_bleu", "lr", "tok_per_s", "seconds")
 """The columns of a translation run's ``metrics.csv``."""
 
@@ -163,8 +186,9 @@ class Translation:
     def __init__(self, split: Split, tokenizer: Tokenizer, *, max_tokens: int = 2500, max_len: int = 256,
                  seed: int = 0, label_smoothing: float = 0.1, eval_batch_size: int = 64, dev_sentences: int = 500,
                  device: torch.device | str = "cpu", data: str = "bible", max_len_a: float = 1.2,
-                 max_len_b: int = 10):
+                 max_len_b: int = 10, where: Callable[[str, int], str] | None = None):
         self.split, self.tokenizer, self.data = split, tokenizer, data
+        self._where = where
         self.device = torch.device(device)
         self.label_smoothing, self.eval_batch_size = label_smoothing, eval_batch_size
         self.train_batches = self._batches(split.train, max_tokens, seed, True, max_len, "train")
@@ -173,19 +197,24 @@ class Translation:
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         for i, row in enumerate(tokenizer.encode([s for s, _ in split.test])):  # fail now, not after training
             if len(row) > max_len or not row:
-                raise TextDataError(f"test pair {i + 1} has {len(row)} source tokens; the model allows 1 to {max_len}: "
-                                    f"drop the pair or raise model_args.max_len")
+                raise TextDataError(f"{self.where('test', i)} has {len(row)} source tokens; the model allows 1 to "
+                                    f"{max_len}: drop the pair or raise model_args.max_len")
+
+    def where(self, part: str, index: int) -> str:
+        """``"<part> pair <index + 1>"``, with the file and line it came from when known."""
+        origin = self._where(part, index) if self._where is not None else None
+        return f"{part} pair {index + 1}" + (f" ({origin})" if origin else "")
 
     def _batches(self, pairs, max_tokens, seed, shuffle, max_len, part):
         src = self.tokenizer.encode([s for s, _ in pairs])
         tgt = self.tokenizer.encode([t for _, t in pairs])
         for i, (s, t) in enumerate(zip(src, tgt)):
             if len(s) > max_len or len(t) + 1 > max_len:
-                raise TextDataError(f"{part} pair {i + 1} has {len(s)} source and {len(t)} target tokens; the model "
+                raise TextDataError(f"{self.where(part, i)} has {len(s)} source and {len(t)} target tokens; the model "
                                     f"allows {max_len} (source) and {max_len - 1} (target): drop the pair or raise "
                                     f"model_args.max_len")
             if not s or not t:
-                raise TextDataError(f"{part} pair {i + 1} encodes to no tokens")
+                raise TextDataError(f"{self.where(part, i)} encodes to no tokens")
         return _DeviceBatches(TokenBatches(src, tgt, max_tokens=max_tokens, seed=seed, shuffle=shuffle), self.device)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int, dict]:
@@ -284,6 +313,49 @@ def prepare_data(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[Split, Token
         sentences = [s for s, _ in split.train] + [t for _, t in split.train]
         tokenizer = Tokenizer.train(sentences, run_dir / "spm", vocab_size=cfg["vocab_size"])
     return split, tokenizer, data
+
+
+class PairOrigins:
+    """Where each pair of a run's split came from, for error messages: ``origins(part, i)`` names
+    the file and the 1-based line of pair ``i`` of ``part``.
+
+    A resumed run (``fresh`` false) reads its split from ``RUN_DIR/data/``, so the line is that of
+    ``data/<part>.src``. A fresh run names the user's files: ``dev_src``/``test_src`` line by line,
+    and for pairs split off ``src``/``tgt`` the line where the source sentence first appears
+    (repeated sources are dropped, so it is that pair's). The Bible has no file: its pairs are
+    named by the start of their source sentence. Files are read only when an error needs a line."""
+
+    def __init__(self, cfg: Mapping, run_dir: Path, fresh: bool, split: Split):
+        self.cfg, self.run_dir, self.fresh, self.split = cfg, Path(run_dir), fresh, split
+        self._lines: dict[str, dict[str, int]] = {}
+
+    def _line_of(self, path: str, sentence: str) -> int | None:
+        if path not in self._lines:
+            try:
+                lines = read_lines(path)
+            except (DataNotFoundError, DataFormatError):
+                lines = []
+            first: dict[str, int] = {}
+            for number, line in enumerate(lines, 1):
+                first.setdefault(line, number)
+            self._lines[path] = first
+        return self._lines[path].get(sentence)
+
+    def __call__(self, part: str, index: int) -> str | None:
+        if part not in SPLIT_PARTS:
+            return None
+        if not self.fresh:
+            data = self.run_dir / "data"
+            return f"{data / f'{part}.src'} / {part}.tgt line {index + 1}"
+        if part in ("dev", "test") and self.cfg.get(f"{part}_src"):
+            return f"{self.cfg[f'{part}_src']} / {self.cfg[f'{part}_tgt']} line {index + 1}"
+        source = getattr(self.split, part)[index][0]
+        if self.cfg.get("src"):
+            number = self._line_of(self.cfg["src"], source)
+            if number:
+                return f"{self.cfg['src']} / {self.cfg['tgt']} line {number}"
+        # no file line to name (the Bible): the sentence's start, to find it by
+        return f"source {source[:40] + ('...' if len(source) > 40 else '')!r}"
 
 
 def _prepare_data_once(env: distributed.DistEnv, cfg: Mapping, run_dir: Path, fresh: bool):
@@ -435,6 +507,8 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         raise ConfigError("--resume continues a single-model run, not a side-by-side one")
     if cfg["fsdp"] and not env.active:
         raise ConfigError("fsdp: true needs several processes; launch with torchrun --nproc_per_node=N")
+    if not fresh:
+        check_resume_config(resume, load_mt_config(config_source(None, resume)), cfg, RESUME_FIXED)
     name = cfg["name"] or (specs[0].split(":")[0] if len(specs) == 1 else "mt-sidebyside")
     run_dir = start_run_dir(env, cfg["out"], name) if fresh else Path(resume)
     try:
@@ -457,7 +531,7 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         task = Translation(split, tokenizer, max_tokens=cfg["max_tokens"], max_len=max_len, seed=cfg["seed"],
                            label_smoothing=cfg["label_smoothing"], eval_batch_size=cfg["eval_batch_size"],
                            dev_sentences=cfg["dev_sentences"], device=device, data=data, max_len_a=cfg["max_len_a"],
-                           max_len_b=cfg["max_len_b"])
+                           max_len_b=cfg["max_len_b"], where=PairOrigins(cfg, run_dir, fresh and env.main, split))
         per_epoch = steps_per_epoch(task, cfg["accum_steps"])
         trainees = []
         for spec, d in zip(specs, dirs):
@@ -470,9 +544,13 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
             trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d, env))
         if env.rank > 0:  # dropout noise of its own
             torch.manual_seed(cfg["seed"] * 1_000_003 + env.rank)
-        for t in trainees:
-            if env.main:
-                ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
+
+        def write_configs() -> None:
+            # once fit has accepted the run (a resume restored): a refused resume keeps RUN_DIR as it was
+            for t in trainees:
+                if env.main:
+                    ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
+
         if fresh and env.main:
             print(f"{data}: {len(split.train):,} train / {len(split.dev):,} dev / {len(split.test):,} test pairs, "
                   f"vocabulary {tokenizer.vocab_size:,}, {task.train_batches.tokens:,} target tokens per epoch")
@@ -484,7 +562,8 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         pos = fit(task, trainees, resume=not fresh, title=title, epochs=cfg["epochs"], device=device,
                   bf16=cfg["bf16"], grad_clip=cfg["grad_clip"], accum_steps=cfg["accum_steps"],
                   max_steps=cfg["max_steps"], progress=cfg["progress"], eval_every=cfg["eval_every"],
-                  on_eval=averager, checkpoint_every=cfg["checkpoint_every"], nonfinite=cfg["nonfinite"], env=env)
+                  on_eval=averager, checkpoint_every=cfg["checkpoint_every"], nonfinite=cfg["nonfinite"], env=env,
+                  on_start=write_configs)
     except BaseException:
         if fresh and env.main and not any((d / STATE_FILE).exists() for d in [run_dir, *run_dir.glob("*")]):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: no half-made run directory
@@ -547,15 +626,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unused_options(cfg: Mapping, given, *, models: list[str] | None = None) -> list[str]:
+    """The problems of command-line options (``given``: the config keys set on the command line)
+    that would do nothing with the rest of ``cfg``: each names the option and what overrides it.
+    A command refuses them rather than let a user believe they took effect."""
+    given = set(given)
+    problems = check_warmup_option(cfg, given)
+    for part in ("dev", "test"):
+        if f"{part}_size" in given and cfg[f"{part}_src"] is not None:
+            problems.append(f"--{part}_size does nothing with {part}_src/{part}_tgt: the {part} pairs are those "
+                            f"files")
+    if "split_seed" in given and cfg["dev_src"] is not None and cfg["test_src"] is not None:
+        problems.append("--split_seed does nothing when dev_src and test_src are both given: nothing is split off")
+    if "vocab_size" in given and cfg["tokenizer"] is not None:
+        problems.append(f"--vocab_size does nothing with tokenizer {cfg['tokenizer']!r}: its vocabulary is used")
+    if "data" in given and cfg["data"] == "bible" and (cfg["src"] is not None or cfg["tgt"] is not None):
+        problems.append("--data bible does nothing with --src/--tgt, which train on those files (data: files)")
+    if models and "model" in given:
+        problems.append("--model does nothing with --models, which names every model of a side-by-side run")
+    if "length_penalty" in given and cfg["beam_size"] == 1:
+        problems.append("--length_penalty does nothing with beam_size 1: it ranks the hypotheses of beam search, "
+                        "and greedy search has one")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:
         config_path = config_source(args.config, args.resume)
-        cfg = load_mt_config(config_path, rest)
+        overrides = parse_overrides(rest, MT_KEYS)
+        cfg = load_mt_config(config_path, overrides)
         if args.models and args.resume is not None:
             raise ConfigError("--models starts a side-by-side run; --resume continues a single-model one")
+        raise_all(unused_options(cfg, given_keys(overrides), models=args.models))
         result = train(cfg, resume=args.resume, models=args.models)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

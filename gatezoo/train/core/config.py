@@ -350,3 +350,47 @@ def warmup_steps(cfg: Mapping, steps_per_epoch: int) -> int:
 def dump_config(cfg: Mapping, keys: Mapping[str, Key] = KEYS) -> str:
     """The config as YAML text, keys in schema order."""
     return yaml.safe_dump({k: cfg[k] for k in keys if k in cfg}, sort_keys=False, default_flow_style=False)
+
+
+def given_keys(overrides: Iterable[tuple[str, Any]]) -> set[str]:
+    """The top-level config keys that parsed command-line ``overrides`` set (``model_args`` for
+    ``--model_args.dim``): the options a user asked for by name."""
+    return {key.split(".")[0] for key, _ in overrides}
+
+
+def check_resume_config(run_dir: str | os.PathLike, stored: Mapping, cfg: Mapping, fixed: Iterable[str],
+                        normalise: Mapping[str, Any] | None = None) -> None:
+    """Refuse a resumed run whose config ``cfg`` changes a key that the run directory fixes.
+
+    ``stored`` is the run's own config (``RUN_DIR/config.yaml``, validated) and ``fixed`` the keys
+    that cannot change: those the run's files decide (model and weights, data split, tokenizer,
+    run location), those the saved optimizer state would silently override (learning rate, weight
+    decay, betas) and those that decide the sequence of batches. ``normalise`` maps a key to a
+    function that puts a value in the form ``stored`` holds it (a data path made absolute).
+    Raises :class:`ConfigError` naming every such key with both values, before anything is written."""
+    normalise = normalise or {}
+    problems = []
+    for key in fixed:
+        if key not in cfg or key not in stored:
+            continue
+        norm = normalise.get(key, lambda v: v)
+        old, new = norm(stored[key]), norm(cfg[key])
+        if old == new:
+            continue
+        if isinstance(old, Mapping) and isinstance(new, Mapping):  # name the sub-keys that differ
+            changes = [(f"{key}.{k}", old.get(k, "unset"), new.get(k, "unset")) for k in sorted({*old, *new}, key=str)
+                       if old.get(k, "unset") != new.get(k, "unset")]
+        else:
+            changes = [(key, old, new)]
+        problems.extend(f"--resume {str(run_dir)!r}: {name} is fixed by the run ({a!r}), got {b!r}; start a new run "
+                        f"to change it" for name, a, b in changes)
+    raise_all(problems)
+
+
+def check_warmup_option(cfg: Mapping, given: Iterable[str]) -> list[str]:
+    """The problem (in a list; empty if none) of a ``--warmup_epochs`` given while ``warmup_steps``
+    is set, which replaces it: the option would do nothing."""
+    if "warmup_epochs" in set(given) and cfg.get("warmup_steps") is not None:
+        return [f"--warmup_epochs does nothing while warmup_steps is set ({cfg['warmup_steps']}); add "
+                f"--warmup_steps null to use it"]
+    return []

@@ -444,10 +444,14 @@ def _restore(t: Trainee, state: dict, weights: Path, steps_per_epoch: int, devic
             ckpt.load_weights(t.model, weights, device)
     except ckpt.CheckpointError as e:  # verified, so the model differs (model_args overridden?)
         raise ConfigError(f"--resume: {e}") from e
-    if not t.sharded:
-        t.optimizer.load_state_dict(state["optimizer"])
-    if t.scheduler is not None:
-        t.scheduler.load_state_dict(state["scheduler"])
+    try:
+        if not t.sharded:
+            t.optimizer.load_state_dict(state["optimizer"])
+        if t.scheduler is not None:
+            t.scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, RuntimeError) as e:  # parameter groups of another optimizer setup
+        raise ConfigError(f"--resume {str(t.run_dir)!r}: the saved optimizer or schedule does not fit this "
+                          f"config ({type(e).__name__}: {e})") from e
     running = state.get("running_ranks")
     same_world = env.active and running is not None and len(running) == env.world
     t.stats.load_state_dict(running[env.rank] if same_world else state["running"])
@@ -540,7 +544,8 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         grad_clip: float | None = None, accum_steps: int = 1, max_steps: int | None = None,
         resume: bool = False, progress: bool = True, title: str = "", eval_every: int | None = None,
         on_eval: Callable[[list[tuple[Trainee, dict]]], None] | None = None,
-        checkpoint_every: int | None = None, nonfinite: str = "stop", env: DistEnv = SINGLE) -> dict:
+        checkpoint_every: int | None = None, nonfinite: str = "stop", env: DistEnv = SINGLE,
+        on_start: Callable[[], None] | None = None) -> dict:
     """Train every trainee on ``task`` for ``epochs`` epochs (or until ``max_steps`` optimizer steps).
 
     Each trainee's schedule must already span the run (:func:`steps_per_epoch` times ``epochs``
@@ -560,6 +565,9 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
     values is applied, so no checkpoint holds them. ``env``: this process's place in a
     distributed run (:mod:`gatezoo.train.core.distributed`; each trainee's ``net`` wrapped for it): every
     process steps on its share of each batch, and only rank 0 evaluates, logs and writes.
+    ``on_start`` is called on every process once the run is accepted (the options checked and,
+    with ``resume``, the trainee restored), before the first step: the place for a command to
+    write its config, so that a refused resume leaves the run directory as it was.
     Returns the position reached:
     ``{"epoch", "step_in_epoch", "global_step", "elapsed", "stopped"}``.
     """
@@ -584,6 +592,8 @@ def fit(task, trainees: Sequence[Trainee], *, epochs: int, device: torch.device,
         if len(trainees) != 1 or trainees[0].run_dir is None:
             raise ValueError("resume continues one trainee with a run directory")
         pos.update(_resume(trainees[0], per_epoch, device, env))
+    if on_start is not None:
+        on_start()
     progress = progress and env.main
     log = (tqdm.write if progress else print) if env.main else (lambda *a, **k: None)
     if resume:

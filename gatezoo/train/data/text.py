@@ -3,9 +3,11 @@
 The pieces, in the order a translation trainer uses them:
 
 - :func:`read_lines` / :func:`read_parallel`: UTF-8 files with one sentence per line (``train.src``
-  next to ``train.tgt``); a missing file raises :class:`~gatezoo.train.data.images.DataNotFoundError`, a
-  bad one (empty, not UTF-8, a blank line, line counts that differ) :class:`TextDataError`, whose
-  message names the file and the 1-based line.
+  next to ``train.tgt``); ``\n``, ``\r\n`` and a bare ``\r`` (old Mac files) all end a line
+  (:func:`decode_lines`, which the translate command uses for stdin too). A missing file raises
+  :class:`~gatezoo.train.data.images.DataNotFoundError`, a bad one (empty, not UTF-8, a blank line,
+  line counts that differ) :class:`TextDataError`, whose message names the file and the 1-based
+  physical line (blank lines counted).
 - :func:`bible_pairs`: the 31,150 English (King James) / Spanish (Reina-Valera 1909) verse pairs
   of the Debian SWORD modules (see :mod:`gatezoo.train.data.sword`), whitespace-normalised.
 - :func:`split_pairs` and :class:`Split`: a seeded train/dev/test split that keeps corpus order
@@ -68,7 +70,25 @@ def _check_path(name: str, path) -> Path:
 
 
 def _is_id(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """A Python int, or a numpy integer scalar wide enough for any token id (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and _narrow_dtype(value) is None
+
+
+_ID_TENSOR_DTYPES = (torch.int64, torch.int32)
+"""The tensor dtypes that hold token ids: the embedding's index types, wide enough for any vocabulary."""
+
+
+def _narrow_dtype(value) -> str | None:
+    """The dtype of a tensor, numpy array or numpy scalar ``value`` that cannot hold token ids (a
+    float, a bool, or an integer of fewer than 32 bits, in which an id above 127, 255 or 32767 has
+    already wrapped around); None when ``value`` has no dtype or a fitting one."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        return None if dtype in _ID_TENSOR_DTYPES else str(dtype)
+    kind, size = getattr(dtype, "kind", None), getattr(dtype, "itemsize", 0)
+    return None if kind in ("i", "u") and size >= 4 else str(dtype)
 
 
 def _check_seed(seed) -> int:
@@ -81,12 +101,44 @@ def _check_seed(seed) -> int:
 # Files of sentences
 
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_lines(raw: bytes, source: str) -> list[str]:
+    """The lines of UTF-8 ``raw`` (read from ``source``, a file name or ``"stdin"``, named in errors):
+    ``\n``, ``\r\n`` and a bare ``\r`` each end a line, a leading byte-order mark is dropped, the
+    line ends are removed and nothing else (no stripping; blank lines are kept, so line ``i`` of
+    the list is the ``i + 1``-th physical line). No trailing empty line for a final line end.
+
+    Raises :class:`TextDataError` naming ``source``, the 1-based line and the byte offset (from
+    the start of the input) of the first byte that is not UTF-8."""
+    if not isinstance(raw, (bytes, bytearray)):
+        raise ArgumentTypeError(f"raw must be bytes, got {type(raw).__name__}")
+    if not isinstance(source, str):
+        raise ArgumentTypeError(f"source must be a str naming the input, got {type(source).__name__}")
+    offset = len(_BOM) if raw.startswith(_BOM) else 0
+    lines, number = [], 0
+    while offset < len(raw):
+        number += 1
+        end = _LINE_END.search(raw, offset)
+        stop, after = (end.start(), end.end()) if end else (len(raw), len(raw))
+        try:
+            lines.append(bytes(raw[offset:stop]).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise TextDataError(f"{source}: line {number} is not valid UTF-8 (byte offset {offset + e.start}: "
+                                f"{e.reason}); expected UTF-8 text") from None
+        offset = after
+    return lines
+
+
 def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[str]:
-    """The sentences of a UTF-8 file, one per line, each stripped of its line ending (``\\n`` or
-    ``\\r\\n``) and surrounding whitespace. A leading byte-order mark is dropped.
+    """The sentences of a UTF-8 file, one per line, each stripped of its line ending (``\n``,
+    ``\r\n`` or a bare ``\r``, see :func:`decode_lines`) and surrounding whitespace. A leading
+    byte-order mark is dropped.
 
     Raises :class:`~gatezoo.train.data.images.DataNotFoundError` if the file is missing and
-    :class:`TextDataError` naming the file (and the 1-based line) if it is empty (unless
+    :class:`TextDataError` naming the file (and the 1-based physical line) if it is empty (unless
     ``allow_empty``), holds bytes that are not UTF-8, or has a blank line.
     """
     path = _check_path("path", path)
@@ -97,26 +149,18 @@ def read_lines(path: str | os.PathLike, *, allow_empty: bool = False) -> list[st
         raise DataNotFoundError(f"{path}: no such text file (expected UTF-8, one sentence per line)") from None
     except IsADirectoryError:
         raise TextDataError(f"{path}: is a directory, expected a UTF-8 text file with one sentence per line") from None
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    if not raw:
+    lines = decode_lines(raw, str(path))
+    if not lines:
         if allow_empty:
             return []
         raise TextDataError(f"{path}: the file is empty; expected UTF-8 text with one sentence per line")
-    chunks = raw.split(b"\n")
-    if chunks[-1] == b"":  # the newline that ends the last line
-        chunks.pop()
-    lines = []
-    for number, chunk in enumerate(chunks, 1):
-        try:
-            line = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TextDataError(f"{path}: line {number} is not valid UTF-8 ({e})") from None
+    out = []
+    for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line:
             raise TextDataError(f"{path}: line {number} is empty; every line must hold a sentence")
-        lines.append(line)
-    return lines
+        out.append(line)
+    return out
 
 
 def read_parallel(
@@ -168,9 +212,9 @@ def _check_line(text: object, where: str) -> None:
     """Raise unless ``text`` survives a write/read round trip as one line of a sentence file."""
     if not isinstance(text, str):
         raise TextDataError(f"{where}: expected a str, got {type(text).__name__}")
-    if not text or text != text.strip() or "\n" in text:
+    if not text or text != text.strip() or "\n" in text or "\r" in text:
         raise TextDataError(f"{where}: {text!r} cannot be saved as one line: a sentence must be non-empty, "
-                            "hold no newline and have no surrounding whitespace")
+                            "hold no line end (\\n or \\r) and have no surrounding whitespace")
 
 
 @dataclass
@@ -226,13 +270,35 @@ class Split:
         return f"Split(train={len(self.train)} pairs, dev={len(self.dev)} pairs, test={len(self.test)} pairs)"
 
 
+def _check_pairs(name: str, pairs) -> list[tuple[str, str]]:
+    """``pairs`` as a list of ``(source, target)`` tuples, each checked to be a pair of two str (a
+    tab-separated line, or any other single string, is not a pair: a 2-character string would
+    otherwise unpack as one)."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise ArgumentTypeError(f"{name}: pairs must be a sequence of (source, target) pairs of str, got "
+                                f"{type(pairs).__name__}")
+    out = []
+    for i, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            hint = (" (a line with a separator? split it into (source, target) first)"
+                    if isinstance(pair, (str, bytes)) else "")
+            raise ArgumentTypeError(f"{name}: pairs[{i}] must be a (source, target) pair of str, got {pair!r} "
+                                    f"({type(pair).__name__}){hint}")
+        for side, text in zip(("source", "target"), pair):
+            if not isinstance(text, str):
+                raise ArgumentTypeError(f"{name}: the {side} of pairs[{i}] must be a str, got {text!r} "
+                                        f"({type(text).__name__})")
+        out.append((pair[0], pair[1]))
+    return out
+
+
 def drop_repeated_sources(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """``pairs`` without those whose source sentence already appeared (the first one stays), so a
     split cannot put the same source in training and test. The Bible has such repeats (refrains,
-    a verse quoted twice)."""
+    a verse quoted twice). Each pair must be a ``(source, target)`` pair of str (TypeError otherwise)."""
     seen: set[str] = set()
     out = []
-    for src, tgt in pairs:
+    for src, tgt in _check_pairs("drop_repeated_sources", pairs):
         if src not in seen:
             seen.add(src)
             out.append((src, tgt))
@@ -244,7 +310,9 @@ def split_pairs(pairs: Sequence[tuple[str, str]], *, dev: int = 500, test: int =
 
     The indices are shuffled with ``random.Random(seed)``; the first ``test`` of them go to the test
     part, the next ``dev`` to the dev part, the others to training, and each part keeps the corpus
-    order. Raises :class:`TextDataError` if ``dev + test`` leaves no training pairs."""
+    order. Raises :class:`TextDataError` if ``dev + test`` leaves no training pairs, and TypeError
+    naming the index of a pair that is not a ``(source, target)`` pair of str."""
+    pairs = _check_pairs("split_pairs", pairs)
     for name, value in (("dev", dev), ("test", test)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ArgumentTypeError(f"split_pairs: {name} must be a non-negative integer, got {value!r} "
@@ -259,9 +327,8 @@ def split_pairs(pairs: Sequence[tuple[str, str]], *, dev: int = 500, test: int =
     order = list(range(n))
     random.Random(seed).shuffle(order)
     test_idx, dev_idx, train_idx = order[:test], order[test:test + dev], order[test + dev:]
-    return Split(train=[tuple(pairs[i]) for i in sorted(train_idx)],
-                 dev=[tuple(pairs[i]) for i in sorted(dev_idx)],
-                 test=[tuple(pairs[i]) for i in sorted(test_idx)])
+    return Split(train=[pairs[i] for i in sorted(train_idx)], dev=[pairs[i] for i in sorted(dev_idx)],
+                 test=[pairs[i] for i in sorted(test_idx)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,22 +469,32 @@ class Tokenizer:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def encode(self, texts: Sequence[str] | str) -> list[list[int]] | list[int]:
-        """The ids of each text (no ``<s>``/``</s>`` added); a single str gives a single list."""
+        """The ids of each text (no ``<s>``/``</s>`` added); a single str gives a single list.
+        Anything but a str or an iterable of str raises TypeError naming ``texts``."""
         if isinstance(texts, str):
             return self._sp.encode(texts, out_type=int)
-        return self._sp.encode(_check_texts(texts), out_type=int)
+        return self._sp.encode(_check_texts(texts, "Tokenizer.encode"), out_type=int)
 
     def encode_pieces(self, texts: Sequence[str] | str) -> list[list[str]] | list[str]:
         """The pieces of each text (``▁`` marks a preceding space); a single str gives a single list."""
         if isinstance(texts, str):
             return self._sp.encode(texts, out_type=str)
-        return self._sp.encode(_check_texts(texts), out_type=str)
+        return self._sp.encode(_check_texts(texts, "Tokenizer.encode_pieces"), out_type=str)
 
     def _clean(self, ids: Iterable[int]) -> list[int]:
+        narrow = _narrow_dtype(ids)
+        if narrow is not None:
+            raise ArgumentTypeError(f"Tokenizer.decode: ids must hold int64 (or int32) token ids, got dtype {narrow}")
+        if isinstance(ids, torch.Tensor):  # a row of a list of tensors
+            if ids.ndim != 1:
+                raise ValueError(f"Tokenizer.decode: each sequence of ids must be 1-D, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
         out = []
         for i in ids:
             if not _is_id(i):
-                raise ArgumentTypeError(f"Tokenizer.decode: ids must be int token ids, got {i!r} ({type(i).__name__})")
+                what = f"dtype {_narrow_dtype(i)}" if _narrow_dtype(i) else type(i).__name__
+                raise ArgumentTypeError(f"Tokenizer.decode: ids must be int token ids (Python int, or int64/int32), "
+                                        f"got {i!r} ({what})")
             i = int(i)
             if i == EOS_ID:
                 break
@@ -432,15 +509,18 @@ class Tokenizer:
         """Text from ids: a list of id lists (or a 2-D tensor) gives a list of str, a list of ids (or a
         1-D tensor) gives one str; an empty list gives ``""``. In each sequence ``<pad>`` and ``<s>``
         are dropped and everything from the first ``</s>`` on is cut; ``<unk>`` decodes as ``" ⁇ "``."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise ArgumentTypeError(f"Tokenizer.decode: ids must be a sequence of int token ids, a sequence of such "
+                                    f"sequences, or an int64 tensor, got {type(ids).__name__}")
+        narrow = _narrow_dtype(ids)
+        if narrow is not None:  # a narrow integer dtype has wrapped large ids around already
+            raise ArgumentTypeError(f"Tokenizer.decode: ids must hold int64 (or int32) token ids, got dtype {narrow}")
         if isinstance(ids, torch.Tensor):
-            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-                raise ArgumentTypeError(f"Tokenizer.decode: ids must be an integer tensor of token ids, got "
-                                        f"{ids.dtype}")
             if ids.ndim not in (1, 2):
                 raise ValueError(f"Tokenizer.decode: expected a 1-D or 2-D tensor of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = list(ids)
-        if ids and not isinstance(ids[0], int) and hasattr(ids[0], "__iter__"):
+        if ids and not isinstance(ids[0], (str, bytes)) and isinstance(ids[0], Iterable):
             return [self._sp.decode(self._clean(seq)) for seq in ids]
         return self._sp.decode(self._clean(ids))
 
@@ -479,28 +559,39 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.src, self.tgt_in, self.tgt_out)))
 
 
-def _check_texts(texts) -> list[str]:
+def _check_texts(texts, where: str = "texts") -> list[str]:
+    """``texts`` (not a str) as a list of str; TypeError naming ``texts`` (or its first non-str item)."""
+    if isinstance(texts, bytes) or not isinstance(texts, Iterable):
+        raise ArgumentTypeError(f"{where}: texts must be a str or a sequence of str, got {texts!r} "
+                                f"({type(texts).__name__})")
     texts = list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ArgumentTypeError(f"texts[{i}] must be a str, got {t!r} ({type(t).__name__})")
+            raise ArgumentTypeError(f"{where}: texts[{i}] must be a str, got {t!r} ({type(t).__name__})")
     return texts
 
 
 def _check_rows(name: str, rows: Sequence[Sequence[int]]) -> None:
     """Each row of ``rows`` must be a sequence of int token ids >= 0 (float ids are not truncated)."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__len__"):
+        raise ArgumentTypeError(f"{name} must be a sequence of token id sequences, got {type(rows).__name__}")
     for r, row in enumerate(rows):
         if isinstance(row, (str, bytes)) or not hasattr(row, "__len__"):
             raise ArgumentTypeError(f"{name}[{r}] must be a sequence of int token ids, got {type(row).__name__}")
+        narrow = _narrow_dtype(row)
+        if narrow is not None:  # 8- and 16-bit ids have wrapped around already; bools and floats are no ids
+            raise ArgumentTypeError(f"{name}[{r}] must hold int64 (or int32) token ids, got dtype {narrow}")
         if isinstance(row, torch.Tensor):
-            if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
-                raise ArgumentTypeError(f"{name}[{r}] must hold int token ids, got a {row.dtype} tensor")
+            if row.ndim != 1:
+                raise ValueError(f"{name}[{r}] must be a 1-D sequence of token ids, got shape {tuple(row.shape)}")
             if row.numel() and int(row.min()) < 0:
                 raise ValueError(f"{name}[{r}] must hold token ids >= 0, got {int(row.min())}")
             continue
         for i in row:
             if not _is_id(i):
-                raise ArgumentTypeError(f"{name}[{r}] must hold int token ids, got {i!r} ({type(i).__name__})")
+                what = f"dtype {_narrow_dtype(i)}" if _narrow_dtype(i) else type(i).__name__
+                raise ArgumentTypeError(f"{name}[{r}] must hold int token ids (Python int, or int64/int32), got "
+                                        f"{i!r} ({what})")
             if i < 0:
                 raise ValueError(f"{name}[{r}] must hold token ids >= 0, got {i}")
 
@@ -508,7 +599,7 @@ def _check_rows(name: str, rows: Sequence[Sequence[int]]) -> None:
 def _pad(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     out = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     for r, row in enumerate(rows):
-        if row:
+        if len(row):  # not `if row`: a tensor or array row has no truth value
             out[r, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
 
@@ -526,7 +617,7 @@ def _collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]])
     """:func:`collate` without the per-id checks (for ids checked before)."""
     if len(src_ids) != len(tgt_ids):
         raise ValueError(f"collate: {len(src_ids)} source sequences but {len(tgt_ids)} target sequences")
-    if not src_ids:
+    if not len(src_ids):
         raise ValueError("collate: no sequences to batch")
     src_width = max(1, max(len(s) for s in src_ids))
     tgt_width = max(len(t) for t in tgt_ids) + 1
@@ -560,9 +651,11 @@ class TokenBatches:
         shuffle: bool = True,
         max_len: int | None = None,
     ):
+        _check_rows("src_ids", src_ids)
+        _check_rows("tgt_ids", tgt_ids)
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"TokenBatches: {len(src_ids)} source sequences but {len(tgt_ids)} target sequences")
-        if not src_ids:
+        if not len(src_ids):
             raise TextDataError("TokenBatches: no examples to batch")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"TokenBatches: max_tokens must be a positive integer, got {max_tokens!r}")
@@ -570,8 +663,6 @@ class TokenBatches:
             raise ValueError(f"TokenBatches: max_len must be a positive integer or None, got {max_len!r}")
         check_bool("shuffle", shuffle)
         _check_seed(seed)
-        _check_rows("src_ids", src_ids)
-        _check_rows("tgt_ids", tgt_ids)
         self.src_ids = [list(s) for s in src_ids]
         """The source ids of every example."""
         self.tgt_ids = [list(t) for t in tgt_ids]
