@@ -2,7 +2,7 @@
 
 import pytest
 
-from gatezoo.train import sword
+from gatezoo.train.data import sword
 from gatezoo.train.data.images import DataFormatError, DataNotFoundError
 
 EN = {"ot": ["", "In the <w lemma=\"strong:H7225\">beginning</w> God created.", "",
