@@ -13,11 +13,11 @@ their inputs for backward.
 
 Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
 
-* ``kinds.py`` - the activation table (gate, order, whether alpha applies).
+* ``kinds.py`` - the activation table (gate, order, whether alpha applies) and its values at
+  +-inf, the limits of each formula (:func:`~.kinds.limits`, docs/activations.md).
 * ``naive.py`` - the readable composition :func:`phi_composed`, the oracle, and
   :func:`~.naive.phi_defined`, the same with the documented values at +-inf and NaN (what
   ``torch.compile`` traces).
-* ``specials.py`` - those values: the limits of each formula at +-inf (docs/activations.md).
 * ``packing.py`` - argument helpers shared by the two autograd functions.
 * ``torch_path.py`` - :class:`GatedActFunction`, the chunked, memory-lean torch backend.
 * ``triton.py`` - the fused Triton kernels and their autograd function.

@@ -4,7 +4,7 @@
 (``F.silu(a)``, ``(1 + 2 alpha) * sigmoid(a) - alpha`` ...), and autograd differentiates it:
 :func:`phi_composed` is the float64 oracle in the tests (at finite inputs) and the "eager" peer
 in the benchmarks. :func:`phi_defined` is the same composition with the documented values at
-+-inf and NaN written in (:mod:`.specials`), gradients included: it is what ``torch.compile``
++-inf and NaN written in (:func:`~.kinds.limits`), gradients included: it is what ``torch.compile``
 traces and what the fused backward passes differentiate for second-order gradients.
 """
 
@@ -15,8 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kinds import ARCTAN, IDENTITY, NORMCDF, RELU, SIGMOID, ActKind
-from .specials import limits
+from .kinds import ARCTAN, IDENTITY, NORMCDF, RELU, SIGMOID, ActKind, limits
 
 
 def expand(g: torch.Tensor, alpha) -> torch.Tensor:
@@ -79,7 +78,7 @@ def _slope_and_dalpha(a: torch.Tensor, spec: ActKind, alpha):
 
 class _PhiDefined(torch.autograd.Function):
     """phi(a) at the finite elements of ``a`` (through :func:`phi_composed`), the limits of
-    :mod:`.specials` at the infinite ones and NaN at the NaN ones. Its backward is the product
+    :func:`~.kinds.limits` at the infinite ones and NaN at the NaN ones. Its backward is the product
     ``w * phi'(a)`` of the incoming gradient with the slope (its limit at +-inf), formed in one
     multiplication as the fused paths do: autograd through the composition would form
     ``w e + (w a) g'``, which turns an infinite ``w`` into inf - inf or inf * 0 where phi' itself
@@ -116,7 +115,7 @@ def _pinned(a, x, at_pos, at_neg):
 
 def phi_defined(a: torch.Tensor, spec: ActKind, alpha=None) -> torch.Tensor:
     """:func:`phi_composed` with the values docs/activations.md defines at +-inf and NaN
-    (:func:`~.specials.limits`), forward and backward, whatever the machine's kernels give there;
+    (:func:`~.kinds.limits`), forward and backward, whatever the machine's kernels give there;
     its gradient is ``w * phi'(a)``, one product as in the fused paths. For ``relu`` that product
     is ``w * step(a)``, so an infinite or NaN upstream gradient at ``a <= 0`` gives NaN as it does
     for every other kind (``F.relu``'s backward selects, and would give 0)."""

@@ -8,7 +8,7 @@ reused from chunk to chunk: fresh allocations would be handed back to the OS and
 again for every chunk, which costs more than the arithmetic. The readable composition it must
 match is :func:`~.naive.phi_composed`.
 
-At +-inf and NaN it gives the values of :mod:`.specials`, not whatever ATen's kernels give there
+At +-inf and NaN it gives the values of :func:`~.kinds.limits`, not whatever ATen's kernels give there
 (that differs between machines). One sum over each chunk, while it is in cache, tells whether the
 chunk holds a non-finite input; only such chunks are patched (:func:`pin_values_`,
 :func:`pin_grads_`). Gradients are formed as ``w * phi'(a)`` with ``w`` the incoming gradient,
@@ -23,9 +23,8 @@ import torch
 
 from ..backend import composed_grads
 from ..scratch import Scratch
-from .kinds import ARCTAN, IDENTITY, RELU, SIGMOID, ActKind
+from .kinds import ARCTAN, IDENTITY, RELU, SIGMOID, ActKind, limits
 from .packing import composed_rows, grad_buffers, input_grads, unpack
-from .specials import limits
 
 _INV_PI = 1.0 / math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -213,7 +212,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None, scratch: Scratch | None = None) -> None:
     """y = phi(a) [* b], chunk by chunk in the compute dtype (temporaries in ``scratch``, a
     :class:`~gatezoo.kernels.scratch.Scratch` of the compute dtype, or a fresh one), with the
-    values of :mod:`.specials` at non-finite elements of ``a``."""
+    values of :func:`~.kinds.limits` at non-finite elements of ``a``."""
     cdt = _compute_dtype(a.dtype)
     tmp = scratch if scratch is not None else Scratch(cdt, a.device)
     lim = None
@@ -235,7 +234,7 @@ def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_
     """Writes dL/da into ``da`` and dL/db into ``db`` (either may be None), chunk by chunk;
     returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``. Temporaries live in
     ``scratch`` (of the compute dtype) or a fresh one. A chunk with a non-finite element of ``a``
-    is computed with 0 (and w = 0) in its place, then patched with the values of :mod:`.specials`."""
+    is computed with 0 (and w = 0) in its place, then patched with the values of :func:`~.kinds.limits`."""
     cdt = _compute_dtype(a.dtype)
     scratch = scratch if scratch is not None else Scratch(cdt, a.device)
     partials = []

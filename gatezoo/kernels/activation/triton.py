@@ -8,7 +8,7 @@ The backward recomputes the gate from the inputs and reduces ``dalpha`` per prog
 buffer that is summed on the host, so gradients are deterministic (no atomics). Second-order
 gradients differentiate the plain composition (:func:`~.packing.composed_rows`) instead.
 
-At +-inf and NaN the kernels write the values of :mod:`.specials` (:func:`_limits`,
+At +-inf and NaN the kernels write the values of :func:`~.kinds.limits` (:func:`_limits`,
 :func:`_pin`) instead of evaluating the formula there, where it would meet inf * 0.
 """
 
@@ -80,8 +80,8 @@ def _pin(a, x, at_pos, at_neg):
 
 @triton.jit
 def _limits(al, GATE: tl.constexpr, ORDER: tl.constexpr, HAS_ALPHA: tl.constexpr):
-    """(phi, phi', dphi/dalpha) at +inf and at -inf, in the order of specials.Limits: the limits
-    derived in specials.py, for the expansion ``al`` (a float32 scalar; unused without alpha)."""
+    """(phi, phi', dphi/dalpha) at +inf and at -inf, in the order of kinds.Limits: the limits
+    derived in kinds.py, for the expansion ``al`` (a float32 scalar; unused without alpha)."""
     if GATE == 1:
         c_pos = INV_PI
         c_neg = -INV_PI
