@@ -87,7 +87,7 @@ def _limits(al, GATE: tl.constexpr, ORDER: tl.constexpr, HAS_ALPHA: tl.constexpr
         c_neg = -INV_PI
     else:
         c_pos = 0.0
-        c_neg = -0.0
+        c_neg = -tl.full((), 0.0, tl.float32)  # -0: Triton turns a literal -0.0 into +0
     if ORDER == 1:
         if HAS_ALPHA:
             s = 1.0 + 2.0 * al

@@ -59,7 +59,8 @@ def _hidden(w1, x, B1, offs_h, HD, HAS_B1: tl.constexpr, IEEE: tl.constexpr):
     if HAS_B1:
         a += tl.load(B1 + offs_h, mask=offs_h < HD, other=0.0).to(tl.float32)[:, None]
     a = tl.where((offs_h < HD)[:, None], a, 0.0)
-    return a, _pin(a, a * (0.5 + 0.5 * tl.erf(a * SQRT1_2)), float("inf"), -0.0)
+    neg_zero = -tl.full((), 0.0, tl.float32)  # GELU(-inf) = -0 (Triton turns a literal -0.0 into +0)
+    return a, _pin(a, a * (0.5 + 0.5 * tl.erf(a * SQRT1_2)), float("inf"), neg_zero)
 
 
 @triton.jit
