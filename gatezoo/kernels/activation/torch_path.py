@@ -8,9 +8,9 @@ reused from chunk to chunk: fresh allocations would be handed back to the OS and
 again for every chunk, which costs more than the arithmetic. The readable composition it must
 match is :func:`~.naive.phi_composed`.
 
-At +-inf and NaN it gives the values of :func:`~.kinds.limits`, not whatever ATen's kernels give there
-(that differs between machines). One sum over each chunk, while it is in cache, tells whether the
-chunk holds a non-finite input; only such chunks are patched (:func:`pin_values_`,
+At +-inf and NaN it gives the values of :func:`~.kinds.limits`, not whatever ATen's kernels give
+there (that differs between machines). One sum over each chunk, while it is in cache, tells
+whether the chunk holds a non-finite input; only such chunks are patched (:func:`pin_values_`,
 :func:`pin_grads_`). Gradients are formed as ``w * phi'(a)`` with ``w`` the incoming gradient,
 so that an infinite ``w`` gives +-inf, or NaN against a zero slope, exactly as that product does.
 """
