@@ -13,8 +13,11 @@ their inputs for backward.
 
 Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
 
-* ``kinds.py`` - the activation table (gate, order, whether alpha applies).
-* ``naive.py`` - the readable composition :func:`phi_composed`, the oracle.
+* ``kinds.py`` - the activation table (gate, order, whether alpha applies) and its values at
+  +-inf, the limits of each formula (:func:`~.kinds.limits`, docs/activations.md).
+* ``naive.py`` - the readable composition :func:`phi_composed`, the oracle, and
+  :func:`~.naive.phi_defined`, the same with the documented values at +-inf and NaN (what
+  ``torch.compile`` traces).
 * ``packing.py`` - argument helpers shared by the two autograd functions.
 * ``torch_path.py`` - :class:`GatedActFunction`, the chunked, memory-lean torch backend.
 * ``triton.py`` - the fused Triton kernels and their autograd function.
@@ -29,7 +32,7 @@ import torch
 
 from ..backend import dispatch
 from .kinds import IDENTITY, KINDS, ActKind, get_kind
-from .naive import phi_composed
+from .naive import phi_composed, phi_defined
 from .torch_path import GatedActFunction
 
 __all__ = ["KINDS", "ActKind", "gated_act", "glu", "glu_packed", "phi_composed"]
@@ -109,7 +112,7 @@ def gated_act(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") 
     alpha_t = _check_alpha(alpha, spec, x)
     # identity computes nothing: the naive path returns a view of x, as nn.Identity does
     return _run(backend, x, None, alpha_t, spec, False, x.shape,
-                naive=lambda: phi_composed(x, spec, alpha_t).view_as(x),
+                naive=lambda: phi_defined(x, spec, alpha_t).view_as(x),
                 empty=x.numel() == 0 or spec.gate == IDENTITY)
 
 
@@ -132,7 +135,7 @@ def glu(a: torch.Tensor, b: torch.Tensor, kind: str, alpha=None, *, backend: str
         raise ValueError(f"a and b must be on the same device, got a on {a.device} and b on {b.device}")
     alpha_t = _check_alpha(alpha, spec, a)
     return _run(backend, a, b, alpha_t, spec, False, a.shape,
-                naive=lambda: phi_composed(a, spec, alpha_t) * b, empty=a.numel() == 0)
+                naive=lambda: phi_defined(a, spec, alpha_t) * b, empty=a.numel() == 0)
 
 
 def glu_packed(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto") -> torch.Tensor:
@@ -150,4 +153,4 @@ def glu_packed(x: torch.Tensor, kind: str, alpha=None, *, backend: str = "auto")
     alpha_t = _check_alpha(alpha, spec, x)
     h = x.shape[-1] // 2
     return _run(backend, x, None, alpha_t, spec, True, x.shape[:-1] + (h,),
-                naive=lambda: phi_composed(x[..., :h], spec, alpha_t) * x[..., h:], empty=x.numel() == 0)
+                naive=lambda: phi_defined(x[..., :h], spec, alpha_t) * x[..., h:], empty=x.numel() == 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .kinds import ActKind
-from .naive import phi_composed
+from .naive import phi_defined
 
 
 def unpack(x, b, packed: bool):
@@ -40,9 +40,9 @@ def input_grads(packed: bool, dx, da, db, dalpha):
 
 
 def composed_rows(x, b, alpha, spec: ActKind, packed: bool) -> torch.Tensor:
-    """phi(a) [* b] through :func:`~.naive.phi_composed`, from the autograd functions'
+    """phi(a) [* b] through :func:`~.naive.phi_defined`, from the autograd functions'
     arguments (the halves of ``x`` when packed): what :func:`gatezoo.kernels.backend.composed_grads`
     differentiates for second-order gradients."""
     a, b = unpack(x, b, packed)
-    y = phi_composed(a, spec, alpha)
+    y = phi_defined(a, spec, alpha)
     return y if b is None else y * b

@@ -7,6 +7,12 @@ input dtype (float64 stays float64). Every temporary lives in a few chunk-sized 
 reused from chunk to chunk: fresh allocations would be handed back to the OS and page-faulted in
 again for every chunk, which costs more than the arithmetic. The readable composition it must
 match is :func:`~.naive.phi_composed`.
+
+At +-inf and NaN it gives the values of :func:`~.kinds.limits`, not whatever ATen's kernels give
+there (that differs between machines). One sum over each chunk, while it is in cache, tells
+whether the chunk holds a non-finite input; only such chunks are patched (:func:`pin_values_`,
+:func:`pin_grads_`). Gradients are formed as ``w * phi'(a)`` with ``w`` the incoming gradient,
+so that an infinite ``w`` gives +-inf, or NaN against a zero slope, exactly as that product does.
 """
 
 from __future__ import annotations
@@ -14,11 +20,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..backend import composed_grads
 from ..scratch import Scratch
-from .kinds import ARCTAN, IDENTITY, RELU, SIGMOID, ActKind
+from .kinds import ARCTAN, IDENTITY, RELU, SIGMOID, ActKind, limits
 from .packing import composed_rows, grad_buffers, input_grads, unpack
 
 _INV_PI = 1.0 / math.pi
@@ -38,15 +43,50 @@ _FUSED_ORDER2 = {
 }
 
 
-# Plain activations that ATen already computes in one pass: chunking cannot save a memory pass
-# there, so the whole tensor goes through the fused op (as eager does). Sigmoid's backward
-# needs sigmoid(x) again, which the chunked path recomputes in cache.
-_ONE_PASS_FORWARD = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu, "sigmoid": torch.sigmoid}
-_ONE_PASS_BACKWARD = {
-    "silu": torch.ops.aten.silu_backward,
-    "gelu": torch.ops.aten.gelu_backward,
-    "relu": lambda dy, x: torch.ops.aten.threshold_backward(dy, x, 0.0),
+# Plain activations that ATen already computes in one pass, in the input's own dtype: each chunk
+# goes through the fused op (no float32 copy of the chunk), then is checked and patched in cache.
+# Sigmoid's backward needs sigmoid(x) again, which the float32 chunk path recomputes.
+_ONE_PASS_FORWARD = {
+    "silu": torch.ops.aten.silu.out,
+    "gelu": torch.ops.aten.gelu.out,
+    "relu": lambda a, out: torch.clamp_min(a, 0.0, out=out),
+    "sigmoid": lambda a, out: torch.sigmoid(a, out=out),
 }
+_ONE_PASS_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward.grad_input,
+    "gelu": torch.ops.aten.gelu_backward.grad_input,
+}
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """True when ``t`` holds an inf or a NaN (or finite values whose float32 sum overflows,
+    which only costs a needless patch): one reduction, cheap on a chunk that is in cache."""
+    return not math.isfinite(float(t.sum(dtype=torch.float32)))
+
+
+def pin_values_(a: torch.Tensor, out: torch.Tensor, at_pos, at_neg) -> torch.Tensor:
+    """In place: ``out`` is ``at_pos`` where ``a`` is +inf, ``at_neg`` where it is -inf and NaN
+    where it is NaN."""
+    out.masked_fill_(a == math.inf, at_pos)
+    out.masked_fill_(a == -math.inf, at_neg)
+    return out.masked_fill_(torch.isnan(a), math.nan)
+
+
+def pin_grads_(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, slope_pos, slope_neg) -> torch.Tensor:
+    """In place: ``out`` is ``w * slope_pos`` where ``a`` is +inf, ``w * slope_neg`` where it is
+    -inf (IEEE products: an infinite or NaN ``w`` against a zero slope gives NaN) and NaN where
+    ``a`` is NaN."""
+    for at, slope in ((math.inf, slope_pos), (-math.inf, slope_neg)):
+        m = a == at
+        out[m] = (w[m] * slope).to(out.dtype)
+    return out.masked_fill_(torch.isnan(a), math.nan)
+
+
+def _dalpha_at_specials(a: torch.Tensor, w: torch.Tensor, lim) -> torch.Tensor:
+    """sum(w * dphi/dalpha) over the non-finite elements of ``a``, float64."""
+    pos, neg = a == math.inf, a == -math.inf
+    t = (w[pos].double() * lim.dalpha_pos).sum() + (w[neg].double() * lim.dalpha_neg).sum()
+    return t + (math.nan if bool(torch.isnan(a).any()) else 0.0)
 
 
 def _gate(a: torch.Tensor, gate: int, out: torch.Tensor) -> torch.Tensor:
@@ -93,7 +133,8 @@ def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, 
     """One float32 chunk of the backward, with ``w`` the gradient reaching phi (dy, or dy * b for
     a GLU). Writes w * phi'(a) into ``da_out`` (when given) and returns (phi(a) when
     ``need_phi`` else None, sum(w * dphi/dalpha) as float64 when ``want_alpha`` else None).
-    ``tmp(i)`` is the i-th scratch buffer shaped like the chunk.
+    ``tmp(i)`` is the i-th scratch buffer shaped like the chunk. ``a`` is finite here (the caller
+    patches the non-finite elements).
     """
     if spec.gate == IDENTITY:
         if da_out is not None:
@@ -101,7 +142,9 @@ def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, 
         return a, None
     if spec.gate == RELU:
         if da_out is not None:
-            torch.ops.aten.threshold_backward.grad_input(w, a, 0.0, grad_input=da_out)
+            # w * step(a), a product rather than threshold_backward's selection: an infinite or
+            # NaN w at a <= 0 gives NaN here, as it does in the Triton kernel
+            torch.mul(w, torch.gt(a, 0.0, out=tmp(2)), out=da_out)
         return (torch.clamp_min(a, 0.0, out=tmp(1)) if need_phi else None), None
     scale = 1.0 if alpha is None else 1.0 + 2.0 * alpha
     dalpha = None
@@ -116,21 +159,28 @@ def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, 
             if alpha is None:
                 act_backward(w, a, grad_input=da_out)
             else:
-                torch.sub(act_backward(w, a, grad_input=tmp(2)).mul_(scale), w, alpha=alpha, out=da_out)
+                # phi' first, then one product with w: scale (w (a g)') - alpha w would give
+                # inf - inf for an infinite w where phi' itself is finite and non-zero
+                ones = torch.ones((), dtype=a.dtype, device=a.device).expand(a.shape)
+                d = act_backward(ones, a, grad_input=tmp(2)).mul_(scale).sub_(alpha)
+                torch.mul(w, d, out=da_out)
         if p is not None and alpha is not None:
             p.mul_(scale).sub_(a, alpha=alpha)
         return p, dalpha
     # order 1: phi = expand(g),    phi' = scale g',                dphi/dalpha = 2g - 1
     # order 2: phi = a expand(g),  phi' = expand(g) + a scale g',  dphi/dalpha = a (2g - 1)
     g = _gate(a, spec.gate, tmp(1))
-    v = w if spec.order == 1 else torch.mul(w, a, out=tmp(3))
     if want_alpha:
         t = torch.mul(g, 2.0, out=tmp(2)).sub_(1.0)
-        dalpha = torch.dot(v.reshape(-1), t.reshape(-1)).double()
+        if spec.order == 2:
+            t.mul_(a)
+        dalpha = torch.dot(w.reshape(-1), t.reshape(-1)).double()
     if da_out is not None:
-        # order 1 ends with the slope itself: build it in the output when the dtypes agree
-        direct = spec.order == 1 and da_out.dtype == a.dtype
-        s = _times_gate_slope(v, a, g, spec.gate, da_out if direct else tmp(2))
+        if spec.order == 1:  # w g' scale, built in the output when the dtypes agree
+            direct = da_out.dtype == a.dtype
+            s = _times_gate_slope(w, a, g, spec.gate, da_out if direct else tmp(2))
+        else:  # a g' scale now; expand(g) is added below, and only then is w multiplied in
+            s = _times_gate_slope(a, a, g, spec.gate, tmp(2))
         if scale != 1.0:
             s.mul_(scale)
     e = g if alpha is None else g.mul_(scale).sub_(alpha)  # expand(g, alpha), in place
@@ -139,7 +189,7 @@ def _backward_chunk(a, w, spec: ActKind, alpha: float | None, want_alpha: bool, 
             da_out.copy_(s)
         return e, dalpha
     if da_out is not None:
-        torch.addcmul(s, w, e, out=da_out)
+        torch.mul(w, s.add_(e), out=da_out)
     return e.mul_(a), dalpha
 
 
@@ -161,13 +211,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _forward_chunks(a, b, y, spec: ActKind, alpha: float | None, scratch: Scratch | None = None) -> None:
     """y = phi(a) [* b], chunk by chunk in the compute dtype (temporaries in ``scratch``, a
-    :class:`~gatezoo.kernels.scratch.Scratch` of the compute dtype, or a fresh one)."""
+    :class:`~gatezoo.kernels.scratch.Scratch` of the compute dtype, or a fresh one), with the
+    values of :func:`~.kinds.limits` at non-finite elements of ``a``."""
     cdt = _compute_dtype(a.dtype)
     tmp = scratch if scratch is not None else Scratch(cdt, a.device)
+    lim = None
     for sl in _blocks(*a.shape, a.device):
         ac = a[sl] if a.dtype == cdt else tmp.like(0, a[sl]).copy_(a[sl])
         direct = b is None and y.dtype == cdt  # write phi straight into the output
         p = _phi_chunk(ac, spec, alpha, y[sl] if direct else tmp.like(1, ac))
+        if spec.gate != IDENTITY and has_nonfinite(ac):
+            lim = lim or limits(spec, alpha)
+            pin_values_(ac, p, lim.phi_pos, lim.phi_neg)
         if b is not None:
             torch.mul(p, b[sl], out=y[sl])
         elif not direct:
@@ -178,21 +233,60 @@ def _backward_chunks(a, b, dy, da, db, spec: ActKind, alpha: float | None, want_
                      scratch: Scratch | None = None):
     """Writes dL/da into ``da`` and dL/db into ``db`` (either may be None), chunk by chunk;
     returns dL/dalpha as a float64 0-dim tensor when ``want_alpha``. Temporaries live in
-    ``scratch`` (of the compute dtype) or a fresh one."""
+    ``scratch`` (of the compute dtype) or a fresh one. A chunk with a non-finite element of ``a``
+    is computed with 0 (and w = 0) in its place, then patched with the values of :func:`~.kinds.limits`."""
     cdt = _compute_dtype(a.dtype)
     scratch = scratch if scratch is not None else Scratch(cdt, a.device)
     partials = []
+    lim = None
     for sl in _blocks(*a.shape, a.device):
         ac = a[sl] if a.dtype == cdt else scratch.like(4, a[sl]).copy_(a[sl])
         dyc = dy[sl] if dy.dtype == cdt else scratch.like(5, dy[sl]).copy_(dy[sl])
         w = dyc if b is None else torch.mul(dyc, b[sl], out=scratch.like(0, ac))
-        phi, dal = _backward_chunk(ac, w, spec, alpha, want_alpha, db is not None,
+        special = spec.gate != IDENTITY and has_nonfinite(ac)
+        a_in, w_in = ac, w
+        if special:  # rare: fresh tensors are fine
+            finite = torch.isfinite(ac)
+            a_in, w_in = torch.where(finite, ac, 0.0), torch.where(finite, w, 0.0)
+        phi, dal = _backward_chunk(a_in, w_in, spec, alpha, want_alpha, db is not None,
                                    None if da is None else da[sl], lambda i, like=ac: scratch.like(i, like))
+        if special:
+            lim = lim or limits(spec, alpha)
+            if da is not None:
+                pin_grads_(ac, w, da[sl], lim.slope_pos, lim.slope_neg)
+            if phi is not None:
+                pin_values_(ac, phi, lim.phi_pos, lim.phi_neg)
+            if dal is not None:
+                dal = dal + _dalpha_at_specials(ac, w, lim)
         if db is not None:
             torch.mul(dyc, phi, out=db[sl])
         if dal is not None:
             partials.append(dal)
     return torch.stack(partials).sum() if want_alpha else None
+
+
+def _one_pass_forward(a, spec: ActKind) -> torch.Tensor:
+    """phi(a) through the fused ATen op, chunk by chunk in a's dtype, patched at non-finite a."""
+    y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    op, lim = _ONE_PASS_FORWARD[spec.name], None
+    for sl in _blocks(*a.shape, a.device):
+        op(a[sl], out=y[sl])
+        if has_nonfinite(a[sl]):
+            lim = lim or limits(spec, None)
+            pin_values_(a[sl], y[sl], lim.phi_pos, lim.phi_neg)
+    return y
+
+
+def _one_pass_backward(dy, a, spec: ActKind) -> torch.Tensor:
+    """dy * phi'(a) through the fused ATen backward, chunk by chunk, patched at non-finite a."""
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    op, lim = _ONE_PASS_BACKWARD[spec.name], None
+    for sl in _blocks(*a.shape, a.device):
+        op(dy[sl], a[sl], grad_input=da[sl])
+        if has_nonfinite(a[sl]):
+            lim = lim or limits(spec, None)
+            pin_grads_(a[sl], dy[sl], da[sl], lim.slope_pos, lim.slope_neg)
+    return da
 
 
 class GatedActFunction(torch.autograd.Function):
@@ -208,7 +302,7 @@ class GatedActFunction(torch.autograd.Function):
         a, b = unpack(x, b, packed)
         al = None if alpha is None else float(alpha)
         if b is None and al is None and spec.name in _ONE_PASS_FORWARD:
-            y = _ONE_PASS_FORWARD[spec.name](a)
+            y = _one_pass_forward(a, spec)
         else:
             y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
             if spec.gate == IDENTITY and b is not None:  # Bilinear: one product, nothing to keep in cache
@@ -233,7 +327,7 @@ class GatedActFunction(torch.autograd.Function):
         dx, da, db = grad_buffers(x, b, packed, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dalpha = None
         if b is None and al is None and spec.name in _ONE_PASS_BACKWARD:
-            da = _ONE_PASS_BACKWARD[spec.name](dy, a) if da is not None else None
+            da = _one_pass_backward(dy, a, spec) if da is not None else None
         elif spec.gate == IDENTITY and b is not None:  # Bilinear: two products straight into the outputs
             if da is not None:
                 torch.mul(dy, b, out=da)

@@ -7,6 +7,9 @@ halves of a packed GLU input are read in place through the row stride); all math
 The backward recomputes the gate from the inputs and reduces ``dalpha`` per program into a
 buffer that is summed on the host, so gradients are deterministic (no atomics). Second-order
 gradients differentiate the plain composition (:func:`~.packing.composed_rows`) instead.
+
+At +-inf and NaN the kernels write the values of :func:`~.kinds.limits` (:func:`_limits`,
+:func:`_pin`) instead of evaluating the formula there, where it would meet inf * 0.
 """
 
 from __future__ import annotations
@@ -70,6 +73,48 @@ def _gate_slope(a, g, GATE: tl.constexpr):
 
 
 @triton.jit
+def _pin(a, x, at_pos, at_neg):
+    """x, with at_pos where a is +inf, at_neg where a is -inf and NaN where a is NaN."""
+    return tl.where(a == float("inf"), at_pos, tl.where(a == -float("inf"), at_neg, tl.where(a != a, a, x)))
+
+
+@triton.jit
+def _limits(al, GATE: tl.constexpr, ORDER: tl.constexpr, HAS_ALPHA: tl.constexpr):
+    """(phi, phi', dphi/dalpha) at +inf and at -inf, in the order of kinds.Limits: the limits
+    derived in kinds.py, for the expansion ``al`` (a float32 scalar; unused without alpha)."""
+    if GATE == 1:
+        c_pos = INV_PI
+        c_neg = -INV_PI
+    else:
+        c_pos = 0.0
+        c_neg = -tl.full((), 0.0, tl.float32)  # -0: Triton turns a literal -0.0 into +0
+    if ORDER == 1:
+        if HAS_ALPHA:
+            s = 1.0 + 2.0 * al
+            phi_pos = s * 1.0 - al
+            phi_neg = s * 0.0 - al
+        else:
+            phi_pos = 1.0
+            phi_neg = 0.0
+        return phi_pos, phi_neg, 0.0, 0.0, 1.0, -1.0
+    else:
+        if HAS_ALPHA:
+            ok = tl.abs(al) < float("inf")  # a non-finite alpha makes everything NaN
+            phi_pos = tl.where(1.0 + al > 0.0, float("inf"), tl.where(1.0 + al < 0.0, -float("inf"), c_pos))
+            phi_neg = tl.where(al > 0.0, float("inf"), tl.where(al < 0.0, -float("inf"), c_neg))
+            phi_pos = tl.where(ok, phi_pos, float("nan"))
+            phi_neg = tl.where(ok, phi_neg, float("nan"))
+            slope_pos = tl.where(ok, 1.0 + al, float("nan"))
+            slope_neg = tl.where(ok, 0.0 - al, float("nan"))
+        else:
+            phi_pos = float("inf")
+            phi_neg = c_neg
+            slope_pos = 1.0
+            slope_neg = 0.0
+        return phi_pos, phi_neg, slope_pos, slope_neg, float("inf"), float("inf")
+
+
+@triton.jit
 def _glu_fwd_kernel(
     A, B, Y, ALPHA,
     R, N, stride_a, stride_b, stride_y,
@@ -88,18 +133,20 @@ def _glu_fwd_kernel(
     if GATE == 3:
         phi = a
     elif GATE == 4:
-        phi = tl.where(a < 0.0, 0.0, a)  # relu keeping NaN, as torch.relu
+        phi = _pin(a, tl.where(a < 0.0, 0.0, a), float("inf"), 0.0)  # relu keeping NaN
     else:
         g = _gate(a, GATE)
         if HAS_ALPHA:
             al = tl.load(ALPHA).to(tl.float32)
             g = (1.0 + 2.0 * al) * g - al
+        else:
+            al = 0.0
         if ORDER == 2:
             phi = a * g
-            if GATE == 2:  # ATen's float32 GELU gives NaN at +inf; follow it so both backends agree
-                phi = tl.where(a == float("inf"), float("nan"), phi)
         else:
             phi = g
+        phi_pos, phi_neg, _, _, _, _ = _limits(al, GATE, ORDER, HAS_ALPHA)
+        phi = _pin(a, phi, phi_pos, phi_neg)
     if HAS_B:
         phi = phi * tl.load(B + r * stride_b + c, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + r * stride_y + c, phi.to(Y.dtype.element_ty), mask=mask)
@@ -129,8 +176,9 @@ def _glu_bwd_kernel(
         phi = a
         da = w
     elif GATE == 4:
-        phi = tl.where(a < 0.0, 0.0, a)  # relu keeping NaN, as torch.relu
-        da = tl.where(a > 0.0, w, 0.0)
+        phi = _pin(a, tl.where(a < 0.0, 0.0, a), float("inf"), 0.0)  # relu keeping NaN
+        # w * step(a): a product, so an infinite or NaN w at a <= 0 gives NaN (docs/activations.md)
+        da = w * _pin(a, tl.where(a > 0.0, 1.0, 0.0), 1.0, 0.0)
     else:
         g = _gate(a, GATE)
         slope = _gate_slope(a, g, GATE)
@@ -139,17 +187,22 @@ def _glu_bwd_kernel(
             e = (1.0 + 2.0 * al) * g - al
             slope = (1.0 + 2.0 * al) * slope
         else:
+            al = 0.0
             e = g
+        phi_pos, phi_neg, slope_pos, slope_neg, t_pos, t_neg = _limits(al, GATE, ORDER, HAS_ALPHA)
         if ORDER == 2:
             phi = a * e
-            da = w * (e + a * slope)
+            d = e + a * slope
             t = a * (2.0 * g - 1.0)
         else:
             phi = e
-            da = w * slope
+            d = slope
             t = 2.0 * g - 1.0
+        phi = _pin(a, phi, phi_pos, phi_neg)
+        da = w * _pin(a, d, slope_pos, slope_neg)  # phi' first, then the product with w
         if HAS_ALPHA:
             # masked lanes hold a = dy = 0, so they add nothing
+            t = _pin(a, t, t_pos, t_neg)
             tl.store(DALPHA + pid, tl.sum(tl.sum(w * t, axis=1), axis=0))
     tl.store(DA + r * stride_da + c, da.to(DA.dtype.element_ty), mask=mask)
     if HAS_B:

@@ -3,7 +3,8 @@ residual and gate fused into its epilogue (see :mod:`.naive` for the exact defin
 
 Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
 
-* ``naive.py`` - :func:`token_mixing_composed`, the plain composition and oracle.
+* ``naive.py`` - :func:`token_mixing_composed`, the plain composition and oracle, and
+  :func:`~.naive.token_mixing_defined`, the same with GELU defined at +-inf and NaN.
 * ``torch_path.py`` - :class:`~.torch_path.TokenMixingFunction`, the lean torch backend, and
   ``composed_args``, which both autograd functions use for second-order gradients.
 * ``triton.py`` - the fused Triton kernels (whole token axis in one tile) and their autograd
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import dispatch
-from .naive import token_mixing_composed
+from .naive import token_mixing_composed, token_mixing_defined
 from .torch_path import TokenMixingFunction
 
 __all__ = ["token_mixing", "token_mixing_composed"]
@@ -103,7 +104,7 @@ def token_mixing(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2:
 
     return dispatch(
         backend, x,
-        naive=lambda: token_mixing_composed(*args),
+        naive=lambda: token_mixing_defined(*args),
         torch_path=lambda: TokenMixingFunction.apply(*args),
         triton_path=triton_path,
         triton_unsupported=triton_unsupported,

@@ -2,17 +2,25 @@
 
 :class:`TokenMixingFunction` is one autograd node that saves its inputs and the pre-activation A
 (plus the pre-gate output when gated) and recomputes GELU(A) in backward: one (B, Hd, C) tensor
-fewer than autograd of :func:`~.naive.token_mixing_composed` keeps, which also gives its
-second-order gradients.
+fewer than autograd of :func:`~.naive.token_mixing_composed` keeps;
+:func:`~.naive.token_mixing_defined` gives its second-order gradients. GELU and its backward run
+chunk by chunk over A and give the values docs/activations.md defines at +-inf and NaN
+(GELU(+inf) = +inf, GELU(-inf) = -0, GELU' = 1 and 0 there) rather than ATen's, which differ
+between machines (oneDNN's float32 GELU gives NaN at +inf with AVX-512, +inf with AVX2).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 
 from ..backend import composed_grads
-from .naive import token_mixing_composed
+from .naive import token_mixing_defined
+
+# Elements of A per GELU chunk on CPU: one sum over each chunk, while it is in cache, finds the
+# non-finite pre-activations, where a pass of its own over A would cost a read of A.
+CPU_CHUNK_ELEMENTS = 1 << 19
 
 
 def _compute_dtype(dtype):
@@ -24,6 +32,48 @@ def _bmm_bias(w, x, bias, cdt):
     if bias is None:
         return torch.bmm(w, x)
     return torch.baddbmm(bias.to(cdt)[:, None], w, x)
+
+
+def _row_chunks(t: torch.Tensor):
+    """Row slices of ``t`` viewed as (rows, C): about CPU_CHUNK_ELEMENTS each on CPU, one elsewhere."""
+    rows, cols = t.shape
+    if t.device.type != "cpu":
+        return [slice(None)]
+    step = max(1, CPU_CHUNK_ELEMENTS // max(cols, 1))
+    return [slice(r, r + step) for r in range(0, rows, step)]
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return not math.isfinite(float(t.sum(dtype=torch.float32)))
+
+
+def _gelu(a: torch.Tensor) -> torch.Tensor:
+    """GELU of the contiguous pre-activation A: +inf at +inf, -0 at -inf, NaN at NaN."""
+    ar, h = a.view(-1, a.shape[-1]), torch.empty_like(a)
+    hr = h.view(ar.shape)
+    for sl in _row_chunks(ar):
+        torch.ops.aten.gelu.out(ar[sl], out=hr[sl])
+        if _nonfinite(ar[sl]):
+            x, y = ar[sl], hr[sl]
+            y.masked_fill_(x == math.inf, math.inf).masked_fill_(x == -math.inf, -0.0)
+            y.masked_fill_(torch.isnan(x), math.nan)
+    return h
+
+
+def _gelu_backward(dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """dh * GELU'(A), with GELU' = 1 at +inf and 0 at -inf (products with dh, so an infinite dh
+    against the zero slope gives NaN) and NaN at NaN."""
+    ar, dhr, da = a.view(-1, a.shape[-1]), dh.view(-1, a.shape[-1]), torch.empty_like(a)
+    dar = da.view(ar.shape)
+    for sl in _row_chunks(ar):
+        torch.ops.aten.gelu_backward.grad_input(dhr[sl], ar[sl], grad_input=dar[sl])
+        if _nonfinite(ar[sl]):
+            x, g, out = ar[sl], dhr[sl], dar[sl]
+            for at, slope in ((math.inf, 1.0), (-math.inf, 0.0)):
+                m = x == at
+                out[m] = g[m] * slope
+            out.masked_fill_(torch.isnan(x), math.nan)
+    return da
 
 
 def _bias_grad(t: torch.Tensor) -> torch.Tensor:
@@ -44,7 +94,7 @@ class TokenMixingFunction(torch.autograd.Function):
         # batched products with the weight broadcast over the batch (a stride-0 expand): no
         # transposed copy of x, and the biases and the residual ride in the GEMMs' C operand
         a = _bmm_bias(w1c.expand(bsz, *w1c.shape), xc, b1, cdt)
-        h = F.gelu(a)
+        h = _gelu(a)
         if residual is not None:
             y = torch.baddbmm(residual.to(cdt), w2c.expand(bsz, *w2c.shape), h)
             if b2 is not None:
@@ -66,7 +116,7 @@ class TokenMixingFunction(torch.autograd.Function):
         x, w1, b1, w2, b2, residual, gate, a, pre = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             with torch.autocast(dy.device.type, enabled=False):
-                return composed_grads(ctx, token_mixing_composed, composed_args(ctx), dy)
+                return composed_grads(ctx, token_mixing_defined, composed_args(ctx), dy)
         with torch.autocast(dy.device.type, enabled=False):
             return _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre)
 
@@ -81,10 +131,10 @@ def _backward(ctx, dy, x, w1, b1, w2, b2, gate, a, pre):
     has_b1, has_b2, has_res = ctx.has
     bsz = x.shape[0]
     w1t, w2t = w1.to(cdt).t(), w2.to(cdt).t()
-    dw2 = torch.bmm(dy, F.gelu(a).transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
+    dw2 = torch.bmm(dy, _gelu(a).transpose(1, 2)).sum(0).to(w2.dtype)  # sum_b dY H^T
     db2 = _bias_grad(dy).to(b2.dtype) if has_b2 else None
-    # dA = GELU'(A) * (W2^T dY), with ATen's one-pass GELU backward
-    da = torch.ops.aten.gelu_backward(torch.bmm(w2t.expand(bsz, *w2t.shape), dy), a)
+    # dA = GELU'(A) * (W2^T dY)
+    da = _gelu_backward(torch.bmm(w2t.expand(bsz, *w2t.shape), dy), a)
     dw1 = torch.bmm(da, x.to(cdt).transpose(1, 2)).sum(0).to(w1.dtype)  # sum_b dA x^T
     db1 = _bias_grad(da).to(b1.dtype) if has_b1 else None
     dx = torch.bmm(w1t.expand(bsz, *w1t.shape), da).to(x.dtype)

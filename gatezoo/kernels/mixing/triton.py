@@ -12,7 +12,8 @@ atomics and the result is deterministic), summed by one reduction afterwards.
 
 Products use the tensor cores: float16/bfloat16 directly, float32 as TF32. Under the CPU
 interpreter every product is exact float32. Second-order gradients differentiate
-:func:`~.naive.token_mixing_composed` instead.
+:func:`~.naive.token_mixing_defined` instead. GELU and its slope take the values
+docs/activations.md defines at +-inf and NaN (:func:`_pin`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ import triton.language as tl
 
 from ..backend import composed_grads, interpret_mode, on_device
 from ..kernel_specs import KernelSpec, register
-from .naive import token_mixing_composed
+from .naive import token_mixing_defined
 from .torch_path import composed_args
 
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _pin(a, x, at_pos, at_neg):
+    """x, with at_pos where a is +inf, at_neg where a is -inf and NaN where a is NaN (the
+    activation op's kernels pin the same way; this op imports nothing from another op)."""
+    return tl.where(a == float("inf"), at_pos, tl.where(a == -float("inf"), at_neg, tl.where(a != a, a, x)))
 
 
 @triton.jit
@@ -44,11 +52,22 @@ def _tile(base, offs_r, offs_c, sr, sc, R, C, F32: tl.constexpr):
 
 @triton.jit
 def _hidden(w1, x, B1, offs_h, HD, HAS_B1: tl.constexpr, IEEE: tl.constexpr):
-    """(A, GELU(A)) of one block of hidden units."""
+    """(A, GELU(A)) of one block of hidden units; A is 0 in the padding rows beyond HD (there the
+    zero rows of W1 would give 0 * inf = NaN against an infinite x, and W2's zero columns would
+    carry that NaN into every output)."""
     a = tl.dot(w1, x, input_precision="ieee" if IEEE else "tf32")
     if HAS_B1:
         a += tl.load(B1 + offs_h, mask=offs_h < HD, other=0.0).to(tl.float32)[:, None]
-    return a, a * (0.5 + 0.5 * tl.erf(a * SQRT1_2))
+    a = tl.where((offs_h < HD)[:, None], a, 0.0)
+    neg_zero = -tl.full((), 0.0, tl.float32)  # GELU(-inf) = -0 (Triton turns a literal -0.0 into +0)
+    return a, _pin(a, a * (0.5 + 0.5 * tl.erf(a * SQRT1_2)), float("inf"), neg_zero)
+
+
+@triton.jit
+def _gelu_slope(a):
+    """GELU'(a) = Phi(a) + a phi(a): 1 at +inf, 0 at -inf, NaN at NaN."""
+    d = 0.5 + 0.5 * tl.erf(a * SQRT1_2) + a * tl.exp(-0.5 * a * a) * INV_SQRT_2PI
+    return _pin(a, d, 1.0, 0.0)
 
 
 @triton.jit
@@ -149,7 +168,7 @@ def _token_mixing_bwd_kernel(
                          tl.dot(dyc, tl.trans(h.to(x.dtype)), input_precision="ieee" if IEEE else "tf32"))
             w2t = _tile(W2, offs_h, offs_n, sw2h, sw2n, HD, N, F32)  # W2^T block, read transposed
             dh = tl.dot(w2t, dyc, input_precision="ieee" if IEEE else "tf32")
-            da = dh * (0.5 + 0.5 * tl.erf(a * SQRT1_2) + a * tl.exp(-0.5 * a * a) * INV_SQRT_2PI)
+            da = dh * _gelu_slope(a)
             dac = da.to(x.dtype)
             _add_partial(dw1p, offs_h, offs_n, HD, N,
                          tl.dot(dac, tl.trans(x), input_precision="ieee" if IEEE else "tf32"))
@@ -268,7 +287,7 @@ class TokenMixingTriton(torch.autograd.Function):
     def backward(ctx, dy):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             with torch.autocast(dy.device.type, enabled=False):
-                return composed_grads(ctx, token_mixing_composed, composed_args(ctx), dy)
+                return composed_grads(ctx, token_mixing_defined, composed_args(ctx), dy)
         x, w1, b1, w2, b2, residual, gate = ctx.saved_tensors
         dx, dw1, db1, dw2, db2, dres, dgate = token_mixing_backward(x, w1, b1, w2, b2, residual, gate, dy)
         if ctx.has[2] and dres is None:  # no gate: the residual's gradient is dy itself

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..activation.naive import phi_composed
+from ..activation.naive import phi_defined
 
 
 class Routing(NamedTuple):
@@ -160,9 +160,9 @@ def expert_ffn_composed(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wei
         h = h + b1[rows]
     if glu:
         half = h.shape[1] // 2
-        a = phi_composed(h[:, :half], spec, alpha) * h[:, half:]
+        a = phi_defined(h[:, :half], spec, alpha) * h[:, half:]
     else:
-        a = phi_composed(h, spec, alpha)
+        a = phi_defined(h, spec, alpha)
     ys = grouped_mm_composed(a, w2, plan.offsets)
     if b2 is not None:
         ys = ys + b2[rows]
