@@ -3,7 +3,7 @@
 import pytest
 import torch
 from closeness import TOL, assert_close
-from test_nonfinite import dphi_ref, phi_ref  # the float64 values of the math (docs/activations.md)
+from test_nonfinite import dphi_ref, phi_ref  # the float64 values of the math (docs/activation.md)
 
 from gatezoo.kernels import KINDS, gated_act, glu, glu_packed
 from gatezoo.kernels.activation.naive import phi_composed

@@ -171,7 +171,7 @@ def test_composed_grads_gradgradcheck(op):
 
 
 # The autograd.Functions inside the naive compositions themselves: plain, traceable ops that give
-# the values docs/activations.md defines at +-inf and NaN (a traced one shows as ApplyTemplate).
+# the values docs/activation.md defines at +-inf and NaN (a traced one shows as ApplyTemplate).
 NAIVE_FUNCTIONS = {"_PhiDefinedBackward", "_DefinedGELUBackward", "ApplyTemplateBackward"}
 
 

@@ -2,7 +2,7 @@
 NaN propagates to every output it feeds (a NaN query row gives a NaN output row, a NaN key
 element NaN in every row that sees that key, a NaN logit NaN routing weights for its token).
 The activation family and token mixing's GELU give the limits of their formulas at +-inf
-(docs/activations.md, 'Special values'): the tests here compare them, forward and backward, with
+(docs/activation.md, 'Special values'): the tests here compare them, forward and backward, with
 a float64 table computed from Python's ``math`` module and written-out limits, never with
 PyTorch's own kernels, whose special values differ between instruction sets."""
 
@@ -120,7 +120,7 @@ def test_token_mixing_special_values_agree(special):
     _same_special(*_both(lambda be: token_mixing(x, w1, b1, w2, b2, backend=be)))
 
 
-# --- the documented values (docs/activations.md, "Special values"), from the math --------------
+# --- the documented values (docs/activation.md, "Special values"), from the math --------------
 
 INF, NAN = math.inf, math.nan
 GATE = {"sigmoid": "sigmoid", "silu": "sigmoid", "arctan": "arctan", "atlu": "arctan", "normcdf": "normcdf",

@@ -14,7 +14,7 @@ their inputs for backward.
 Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
 
 * ``kinds.py`` - the activation table (gate, order, whether alpha applies) and its values at
-  +-inf, the limits of each formula (:func:`~.kinds.limits`, docs/activations.md).
+  +-inf, the limits of each formula (:func:`~.kinds.limits`, docs/activation.md).
 * ``naive.py`` - the readable composition :func:`phi_composed`, the oracle, and
   :func:`~.naive.phi_defined`, the same with the documented values at +-inf and NaN (what
   ``torch.compile`` traces).

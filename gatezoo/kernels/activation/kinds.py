@@ -5,7 +5,7 @@ Every kind is a gate ``g`` with range (0, 1) and an order: order 1 gives
 ``expand(g, alpha) = (1 + 2 alpha) g - alpha`` (Huang 2024) and ``alpha = 0`` when not given.
 ``identity`` (Bilinear) and ``relu`` (ReGLU) have no gate and take no ``alpha``.
 
-At +inf, -inf and NaN every kind gives the values of :func:`limits` (docs/activations.md,
+At +inf, -inf and NaN every kind gives the values of :func:`limits` (docs/activation.md,
 'Special values'): the limits of its formula, never what a floating-point evaluation of that
 formula happens to give. A formula evaluated at an infinite input hits ``inf * 0`` or
 ``inf - inf`` (GELU at -inf is ``-inf * Phi(-inf)``), and what PyTorch's CPU kernels return

@@ -114,7 +114,7 @@ def _pinned(a, x, at_pos, at_neg):
 
 
 def phi_defined(a: torch.Tensor, spec: ActKind, alpha=None) -> torch.Tensor:
-    """:func:`phi_composed` with the values docs/activations.md defines at +-inf and NaN
+    """:func:`phi_composed` with the values docs/activation.md defines at +-inf and NaN
     (:func:`~.kinds.limits`), forward and backward, whatever the machine's kernels give there;
     its gradient is ``w * phi'(a)``, one product as in the fused paths. For ``relu`` that product
     is ``w * step(a)``, so an infinite or NaN upstream gradient at ``a <= 0`` gives NaN as it does

@@ -177,7 +177,7 @@ def _glu_bwd_kernel(
         da = w
     elif GATE == 4:
         phi = _pin(a, tl.where(a < 0.0, 0.0, a), float("inf"), 0.0)  # relu keeping NaN
-        # w * step(a): a product, so an infinite or NaN w at a <= 0 gives NaN (docs/activations.md)
+        # w * step(a): a product, so an infinite or NaN w at a <= 0 gives NaN (docs/activation.md)
         da = w * _pin(a, tl.where(a > 0.0, 1.0, 0.0), 1.0, 0.0)
     else:
         g = _gate(a, GATE)

@@ -11,7 +11,7 @@ For x of shape (B, N, C) (N tokens, C channels), per batch element, with no tran
 
 :func:`token_mixing_composed` is that plain composition: the oracle in tests (at finite inputs)
 and the eager peer in benchmarks. :func:`token_mixing_defined` is the same with a GELU that gives
-the values docs/activations.md defines at +-inf and NaN (GELU(+inf) = +inf, GELU(-inf) = -0,
+the values docs/activation.md defines at +-inf and NaN (GELU(+inf) = +inf, GELU(-inf) = -0,
 slopes 1 and 0) whatever the machine's kernels do there: it is what ``torch.compile`` traces and
 what the backward passes differentiate for second-order gradients.
 """
@@ -30,7 +30,7 @@ def token_mixing_composed(x, w1, b1, w2, b2, residual=None, gate=None):
 
 
 def token_mixing_defined(x, w1, b1, w2, b2, residual=None, gate=None):
-    """:func:`token_mixing_composed` with the GELU defined at +-inf and NaN (docs/activations.md)."""
+    """:func:`token_mixing_composed` with the GELU defined at +-inf and NaN (docs/activation.md)."""
     return _compose(x, w1, b1, w2, b2, residual, gate, _DefinedGELU.apply)
 
 

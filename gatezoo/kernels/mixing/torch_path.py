@@ -4,7 +4,7 @@
 (plus the pre-gate output when gated) and recomputes GELU(A) in backward: one (B, Hd, C) tensor
 fewer than autograd of :func:`~.naive.token_mixing_composed` keeps;
 :func:`~.naive.token_mixing_defined` gives its second-order gradients. GELU and its backward run
-chunk by chunk over A and give the values docs/activations.md defines at +-inf and NaN
+chunk by chunk over A and give the values docs/activation.md defines at +-inf and NaN
 (GELU(+inf) = +inf, GELU(-inf) = -0, GELU' = 1 and 0 there) rather than ATen's, which differ
 between machines (oneDNN's float32 GELU gives NaN at +inf with AVX-512, +inf with AVX2).
 """

@@ -13,7 +13,7 @@ atomics and the result is deterministic), summed by one reduction afterwards.
 Products use the tensor cores: float16/bfloat16 directly, float32 as TF32. Under the CPU
 interpreter every product is exact float32. Second-order gradients differentiate
 :func:`~.naive.token_mixing_defined` instead. GELU and its slope take the values
-docs/activations.md defines at +-inf and NaN (:func:`_pin`).
+docs/activation.md defines at +-inf and NaN (:func:`_pin`).
 """
 
 from __future__ import annotations
