@@ -24,6 +24,7 @@ from torch import nn
 
 from gatezoo.kernels import KINDS, gated_act, glu_packed
 from gatezoo.kernels.routing import DispatchPlan, expert_ffn, grouped_mm, make_plan, permute, unpermute
+from gatezoo.kernels.routing.naive import row_experts
 
 from .checks import (
     ArgumentTypeError,
@@ -234,10 +235,12 @@ class _MoEModule(nn.Module):
         # kept for inspection only, detached: no autograd graph outlives the step through them
         self.last_aux = {name: value.detach() for name, value in aux.items()}
         self.last_routing = _detached(r)
-        total = torch.zeros((), dtype=torch.float32, device=r.weights.device)
-        for value in aux.values():
-            total = total + value.float()
-        self.aux_loss = total
+        if aux:
+            # a sum over a stack, not 0 + value: inductor folds that into the value itself, and then
+            # loses the gradient of the one tensor returned both as aux_loss and in last_aux
+            self.aux_loss = torch.stack([value.float() for value in aux.values()]).sum()
+        else:
+            self.aux_loss = torch.zeros((), dtype=torch.float32, device=r.weights.device)
 
     def __getstate__(self):
         """For ``copy.deepcopy`` and pickling: ``aux_loss`` (and a pre-gated routing not yet
@@ -275,6 +278,13 @@ def _detached(r: RoutingResult) -> RoutingResult:
 def _no_rows(n: int, width: int, like: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The output when no assignment is dispatched: zeros, still attached to the weights' graph."""
     return like.new_zeros(n, width) + (weights.sum() * 0).to(like.dtype)
+
+
+def _row_bias(bias: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Each sorted row's expert bias (M', width); zero for the rows past ``offsets[-1]`` that a
+    plan made inside a torch.compile trace carries."""
+    padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])])
+    return padded[row_experts(plan.offsets, plan.order.numel())]
 
 
 class MoEFeedForward(_MoEModule):
@@ -438,11 +448,8 @@ class MoEFeedForward(_MoEModule):
                               backend=self.backend)
         xs = permute(xf, plan, backend=self.backend)
         h = grouped_mm(xs, w1, plan.offsets, backend=self.backend)
-        expert_of_row = None
         if b1 is not None:
-            expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=xf.device), plan.counts,
-                                                    output_size=plan.order.numel())
-            h = h + b1[expert_of_row]
+            h = h + _row_bias(b1, plan)
         if self.is_glu:
             h = glu_packed(h, self.kind, self.alpha, backend=self.backend)
         else:
@@ -450,7 +457,7 @@ class MoEFeedForward(_MoEModule):
         h = self.drop1(self.norm(h)).to(w2.dtype)
         ys = grouped_mm(h, w2, plan.offsets, backend=self.backend)
         if b2 is not None:
-            ys = ys + b2[expert_of_row]
+            ys = ys + _row_bias(b2, plan)
         return unpermute(ys, weights, plan, backend=self.backend)
 
     def extra_repr(self) -> str:
