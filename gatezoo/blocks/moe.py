@@ -119,6 +119,11 @@ def _build_router(router, dim: int, num_experts: int, k: int | None, router_args
         raise ArgumentTypeError(f"router must be a name in {sorted(ROUTERS)} or a Router, got "
                                 f"{type(router).__name__}")
     args = dict(router_args or {})
+    for key in ("dim", "num_experts"):  # the layer's own arguments: one source of truth
+        if key in args:
+            own = "in_features" if key == "dim" else key
+            raise ValueError(f"router_args must not set {key!r} (got {key}={args[key]!r}): the router takes the "
+                             f"layer's {own}")
     if "k" in args:
         if k is not None and args["k"] != k:
             raise ValueError(f"k={k} contradicts router_args k={args['k']}")
@@ -312,7 +317,9 @@ class MoEFeedForward(_MoEModule):
             ``task_aware``, all E for the dense routers, which reject any other k).
         router: a name of :data:`~gatezoo.blocks.routers.ROUTERS` or a ready
             :class:`~gatezoo.blocks.routers.Router` for ``in_features`` and ``num_experts``.
-        router_args: keyword arguments of the router's class (``noisy``, ``tau``, ``num_tasks``...).
+        router_args: keyword arguments of the router's class (``noisy``, ``tau``, ``num_tasks``...);
+            a ``k`` there must agree with ``k`` (the experts' width follows the router's k), and
+            ``dim`` and ``num_experts`` are refused (the layer's own arguments set them).
         expert: expert architecture, a name of :data:`EXPERTS` (default ``"swiglu"``).
         capacity_factor: None (dropless) or c > 0: every expert takes at most
             ``ceil(c * N * k / E)`` assignments of a forward with N tokens; the rest are dropped
