@@ -269,11 +269,13 @@ def _expert_ffn_static(x, w1, w2, weights, plan: DispatchPlan, spec, glu: bool, 
     chosen = torch.zeros(n, num_experts + 1, dtype=torch.bool, device=x.device).index_put(
         (plan.token, expert), torch.ones_like(expert, dtype=torch.bool))
     chosen, combine = chosen[:, :num_experts].t()[..., None], combine[:, :num_experts].t()[..., None]  # (E, N, 1)
-    xe = torch.where(chosen, x, 0)  # (E, N, d): another expert's non-finite rows stay out
+    # (E, N, d) and the masks after each step: a non-finite value of one expert or token reaches
+    # neither another's output nor another's gradient (0 * nan would)
+    xe = torch.where(chosen, x, 0)
     h = xe @ w1
     if b1 is not None:
         h = h + b1[:, None]
-    ys = _activation(h, spec, glu, alpha) @ w2
+    ys = torch.where(chosen, _activation(h, spec, glu, alpha), 0) @ w2
     if b2 is not None:
         ys = ys + b2[:, None]
     return torch.where(chosen, combine * ys.to(acc), 0).sum(0).to(x.dtype)
