@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from gatezoo.blocks import MoEFeedForward, glu_hidden_features
-from gatezoo.kernels.routing import _check_plan, expert_ffn, grouped_mm, make_plan, permute, unpermute
+from gatezoo.kernels.routing import _check_plan, _unchanged, expert_ffn, grouped_mm, make_plan, permute, unpermute
 from gatezoo.models import MoEOptions, TranslationConfig, ViTConfig, create_model
 from gatezoo.models.registry import model_config
 
@@ -199,6 +199,18 @@ def test_plan_of_other_tokens_and_non_plans():
         permute(x, tuple(plan))
     with pytest.raises(ValueError, match=r"plan.order has 11 rows, more than the plan's 5 x 2 assignments"):
         permute(x, plan._replace(order=torch.zeros(11, dtype=torch.long), token=torch.zeros(11, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plan_of_make_plan_written_in_place_is_checked_again(backend):
+    """make_plan's own plans skip the value checks (no second host sync in a MoE layer) only
+    while unchanged: a replaced field or an in-place write brings the checks back."""
+    plan, x, w1, w2, weights = _case()
+    assert _unchanged(plan) and not _unchanged(plan._replace(token=plan.token.clone()))
+    plan.token[0] = 99
+    assert not _unchanged(plan)
+    with pytest.raises(ValueError, match=r"plan.token must lie in \[0, 5\)"):
+        expert_ffn(x, w1, w2, weights, plan, "silu", backend=backend)
 
 
 def test_value_checks_are_skipped_inside_a_trace(monkeypatch):

@@ -25,7 +25,10 @@ Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backend import dispatch, positive_number
 from .naive import (
@@ -137,7 +140,25 @@ def make_plan(indices: torch.Tensor, num_experts: int, *, capacity: int | None =
             raise ValueError(f"keep must be a bool tensor of indices' shape {tuple(indices.shape)}, got "
                              f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
         _same_device("keep", keep, indices)
-    return plan_composed(indices.long(), num_experts, capacity, keep)
+    plan = plan_composed(indices.long(), num_experts, capacity, keep)
+    if not tracing():
+        _MADE[plan.offsets] = _stamp(plan)
+    return plan
+
+
+# Plans make_plan returned, by their offsets tensor: the ops skip the value checks (a host sync
+# each) for such a plan as long as it is unchanged, i.e. the same field tensors, none written
+# in place since (their version counters), so a MoE layer's own plan costs no second sync.
+_MADE = WeakIdKeyDictionary()
+
+
+def _stamp(plan: DispatchPlan) -> tuple:
+    return tuple((weakref.ref(t), t._version) for t in plan)
+
+
+def _unchanged(plan: DispatchPlan) -> bool:
+    made = _MADE.get(plan.offsets)
+    return made is not None and all(ref() is t and version == t._version for (ref, version), t in zip(made, plan))
 
 
 _PLAN_DIMS = {"order": 1, "token": 1, "offsets": 1, "position": 2, "counts": 1, "dropped": 0}
@@ -151,10 +172,12 @@ def _check_plan(plan, device: torch.device, tokens: int | None = None) -> None:
     of length E, ``position`` of ``tokens`` rows when given, and at most N * k rows. Then,
     outside a torch.compile trace, the values, with one host sync for all of them: ``offsets``
     starts at 0, never decreases and ends at the number of rows; ``token`` lies in [0, N),
-    ``order`` in [0, N * k) and ``position`` in [-1, rows). What is trusted: that ``order``,
-    ``token`` and ``position`` describe the same permutation and ``counts`` equals
-    ``offsets.diff()`` (checking that would cost as much as the op); a plan that breaks this but
-    passes the checks gives wrong numbers, never an out-of-bounds access.
+    ``order`` in [0, N * k) and ``position`` in [-1, rows); not for a plan that :func:`make_plan`
+    returned and that is unchanged since (no field replaced, none written in place), which is
+    right by construction. What is trusted: that ``order``, ``token`` and ``position`` describe
+    the same permutation and ``counts`` equals ``offsets.diff()`` (checking that would cost as
+    much as the op); a plan that breaks this but passes the checks gives wrong numbers, never an
+    out-of-bounds access.
     """
     if not isinstance(plan, DispatchPlan):
         raise TypeError(f"plan must be a DispatchPlan from make_plan, got {type(plan).__name__}")
@@ -181,7 +204,7 @@ def _check_plan(plan, device: torch.device, tokens: int | None = None) -> None:
                          f"got {tokens}")
     if rows > n * k:
         raise ValueError(f"plan.order has {rows} rows, more than the plan's {n} x {k} assignments")
-    if tracing():  # reading values would break the trace; make_plan's plans are right by construction
+    if tracing() or _unchanged(plan):  # a trace cannot read values; make_plan's plans are right
         return
     offsets, token, order, position = plan.offsets, plan.token, plan.order, plan.position
     conds = {
