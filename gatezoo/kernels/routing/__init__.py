@@ -283,7 +283,8 @@ def unpermute(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, *, bac
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """One matmul per expert on its contiguous rows: ``out[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ weight[e]``.
+    """One matmul per expert on its contiguous rows: ``out[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ weight[e]``
+    (inside a torch.compile trace: every row times every matrix, each row keeping its own).
 
     Args:
         x: (M, K) rows in expert order (from :func:`permute`).
@@ -354,7 +355,9 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: tor
 
     The torch backend runs those steps expert by expert on its slice, while the slice is in cache,
     and saves only the pre-activation (see :class:`~.torch_path.ExpertFFNFunction`): on a CPU it
-    costs little beyond its matmuls. The Triton backend runs the five kernels in a row.
+    costs little beyond its matmuls. The Triton backend runs the five kernels in a row. Inside a
+    torch.compile or torch.export trace it is the composition's static-shape form, every expert
+    on every token (see :mod:`.naive` and docs/export.md).
 
     Args:
         x: (N, d) tokens.

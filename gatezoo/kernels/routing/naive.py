@@ -21,8 +21,8 @@ shape must follow from the input shapes, never from routing decisions, or the tr
   expert's product (E times the work, with ``torch.where`` so that a non-finite value of one
   expert or row never reaches another's output or gradient);
 * :func:`expert_ffn_composed` runs every expert on every token and combines the products with
-  the weights of the kept assignments (E / k times the work of the sparse forward, with the
-  same ``torch.where`` isolation).
+  the weights of the kept assignments (E / k times the work and the activation memory of the
+  sparse forward, with the same ``torch.where`` isolation).
 
 Both forms compute the same function; the eager form is the oracle of the tests.
 """
@@ -215,11 +215,6 @@ def _row_bias(bias: torch.Tensor, offsets: torch.Tensor, rows: int) -> torch.Ten
     """Each sorted row's expert bias (rows, width); zero past ``offsets[-1]``."""
     padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])])
     return padded[row_experts(offsets, rows)]
-
-
-def _row_experts(plan: DispatchPlan, num_experts: int) -> torch.Tensor:
-    """The expert of every sorted row (M',); E for a trace's rows past ``offsets[-1]``."""
-    return row_experts(plan.offsets, plan.order.numel())
 
 
 def expert_ffn_composed(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
