@@ -230,6 +230,19 @@ def test_gumbel_eval_depends_on_the_token_alone(hard):
     assert torch.equal(router.eval_noise(), g)
 
 
+def test_gumbel_eval_noise_is_drawn_at_construction_and_again_for_a_new_seed():
+    """torch.compile cannot create a Generator, so the noise is drawn when the router is built
+    (a compiled first forward finds it); changing ``seed`` or ``samples`` later draws it anew."""
+    router = GumbelSoftmaxRouter(D, E, seed=3, samples=4)
+    draw = lambda seed, samples: -torch.empty(samples, E).exponential_(  # noqa: E731
+        generator=torch.Generator().manual_seed(seed)).log()
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(router.eval_noise(), draw(3, 4))
+    assert router.eval_noise(dtype=torch.float64).dtype == torch.float64
+    router.seed, router.samples = 7, 2
+    assert torch.equal(router.eval_noise(), draw(7, 2))
+
+
 def test_gumbel_hard_is_one_hot_forward_with_the_soft_sample_gradient():
     router = GumbelSoftmaxRouter(D, E, tau=0.5, hard=True).train()
     x = torch.randn(10, D)

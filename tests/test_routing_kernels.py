@@ -393,3 +393,34 @@ def _plan():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# --- the ranking an exported graph uses --------------------------------------------------------
+
+
+def test_export_ranking_equals_the_stable_sort_with_ties_nan_and_signed_zeros():
+    """ONNX has no stable sort, so under torch.export ``route`` ranks experts by pairwise
+    comparisons; it must pick what the stable descending sort picks, ties, NaN (either sign,
+    ranked above every number), -0.0 against 0.0 and infinities included."""
+    from gatezoo.kernels.routing.naive import _topk_by_rank
+
+    gen = torch.Generator().manual_seed(0)
+    for num in (1, 2, 5, 9):
+        s = torch.randint(-2, 3, (200, num), generator=gen).float()  # many exact ties
+        for value, p in ((float("nan"), 0.08), (-float("nan"), 0.08), (-0.0, 0.1), (float("inf"), 0.05),
+                         (-float("inf"), 0.05)):
+            s[torch.rand(200, num, generator=gen) < p] = value
+        for k in range(1, num + 1):
+            ref = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :k]
+            assert torch.equal(_topk_by_rank(s, k), ref), (num, k)
+
+
+def test_route_under_export_picks_what_it_picks_eagerly(monkeypatch):
+    logits = torch.randint(-1, 2, (30, 6)).float()  # ties everywhere
+    bias = torch.tensor([0.0, 0.5, 0.0, 0.0, -0.5, 0.0])
+    eager = route(logits, 3, bias=bias, backend="torch")
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    exported = route(logits, 3, bias=bias)
+    assert torch.equal(exported.indices, eager.indices) and torch.equal(exported.counts, eager.counts)
+    assert_close("weights", eager.weights.double(), exported.weights, TOL[torch.float32])

@@ -346,22 +346,24 @@ def test_sidebyside_model_specs(tmp_path, tiny_npz, capsys):
 def test_sidebyside_moe_columns_and_expert_load(tmp_path, tiny_npz, capsys):
     """MoE models get their load columns (NaN for a dense one) and the per-expert load CSV and plot."""
     out = tmp_path / "bench"
-    argv = ["--models", "vit_tiny", "vit_tiny_moe", "vit_tiny_moe:router=softmax", "--data", str(tiny_npz),
-            "--epochs", "1", "--batch_size", "16", "--model_args", "{dim: 32, depth: 2, num_experts: 4}",
+    # num_experts in the MoE specs only: the dense vit_tiny refuses a MoE field it would ignore
+    moe, soft = "vit_tiny_moe:num_experts=4", "vit_tiny_moe:router=softmax,num_experts=4"
+    argv = ["--models", "vit_tiny", moe, soft, "--data", str(tiny_npz),
+            "--epochs", "1", "--batch_size", "16", "--model_args", "{dim: 32, depth: 2}",
             "--out", str(out), "--progress", "false"]
     assert sidebyside.main(argv) == 0
     rows = {r["model"]: r for r in _rows(out / "tiny-sidebyside.csv")}
     assert math.isnan(float(rows["vit_tiny"]["load_cv"]))
-    topk, dense = rows["vit_tiny_moe"], rows["vit_tiny_moe:router=softmax"]
+    topk, dense = rows[moe], rows[soft]
     assert float(topk["aux_loss"]) > 0 and float(topk["load_cv"]) >= 0 and float(topk["dropped_share"]) == 0
     assert 0 < float(topk["min_expert_share"]) <= 0.25
     assert float(dense["load_cv"]) == 0 and float(dense["min_expert_share"]) == 0.25  # every expert, every token
     assert 0 < float(dense["min_weight_share"]) <= 0.25  # ... but the gate's weight is what is balanced or not
     assert 0 < float(topk["min_weight_share"]) <= 0.25
     loads = _rows(out / "tiny-expert-load.csv")
-    assert {r["model"] for r in loads} == {"vit_tiny_moe", "vit_tiny_moe:router=softmax"}
+    assert {r["model"] for r in loads} == {moe, soft}
     assert len(loads) == 2 * 2 * 4  # 2 models x 2 layers x 4 experts, one evaluation
-    for model in ("vit_tiny_moe", "vit_tiny_moe:router=softmax"):
+    for model in (moe, soft):
         for layer in {r["layer"] for r in loads}:
             assert math.isclose(sum(float(r["share"]) for r in loads if r["model"] == model and r["layer"] == layer),
                                 1.0, rel_tol=1e-5)

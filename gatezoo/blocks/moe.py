@@ -24,6 +24,7 @@ from torch import nn
 
 from gatezoo.kernels import KINDS, gated_act, glu_packed
 from gatezoo.kernels.routing import DispatchPlan, expert_ffn, grouped_mm, make_plan, permute, unpermute
+from gatezoo.kernels.routing.naive import row_experts
 
 from .activation import GLU_FAMILIES, GLU_VARIANTS, glu_hidden_features, glu_variant
 from .checks import (
@@ -118,6 +119,11 @@ def _build_router(router, dim: int, num_experts: int, k: int | None, router_args
         raise ArgumentTypeError(f"router must be a name in {sorted(ROUTERS)} or a Router, got "
                                 f"{type(router).__name__}")
     args = dict(router_args or {})
+    for key in ("dim", "num_experts"):  # the layer's own arguments: one source of truth
+        if key in args:
+            own = "in_features" if key == "dim" else key
+            raise ValueError(f"router_args must not set {key!r} (got {key}={args[key]!r}): the router takes the "
+                             f"layer's {own}")
     if "k" in args:
         if k is not None and args["k"] != k:
             raise ValueError(f"k={k} contradicts router_args k={args['k']}")
@@ -234,10 +240,12 @@ class _MoEModule(nn.Module):
         # kept for inspection only, detached: no autograd graph outlives the step through them
         self.last_aux = {name: value.detach() for name, value in aux.items()}
         self.last_routing = _detached(r)
-        total = torch.zeros((), dtype=torch.float32, device=r.weights.device)
-        for value in aux.values():
-            total = total + value.float()
-        self.aux_loss = total
+        if aux:
+            # a sum over a stack, not 0 + value: inductor folds that into the value itself, and then
+            # loses the gradient of the one tensor returned both as aux_loss and in last_aux
+            self.aux_loss = torch.stack([value.float() for value in aux.values()]).sum()
+        else:
+            self.aux_loss = torch.zeros((), dtype=torch.float32, device=r.weights.device)
 
     def __getstate__(self):
         """For ``copy.deepcopy`` and pickling: ``aux_loss`` (and a pre-gated routing not yet
@@ -277,6 +285,13 @@ def _no_rows(n: int, width: int, like: torch.Tensor, weights: torch.Tensor) -> t
     return like.new_zeros(n, width) + (weights.sum() * 0).to(like.dtype)
 
 
+def _row_bias(bias: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Each sorted row's expert bias (M', width); zero for the rows past ``offsets[-1]`` that a
+    plan made inside a torch.compile trace carries."""
+    padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])])
+    return padded[row_experts(plan.offsets, plan.order.numel())]
+
+
 class MoEFeedForward(_MoEModule):
     """A mixture-of-experts feed-forward: a router picks experts per token and only the chosen
     (token, expert) pairs are computed, ``y = sum_{i chosen} w_i f_i(x)``.
@@ -302,7 +317,9 @@ class MoEFeedForward(_MoEModule):
             ``task_aware``, all E for the dense routers, which reject any other k).
         router: a name of :data:`~gatezoo.blocks.routing.ROUTERS` or a ready
             :class:`~gatezoo.blocks.routing.Router` for ``in_features`` and ``num_experts``.
-        router_args: keyword arguments of the router's class (``noisy``, ``tau``, ``num_tasks``...).
+        router_args: keyword arguments of the router's class (``noisy``, ``tau``, ``num_tasks``...);
+            a ``k`` there must agree with ``k`` (the experts' width follows the router's k), and
+            ``dim`` and ``num_experts`` are refused (the layer's own arguments set them).
         expert: expert architecture, a name of :data:`EXPERTS` (default ``"swiglu"``).
         capacity_factor: None (dropless) or c > 0: every expert takes at most
             ``ceil(c * N * k / E)`` assignments of a forward with N tokens; the rest are dropped
@@ -438,11 +455,8 @@ class MoEFeedForward(_MoEModule):
                               backend=self.backend)
         xs = permute(xf, plan, backend=self.backend)
         h = grouped_mm(xs, w1, plan.offsets, backend=self.backend)
-        expert_of_row = None
         if b1 is not None:
-            expert_of_row = torch.repeat_interleave(torch.arange(self.num_experts, device=xf.device), plan.counts,
-                                                    output_size=plan.order.numel())
-            h = h + b1[expert_of_row]
+            h = h + _row_bias(b1, plan)
         if self.is_glu:
             h = glu_packed(h, self.kind, self.alpha, backend=self.backend)
         else:
@@ -450,7 +464,7 @@ class MoEFeedForward(_MoEModule):
         h = self.drop1(self.norm(h)).to(w2.dtype)
         ys = grouped_mm(h, w2, plan.offsets, backend=self.backend)
         if b2 is not None:
-            ys = ys + b2[expert_of_row]
+            ys = ys + _row_bias(b2, plan)
         return unpermute(ys, weights, plan, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -380,18 +380,30 @@ class GumbelSoftmaxRouter(Router):
         self.seed = _check_int("seed", seed, 0)
         self.hard = check_bool("hard", hard)
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
-        self._eval_noise: tuple | None = None  # (key, tensor) cache of eval_noise()
+        # the CPU draw, made here because torch.compile cannot trace creating a Generator, and a
+        # cache of it on the device and dtype of the last eval forward
+        self._noise_draw: tuple = self._draw_noise()
+        self._eval_noise: tuple | None = None
+
+    def _draw_noise(self) -> tuple:
+        """``((seed, samples, E), (S, E) float32 CPU noise)``."""
+        gen = torch.Generator().manual_seed(self.seed)
+        g = -torch.empty(self.samples, self.num_experts).exponential_(generator=gen).log()
+        return (self.seed, self.samples, self.num_experts), g
 
     def eval_noise(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """The (S, E) Gumbel noise of eval forwards: ``-log(Exp(1))`` draws in float32 from
         ``torch.Generator().manual_seed(seed)``, then moved to ``device`` and cast to ``dtype``."""
         device = torch.device("cpu") if device is None else torch.device(device)
-        key = (self.seed, self.samples, self.num_experts, device, dtype)
-        if self._eval_noise is None or self._eval_noise[0] != key:
-            gen = torch.Generator().manual_seed(self.seed)
-            g = -torch.empty(self.samples, self.num_experts).exponential_(generator=gen).log()
-            self._eval_noise = (key, g.to(device=device, dtype=dtype))
-        return self._eval_noise[1]
+        if self._noise_draw[0] != (self.seed, self.samples, self.num_experts):  # changed since the draw
+            self._noise_draw, self._eval_noise = self._draw_noise(), None
+        key = (device, dtype)
+        if self._eval_noise is not None and self._eval_noise[0] == key:
+            return self._eval_noise[1]
+        g = self._noise_draw[1].to(device=device, dtype=dtype)
+        if not torch.compiler.is_compiling():  # a trace keeps no tensor of its own for later calls
+            self._eval_noise = (key, g)
+        return g
 
     def forward(self, x, task_ids=None):
         self._check_input(x)
@@ -573,7 +585,9 @@ class TaskAwareRouter(Router):
             task_ids = task_ids.reshape(()).expand(n)
         elif task_ids.shape != (n,):
             raise ValueError(f"task_ids must have shape () or ({n},) (one id per token), got {tuple(task_ids.shape)}")
-        if n and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
+        # the value check reads the device, which a torch.compile trace cannot (ids are trusted there)
+        if n and not torch.compiler.is_compiling() and (int(task_ids.min()) < 0
+                                                        or int(task_ids.max()) >= self.num_tasks):
             raise ValueError(f"task_ids must lie in [0, {self.num_tasks}) (num_tasks={self.num_tasks}), got values "
                              f"in [{int(task_ids.min())}, {int(task_ids.max())}]")
         return task_ids.to(device=device, dtype=torch.int64)

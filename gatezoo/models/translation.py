@@ -91,6 +91,9 @@ class TranslationConfig(MoEOptions):
     ``attention`` names the attention of all three places; ``encoder_attention`` (encoder
     self-attention), ``decoder_attention`` (decoder causal self-attention) and
     ``cross_attention``, when set, replace it in that place (:meth:`attention_at`).
+
+    The MoE fields apply only with ``ffn="moe"`` (otherwise a non-default value is refused), and
+    ``router="task_aware"`` is refused: the model has no way to pass task ids to its layers.
     """
 
     vocab_size: int = 8000
@@ -132,6 +135,12 @@ class TranslationConfig(MoEOptions):
             raise ValueError(f"ffn must be one of {MT_FFNS}, got {self.ffn!r}")
         if self.ffn == "moe":
             self.validate_moe()
+            if self.router == "task_aware":
+                raise ValueError("router='task_aware' needs task ids on every forward, and EncoderDecoder has no "
+                                 "way to pass them: forward, encode and decode_step take token ids only, and beam "
+                                 "search regroups the batch rows that per-row ids would follow; choose another router")
+        else:
+            self.reject_unused_moe()
         check_probability("dropout", self.dropout)
         check_positive("norm_eps", self.norm_eps)
         check_bool("bias", self.bias)
@@ -298,7 +307,8 @@ def check_ids(name: str, ids, vocab_size: int, max_len: int) -> None:
     if ids.shape[1] > max_len:
         raise ValueError(f"{name} has length {ids.shape[1]}, longer than the model's max_len={max_len}; "
                          f"shorten the input or build the model with a larger max_len")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    # the range check reads the ids (a host sync), which a torch.compile / export trace cannot do
+    if ids.numel() and not torch.compiler.is_compiling() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(f"{name} holds ids outside [0, vocab_size={vocab_size}): min {int(ids.min())}, "
                          f"max {int(ids.max())}")
 
@@ -307,8 +317,9 @@ def _check_memory(memory, name: str, batch: int) -> None:
     """``memory`` must be a :class:`Memory` of ``batch`` rows (those of the ids ``name``)."""
     if not isinstance(memory, Memory):
         raise ArgumentTypeError(f"memory must be a Memory (from model.encode(src)), got {type(memory).__name__}")
-    if len(memory) != batch:
-        raise ValueError(f"{name} has batch size {batch} but memory holds {len(memory)} sentences; select the "
+    rows = memory.states.shape[0]  # not len(memory): __len__ makes an int of an export's symbolic batch
+    if rows != batch:
+        raise ValueError(f"{name} has batch size {batch} but memory holds {rows} sentences; select the "
                          f"memory's rows to match (memory.select(index))")
 
 

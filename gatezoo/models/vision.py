@@ -120,6 +120,8 @@ class ViTConfig(ImageConfig, MoEOptions):
             raise ValueError(f"ffn must be one of {FFNS} (or {tuple(GLU_FAMILIES)}, which warn), got {self.ffn!r}")
         if self.ffn == "moe":
             self.validate_moe()
+        else:
+            self.reject_unused_moe()
         check_int("heads", self.heads)
         if self.dim % self.heads:
             raise ValueError(f"heads must be a positive int dividing dim ({self.dim}), got {self.heads!r}")

@@ -25,7 +25,10 @@ Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backend import dispatch, positive_number
 from .naive import (
@@ -36,6 +39,7 @@ from .naive import (
     permute_composed,
     plan_composed,
     route_composed,
+    tracing,
     unpermute_composed,
 )
 
@@ -111,6 +115,11 @@ def make_plan(indices: torch.Tensor, num_experts: int, *, capacity: int | None =
     ``keep`` (N, k) bool drops assignments up front (e.g. weight 0). ``capacity`` caps every
     expert's rows: assignments are ranked by choice slot, then token index, and those past the
     capacity are dropped (they add nothing to the output; the residual carries the token).
+
+    ``indices`` must lie in ``[0, num_experts)`` (checked with one read of its min and max,
+    except inside a ``torch.compile`` trace, which cannot read values; there an out-of-range id
+    is the caller's error). Inside a trace the plan keeps all N * k assignments, the dropped ones
+    past ``offsets[-1]`` (see :class:`DispatchPlan`).
     """
     if not isinstance(indices, torch.Tensor) or indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be an int32/int64 tensor, got {getattr(indices, 'dtype', type(indices))}")
@@ -118,31 +127,114 @@ def make_plan(indices: torch.Tensor, num_experts: int, *, capacity: int | None =
         raise ValueError(f"indices must have shape (tokens, k), got {tuple(indices.shape)}")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_experts):
+    # a value check reads the device (a host sync), which a torch.compile trace cannot do
+    if indices.numel() and not tracing() and (int(indices.min()) < 0 or int(indices.max()) >= num_experts):
         raise ValueError(f"indices must lie in [0, {num_experts}), got values in "
                          f"[{int(indices.min())}, {int(indices.max())}]")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+    # a torch.export trace with a dynamic batch hands in a SymInt capacity (ceil(c N k / E))
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt))
+                                 or (not tracing() and capacity < 0)):
         raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
     if keep is not None:
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.shape != indices.shape:
             raise ValueError(f"keep must be a bool tensor of indices' shape {tuple(indices.shape)}, got "
                              f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
         _same_device("keep", keep, indices)
-    return plan_composed(indices.long(), num_experts, capacity, keep)
+    plan = plan_composed(indices.long(), num_experts, capacity, keep)
+    if not tracing():
+        _MADE[plan.offsets] = _stamp(plan)
+    return plan
 
 
-def _check_plan(plan) -> None:
+# Plans make_plan returned, by their offsets tensor: the ops skip the value checks (a host sync
+# each) for such a plan as long as it is unchanged, i.e. the same field tensors, none written
+# in place since (their version counters), so a MoE layer's own plan costs no second sync.
+_MADE = WeakIdKeyDictionary()
+
+
+def _stamp(plan: DispatchPlan) -> tuple:
+    return tuple((weakref.ref(t), t._version) for t in plan)
+
+
+def _unchanged(plan: DispatchPlan) -> bool:
+    made = _MADE.get(plan.offsets)
+    return made is not None and all(ref() is t and version == t._version for (ref, version), t in zip(made, plan))
+
+
+_PLAN_DIMS = {"order": 1, "token": 1, "offsets": 1, "position": 2, "counts": 1, "dropped": 0}
+
+
+def _check_plan(plan, device: torch.device, tokens: int | None = None) -> None:
+    """Check a :class:`DispatchPlan` handed to an op before a kernel indexes with it.
+
+    Always (no device read): the type, every field an int64 tensor on ``device`` with its number
+    of dimensions, ``token`` of ``order``'s length, ``offsets`` of length E + 1 >= 2, ``counts``
+    of length E, ``position`` of ``tokens`` rows when given, and at most N * k rows. Then,
+    outside a torch.compile trace, the values, with one host sync for all of them: ``offsets``
+    starts at 0, never decreases and ends at the number of rows; ``token`` lies in [0, N),
+    ``order`` in [0, N * k) and ``position`` in [-1, rows); not for a plan that :func:`make_plan`
+    returned and that is unchanged since (no field replaced, none written in place), which is
+    right by construction. What is trusted: that ``order``, ``token`` and ``position`` describe
+    the same permutation and ``counts`` equals ``offsets.diff()`` (checking that would cost as
+    much as the op); a plan that breaks this but passes the checks gives wrong numbers, never an
+    out-of-bounds access.
+    """
     if not isinstance(plan, DispatchPlan):
         raise TypeError(f"plan must be a DispatchPlan from make_plan, got {type(plan).__name__}")
+    for name, dims in _PLAN_DIMS.items():
+        t = getattr(plan, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            raise TypeError(f"plan.{name} must be an int64 tensor (as make_plan builds it), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != dims:
+            raise ValueError(f"plan.{name} must have {dims} dimension(s), got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"plan must be on {device}, got plan.{name} on {t.device}")
+    n, k = plan.position.shape
+    rows = plan.order.shape[0]
+    if plan.token.shape[0] != rows:
+        raise ValueError(f"plan.token must have plan.order's length {rows}, got {plan.token.shape[0]}")
+    if plan.offsets.shape[0] < 2:
+        raise ValueError(f"plan.offsets must have length experts + 1 >= 2, got {plan.offsets.shape[0]}")
+    if plan.counts.shape[0] != plan.offsets.shape[0] - 1:
+        raise ValueError(f"plan.counts must have one entry per expert ({plan.offsets.shape[0] - 1}), got "
+                         f"{plan.counts.shape[0]}")
+    if tokens is not None and n != tokens:
+        raise ValueError(f"x must have the plan's {n} tokens (plan.position has shape {tuple(plan.position.shape)}), "
+                         f"got {tokens}")
+    if rows > n * k:
+        raise ValueError(f"plan.order has {rows} rows, more than the plan's {n} x {k} assignments")
+    if tracing() or _unchanged(plan):  # a trace cannot read values; make_plan's plans are right
+        return
+    offsets, token, order, position = plan.offsets, plan.token, plan.order, plan.position
+    conds = {
+        "offsets": (offsets[0] == 0) & (offsets[1:] >= offsets[:-1]).all() & (offsets[-1] == rows),
+        "token": (token >= 0).all() & (token < n).all(),
+        "order": (order >= 0).all() & (order < n * k).all(),
+        "position": (position >= -1).all() & (position < rows).all(),
+    }
+    ok = torch.stack(list(conds.values()))
+    if bool(ok.all()):
+        return
+    name = list(conds)[int((~ok).nonzero()[0, 0])]
+    if name == "offsets":
+        shown = offsets.tolist()
+        raise ValueError(f"plan.offsets must start at 0, never decrease and end at the plan's {rows} rows "
+                         f"(len(plan.order)), got {shown[:10]}{'...' if len(shown) > 10 else ''}")
+    t = getattr(plan, name)
+    bound = {"token": f"[0, {n})", "order": f"[0, {n * k})", "position": f"[-1, {rows})"}[name]
+    raise ValueError(f"plan.{name} must lie in {bound}, got values in [{int(t.min())}, {int(t.max())}]")
 
 
 def permute(x: torch.Tensor, plan: DispatchPlan, *, backend: str = "auto") -> torch.Tensor:
-    """Rows of ``x`` (N, d) gathered into expert order, (M', d): row i is ``x[plan.token[i]]``."""
+    """Rows of ``x`` (N, d) gathered into expert order, (M', d): row i is ``x[plan.token[i]]``.
+
+    ``plan`` is checked as described in ``_check_plan``: its shapes and dtypes always, and,
+    outside a torch.compile trace, ``token`` in [0, N) and the other ranges (one host sync).
+    Trusted: that its fields describe one permutation (as :func:`make_plan` builds them).
+    """
     _float("x", x, 2)
-    _check_plan(plan)
-    if x.shape[0] != plan.position.shape[0]:
-        raise ValueError(f"x must have the plan's {plan.position.shape[0]} tokens, got {x.shape[0]}")
-    _same_device("plan", plan.token, x)
+    _check_plan(plan, x.device, tokens=x.shape[0])
 
     def torch_path():
         from .torch_path import permute_torch
@@ -160,17 +252,20 @@ def permute(x: torch.Tensor, plan: DispatchPlan, *, backend: str = "auto") -> to
 
 def unpermute(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, *, backend: str = "auto") -> torch.Tensor:
     """The weighted inverse of :func:`permute`: ``out[n] = sum_j weights[n, j] * y[position[n, j]]``
-    over the kept assignments, out (N, d) in ``y``'s dtype."""
+    over the kept assignments, out (N, d) in ``y``'s dtype.
+
+    ``plan`` is checked as in :func:`permute` (``position`` in [-1, M'), ``token`` in [0, N)...
+    outside a torch.compile trace); trusted: that its fields describe one permutation.
+    """
     _float("y", y, 2)
     _float("weights", weights, 2)
-    _check_plan(plan)
+    _check_plan(plan, y.device)
     if weights.shape != plan.position.shape:
         raise ValueError(f"weights must have the plan's shape (tokens, k) = {tuple(plan.position.shape)}, "
                          f"got {tuple(weights.shape)}")
     if y.shape[0] != plan.order.shape[0]:
         raise ValueError(f"y must have one row per kept assignment ({plan.order.shape[0]}), got {y.shape[0]}")
     _same_device("weights", weights, y)
-    _same_device("plan", plan.token, y)
 
     def torch_path():
         from .torch_path import unpermute_torch
@@ -188,12 +283,15 @@ def unpermute(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan, *, bac
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """One matmul per expert on its contiguous rows: ``out[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ weight[e]``.
+    """One matmul per expert on its contiguous rows: ``out[o[e]:o[e+1]] = x[o[e]:o[e+1]] @ weight[e]``
+    (inside a torch.compile trace: every row times every matrix, each row keeping its own).
 
     Args:
         x: (M, K) rows in expert order (from :func:`permute`).
         weight: (E, K, N) the experts' matrices, x's dtype.
-        offsets: (E + 1,) int64, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] <= M``.
+        offsets: (E + 1,) int32/int64, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] <= M``
+            (rows past it give zero rows). Checked with one host sync, except inside a
+            torch.compile trace (which cannot read values: there they are trusted).
         backend: ``"auto" | "torch" | "triton"``.
     """
     _float("x", x, 2)
@@ -209,7 +307,8 @@ def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, *, 
         raise ValueError(f"offsets must have shape (experts + 1,) = ({weight.shape[0] + 1},), "
                          f"got {tuple(offsets.shape)}")
     _same_device("offsets", offsets, x)
-    if offsets.numel() and (int(offsets[0]) != 0 or bool((offsets.diff() < 0).any()) or int(offsets[-1]) > x.shape[0]):
+    if not tracing() and not bool((offsets[0] == 0) & (offsets[1:] >= offsets[:-1]).all()
+                                  & (offsets[-1] <= x.shape[0])):
         raise ValueError(f"offsets must start at 0, never decrease and end at most at x's {x.shape[0]} rows, "
                          f"got {offsets.tolist()[:8]}{'...' if offsets.numel() > 8 else ''}")
     offsets = offsets.long()
@@ -256,7 +355,9 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: tor
 
     The torch backend runs those steps expert by expert on its slice, while the slice is in cache,
     and saves only the pre-activation (see :class:`~.torch_path.ExpertFFNFunction`): on a CPU it
-    costs little beyond its matmuls. The Triton backend runs the five kernels in a row.
+    costs little beyond its matmuls. The Triton backend runs the five kernels in a row. Inside a
+    torch.compile or torch.export trace it is the composition's static-shape form, every expert
+    on every token (see :mod:`.naive` and docs/export.md).
 
     Args:
         x: (N, d) tokens.
@@ -270,14 +371,19 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: tor
         alpha: expanded-gate parameter (a float or 0-dim tensor, differentiable) or None.
         b1, b2: optional (E, 2H or H) and (E, d_out) biases.
         backend: ``"auto" | "torch" | "triton"``.
+
+    ``plan`` is checked as in :func:`permute` (shapes and dtypes; outside a torch.compile trace
+    also offsets from 0 to the plan's rows, never decreasing, and the index ranges, with one host
+    sync), and ``w1``, ``w2`` must hold one matrix per expert of the plan (``len(plan.offsets) -
+    1``). Trusted: that its fields describe one permutation, as :func:`make_plan` builds them.
     """
     from ..activation import _check_alpha, get_kind
 
     _float("x", x, 2)
-    _check_plan(plan)
     spec = get_kind(kind)
     if not isinstance(glu, bool):
         raise TypeError(f"glu must be a bool, got {type(glu).__name__}")
+    _check_plan(plan, x.device)
     _float("w1", w1, 3)
     experts = plan.offsets.numel() - 1
     if w1.shape[0] != experts or w1.shape[1] != x.shape[1] or (glu and w1.shape[2] % 2):
@@ -299,7 +405,6 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: tor
                          f"(tokens, k) = {tuple(plan.position.shape)}, got x {tuple(x.shape)} and weights "
                          f"{tuple(weights.shape)}")
     _same_device("weights", weights, x)
-    _same_device("plan", plan.token, x)
     alpha_t = _check_alpha(alpha, spec, x)
     args = (x, w1, w2, weights, plan, spec, glu, alpha_t, b1, b2)
 
@@ -309,19 +414,21 @@ def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: tor
         return expert_ffn_torch(*args)
 
     def triton_path():
+        # the kernels themselves: the public ops would check the plan again (a host sync each)
         from ..activation import gated_act, glu_packed
-        from .naive import _row_experts
+        from .naive import _row_bias
+        from .triton import grouped_mm_triton, permute_triton, unpermute_triton
 
-        rows = _row_experts(plan, experts) if b1 is not None or b2 is not None else None
-        h = grouped_mm(permute(x, plan, backend="triton"), w1, plan.offsets, backend="triton")
+        rows = plan.order.numel()
+        h = grouped_mm_triton(permute_triton(x, plan), w1, plan.offsets)
         if b1 is not None:
-            h = h + b1[rows]
+            h = h + _row_bias(b1, plan.offsets, rows)
         a = (glu_packed if glu else gated_act)(h, kind, alpha_t, backend="triton")
-        ys = grouped_mm(a, w2, plan.offsets, backend="triton")
+        ys = grouped_mm_triton(a, w2, plan.offsets)
         if b2 is not None:
-            ys = ys + b2[rows]
-        return unpermute(ys, weights, plan, backend="triton")
+            ys = ys + _row_bias(b2, plan.offsets, rows)
+        return unpermute_triton(ys, weights, plan)
 
+    empty = x.numel() == 0 or plan.order.numel() == 0 or w1.shape[2] == 0 or w2.shape[2] == 0
     return dispatch(backend, x, naive=lambda: expert_ffn_composed(*args), torch_path=torch_path,
-                    triton_path=triton_path, triton_unsupported=lambda: _fp64(x, w1),
-                    empty=x.numel() == 0 or plan.order.numel() == 0)
+                    triton_path=triton_path, triton_unsupported=lambda: _fp64(x, w1), empty=empty)

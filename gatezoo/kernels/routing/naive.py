@@ -11,6 +11,20 @@ traces. Shapes: N tokens, E experts, k choices per token, M = N * k assignments.
 * :func:`grouped_mm_composed` - one matmul per expert on its contiguous slice of rows.
 * :func:`expert_ffn_composed` - the experts' whole feed-forward from these ops: permute, first
   projection, activation, second projection, weighted un-permute.
+
+Under a ``torch.compile`` or ``torch.export`` trace (``torch.compiler.is_compiling()``) every
+shape must follow from the input shapes, never from routing decisions, or the trace breaks:
+
+* :func:`plan_composed` keeps all N * k assignments in ``order`` (the dropped ones after the
+  kept ones, past ``offsets[-1]``) instead of cutting ``order`` to the kept rows;
+* :func:`grouped_mm_composed` multiplies every row by every expert's matrix and keeps its own
+  expert's product (E times the work, with ``torch.where`` so that a non-finite value of one
+  expert or row never reaches another's output or gradient);
+* :func:`expert_ffn_composed` runs every expert on every token and combines the products with
+  the weights of the kept assignments (E / k times the work and the activation memory of the
+  sparse forward, with the same ``torch.where`` isolation).
+
+Both forms compute the same function; the eager form is the oracle of the tests.
 """
 
 from __future__ import annotations
@@ -20,6 +34,12 @@ from typing import NamedTuple
 import torch
 
 from ..activation.naive import phi_defined
+
+
+def tracing() -> bool:
+    """True inside a ``torch.compile`` / ``torch.export`` trace, where the compositions take
+    their static-shape form (see the module docstring)."""
+    return torch.compiler.is_compiling()
 
 
 class Routing(NamedTuple):
@@ -42,10 +62,15 @@ class DispatchPlan(NamedTuple):
 
     order: (M',) int64, the kept assignments sorted by expert (stable: by m within an expert).
     token: (M',) int64, ``order // k``: the token each sorted row comes from.
-    offsets: (E + 1,) int64, expert e owns sorted rows ``offsets[e]:offsets[e + 1]``.
+    offsets: (E + 1,) int64, expert e owns sorted rows ``offsets[e]:offsets[e + 1]``;
+        ``offsets[-1] == M'``.
     position: (N, k) int64, the sorted row of each assignment, -1 where it was dropped.
     counts: (E,) int64, rows per expert after the capacity (``offsets.diff()``).
     dropped: () int64, the number of assignments dropped by the capacity or masked out.
+
+    Inside a ``torch.compile`` trace ``make_plan`` keeps every assignment: M' = N * k, the
+    dropped ones after the kept ones, so ``offsets[-1]`` (the kept rows) may be less than M'
+    and the rows past it belong to no expert (see the module docstring).
     """
 
     order: torch.Tensor
@@ -65,11 +90,38 @@ def route_composed(logits: torch.Tensor, k: int, bias: torch.Tensor | None = Non
         z = z + noise.float()
     z = z * scale
     score = z if bias is None else z + bias.float()
-    # a stable descending sort gives "ties: lower expert first"
-    indices = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    if torch.compiler.is_exporting():  # ONNX has no stable sort
+        indices = _topk_by_rank(score.detach(), k)
+    else:  # a stable descending sort gives "ties: lower expert first"
+        indices = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
     weights = torch.softmax(torch.gather(z, -1, indices), dim=-1)
-    counts = torch.bincount(indices.flatten(), minlength=num_experts)
+    # a scatter rather than bincount: the output size must not depend on the ids (torch.compile)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(
+        0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
     return Routing(weights, indices, counts)
+
+
+def _topk_by_rank(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k columns of the stable descending sort of ``score`` (N, E), NaN above every
+    number as ``torch.sort`` ranks it, from pairwise comparisons: column e's place is the number
+    of columns ranked before it (greater, or equal and to its left). (N, E, E) comparisons and a
+    scatter, no sort: what an exported graph (ONNX has no stable sort) computes instead."""
+    a, b = score[:, :, None], score[:, None, :]  # [n, j, e]: column j against column e
+    nan_a, nan_b = a.isnan(), b.isnan()
+    greater = (a > b) | (nan_a & ~nan_b)
+    equal = (a == b) | (nan_a & nan_b)
+    num = score.shape[-1]
+    left = torch.ones(num, num, dtype=torch.bool, device=score.device).triu(1)  # [j, e]: j < e
+    place = (greater | (equal & left)).sum(1)  # (N, E), a permutation of 0..E-1 per row
+    columns = torch.arange(num, device=score.device).expand_as(place)
+    return torch.zeros_like(place).scatter(1, place, columns)[:, :k]
+
+
+def _stable_argsort(keys: torch.Tensor) -> torch.Tensor:
+    """The stable ascending argsort of small non-negative int64 ``keys`` (M,): a plain sort of the
+    unique keys ``keys * M + position`` (exported models have no stable sort)."""
+    m = keys.numel()
+    return torch.sort(keys * m + torch.arange(m, device=keys.device)).indices
 
 
 def plan_composed(indices: torch.Tensor, num_experts: int, capacity: int | None = None,
@@ -92,22 +144,26 @@ def plan_composed(indices: torch.Tensor, num_experts: int, capacity: int | None 
         slot_major = indices.t().reshape(-1)
         alive = kept.view(n, k).t().reshape(-1)
         group = torch.where(alive, slot_major, torch.full_like(slot_major, num_experts))
-        sorted_group, perm = torch.sort(group, stable=True)
-        sizes = torch.bincount(group, minlength=num_experts + 1)
+        perm = _stable_argsort(group)
+        sorted_group = group[perm]
+        sizes = torch.zeros(num_experts + 1, dtype=torch.int64, device=group.device).scatter_add_(
+            0, group, torch.ones_like(group))
         starts = sizes.cumsum(0) - sizes
         rank = torch.arange(group.numel(), device=group.device) - starts[sorted_group]
         over = torch.zeros_like(alive)
         over[perm] = (rank >= capacity) & (sorted_group < num_experts)
         kept = kept & ~over.view(k, n).t().reshape(-1)
     sortable = torch.where(kept, flat, torch.full_like(flat, num_experts))  # dropped ones sort last
-    order = torch.sort(sortable, stable=True).indices[: int(kept.sum())]
-    counts = torch.bincount(flat[order], minlength=num_experts)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=indices.device)
-    offsets[1:] = counts.cumsum(0)
+    order = _stable_argsort(sortable)
+    if not tracing():  # eager: only the kept rows (a trace keeps all N * k, see the module docstring)
+        order = order[: int(kept.sum())]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(
+        0, flat, kept.long())
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     position = torch.full((n * k,), -1, dtype=torch.int64, device=indices.device)
     position[order] = torch.arange(order.numel(), device=indices.device)
-    return DispatchPlan(order, order // k, offsets, position.view(n, k), counts,
-                        (~kept).sum())
+    position = torch.where(kept, position, -1)  # a trace's dropped rows have no assignment
+    return DispatchPlan(order, order // k, offsets, position.view(n, k), counts, (~kept).sum())
 
 
 def permute_composed(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -129,15 +185,36 @@ def unpermute_composed(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPla
 def grouped_mm_composed(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``out[offsets[e]:offsets[e+1]] = x[offsets[e]:offsets[e+1]] @ weight[e]``; x (M, K),
     weight (E, K, N), out (M, N). Rows past ``offsets[-1]`` are left zero."""
+    if tracing():
+        return _grouped_mm_static(x, weight, offsets)
     bounds = offsets.tolist()
     parts = [x[bounds[e]:bounds[e + 1]] @ weight[e] for e in range(weight.shape[0])]
     return torch.cat(parts + [x.new_zeros(x.shape[0] - bounds[-1], weight.shape[-1])], 0)
 
 
-def _row_experts(plan: DispatchPlan, num_experts: int) -> torch.Tensor:
-    """The expert of every sorted row (M',)."""
-    return torch.repeat_interleave(torch.arange(num_experts, device=plan.counts.device), plan.counts,
-                                   output_size=plan.order.numel())
+def row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The expert of each of ``rows`` sorted rows (rows,) int64: the number of experts whose rows
+    end at or before it, so E for the rows past ``offsets[-1]``. (rows, E) comparisons, no
+    data-dependent shape, so it traces."""
+    r = torch.arange(rows, device=offsets.device)
+    return (r[:, None] >= offsets[None, 1:]).sum(1)
+
+
+def _grouped_mm_static(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """:func:`grouped_mm_composed` with every shape fixed by the input shapes (for traces)."""
+    expert = row_experts(offsets, x.shape[0])
+    out = x.new_zeros(x.shape[0], weight.shape[-1])
+    for e in range(weight.shape[0]):
+        mine = (expert == e)[:, None]
+        # masking the input too keeps the other rows' values out of this expert's gradient
+        out = torch.where(mine, torch.where(mine, x, 0) @ weight[e], out)
+    return out
+
+
+def _row_bias(bias: torch.Tensor, offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """Each sorted row's expert bias (rows, width); zero past ``offsets[-1]``."""
+    padded = torch.cat([bias, bias.new_zeros(1, bias.shape[1])])
+    return padded[row_experts(offsets, rows)]
 
 
 def expert_ffn_composed(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
@@ -153,17 +230,47 @@ def expert_ffn_composed(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, wei
 
     x (N, d), w1 (E, d, 2H or H), w2 (E, H, d_out), weights (N, k); out (N, d_out) in x's dtype.
     """
-    num_experts = w1.shape[0]
+    if tracing():
+        return _expert_ffn_static(x, w1, w2, weights, plan, spec, glu, alpha, b1, b2)
+    rows = plan.order.numel()
     h = grouped_mm_composed(permute_composed(x, plan), w1, plan.offsets)
-    rows = _row_experts(plan, num_experts) if b1 is not None or b2 is not None else None
     if b1 is not None:
-        h = h + b1[rows]
-    if glu:
-        half = h.shape[1] // 2
-        a = phi_defined(h[:, :half], spec, alpha) * h[:, half:]
-    else:
-        a = phi_defined(h, spec, alpha)
+        h = h + _row_bias(b1, plan.offsets, rows)
+    a = _activation(h, spec, glu, alpha)
     ys = grouped_mm_composed(a, w2, plan.offsets)
     if b2 is not None:
-        ys = ys + b2[rows]
+        ys = ys + _row_bias(b2, plan.offsets, rows)
     return unpermute_composed(ys, weights, plan)
+
+
+def _activation(h: torch.Tensor, spec, glu: bool, alpha) -> torch.Tensor:
+    if glu:
+        half = h.shape[-1] // 2
+        return phi_defined(h[..., :half], spec, alpha) * h[..., half:]
+    return phi_defined(h, spec, alpha)
+
+
+def _expert_ffn_static(x, w1, w2, weights, plan: DispatchPlan, spec, glu: bool, alpha, b1, b2) -> torch.Tensor:
+    """:func:`expert_ffn_composed` with every shape fixed by the input shapes (for traces): each
+    expert runs on every token, and token n sums ``weights[n, j] * f_e(x[n])`` over its kept
+    assignments (products in float32, float64 for float64 input, as the torch path takes them)."""
+    n, num_experts = x.shape[0], w1.shape[0]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    # (N, E + 1) combine weights from the plan's sorted rows (column E: a trace's dropped rows)
+    rows = plan.order.numel()
+    expert = row_experts(plan.offsets, rows)
+    w = weights.to(acc).reshape(-1)[plan.order]
+    combine = w.new_zeros(n, num_experts + 1).index_put((plan.token, expert), w, accumulate=True)
+    chosen = torch.zeros(n, num_experts + 1, dtype=torch.bool, device=x.device).index_put(
+        (plan.token, expert), torch.ones_like(expert, dtype=torch.bool))
+    chosen, combine = chosen[:, :num_experts].t()[..., None], combine[:, :num_experts].t()[..., None]  # (E, N, 1)
+    # (E, N, d) and the masks after each step: a non-finite value of one expert or token reaches
+    # neither another's output nor another's gradient (0 * nan would)
+    xe = torch.where(chosen, x, 0)
+    h = xe @ w1
+    if b1 is not None:
+        h = h + b1[:, None]
+    ys = torch.where(chosen, _activation(h, spec, glu, alpha), 0) @ w2
+    if b2 is not None:
+        ys = ys + b2[:, None]
+    return torch.where(chosen, combine * ys.to(acc), 0).sum(0).to(x.dtype)
