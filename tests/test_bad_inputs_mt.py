@@ -507,3 +507,16 @@ def test_pair_origins_name_a_file_line_or_the_sentence(mt_run, tmp_path):
     fresh = translate.PairOrigins(files, tmp_path, True, split)
     assert fresh("train", 0) == f"{tmp_path / 't.en'} / {tmp_path / 't.es'} line 2"  # its first appearance
     assert fresh("dev", 0) == f"{tmp_path / 'd.en'} / {tmp_path / 'd.es'} line 1"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.bool, torch.float32])
+def test_model_encode_and_decode_refuse_odd_id_dtypes(dtype):
+    model = EncoderDecoder(TranslationConfig(vocab_size=16, dim=16, heads=2, ffn_hidden=32, enc_layers=1,
+                                             dec_layers=1, dropout=0.0))
+    ids = torch.ones(2, 3).to(dtype)
+    with pytest.raises(TypeError, match="src must be a .*int64 or int32"):
+        model.encode(ids)
+    memory = model.encode(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="tgt_in must be a .*int64 or int32"):
+        model.decode(ids, memory)
+    assert model.encode(torch.ones(2, 3, dtype=torch.int32)).states.shape[0] == 2  # int32 still works

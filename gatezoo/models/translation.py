@@ -291,14 +291,16 @@ class DecoderCache:
 
 
 def check_ids(name: str, ids, vocab_size: int, max_len: int) -> None:
-    """Raise a clear error unless ``ids`` is a (batch, length) integer tensor of token ids below
-    ``vocab_size`` with ``1 <= length <= max_len``: TypeError for another type or dtype (float ids
-    are not truncated), ValueError for a shape or an id out of range."""
+    """Raise a clear error unless ``ids`` is a (batch, length) int64 or int32 tensor of token ids
+    below ``vocab_size`` with ``1 <= length <= max_len``: TypeError for another type or dtype (float
+    ids are not truncated; uint8, int16, bool are refused), ValueError for a shape or an id out of
+    range."""
     if not isinstance(ids, torch.Tensor):
         raise ArgumentTypeError(f"{name} must be a LongTensor of token ids, got {type(ids).__name__}")
-    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise ArgumentTypeError(f"{name} must be a (batch, length) integer tensor of token ids, got {ids.dtype} of "
-                                f"shape {tuple(ids.shape)}")
+    # embedding lookups take int64 or int32 ids only; a narrower dtype would fail deep inside torch
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise ArgumentTypeError(f"{name} must be a (batch, length) int64 or int32 tensor of token ids, got "
+                                f"{ids.dtype} of shape {tuple(ids.shape)}")
     if ids.dim() != 2:
         raise ValueError(f"{name} must be a (batch, length) integer tensor, got {ids.dtype} of shape "
                          f"{tuple(ids.shape)}")
