@@ -299,7 +299,7 @@ def check_ids(name: str, ids, vocab_size: int, max_len: int) -> None:
         raise ArgumentTypeError(f"{name} must be a LongTensor of token ids, got {type(ids).__name__}")
     # embedding lookups take int64 or int32 ids only; a narrower dtype would fail deep inside torch
     if ids.dtype not in (torch.int64, torch.int32):
-        raise ArgumentTypeError(f"{name} must be a (batch, length) int64 or int32 tensor of token ids, got "
+        raise ArgumentTypeError(f"{name} must be a (batch, length) integer tensor of token ids (int64 or int32), got "
                                 f"{ids.dtype} of shape {tuple(ids.shape)}")
     if ids.dim() != 2:
         raise ValueError(f"{name} must be a (batch, length) integer tensor, got {ids.dtype} of shape "
