@@ -83,9 +83,9 @@ def test_gradcheck_float64(basis):
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
-def test_grkan_formula_and_gradcheck():
-    g = GRKAN(3, hidden=4, out_features=2, grid_size=3, dtype=torch.float64)
-    assert g.kan2.out_features == 4  # KAN2 outputs 2x for the GLU halves
+def test_grkan_compact_formula_and_gradcheck():
+    g = GRKAN(3, hidden=4, out_features=2, structure="compact", grid_size=3, dtype=torch.float64)
+    assert g.kan2.out_features == 4 and g.skip.bias is None  # KAN2 outputs 2x for the GLU halves
     with torch.no_grad():
         g.norm.weight.normal_()
         g.norm.bias.normal_()
@@ -94,7 +94,7 @@ def test_grkan_formula_and_gradcheck():
     want = nn.functional.layer_norm(x @ g.skip.weight.T + a * torch.sigmoid(b), (2,), g.norm.weight, g.norm.bias)
     assert_close("grkan", want, g(x), 1e-12)
     assert g(torch.randn(2, 7, 3, dtype=torch.float64)).shape == (2, 7, 2)
-    assert GRKAN(6).out_features == 6 and GRKAN(6).hidden == 6
+    assert GRKAN(6).out_features == 6 and GRKAN(6).hidden == 6 and GRKAN(6).structure == "paper"
 
     names = [n for n, _ in g.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in g.parameters())
@@ -104,6 +104,22 @@ def test_grkan_formula_and_gradcheck():
         return torch.func.functional_call(g, dict(zip(names, ps)), (x,))
 
     assert torch.autograd.gradcheck(f, (xg, *params))
+
+
+def test_grkan_paper_formula_from_its_layers():
+    """The default structure, composed from its own layers (tests/test_grkan_fidelity.py
+    re-derives it from the formula alone)."""
+    g = GRKAN(3, hidden=4, out_features=2, dense_width=5, grid_size=3, dtype=torch.float64)
+    assert (g.kan1.in_features, g.kan1.out_features, g.kan2.out_features) == (5, 4, 4)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    h = torch.relu(g.dense(x))
+    eta = g.kan2(g.kan1(h))
+    glu = torch.sigmoid(eta @ g.glu_gate.weight.T + g.glu_gate.bias) * (eta @ g.glu_value.weight.T + g.glu_value.bias)
+    want = nn.functional.layer_norm(h @ g.skip.weight.T + g.skip.bias + glu, (2,), g.norm.weight, g.norm.bias)
+    assert_close("grkan", want, g(x), 1e-12)
 
 
 def test_bad_arguments_name_the_argument():

@@ -29,8 +29,23 @@ y_o = sum_i  W_b[o, i] * base(x_i)  +  sum_i sum_j  C[o, i, j] * B_j(x_i)
 The grid is fixed (no grid updates during training).
 
 :class:`GRKAN` is the gated residual KAN of the KAMoE gate (Inzirillo and Genet 2024, "A Gated
-Residual Kolmogorov-Arnold Networks for Mixtures of Experts"), written from the paper's formula:
-``GRKAN(x) = LayerNorm(W_s x + GLU(KAN2(KAN1(x))))``. See docs/architecture.md, 'The math'.
+Residual Kolmogorov-Arnold Networks for Mixtures of Experts"), in two structures:
+
+* ``"paper"`` (the default), the paper's GRKAN and the authors' code (github.com/remigenet/KAMoE,
+  ``kamoe/grkan.py``), optionally behind the KAMoE gate's input layer ``h = ReLU(W_d x + b_d)``
+  (``dense_width``; without it ``h = x``):
+
+  ```
+  GRKAN(h) = LayerNorm(W_s h + b_s + GLU(eta)),   eta = KAN2(KAN1(h))
+  GLU(eta) = sigmoid(W_4 eta + b_4) * (W_5 eta + b_5)
+  ```
+
+  with an ELU base for ``KAN1`` and a SiLU base for ``KAN2`` by default.
+* ``"compact"``: ``LayerNorm(W_s x + a * sigmoid(b))``, ``[a | b] = KAN2(KAN1(x))`` with ``KAN2``
+  twice as wide, SiLU bases, no skip bias and no affine GLU maps (gatezoo's structure before the
+  paper's became the default; kept for its checkpoints).
+
+See docs/architecture.md, 'Kolmogorov-Arnold layers and GRKAN'.
 """
 
 from __future__ import annotations
@@ -40,7 +55,14 @@ import math
 import torch
 from torch import nn
 
-from .checks import ArgumentTypeError, check_bool, check_float_tensor, check_non_negative, check_positive
+from .checks import (
+    ArgumentTypeError,
+    check_bool,
+    check_float_tensor,
+    check_non_negative,
+    check_positive,
+    check_probability,
+)
 
 BASES = ("bspline", "rbf")
 
@@ -156,40 +178,139 @@ class KANLayer(nn.Module):
                 f"{order}, grid_range={self.grid_range}")
 
 
-class GRKAN(nn.Module):
-    """Gated residual KAN: ``LayerNorm(W_s x + GLU(KAN2(KAN1(x))))``.
+_DEFAULT = object()  # "the structure's own base activations" (None already means "no base branch")
 
-    ``KAN1`` maps ``dim -> hidden`` and ``KAN2`` maps ``hidden -> 2 * out``; the GLU splits
-    KAN2's output into halves ``[a | b]`` and returns ``a * sigmoid(b)`` (Dauphin et al. 2017).
-    ``W_s`` is a bias-free linear skip ``dim -> out`` and the LayerNorm (with affine parameters)
-    runs over the ``out`` features.
+
+def saved_grkan_structure(state_dict, prefix: str = "") -> str | None:
+    """The :class:`GRKAN` structure (``"paper"`` or ``"compact"``) a state dict was saved with,
+    read from its keys under ``prefix``, or None when it holds no GRKAN there."""
+    if f"{prefix}glu_gate.weight" in state_dict:
+        return "paper"
+    if f"{prefix}kan2.spline_weight" in state_dict:
+        return "compact"
+    return None
+
+
+class GRKAN(nn.Module):
+    """Gated residual KAN, the paper's structure by default (module docstring).
+
+    ``structure="paper"``::
+
+        h       = ReLU(W_d x + b_d)      with dense_width (the KAMoE gate's input layer), else x
+        eta     = Dropout(KAN2(KAN1(h)))  KAN1: width(h) -> hidden, ELU base; KAN2: hidden -> hidden, SiLU base
+        GLU     = sigmoid(W_4 eta + b_4) * (W_5 eta + b_5)          (hidden -> out each)
+        GRKAN   = LayerNorm(W_s h + b_s + GLU)                      (W_s: width(h) -> out)
+
+    Parameters: ``dense`` (``W_d``, ``b_d``; only with ``dense_width``), ``kan1``, ``kan2``,
+    ``skip`` (``W_s``, ``b_s``), ``glu_gate`` (``W_4``, ``b_4``), ``glu_value`` (``W_5``,
+    ``b_5``), ``norm``.
+
+    ``structure="compact"``: ``LayerNorm(W_s x + a * sigmoid(b))``, ``[a | b] = KAN2(KAN1(x))``
+    with ``KAN1: dim -> hidden``, ``KAN2: hidden -> 2 * out`` (the GLU halves) and a bias-free
+    ``W_s``; parameters ``kan1``, ``kan2``, ``skip``, ``norm``.
+
+    A state dict saved with the other structure is refused by ``load_state_dict`` with a
+    message saying how to build the module that loads it.
 
     Args:
         dim: input width.
         hidden: width between the two KAN layers (default ``dim``).
         out_features: output width (default ``dim``).
+        structure: ``"paper"`` (default) or ``"compact"``.
+        dense_width: ``"paper"`` only: width of the input layer ``h = ReLU(W_d x + b_d)``, or None
+            (default) for none.
+        dropout: ``"paper"`` only: dropout rate on ``eta`` in training (default 0, as the
+            authors' KAMoE layer).
+        base_activation: the KAN layers' base: one ``nn.Module`` class (or None) for both, or a
+            pair ``(KAN1's, KAN2's)``; default ``(nn.ELU, nn.SiLU)`` for ``"paper"`` and
+            ``nn.SiLU`` for ``"compact"``.
         eps: the LayerNorm's epsilon.
         **kan_args: passed to both :class:`KANLayer` (``basis``, ``grid_size``, ``spline_order``,
-            ``grid_range``, ``base_activation``, ``scale_noise``).
+            ``grid_range``, ``scale_noise``).
     """
 
-    def __init__(self, dim: int, hidden: int | None = None, out_features: int | None = None, *, eps: float = 1e-5,
-                 device=None, dtype=None, **kan_args):
+    STRUCTURES = ("paper", "compact")
+
+    def __init__(self, dim: int, hidden: int | None = None, out_features: int | None = None, *,
+                 structure: str = "paper", dense_width: int | None = None, dropout: float = 0.0,
+                 base_activation=_DEFAULT, eps: float = 1e-5, device=None, dtype=None, **kan_args):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         _positive_int("dim", dim)
         hidden = dim if hidden is None else _positive_int("hidden", hidden)
         out = dim if out_features is None else _positive_int("out_features", out_features)
+        if not isinstance(structure, str):
+            raise ArgumentTypeError(f"structure must be one of {self.STRUCTURES}, got {structure!r} "
+                                    f"({type(structure).__name__})")
+        if structure not in self.STRUCTURES:
+            raise ValueError(f"structure must be one of {self.STRUCTURES}, got {structure!r}")
+        if dense_width is not None:
+            _positive_int("dense_width", dense_width)
+        dropout = check_probability("dropout", dropout)
         eps = check_positive("eps", eps)
+        if structure == "compact" and dense_width is not None:
+            raise ValueError(f"dense_width: the compact structure has no input layer, so dense_width must be None, "
+                             f"got {dense_width!r}")
+        if structure == "compact" and dropout:
+            raise ValueError(f"dropout: the compact structure has no dropout, so dropout must be 0, got {dropout!r}")
+        if base_activation is _DEFAULT:
+            bases = (nn.ELU, nn.SiLU) if structure == "paper" else (nn.SiLU, nn.SiLU)
+        elif isinstance(base_activation, (tuple, list)):
+            if len(base_activation) != 2:
+                raise ValueError(f"base_activation must be one class (or None) or a pair (KAN1's, KAN2's), got "
+                                 f"{base_activation!r}")
+            bases = tuple(base_activation)
+        else:
+            bases = (base_activation, base_activation)
         self.dim, self.hidden, self.out_features = dim, hidden, out
-        self.kan1 = KANLayer(dim, hidden, **kan_args, **dd)
-        self.kan2 = KANLayer(hidden, 2 * out, **kan_args, **dd)
-        self.skip = nn.Linear(dim, out, bias=False, **dd)
+        self.structure, self.dense_width, self.dropout = structure, dense_width, dropout
+        if structure == "compact":
+            self.dense = None
+            self.kan1 = KANLayer(dim, hidden, base_activation=bases[0], **kan_args, **dd)
+            self.kan2 = KANLayer(hidden, 2 * out, base_activation=bases[1], **kan_args, **dd)
+            self.skip = nn.Linear(dim, out, bias=False, **dd)
+            self.glu_gate = self.glu_value = None
+        else:
+            self.dense = nn.Linear(dim, dense_width, **dd) if dense_width is not None else None
+            width = dim if dense_width is None else dense_width
+            self.kan1 = KANLayer(width, hidden, base_activation=bases[0], **kan_args, **dd)
+            self.kan2 = KANLayer(hidden, hidden, base_activation=bases[1], **kan_args, **dd)
+            self.skip = nn.Linear(width, out, **dd)
+            self.glu_gate = nn.Linear(hidden, out, **dd)
+            self.glu_value = nn.Linear(hidden, out, **dd)
         self.norm = nn.LayerNorm(out, eps=eps, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have {self.dim} features in its last dimension, got shape {tuple(x.shape)}")
-        a, b = self.kan2(self.kan1(x)).chunk(2, dim=-1)
-        return self.norm(self.skip(x) + a * torch.sigmoid(b))
+        if self.structure == "compact":
+            a, b = self.kan2(self.kan1(x)).chunk(2, dim=-1)
+            return self.norm(self.skip(x) + a * torch.sigmoid(b))
+        h = x if self.dense is None else torch.relu(self.dense(x))
+        eta = self.kan2(self.kan1(h))
+        if self.dropout:  # a Python constant: no dropout op at all in the default (0) case
+            eta = nn.functional.dropout(eta, self.dropout, self.training)
+        glu = torch.sigmoid(self.glu_gate(eta)) * self.glu_value(eta)
+        return self.norm(self.skip(h) + glu)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        saved = saved_grkan_structure(state_dict, prefix)
+        if saved is not None and saved != self.structure:
+            raise ValueError(f"GRKAN state dict{f' at {prefix!r}' if prefix else ''} was saved with the {saved!r} "
+                             f"structure, but this GRKAN has structure={self.structure!r}: build it with "
+                             f"GRKAN(..., structure={saved!r}) to load it")
+        if saved == "paper" and (f"{prefix}dense.weight" in state_dict) != (self.dense is not None):
+            had = "an input layer (dense_width set)" if self.dense is None else "no input layer (dense_width=None)"
+            raise ValueError(f"GRKAN state dict{f' at {prefix!r}' if prefix else ''} was saved with {had}, but this "
+                             f"GRKAN has dense_width={self.dense_width!r}: build it with the dense_width it was "
+                             f"saved with")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        dense = f", dense_width={self.dense_width}" if self.dense is not None else ""
+        drop = f", dropout={self.dropout}" if self.dropout else ""
+        return (f"{self.dim}, hidden={self.hidden}, out_features={self.out_features}, structure={self.structure!r}"
+                f"{dense}{drop}")
