@@ -44,7 +44,7 @@ from torch.func import functional_call
 from gatezoo.kernels.routing import route
 
 from .checks import ArgumentTypeError, check_backend, check_bool, check_non_negative
-from .kan import GRKAN
+from .kan import GRKAN, saved_grkan_structure
 
 __all__ = [
     "ROUTERS", "AdaptiveThresholdRouter", "GRKANRouter", "GumbelSoftmaxRouter", "ModifiedSoftmaxRouter", "Router",
@@ -484,32 +484,60 @@ class AdaptiveThresholdRouter(Router):
 
 class GRKANRouter(Router):
     """KAMoE's gate: dense sigmoid gates from a gated residual KAN,
-    ``g = sigmoid(GRKAN(x))``, ``y = sum_i g_i f_i(x)``.
+    ``g = sigmoid(GRKAN(h))``, ``y = sum_i g_i f_i(x)``.
 
     Inzirillo and Genet 2024, "A Gated Residual Kolmogorov-Arnold Networks for Mixtures of
-    Experts", which introduces KAMoE (written from the paper; :class:`~gatezoo.blocks.kan.GRKAN`
-    has the formula). The gates are **not**
-    renormalised: each lies in (0, 1) and they need not sum to 1, as in the paper. ``probs`` is
-    ``g / sum(g)`` (for statistics only); ``logits`` is None (no softmax, so no z-loss) and no
-    balance loss applies (dense). Like every router it computes in float32 (float64 for float64
-    input) with autocast off, casting its parameters when they have another dtype.
+    Experts", which introduces KAMoE. By default (``structure="paper"``) the gate is the paper's
+    and the authors' code's (github.com/remigenet/KAMoE, ``kamoe/kamoe.py`` and ``grkan.py``)::
+
+        h        = ReLU(W_d x + b_d)                                (dim -> dense_width)
+        GRKAN(h) = LayerNorm(W_s h + b_s + GLU(eta)),  eta = KAN2(KAN1(h))
+        GLU(eta) = sigmoid(W_4 eta + b_4) * (W_5 eta + b_5)
+
+    with ``KAN1: dense_width -> hidden`` (ELU base), ``KAN2: hidden -> hidden`` (SiLU base) and
+    the GLU and skip mapping to the E experts (:class:`~gatezoo.blocks.kan.GRKAN` has the
+    formulas; ``self.grkan(x)`` is ``GRKAN(h)``, the input layer included).
+    ``structure="compact"`` is gatezoo's earlier gate, ``g = sigmoid(LayerNorm(W_s x +
+    a * sigmoid(b)))``, ``[a | b] = KAN2(KAN1(x))``, with no input layer, no skip bias and no
+    affine GLU maps; build it to load a checkpoint saved before the paper's structure became
+    the default (loading one into the paper's structure fails and says so).
+
+    The gates are **not** renormalised: each lies in (0, 1) and they need not sum to 1, as in
+    the paper. ``probs`` is ``g / sum(g)`` (for statistics only); ``logits`` is None (no softmax,
+    so no z-loss) and no balance loss applies (dense). Like every router it computes in float32
+    (float64 for float64 input) with autocast off, casting its parameters when they have another
+    dtype.
 
     Args:
-        hidden: GRKAN hidden width (default ``2 * num_experts``: a KAN layer costs about
-            ``(grid_size + spline_order + 1) * in * out`` multiply-adds per token, so a hidden width of
-            ``dim`` made this router cost 15x a dense SwiGLU feed-forward at d = 256; ``2 E`` keeps it
-            a few percent).
+        structure: ``"paper"`` (default) or ``"compact"``.
+        dense_width: ``"paper"`` only: width of the input layer ``h`` (default ``dim``: the
+            authors' code uses the experts' output width, which is ``dim`` for gatezoo's
+            feed-forward experts; it costs ``dim * dense_width`` multiply-adds per token).
+        hidden: width between the KAN layers (default ``num_experts`` for ``"paper"``, the
+            authors' choice, and ``2 * num_experts`` for ``"compact"``: a KAN layer costs about
+            ``(grid_size + spline_order + 1) * in * out`` multiply-adds per token, so a hidden
+            width of ``dim`` would cost more than the experts).
+        dropout: ``"paper"`` only: dropout rate on ``eta`` in training (default 0).
         k: None or ``num_experts``.
-        **kan_args: ``basis``, ``grid_size``, ``spline_order``, ``grid_range``... of the KAN layers.
+        **kan_args: ``basis``, ``grid_size``, ``spline_order``, ``grid_range``, ``base_activation``
+            ... of :class:`~gatezoo.blocks.kan.GRKAN`.
     """
 
     balance = False
 
-    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, hidden: int | None = None,
-                 backend: str = "auto", device=None, dtype=None, **kan_args):
+    def __init__(self, dim: int, num_experts: int, k: int | None = None, *, structure: str = "paper",
+                 dense_width: int | None = None, hidden: int | None = None, backend: str = "auto", device=None,
+                 dtype=None, **kan_args):
         super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
-        hidden = 2 * num_experts if hidden is None else hidden
-        self.grkan = GRKAN(dim, hidden, num_experts, device=device, dtype=dtype, **kan_args)
+        if structure == "paper":
+            dense_width = dim if dense_width is None else dense_width
+            hidden = num_experts if hidden is None else hidden
+        elif structure == "compact":
+            hidden = 2 * num_experts if hidden is None else hidden
+        # GRKAN checks structure, dense_width and hidden and names them in its errors
+        self.grkan = GRKAN(dim, hidden, num_experts, structure=structure, dense_width=dense_width, device=device,
+                           dtype=dtype, **kan_args)
+        self.structure = structure
 
     def forward(self, x, task_ids=None):
         self._check_input(x)
@@ -524,6 +552,27 @@ class GRKANRouter(Router):
         indices = _all_experts(x.shape[0], self.num_experts, x.device)
         probs = gates / gates.sum(-1, keepdim=True)
         return RoutingResult(gates.float(), indices, None, None, probs, {})
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # checked here, before GRKAN's own check, so the message says how to build the router
+        saved = saved_grkan_structure(state_dict, f"{prefix}grkan.")
+        if saved is not None and saved != self.structure:
+            where = f" at {prefix!r}" if prefix else ""
+            if saved == "compact":
+                why = ("it was saved with the compact GRKAN structure, the default before the paper's structure "
+                       "(h = ReLU(Dense(x)), LayerNorm(W_s h + b_s + GLU(KAN2(KAN1(h))))) became the default")
+            else:
+                why = "it was saved with the paper's GRKAN structure (the default)"
+            raise ValueError(f"GRKANRouter state dict{where}: {why}, but this router has structure="
+                             f"{self.structure!r}. Build the router with structure={saved!r} to load it: "
+                             f"GRKANRouter(dim, num_experts, structure={saved!r}), or in a model's MoE options "
+                             f"router_args={{'structure': {saved!r}}}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, structure={self.structure!r}"
 
 
 class TaskAwareRouter(Router):
