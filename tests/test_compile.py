@@ -127,6 +127,22 @@ def test_compiled_router_computes_the_eager_router(router):
     _compiled_vs_eager(*_moe_vit(router))
 
 
+def _task_level_vit():
+    """A MoE ViT whose task_aware router routes by task alone (mode="task"), one task per row."""
+    model, inputs = _tiny("vit_tiny_moe", num_experts=4, router="task_aware",
+                          router_args={**ROUTER_ARGS["task_aware"], "mode": "task"})
+    set_task_ids(model, torch.tensor([0, 2]))
+    return model, inputs
+
+
+def test_task_level_router_traces_without_graph_breaks_and_computes_the_eager_router():
+    model, inputs = _task_level_vit()
+    for train in (True, False):
+        model.train(train)
+        assert _graph_breaks(model, inputs) == [], train
+    _compiled_vs_eager(model, inputs)
+
+
 def test_compiled_gumbel_eval_noise_is_the_eager_noise():
     model, (x,) = _moe_vit("gumbel")
     model.eval()

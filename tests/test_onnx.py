@@ -82,6 +82,20 @@ def test_every_router_exports(router):
     _check_runs(_export(model, inputs), model, [inputs])
 
 
+def test_task_level_router_and_its_extracted_model_export():
+    """TaskAwareRouter(mode="task"): the model with its task ids, and a task's sub-network."""
+    from gatezoo.models import extract_task_model
+
+    model, inputs = _tiny("vit_tiny_moe", num_experts=4, router="task_aware",
+                          router_args={**ROUTER_ARGS["task_aware"], "mode": "task"})
+    set_task_ids(model, 1)
+    _check_runs(_export(model, inputs), model, [inputs])
+    sub = extract_task_model(model, 1).eval()
+    _check_runs(_export(sub, inputs), sub, [inputs])
+    with torch.no_grad():
+        assert torch.allclose(sub(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
+
+
 def test_moe_vit_exports_with_a_dynamic_batch():
     """The capacity (ceil(c N k / E)) follows the batch size of the exported graph."""
     model, (x,) = _tiny("vit_tiny_moe", num_experts=4, capacity_factor=0.75, moe_k=1)

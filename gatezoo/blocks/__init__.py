@@ -25,6 +25,8 @@ from .moe import (
     MoELayers,
     MoLELinear,
     PreGatedMoEStack,
+    TaskExpertsFeedForward,
+    extract_task_experts,
     link_pregated,
     moe_aux_loss,
     moe_layers,
@@ -65,4 +67,6 @@ __all__ = [
     "TaskAwareRouter", "TopKRouter", "link_pregated", "make_router", "MoELayers", "moe_aux_loss", "moe_layers",
     "moe_stats",
     "reset_moe_stats", "router_z_loss", "set_task_ids", "switch_balance_loss", "unlink_pregated",
+    # task-level sub-networks
+    "TaskExpertsFeedForward", "extract_task_experts",
 ]

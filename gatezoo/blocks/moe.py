@@ -16,6 +16,7 @@ docs/routing.md for usage.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -36,11 +37,20 @@ from .checks import (
     check_probability,
 )
 from .dropout import Dropout
-from .routing import ROUTERS, Router, RoutingResult, make_router, router_z_loss, switch_balance_loss
+from .routing import (
+    ROUTERS,
+    Router,
+    RoutingResult,
+    TaskAwareRouter,
+    make_router,
+    router_z_loss,
+    switch_balance_loss,
+)
 
 __all__ = [
     "EXPERTS", "MoEFeedForward", "MoLELinear", "PreGatedMoEStack", "link_pregated", "moe_aux_loss", "moe_stats",
     "reset_moe_stats", "set_moe_process_group", "set_task_ids", "unlink_pregated",
+    "TaskExpertsFeedForward", "extract_task_experts",
 ]
 
 EXPERTS = sorted(GLU_VARIANTS) + [f"mlp-{k}" for k in sorted(KINDS)] + [
@@ -758,3 +768,170 @@ def moe_layers(model: nn.Module) -> MoELayers:
     if not isinstance(model, nn.Module):
         raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return MoELayers(model)
+
+
+# --- task-level sub-networks -------------------------------------------------------------------
+
+
+def _task_level_router(layer: _MoEModule) -> TaskAwareRouter:
+    """The layer's router when it routes by task alone, else a ValueError saying why not."""
+    router = layer.router
+    if isinstance(router, TaskAwareRouter) and router.task_level:
+        return router
+    how = (f"TaskAwareRouter with mode={router.mode!r} (token level)" if isinstance(router, TaskAwareRouter)
+           else type(router).__name__)
+    raise ValueError(f"layer routes with a {how}: its routing depends on the tokens, so it has no fixed sub-network "
+                     f"per task; only task-level routing (router='task_aware' with router_args mode='task') can be "
+                     f"extracted")
+
+
+def _routing_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype the router computes in for inputs of the layer's own dtype."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+class TaskExpertsFeedForward(nn.Module):
+    """The sub-network of one task of a :class:`MoEFeedForward` with task-level routing, as a
+    dense feed-forward: ``y = sum_j w_j f_{e_j}(x)`` over the k experts ``e_j`` the task selects,
+    with the task's fixed weights ``w_j`` (Kudugunta et al. 2021, "Beyond Distillation:
+    Task-level Mixture-of-Experts for Efficient Inference": the extracted task-MoE sub-network).
+
+    Built by :func:`extract_task_experts`; its tensors are copies of the k experts' (``w1``
+    (k, d, 2h) or (k, d, h), ``w2`` (k, h, d_out), the biases, the expanded activation's
+    ``alpha``), the hidden norm and the dropouts are copies of the layer's, and
+    ``combine_weights`` (k,) float32 holds ``w_j`` (what the router gives every token of the
+    task). ``experts`` is the tuple of the original expert ids ``e_j``, ``task`` the task id.
+
+    ``forward(x, task_ids=None)``: x (..., d) -> (..., d_out), no task ids needed. ``task_ids``
+    is accepted where a MoE layer took it (e.g. inside a :class:`PreGatedMoEStack`): an int or
+    an integer tensor whose ids must all be ``task`` (outside a torch.compile trace).
+    """
+
+    def __init__(self, layer: MoEFeedForward, task: int):
+        super().__init__()
+        if not isinstance(layer, MoEFeedForward):
+            raise ArgumentTypeError(f"layer must be a MoEFeedForward, got {type(layer).__name__}")
+        router = _task_level_router(layer)
+        idx, weights = router.task_routing(task, _routing_dtype(layer.w1))
+        self.task = int(task)
+        self.experts = tuple(int(e) for e in idx)
+        self.in_features, self.hidden_features, self.out_features = (layer.in_features, layer.hidden_features,
+                                                                     layer.out_features)
+        self.expert, self.kind, self.expanded, self.is_glu = layer.expert, layer.kind, layer.expanded, layer.is_glu
+        self.backend = layer.backend
+        with torch.no_grad():
+            idx = idx.to(layer.w1.device)
+
+            def pick(p):
+                return None if p is None else nn.Parameter(p[idx].clone(), requires_grad=p.requires_grad)
+
+            self.w1, self.w2, self.b1, self.b2 = (pick(p) for p in (layer.w1, layer.w2, layer.b1, layer.b2))
+            self.alpha = None if layer.alpha is None else nn.Parameter(layer.alpha.clone(),
+                                                                       requires_grad=layer.alpha.requires_grad)
+        self.register_buffer("combine_weights", weights.to(layer.w1.device).clone())
+        self.norm = copy.deepcopy(layer.norm)
+        self.drop1, self.drop2 = copy.deepcopy(layer.drop1), copy.deepcopy(layer.drop2)
+        self.train(layer.training)
+
+    def _check_task_ids(self, task_ids) -> None:
+        if task_ids is None:
+            return
+        if isinstance(task_ids, bool) or not isinstance(task_ids, (int, torch.Tensor)) or (
+                isinstance(task_ids, torch.Tensor) and (task_ids.is_floating_point() or task_ids.is_complex()
+                                                        or task_ids.dtype == torch.bool)):
+            raise ArgumentTypeError(f"task_ids must be None, an int or an integer tensor, got "
+                                    f"{getattr(task_ids, 'dtype', type(task_ids).__name__)}")
+        if isinstance(task_ids, int):
+            wrong = task_ids != self.task
+        elif torch.compiler.is_compiling() or task_ids.numel() == 0:
+            return  # reading the ids would sync with the device, which a trace cannot
+        else:
+            wrong = bool((task_ids != self.task).any())
+        if wrong:
+            raise ValueError(f"task_ids: this sub-network was extracted for task {self.task} alone, got ids other "
+                             f"than {self.task}")
+
+    def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
+        check_float_tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
+                             f"{tuple(x.shape)}")
+        self._check_task_ids(task_ids)
+        lead = tuple(x.shape[:-1])
+        xf = x.reshape(-1, self.in_features)
+        w1, w2, b1, b2 = self.w1, self.w2, self.b1, self.b2
+        cast = _autocast_dtype(xf.device)
+        if cast is not None:  # as MoEFeedForward does, so both compute in the same dtype
+            xf, w1, w2 = xf.to(cast), w1.to(cast), w2.to(cast)
+            b1, b2 = (None if b is None else b.to(cast) for b in (b1, b2))
+        h = torch.matmul(xf, w1)  # (k, N, width): every token through each of the k experts
+        if b1 is not None:
+            h = h + b1.unsqueeze(1)
+        if self.is_glu:
+            h = glu_packed(h, self.kind, self.alpha, backend=self.backend)
+        else:
+            h = gated_act(h, self.kind, self.alpha, backend=self.backend)
+        h = self.drop1(self.norm(h)).to(w2.dtype)
+        ys = torch.matmul(h, w2)
+        if b2 is not None:
+            ys = ys + b2.unsqueeze(1)
+        y = (self.combine_weights.to(ys.dtype).view(-1, 1, 1) * ys).sum(0)
+        return self.drop2(y).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_features}, hidden_features={self.hidden_features}, out_features={self.out_features}, "
+                f"task={self.task}, experts={self.experts}, expert={self.expert!r}")
+
+
+def _extract_mole(layer: MoLELinear, task: int) -> nn.Linear:
+    """A task's sub-network of a MoLELinear: its LoRA experts merged into the base layer."""
+    router = _task_level_router(layer)
+    idx, weights = router.task_routing(task, _routing_dtype(layer.lora_a))
+    base = layer.base
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
+                       device=base.weight.device, dtype=base.weight.dtype)
+    with torch.no_grad():
+        idx = idx.to(layer.lora_a.device)
+        a, b = layer.lora_a[idx], layer.lora_b[idx]  # (k, in, r), (k, r, out)
+        delta = torch.einsum("k,kir,kro->oi", weights.to(device=a.device, dtype=a.dtype), a, b) * layer.scaling
+        linear.weight.copy_(base.weight + delta.to(base.weight.dtype))
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+    return linear.train(layer.training)
+
+
+def extract_task_experts(layer: nn.Module, task) -> nn.Module:
+    """The sub-network of task ``task`` of a MoE layer with task-level routing: a smaller dense
+    module that computes what ``layer`` computes on that task's tokens, without a router and
+    without task ids (Kudugunta et al. 2021, "Beyond Distillation: Task-level
+    Mixture-of-Experts for Efficient Inference").
+
+    ``layer``'s router must be a :class:`~gatezoo.blocks.routing.TaskAwareRouter` with
+    ``mode="task"``: every token of a task then uses the same k experts with the same weights
+    (:meth:`~gatezoo.blocks.routing.TaskAwareRouter.task_routing`). With any other router the
+    routing depends on the tokens and a ValueError says so.
+
+    * :class:`MoEFeedForward` -> :class:`TaskExpertsFeedForward`, the k experts of the task
+      and their fixed weights (``k/E`` of the experts' parameters, no router).
+    * :class:`MoLELinear` -> ``nn.Linear``: the base layer with the task's k LoRA experts merged
+      in, ``W + (alpha/r)·sum_j w_j (A_j B_j)^T``.
+    * A :class:`PreGatedMoEStack` is not one layer: :func:`gatezoo.models.extract_task_model`
+      replaces the layers inside it (or inside any model); here it raises TypeError.
+
+    The weights are computed in the routers' compute dtype for the layer's own dtype (float64
+    for float64 parameters, else float32), the dtype its inputs normally have. The outputs equal
+    the layer's on that task for a dropless layer; with a ``capacity_factor`` the layer drops
+    assignments past an expert's capacity, which the sub-network (no capacity) computes. The
+    copies are detached from ``layer`` (fine-tuning one leaves the other as it is).
+
+    Raises TypeError for a ``task`` that is not an int (or 0-dim integer tensor) or a layer of
+    another type, ValueError for a ``task`` outside ``[0, num_tasks)``.
+    """
+    if isinstance(layer, PreGatedMoEStack):
+        raise ArgumentTypeError("layer must be a MoEFeedForward or a MoLELinear, got a PreGatedMoEStack: use "
+                                "gatezoo.models.extract_task_model(stack, task), which replaces each layer inside it")
+    if isinstance(layer, MoEFeedForward):
+        return TaskExpertsFeedForward(layer, task)
+    if isinstance(layer, MoLELinear):
+        return _extract_mole(layer, task)
+    raise ArgumentTypeError(f"layer must be a MoEFeedForward or a MoLELinear, got {type(layer).__name__}")

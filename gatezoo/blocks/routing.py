@@ -19,7 +19,8 @@ Routers (``ROUTERS`` names them; :func:`make_router` builds one by name):
 ``adaptive_threshold``    AdaMoLE's input-dependent threshold (Liu and Luo 2024)
 ``grkan``                 KAMoE's dense sigmoid gate from a gated residual KAN (Inzirillo and
                           Genet 2024)
-``task_aware``            top-k over a task-conditioned gate (task embedding or one gate per task)
+``task_aware``            top-k over a task-conditioned gate (task embedding or one gate per task),
+                          or over the task alone (task-level, Kudugunta et al. 2021)
 ========================  =====================================================================
 
 The exact formulas are in docs/architecture.md, 'The math', section 'Routers and mixtures of
@@ -576,46 +577,68 @@ class GRKANRouter(Router):
 
 
 class TaskAwareRouter(Router):
-    """Top-k routing conditioned on a task id (task-level routing for multi-task models).
+    """Top-k routing conditioned on a task id (multi-task models), at token or at task level.
 
     Kudugunta et al. 2021, "Beyond Distillation: Task-level Mixture-of-Experts for Efficient
-    Inference" (routing by task), in two forms:
+    Inference" (routing by task), in three forms:
 
-    * ``mode="embed"``: the gate sees ``[x ; e_task]``, with ``e_task`` a learned embedding per
-      task (``task_dim`` wide, default ``dim``): ``l = W_g [x ; e_task]``.
-    * ``mode="per_task"``: one gate matrix per task, ``l = W_g[task] x``.
+    * ``mode="embed"`` (token level): the gate sees ``[x ; e_task]``, with ``e_task`` a learned
+      embedding per task (``task_dim`` wide, default ``dim``): ``l = W_g [x ; e_task]``.
+    * ``mode="per_task"`` (token level): one gate matrix per task, ``l = W_g[task] x``.
+    * ``mode="task"`` (task level, the paper's task-MoE): the gate sees the task alone,
+      ``l_t = W_g e_t`` with ``e_t`` a learned embedding of task t (``task_dim`` wide, default
+      ``dim``) and ``W_g`` (E, task_dim), as the authors' GShard/Lingvo code gates on task
+      embeddings (``TaskTop2Gating``: ``logits = task_embeddings @ w``). Every token of task t
+      gets the same k experts, the top k of ``l_t``, and the same weights; ``x`` only sets the
+      number of tokens and the compute dtype. So a task's sub-network is fixed and can be
+      extracted (:meth:`task_routing`, :func:`gatezoo.blocks.moe.extract_task_experts`).
 
-    The weights are the top-k softmax of those logits, as in :class:`TopKRouter`.
+    The weights are the top-k softmax of those logits, as in :class:`TopKRouter`. For the
+    auxiliary losses every token carries its task's logits and probabilities: in ``mode="task"``
+    the Switch balance loss has ``f_i`` = the share of tokens whose task selects expert i and
+    ``P_i`` = the token-weighted mean of the tasks' ``softmax(l_t)_i``, so it balances the
+    experts over the batch's mix of tasks (its gradient reaches ``W_g`` and the task embeddings
+    through ``P``); the z-loss is the token-weighted mean of ``logsumexp(l_t)^2``.
 
     Args:
         num_tasks: T, task ids lie in ``[0, T)``.
         k: experts per token.
+        mode: ``"embed"`` (default), ``"per_task"`` or ``"task"``.
+        task_dim: width of the task embedding (``"embed"`` and ``"task"``; default ``dim``).
 
     ``forward(x, task_ids)`` requires ``task_ids``: an int (every token) or an integer tensor of
     shape () or (N,) (one id per token; the MoE layers also accept one per batch row).
     """
 
-    MODES = ("embed", "per_task")
+    MODES = ("embed", "per_task", "task")
 
     def __init__(self, dim: int, num_experts: int, k: int = 2, *, num_tasks: int, mode: str = "embed",
                  task_dim: int | None = None, backend: str = "auto", device=None, dtype=None):
         super().__init__(dim, num_experts, k, backend=backend)
         dd = {"device": device, "dtype": dtype}
         self.num_tasks = _check_int("num_tasks", num_tasks)
+        if not isinstance(mode, str):
+            raise ArgumentTypeError(f"mode must be one of {self.MODES}, got {type(mode).__name__}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
-        if mode == "embed":
+        if mode in ("embed", "task"):
             self.task_dim = dim if task_dim is None else _check_int("task_dim", task_dim)
             self.task_embed = nn.Embedding(num_tasks, self.task_dim, **dd)
-            self.gate = nn.Linear(dim + self.task_dim, num_experts, bias=False, **dd)
+            gate_in = self.task_dim if mode == "task" else dim + self.task_dim
+            self.gate = nn.Linear(gate_in, num_experts, bias=False, **dd)
         else:
             if task_dim is not None:
-                raise ValueError("task_dim is only used by mode='embed'")
+                raise ValueError("task_dim is only used by mode='embed' and mode='task'")
             self.task_dim = None
             bound = 1 / math.sqrt(dim)  # nn.Linear's default init, per task
             self.gate_weight = nn.Parameter(torch.empty(num_tasks, num_experts, dim, **dd).uniform_(-bound, bound))
         self.balance = not self.dense
+
+    @property
+    def task_level(self) -> bool:
+        """True when the routing depends on the task alone (``mode="task"``)."""
+        return self.mode == "task"
 
     def task_index(self, task_ids, n: int, device) -> torch.Tensor:
         """``task_ids`` checked and expanded to (n,) int64."""
@@ -641,10 +664,39 @@ class TaskAwareRouter(Router):
                              f"in [{int(task_ids.min())}, {int(task_ids.max())}]")
         return task_ids.to(device=device, dtype=torch.int64)
 
+    def task_logits(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``mode="task"`` only: the (T, E) logits ``l_t = W_g e_t`` of every task, computed in
+        ``dtype`` (float32 or float64, what :func:`compute_dtype` gives for the input) with
+        autocast off."""
+        if not self.task_level:
+            raise ValueError(f"task_logits needs mode='task' (task-level routing), this router has mode={self.mode!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64 (a router's compute dtype), got {dtype}")
+        emb = self.task_embed.weight
+        with torch.autocast(emb.device.type, enabled=False):
+            return F.linear(emb.to(dtype), self.gate.weight.to(dtype))
+
+    def task_routing(self, task: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mode="task"`` only: ``(indices, weights)`` of task ``task``, its k experts (int64,
+        (k,), best first) and their float32 combine weights (k,), which every token of the task
+        gets; ``dtype`` is the compute dtype of the logits (float64 for float64 inputs). Detached:
+        for inspection and extraction."""
+        task = _check_task_id(task, self.num_tasks)
+        with torch.no_grad():  # every task routed, as forward does, so the rows are forward's
+            r = route(self.task_logits(dtype), self.k, backend=self.backend)
+        return r.indices[task], r.weights[task]
+
     def forward(self, x, task_ids=None):
         self._check_input(x)
         tasks = self.task_index(task_ids, x.shape[0], x.device)
         dt = compute_dtype(x)
+        if self.mode == "task":
+            # route the T tasks once, then hand each token its task's row: every token of a task
+            # gets the same experts and weights by construction
+            per_task = self.task_logits(dt)
+            r = route(per_task, self.k, backend=self.backend)
+            probs = torch.softmax(per_task, dim=-1)
+            return RoutingResult(r.weights[tasks], r.indices[tasks], None, per_task[tasks], probs[tasks], {})
         if self.mode == "embed":
             with torch.autocast(x.device.type, enabled=False):
                 emb = self.task_embed.weight.to(dt)[tasks]
@@ -658,6 +710,19 @@ class TaskAwareRouter(Router):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_tasks={self.num_tasks}, mode={self.mode!r}"
+
+
+def _check_task_id(task, num_tasks: int) -> int:
+    """One task id: an int (or a 0-dim integer tensor) in ``[0, num_tasks)``."""
+    if isinstance(task, torch.Tensor) and task.dim() == 0 and not task.is_floating_point() \
+            and not task.is_complex() and task.dtype != torch.bool:
+        task = int(task)
+    if isinstance(task, bool) or not isinstance(task, int):
+        raise ArgumentTypeError(f"task must be an int (a task id in [0, {num_tasks})), got "
+                                f"{getattr(task, 'dtype', type(task).__name__)}")
+    if not 0 <= task < num_tasks:
+        raise ValueError(f"task must lie in [0, {num_tasks}) (num_tasks={num_tasks}), got {task}")
+    return task
 
 
 ROUTERS: dict[str, type[Router]] = {

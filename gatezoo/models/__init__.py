@@ -11,6 +11,7 @@ by name from one registry.
 
 from .convert import vit_state_dict_from_timm
 from .export import ctranslate2_available, export_ctranslate2
+from .extract import extract_task_model
 from .moe import MoEOptions, moe_feedforward
 from .registry import create_model, list_models, model_config
 from .translation import (
@@ -44,7 +45,7 @@ from .vision import (
 __all__ = [
     "BOS_ID", "EOS_ID", "MT_ATTENTION_PLACES", "MT_ATTENTIONS", "MT_FFNS", "NORM_POSITIONS", "PAD_ID",
     "DecoderCache", "EncoderDecoder", "Memory",
-    "MoEOptions", "moe_feedforward",
+    "MoEOptions", "moe_feedforward", "extract_task_model",
     "TranslationConfig", "ctranslate2_available", "export_ctranslate2", "sinusoidal_positions",
     "ATTENTIONS", "FFNS", "ImageConfig", "MLPMixer", "MixerConfig", "NiNformer", "NiNformerConfig", "PatchEmbed",
     "ViTBlock", "ViTConfig", "VisionTransformer", "create_model", "list_models", "model_config",
