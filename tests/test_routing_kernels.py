@@ -139,7 +139,8 @@ def test_route_bias_on_the_scores_is_deepseek_v3_eq16(backend):
 @pytest.mark.parametrize("score, bias_on", RULES, ids=RULE_IDS)
 def test_route_nan_score_gives_nan_weights_for_its_row_only(backend, score, bias_on):
     """A NaN logit makes its row's weights NaN on every rule (with softmax scores the whole row's
-    scores are NaN, so the NaN column need not be selected); other rows stay finite."""
+    scores are NaN, so the NaN column need not be selected); other rows stay finite. A NaN bias
+    makes every row's weights NaN."""
     logits = torch.randn(4, 6)
     logits[2, 5] = float("nan")
     bias = torch.zeros(6)
@@ -147,6 +148,9 @@ def test_route_nan_score_gives_nan_weights_for_its_row_only(backend, score, bias
     assert torch.isnan(r.weights[2]).all() and torch.isfinite(r.weights[[0, 1, 3]]).all()
     ref = route_composed(logits, 2, bias, None, 1.0, score, bias_on)
     assert torch.equal(torch.isnan(ref.weights), torch.isnan(r.weights))
+    bias[3] = float("nan")  # a NaN bias is in every row's selection scores
+    r = route(torch.randn(4, 6), 2, bias=bias, score=score, bias_on=bias_on, backend=backend)
+    assert torch.isnan(r.weights).all() and ((r.indices >= 0) & (r.indices < 6)).all()
 
 
 def test_route_selection_by_noise_then_scale():
