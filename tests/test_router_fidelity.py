@@ -289,3 +289,19 @@ def test_old_moe_checkpoints_with_a_gumbel_router_load_into_the_new_default():
 def test_bad_options_name_the_argument(build, exc, match):
     with pytest.raises(exc, match=match):
         build()
+
+
+@pytest.mark.parametrize("router_args", [{"selection_bias": True, "score": "sigmoid"},
+                                         {"selection_bias": True, "bias_on": "logits"}],
+                         ids=["sigmoid", "bias_on_logits"])
+def test_new_options_trace_without_graph_breaks(router_args):
+    """The defaults are traced by tests/test_compile.py; the new options must trace too."""
+    layer = MoEFeedForward(D, 8, num_experts=4, router_args=router_args)
+    with torch.no_grad():
+        layer.router.selection_bias.copy_(0.1 * torch.randn(4))
+    x = torch.randn(2, 3, D)
+    for train in (True, False):
+        layer.train(train)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(layer)(x)
+        assert explained.graph_count >= 1 and not explained.break_reasons, (train, explained.break_reasons)
