@@ -300,7 +300,7 @@ class TopKRouter(Router):
         bias_on: ``"scores"`` (default, the paper's rule) or ``"logits"``: select by the top-k of
             ``l + b`` instead, weights still from ``s`` alone. ``"logits"`` was gatezoo's rule
             before the paper's became the default (it selects other experts than the paper's rule
-            once the bias is comparable to the gaps between scores) and has no measured advantage.
+            once the bias is comparable to the gaps between scores); no measurement favours it.
         zero_init: start ``W_g`` at zero. None (default): True when ``noisy``, as Shazeer et al.
             initialise both ``W_g`` and ``W_noise`` to zero (no signal, only noise, at the start);
             False otherwise (``nn.Linear``'s init: a zero ``W_g`` without noise would send every
