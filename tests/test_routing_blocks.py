@@ -93,8 +93,10 @@ def test_noisy_topk_matches_the_formula_in_training_and_is_clean_in_eval():
     """Training: weights = softmax over the k selected entries of the noisy logits
     l + eps * softplus(W_noise x), eps ~ N(0, 1) from the global RNG; eval: no noise."""
     router = TopKRouter(D, E, k=2, noisy=True)
+    assert (router.gate.weight == 0).all() and (router.noise.weight == 0).all()  # Shazeer et al.'s init
     with torch.no_grad():
-        router.noise.weight.normal_()  # not the zero init, so softplus(W_noise x) varies
+        router.gate.weight.normal_()  # not the zero init: distinct logits to select from in eval
+        router.noise.weight.normal_()  # so that softplus(W_noise x) varies
     x = torch.randn(12, D)
     router.train()
     torch.manual_seed(7)
@@ -126,8 +128,18 @@ def test_noisy_topk_matches_the_formula_in_training_and_is_clean_in_eval():
     assert_close("eval probs", torch.softmax(clean, -1), re.probs, 1e-6)
 
 
-def test_selection_bias_picks_but_does_not_weight():
-    router = TopKRouter(D, E, k=2, selection_bias=True, bias_update_rate=0.1)
+def test_zero_init_is_shazeers_for_noisy_gates_and_an_option_otherwise():
+    assert (TopKRouter(D, E, noisy=True).gate.weight == 0).all()
+    assert (TopKRouter(D, E, zero_init=True).gate.weight == 0).all()
+    assert TopKRouter(D, E).gate.weight.abs().sum() > 0
+    assert TopKRouter(D, E, noisy=True, zero_init=False).gate.weight.abs().sum() > 0
+    with pytest.raises(TypeError, match="zero_init"):
+        TopKRouter(D, E, zero_init="yes")
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_selection_bias_picks_but_does_not_weight(score):
+    router = TopKRouter(D, E, k=2, selection_bias=True, bias_update_rate=0.1, score=score)
     assert "selection_bias" in router.state_dict()
     with torch.no_grad():
         router.selection_bias.copy_(torch.tensor([-100.0, 0, 0, 100.0]))
@@ -135,7 +147,10 @@ def test_selection_bias_picks_but_does_not_weight():
     r = router(x)
     assert (r.indices[:, 0] == 3).all() and (r.indices != 0).all()
     logits = x @ router.gate.weight.T
-    assert_close("weights from the logits alone", torch.softmax(logits.gather(1, r.indices), -1), r.weights, 1e-6)
+    s = torch.softmax(logits, -1) if score == "softmax" else torch.sigmoid(logits)
+    chosen = s.gather(1, r.indices)
+    assert_close("weights from the scores alone", chosen / chosen.sum(-1, keepdim=True), r.weights, 1e-6)
+    assert_close("probs: the scores normalised", s / s.sum(-1, keepdim=True), r.probs, 1e-6)
     router.update_bias(torch.tensor([5, 1, 3, 3]))  # mean 3: expert 0 over-, expert 1 under-loaded
     assert_close("update", torch.tensor([-100.1, 0.1, 0.0, 100.0]), router.selection_bias, 1e-7)
 
@@ -143,13 +158,17 @@ def test_selection_bias_picks_but_does_not_weight():
 def test_modified_softmax_transforms_the_input():
     router = ModifiedSoftmaxRouter(D, E)
     x = 3 * torch.randn(8, D)
-    want = torch.softmax(torch.tanh(x) @ router.gate.weight.T, -1)
+    assert router.gate.bias is not None  # the paper's beta_0
+    want = torch.softmax(torch.tanh(x) @ router.gate.weight.T + router.gate.bias, -1)
     assert router.dense
     assert_close("tanh", want, dense(router(x)), 1e-6)
+    no_bias = ModifiedSoftmaxRouter(D, E, gate_bias=False)
+    assert no_bias.gate.bias is None
+    assert_close("no intercept", torch.softmax(torch.tanh(x) @ no_bias.gate.weight.T, -1), dense(no_bias(x)), 1e-6)
     custom = ModifiedSoftmaxRouter(D, E, k=2, transform=lambda t: t.clamp(-1, 1))
     assert not custom.dense
     r = custom(x)
-    logits = x.clamp(-1, 1) @ custom.gate.weight.T
+    logits = x.clamp(-1, 1) @ custom.gate.weight.T + custom.gate.bias
     assert torch.equal(r.indices, logits.topk(2, -1).indices)
     for name in ("sigmoid", "softsign", "arctan"):
         out = ModifiedSoftmaxRouter(D, E, transform=name)(x)
@@ -214,7 +233,7 @@ def test_gumbel_eval_depends_on_the_token_alone(hard):
     x = torch.randn(9, D)
     gen = torch.Generator().manual_seed(seed)
     g = -torch.empty(samples, E).exponential_(generator=gen).log()
-    logits = x @ router.gate.weight.T
+    logits = x @ router.gate.weight.T + router.gate.bias
     want = torch.softmax((logits[:, None, :] + g) / tau, -1).mean(1)  # (N, E)
     if hard:
         want = torch.nn.functional.one_hot(want.argmax(-1), E).float()
@@ -251,7 +270,7 @@ def test_gumbel_hard_is_one_hot_forward_with_the_soft_sample_gradient():
     torch.manual_seed(5)
     gumbel = -torch.empty(10, E).exponential_().log()  # the router's draw
     wg = router.gate.weight.detach().clone().requires_grad_()
-    soft = torch.softmax((x @ wg.T + gumbel) / 0.5, -1)
+    soft = torch.softmax((x @ wg.T + router.gate.bias.detach() + gumbel) / 0.5, -1)
     one_hot = torch.nn.functional.one_hot(soft.argmax(-1), E).float()
     assert_close("forward: one-hot of the sample's argmax", one_hot, w, 1e-6)
     g = torch.randn(10, E)

@@ -46,26 +46,35 @@ def _choices(n, num_experts, k, skip=()):
 # --- route -----------------------------------------------------------------------------------
 
 
+RULES = [("softmax", "scores"), ("sigmoid", "scores"), ("softmax", "logits"), ("sigmoid", "logits")]
+RULE_IDS = ["softmax", "sigmoid", "softmax-bias_on_logits", "sigmoid-bias_on_logits"]
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("num_experts, k", [(5, 1), (7, 3), (5, 2)])
-@pytest.mark.parametrize("extras", [False, True], ids=["plain", "bias+noise"])
-def test_route_matches_float64(dtype, num_experts, k, extras):
+@pytest.mark.parametrize("extras, score, bias_on", [
+    (False, "softmax", "scores"), (False, "sigmoid", "scores"),  # without a bias, bias_on changes nothing
+    *((True, score, bias_on) for score, bias_on in RULES),
+], ids=["plain", "plain-sigmoid", *("bias+noise-" + name for name in RULE_IDS)])
+def test_route_matches_float64(dtype, num_experts, k, extras, score, bias_on):
     n = 13
     # a transposed (non-contiguous) view of the logits
     logits = torch.randn(num_experts, n).t().to(dtype)
-    bias = torch.randn(num_experts) if extras else None
+    # on the scores the bias must be of their size (< 1) to matter without deciding alone
+    bias = torch.randn(num_experts) * (0.2 if bias_on == "scores" else 1.0) if extras else None
     noise = torch.randn(n, 2 * num_experts)[:, ::2].to(dtype) if extras else None  # strided columns
     scale = 0.7 if extras else 1.0
     ref_l = logits.double().requires_grad_()
     ref_n = noise.double().requires_grad_() if extras else None
-    ref = route_composed(ref_l, k, bias, ref_n, scale)
+    ref = route_composed(ref_l, k, bias, ref_n, scale, score, bias_on)
     dw = torch.randn(n, k)
     ref_ins = [ref_l] + ([ref_n] if extras else [])
     ref_grads = _grads(ref.weights, ref_ins, dw.double())
     got = {}
     for backend in BACKENDS:
         ins = [logits.clone().requires_grad_()] + ([noise.clone().requires_grad_()] if extras else [])
-        r = route(ins[0], k, bias=bias, noise=ins[1] if extras else None, scale=scale, backend=backend)
+        r = route(ins[0], k, bias=bias, noise=ins[1] if extras else None, scale=scale, score=score,
+                  bias_on=bias_on, backend=backend)
         assert r.weights.dtype == torch.float32 and r.indices.dtype == torch.int64 and r.counts.dtype == torch.int64
         assert torch.equal(r.indices, ref.indices), backend
         assert torch.equal(r.counts, ref.counts), backend
@@ -103,6 +112,46 @@ def test_route_ties_pick_the_lower_expert_and_bias_only_selects(backend):
     r = route(x, 2, bias=bias, backend=backend)
     assert r.indices.tolist() == [[4, 3]]
     assert_close("weights", torch.softmax(torch.tensor([[-0.4, 0.3]], dtype=torch.float64), -1), r.weights, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_route_bias_on_the_scores_is_deepseek_v3_eq16(backend):
+    """A row where the two rules differ: logits (2, 0, 0), bias (-1.5, 0, 0), k = 1. On the
+    logits, l + b = (0.5, 0, 0) keeps expert 0; on the softmax scores (0.79, 0.11, 0.11),
+    s + b = (-0.71, 0.11, 0.11) drops it (and sigmoid's 0.88 - 1.5 < 0.5 as well)."""
+    logits = torch.tensor([[2.0, 0.0, 0.0]])
+    bias = torch.tensor([-1.5, 0.0, 0.0])
+    on_logits = route(logits, 1, bias=bias, bias_on="logits", backend=backend)
+    on_scores = route(logits, 1, bias=bias, backend=backend)
+    assert on_logits.indices.tolist() == [[0]] and on_scores.indices.tolist() == [[1]]
+    for score in ("softmax", "sigmoid"):
+        r = route(logits, 2, bias=bias, score=score, backend=backend)
+        assert r.indices.tolist() == [[1, 2]]  # a tie of equal scores: the lower expert first
+        assert_close(score, torch.tensor([[0.5, 0.5]], dtype=torch.float64), r.weights, 1e-6)
+    r = route(torch.tensor([[1.0, -1.0, 3.0]]), 2, bias=torch.tensor([0.0, 2.0, 0.0]), score="sigmoid",
+              backend=backend)
+    sig = torch.sigmoid(torch.tensor([-1.0, 3.0], dtype=torch.float64))
+    assert r.indices.tolist() == [[1, 2]]
+    assert_close("sigmoid weights: the selected sigmoids renormalised", (sig / sig.sum())[None], r.weights, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("score, bias_on", RULES, ids=RULE_IDS)
+def test_route_nan_score_gives_nan_weights_for_its_row_only(backend, score, bias_on):
+    """A NaN logit makes its row's weights NaN on every rule (with softmax scores the whole row's
+    scores are NaN, so the NaN column need not be selected); other rows stay finite. A NaN bias
+    makes every row's weights NaN."""
+    logits = torch.randn(4, 6)
+    logits[2, 5] = float("nan")
+    logits[1, 0] = -float("nan")  # the sign bit set: the torch path's integer keys rank it last
+    bias = torch.zeros(6)
+    r = route(logits, 2, bias=bias, score=score, bias_on=bias_on, backend=backend)
+    assert torch.isnan(r.weights[[1, 2]]).all() and torch.isfinite(r.weights[[0, 3]]).all()
+    ref = route_composed(logits, 2, bias, None, 1.0, score, bias_on)
+    assert torch.equal(torch.isnan(ref.weights), torch.isnan(r.weights))
+    bias[3] = float("nan")  # a NaN bias is in every row's selection scores
+    r = route(torch.randn(4, 6), 2, bias=bias, score=score, bias_on=bias_on, backend=backend)
+    assert torch.isnan(r.weights).all() and ((r.indices >= 0) & (r.indices < 6)).all()
 
 
 def test_route_selection_by_noise_then_scale():
@@ -355,6 +404,9 @@ def _plan():
         (lambda: route(torch.randn(4), 1), ValueError, "logits must have 2 dimensions"),
         (lambda: route(torch.arange(12).view(4, 3), 1), TypeError, "logits must be"),
         (lambda: route(torch.randn(4, 3), 1, bias=torch.randn(4)), ValueError, "bias must have shape"),
+        (lambda: route(torch.randn(4, 3), 1, score="relu"), ValueError, r"score must be one of \('softmax', "),
+        (lambda: route(torch.randn(4, 3), 1, score=None), TypeError, "score must be one of"),
+        (lambda: route(torch.randn(4, 3), 1, bias_on="weights"), ValueError, r"bias_on must be one of \('scores', "),
         (lambda: route(torch.randn(4, 3), 1, noise=torch.randn(4, 2)), ValueError, "noise must have"),
         (lambda: route(torch.randn(4, 3), 1, scale=0.0), ValueError, "scale must be"),
         (lambda: make_plan(torch.randn(3, 2), 3), TypeError, "indices must be"),

@@ -48,6 +48,7 @@ from .routing import (
     SoftmaxRouter,
     TaskAwareRouter,
     TopKRouter,
+    adamole_aux_loss,
     make_router,
     router_z_loss,
     switch_balance_loss,
@@ -64,9 +65,9 @@ __all__ = [
     # mixture of experts
     "EXPERTS", "ROUTERS", "AdaptiveThresholdRouter", "GRKANRouter", "GumbelSoftmaxRouter", "ModifiedSoftmaxRouter",
     "MoEFeedForward", "MoLELinear", "PreGatedMoEStack", "Router", "RoutingResult", "SoftmaxRouter",
-    "TaskAwareRouter", "TopKRouter", "link_pregated", "make_router", "MoELayers", "moe_aux_loss", "moe_layers",
-    "moe_stats",
-    "reset_moe_stats", "router_z_loss", "set_task_ids", "switch_balance_loss", "unlink_pregated",
+    "TaskAwareRouter", "TopKRouter", "MoELayers", "adamole_aux_loss", "link_pregated", "make_router",
+    "moe_aux_loss", "moe_layers", "moe_stats", "reset_moe_stats", "router_z_loss", "set_task_ids",
+    "switch_balance_loss", "unlink_pregated",
     # task-level sub-networks
     "TaskExpertsFeedForward", "extract_task_experts",
 ]

@@ -49,8 +49,8 @@ from .kan import GRKAN, saved_grkan_structure
 
 __all__ = [
     "ROUTERS", "AdaptiveThresholdRouter", "GRKANRouter", "GumbelSoftmaxRouter", "ModifiedSoftmaxRouter", "Router",
-    "RoutingResult", "SoftmaxRouter", "TaskAwareRouter", "TopKRouter", "make_router", "router_z_loss",
-    "switch_balance_loss",
+    "RoutingResult", "SoftmaxRouter", "TaskAwareRouter", "TopKRouter", "adamole_aux_loss", "make_router",
+    "router_z_loss", "switch_balance_loss",
 ]
 
 
@@ -65,7 +65,8 @@ class RoutingResult(NamedTuple):
     probs: (N, E) the router's probabilities, each row summing to 1 (the ``P`` of the balance
         loss).
     aux: name -> 0-dim tensor, auxiliary losses of the router itself, already multiplied by
-        their coefficients (empty for the built-in routers; the MoE layer adds the balance and
+        their coefficients (empty for the built-in routers except ``adaptive_threshold`` with
+        ``aux_loss_coef > 0``, which gives ``"adamole"``; the MoE layer adds the balance and
         z-losses).
     """
 
@@ -107,6 +108,18 @@ def switch_balance_loss(probs: torch.Tensor, indices: torch.Tensor, num_experts:
     counts = probs.new_zeros(num_experts).scatter_add_(0, indices.reshape(-1).to(probs.device).long(), ones.reshape(-1))
     f = counts / probs.shape[0]
     return num_experts * (f * probs.mean(0)).sum()
+
+
+def adamole_aux_loss(probs: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """AdaMoLE's auxiliary loss as the authors' code computes it, without its coefficient:
+    ``E * sum_i f_i * mean_n (p_ni - tau_n)``, ``f_i`` the share of the N tokens with
+    ``p_ni >= tau_n`` (a count, no gradient), the mean over all N tokens (see
+    :class:`AdaptiveThresholdRouter`). ``probs`` (N, E), ``tau`` (N, 1). Zero for no tokens."""
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    shifted = probs - tau
+    f = (shifted >= 0).to(probs.dtype).mean(0)
+    return probs.shape[1] * (f * shifted.mean(0)).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -232,35 +245,91 @@ class SoftmaxRouter(Router):
         return self._topk(self._linear(self.gate, x))
 
 
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+"""The affinity scores of :class:`TopKRouter` (``score=``)."""
+BIAS_TARGETS = ("scores", "logits")
+"""What :class:`TopKRouter`'s selection bias is added to (``bias_on=``)."""
+
+
+def _check_choice(name: str, value, choices: tuple) -> str:
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{name} must be one of {choices}, got {value!r} ({type(value).__name__})")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def _score_probs(logits: torch.Tensor, score: str) -> torch.Tensor:
+    """Each row's affinity scores normalised to sum 1: ``softmax(l)``, or ``sigmoid(l) / sum
+    sigmoid(l)`` (DeepSeek-V3's normalised sigmoid affinities, eq. 19; as a softmax of the
+    log-sigmoid, which keeps its precision where every sigmoid underflows)."""
+    if score == "softmax":
+        return torch.softmax(logits, dim=-1)
+    return torch.softmax(F.logsigmoid(logits), dim=-1)
+
+
 class TopKRouter(Router):
-    """Sparse top-k softmax gate: the k largest logits are kept, the softmax runs over them, and
-    only those k experts run.
+    """Sparse top-k gate: only the k experts a token selects run, weighted by their affinity
+    scores renormalised over the k.
 
     Shazeer et al. 2017, "Outrageously Large Neural Networks: The Sparsely-Gated
     Mixture-of-Experts Layer" (top-k gating and its noisy variant); the selection bias follows
-    DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (auxiliary-loss-free load balancing).
+    DeepSeek-AI 2024, "DeepSeek-V3 Technical Report" (auxiliary-loss-free load balancing, eq. 16)::
+
+        l = W_g x                                (noisy, training: l + eps * softplus(W_noise x))
+        s = softmax(l)   or   sigmoid(l)         (score="softmax" | "sigmoid")
+        S = the k largest of s + b               (bias_on="scores", the default)
+        w_i = s_i / sum_{j in S} s_j, i in S     (the bias selects, it never weighs)
+
+    With softmax scores ``w`` is the softmax over the k selected logits, Shazeer's gate; without
+    a selection bias (``b = 0``) ``S`` is the k largest logits whatever the score.
 
     Args:
         dim, num_experts: widths.
         k: experts per token, 1 <= k <= num_experts (k = E is the dense softmax router).
         noisy: in training, select on ``l + eps * softplus(W_noise x)``, ``eps ~ N(0, 1)``; the
-            weights are the softmax of those noisy logits over the k chosen. ``W_noise`` starts
-            at zero (noise of scale softplus(0) = 0.69). No noise in eval.
+            weights are the scores of those noisy logits. ``W_noise`` starts at zero (noise of
+            scale softplus(0) = 0.69). No noise in eval.
         selection_bias: keep a buffer ``b`` (E,), init 0, saved in the state dict: experts are
-            selected by the top-k of ``l + b`` while the weights come from ``l`` alone.
+            selected by the top-k of ``s + b`` while the weights come from ``s`` alone.
             :meth:`update_bias` moves it towards under-loaded experts; the MoE layers call it in
             every training forward with that batch's load.
-        bias_update_rate: ``u`` of the update ``b_i += u * sign(mean_load - load_i)``.
+        bias_update_rate: ``u`` of the update ``b_i += u * sign(mean_load - load_i)`` (DeepSeek-V3's
+            bias update speed gamma, 0.001 in the paper).
+        score: ``"softmax"`` (default) or ``"sigmoid"`` (DeepSeek-V3's own choice), the affinity
+            scores ``s``; ``probs`` is ``s`` normalised to sum 1 per token.
+        bias_on: ``"scores"`` (default, the paper's rule) or ``"logits"``: select by the top-k of
+            ``l + b`` instead, weights still from ``s`` alone. ``"logits"`` was gatezoo's rule
+            before the paper's became the default (it selects other experts than the paper's rule
+            once the bias is comparable to the gaps between scores); no measurement favours it.
+        zero_init: start ``W_g`` at zero. None (default): True when ``noisy``, as Shazeer et al.
+            initialise both ``W_g`` and ``W_noise`` to zero (no signal, only noise, at the start);
+            False otherwise (``nn.Linear``'s init: a zero ``W_g`` without noise would send every
+            token to the first k experts).
         backend: for :func:`gatezoo.kernels.routing.route`.
+
+    Checkpoints: the buffer is still called ``selection_bias``, so a state dict saved while the
+    bias was added to the logits loads unchanged, but the default rule now adds it to the
+    scores. Its learned values are logit offsets; to compute what such a checkpoint computed,
+    build the router with ``bias_on="logits"`` (``router_args={"selection_bias": True,
+    "bias_on": "logits"}`` in a MoE layer or model config).
     """
 
     def __init__(self, dim: int, num_experts: int, k: int = 2, *, noisy: bool = False, selection_bias: bool = False,
-                 bias_update_rate: float = 1e-3, backend: str = "auto", device=None, dtype=None):
+                 bias_update_rate: float = 1e-3, score: str = "softmax", bias_on: str = "scores",
+                 zero_init: bool | None = None, backend: str = "auto", device=None, dtype=None):
         super().__init__(dim, num_experts, k, backend=backend)
         dd = {"device": device, "dtype": dtype}
         self.gate = nn.Linear(dim, num_experts, bias=False, **dd)
         self.noisy = check_bool("noisy", noisy)
         check_bool("selection_bias", selection_bias)
+        self.score = _check_choice("score", score, SCORE_FUNCTIONS)
+        self.bias_on = _check_choice("bias_on", bias_on, BIAS_TARGETS)
+        if zero_init is not None:
+            check_bool("zero_init", zero_init)
+        self.zero_init = noisy if zero_init is None else zero_init
+        if self.zero_init:
+            nn.init.zeros_(self.gate.weight)
         self.noise = nn.Linear(dim, num_experts, bias=False, **dd) if noisy else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
@@ -278,8 +347,9 @@ class TopKRouter(Router):
         if self.noisy and self.training:
             # added here (not through route's ``noise=``) so that W_noise gets its gradient
             select = logits + torch.randn_like(logits) * F.softplus(self._linear(self.noise, x))
-        r = route(select, self.k, bias=self.selection_bias, backend=self.backend)
-        return RoutingResult(r.weights, r.indices, None, logits, torch.softmax(select, dim=-1), {})
+        r = route(select, self.k, bias=self.selection_bias, score=self.score, bias_on=self.bias_on,
+                  backend=self.backend)
+        return RoutingResult(r.weights, r.indices, None, logits, _score_probs(select, self.score), {})
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor) -> None:
@@ -292,7 +362,8 @@ class TopKRouter(Router):
         self.selection_bias = self.selection_bias + self.bias_update_rate * torch.sign(counts.mean() - counts)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, noisy={self.noisy}, selection_bias={self.selection_bias is not None}")
+        return (f"{super().extra_repr()}, noisy={self.noisy}, selection_bias={self.selection_bias is not None}, "
+                f"score={self.score!r}, bias_on={self.bias_on!r}")
 
 
 TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -302,12 +373,28 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 """The bounded input transforms ``M`` of :class:`ModifiedSoftmaxRouter` by name."""
 
 
+def _zero_gate_bias_if_missing(router: Router, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """For ``_load_from_state_dict``: a state dict saved before the router's gate had an
+    intercept (``gate.weight`` without ``gate.bias``; module version < 2, or no version at all as
+    in a safetensors file) loads with a zero intercept, which is exactly the function it computed.
+    A version-2 state dict must have the bias (a missing one is the usual missing-key error)."""
+    bias = router.gate.bias
+    version = local_metadata.get("version")
+    if bias is None or (version is not None and version >= 2):
+        return
+    if prefix + "gate.weight" in state_dict and prefix + "gate.bias" not in state_dict:
+        state_dict[prefix + "gate.bias"] = torch.zeros(bias.shape, dtype=bias.dtype, device=bias.device)
+
+
 class ModifiedSoftmaxRouter(Router):
-    """Modified softmax gate: ``p = softmax(W_g M(x))`` with a fixed bounded transform ``M``.
+    """Modified softmax gate: ``p = softmax(W_g M(x) + beta_0)`` with a fixed bounded transform
+    ``M``.
 
     Nguyen, Akbarian, Nguyen and Ho 2024, "A General Theory for Softmax Gating Multinomial
     Logistic Mixture of Experts" (ICML): transforming the input with a bounded function before
-    the softmax gate improves the sample efficiency of the gating parameters.
+    the softmax gate improves the sample efficiency of the gating parameters. The paper's gate
+    is ``exp(beta_1i . M(x) + beta_0i) / sum_j exp(beta_1j . M(x) + beta_0j)``, so the gate has
+    its intercept ``beta_0`` by default.
 
     Args:
         transform: ``"tanh"`` (default), ``"sigmoid"``, ``"softsign"`` (``x / (1 + |x|)``),
@@ -315,10 +402,17 @@ class ModifiedSoftmaxRouter(Router):
             shape (it is applied as given, with no check that it is bounded).
         k: None or E (default) for the dense gate, or k < E for top-k selection over the
             modified logits.
+        gate_bias: the intercept ``beta_0`` (E,) (default True, ``nn.Linear``'s init); False
+            gives ``softmax(W_g M(x))``, the gate gatezoo had before.
+
+    Checkpoints saved without the intercept load into the default router with ``beta_0 = 0``
+    (the function they computed); see ``_zero_gate_bias_if_missing``.
     """
 
+    _version = 2  # 2: the gate has an intercept by default
+
     def __init__(self, dim: int, num_experts: int, k: int | None = None, *, transform="tanh",
-                 backend: str = "auto", device=None, dtype=None):
+                 gate_bias: bool = True, backend: str = "auto", device=None, dtype=None):
         super().__init__(dim, num_experts, k, backend=backend)
         if isinstance(transform, str):
             if transform not in TRANSFORMS:
@@ -330,8 +424,12 @@ class ModifiedSoftmaxRouter(Router):
         else:
             raise TypeError(f"transform must be a name in {sorted(TRANSFORMS)} or a callable, got "
                             f"{type(transform).__name__}")
-        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self.gate = nn.Linear(dim, num_experts, bias=check_bool("gate_bias", gate_bias), device=device, dtype=dtype)
         self.balance = not self.dense
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        _zero_gate_bias_if_missing(self, state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def forward(self, x, task_ids=None):
         self._check_input(x)
@@ -340,14 +438,19 @@ class ModifiedSoftmaxRouter(Router):
         return self._topk(self._linear(self.gate, mx))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, transform={self.transform_name!r}"
+        return (f"{super().extra_repr()}, transform={self.transform_name!r}, "
+                f"gate_bias={self.gate.bias is not None}")
 
 
 class GumbelSoftmaxRouter(Router):
-    """Dense Gumbel-softmax gate: ``p = softmax((l + G) / tau)``, ``G ~ Gumbel(0, 1)``.
+    """Dense Gumbel-softmax gate: ``p = softmax((l + G) / tau)``, ``l = W_g x + b_g``,
+    ``G ~ Gumbel(0, 1)``.
 
     Jang, Gu and Poole 2017, "Categorical Reparameterization with Gumbel-Softmax" (and Maddison
-    et al. 2017, the Concrete distribution), used as a mixture-of-experts gate. In training one
+    et al. 2017, the Concrete distribution), used as a mixture-of-experts gate as in Chernov
+    2025, "(GG) MoE vs. MLP on Tabular Data" (GG MoE), whose code (ChernovAndrey/tabmoe,
+    ``GumbelGatingNetwork``) computes ``l`` with an ``nn.Linear`` that has a bias: so does this
+    gate by default (``gate_bias``). In training one
     fresh sample per token (global RNG). In eval the mean over S = ``samples`` fixed noise
     vectors shared by every token: ``w = (1/S) sum_s softmax((l + G_s) / tau)`` with ``G`` (S, E)
     drawn in float32 from ``torch.Generator().manual_seed(seed)`` (a CPU generator, so the same
@@ -365,22 +468,27 @@ class GumbelSoftmaxRouter(Router):
             backward the soft sample's gradient (every expert still runs in training). In eval
             the one-hot of the argmax of the averaged sample, and only that expert runs.
         seed: seed of the eval noise (int >= 0, default 0).
+        gate_bias: the gate's intercept ``b_g`` (E,) (default True, ``nn.Linear``'s init, as in
+            the GG MoE code); False gives ``l = W_g x``, the gate gatezoo had before.
         k: None or ``num_experts`` (the gate is dense).
 
     ``probs`` is the (soft) mixture the weights come from: the sample in training, the mean of
-    the samples in eval. No balance loss applies (dense).
+    the samples in eval. No balance loss applies (dense). Checkpoints saved without the
+    intercept load into the default router with ``b_g = 0`` (the function they computed).
     """
 
     balance = False
+    _version = 2  # 2: the gate has an intercept by default
 
     def __init__(self, dim: int, num_experts: int, k: int | None = None, *, tau: float = 1.0, samples: int = 5,
-                 hard: bool = False, seed: int = 0, backend: str = "auto", device=None, dtype=None):
+                 hard: bool = False, seed: int = 0, gate_bias: bool = True, backend: str = "auto", device=None,
+                 dtype=None):
         super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
         self.tau = _check_positive("tau", tau)
         self.samples = _check_int("samples", samples)
         self.seed = _check_int("seed", seed, 0)
         self.hard = check_bool("hard", hard)
-        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self.gate = nn.Linear(dim, num_experts, bias=check_bool("gate_bias", gate_bias), device=device, dtype=dtype)
         # the CPU draw, made here because torch.compile cannot trace creating a Generator, and a
         # cache of it on the device and dtype of the last eval forward
         self._noise_draw: tuple = self._draw_noise()
@@ -391,6 +499,10 @@ class GumbelSoftmaxRouter(Router):
         gen = torch.Generator().manual_seed(self.seed)
         g = -torch.empty(self.samples, self.num_experts).exponential_(generator=gen).log()
         return (self.seed, self.samples, self.num_experts), g
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        _zero_gate_bias_if_missing(self, state_dict, prefix, local_metadata)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def eval_noise(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """The (S, E) Gumbel noise of eval forwards: ``-log(Exp(1))`` draws in float32 from
@@ -434,7 +546,8 @@ class GumbelSoftmaxRouter(Router):
         return RoutingResult(weights, indices, keep, logits, probs, {})
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tau={self.tau}, samples={self.samples}, hard={self.hard}, seed={self.seed}"
+        return (f"{super().extra_repr()}, tau={self.tau}, samples={self.samples}, hard={self.hard}, seed={self.seed}, "
+                f"gate_bias={self.gate.bias is not None}")
 
 
 class AdaptiveThresholdRouter(Router):
@@ -452,18 +565,36 @@ class AdaptiveThresholdRouter(Router):
     marks the active ones, so only those are dispatched. ``tau_max = 0`` fixes the threshold at 0
     (every expert, ``w = p``).
 
+    The authors' auxiliary loss (their code, zefang-liu/AdaMoLE, ``AdaMoeLayer.get_layer_loss``,
+    weighted by ``--aux_loss_coeff=1e-3`` in their training config) is an option,
+    ``aux_loss_coef``::
+
+        L = coef * E * sum_i f_i * mean_n (p_ni - tau_n)
+        f_i = (1/N) * #{n : p_ni >= tau_n}      (no gradient: a count)
+
+    The mean runs over all N tokens, those under the threshold included (their ``p - tau`` is
+    negative), and ``p - tau`` keeps its gradient, to the gate and to the threshold network.
+    It is returned as ``aux["adamole"]`` (coefficient applied), so a MoE layer adds it to its
+    ``aux_loss``; set the layer's ``balance_coef=0`` (``MoLELinear``'s default) to train with the
+    authors' loss alone. Computed on every forward, eval included (the authors only compute it
+    when the input requires a gradient); under a process group each process's loss uses its own
+    tokens, as the authors' per-device computation does.
+
     Args:
         tau_max: upper bound of the threshold, >= 0 (default ``1 / num_experts``).
+        aux_loss_coef: the coefficient of the authors' auxiliary loss, >= 0 (default 0: off; the
+            authors use 1e-3).
         k: None or ``num_experts`` (the number of active experts is decided per token).
     """
 
     def __init__(self, dim: int, num_experts: int, k: int | None = None, *, tau_max: float | None = None,
-                 backend: str = "auto", device=None, dtype=None):
+                 aux_loss_coef: float = 0.0, backend: str = "auto", device=None, dtype=None):
         super().__init__(dim, num_experts, k, dense_only=True, backend=backend)
         self.dense = False  # k = E slots, but only the active ones run
         if tau_max is None:
             tau_max = 1.0 / num_experts
         self.tau_max = check_non_negative("tau_max", tau_max)
+        self.aux_loss_coef = check_non_negative("aux_loss_coef", aux_loss_coef)
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self.threshold = nn.Linear(dim, 1, device=device, dtype=dtype)
 
@@ -477,10 +608,14 @@ class AdaptiveThresholdRouter(Router):
         weights = excess / total.clamp_min(torch.finfo(total.dtype).tiny)
         keep = excess > 0
         indices = _all_experts(x.shape[0], self.num_experts, x.device)
-        return RoutingResult(weights.float(), indices, keep, logits, probs, {})
+        aux = {}
+        if self.aux_loss_coef:
+            aux["adamole"] = self.aux_loss_coef * adamole_aux_loss(probs, tau)
+        return RoutingResult(weights.float(), indices, keep, logits, probs, aux)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, tau_max={self.tau_max:g}"
+        extra = f", aux_loss_coef={self.aux_loss_coef:g}" if self.aux_loss_coef else ""
+        return f"{super().extra_repr()}, tau_max={self.tau_max:g}{extra}"
 
 
 class GRKANRouter(Router):

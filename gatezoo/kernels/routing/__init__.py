@@ -32,6 +32,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..backend import dispatch, positive_number
 from .naive import (
+    BIAS_ON,
+    SCORES,
     DispatchPlan,
     Routing,
     expert_ffn_composed,
@@ -58,16 +60,32 @@ def _float(name: str, t, dim: int | None = None) -> None:
         raise ValueError(f"{name} must have {dim} dimensions, got shape {tuple(t.shape)}")
 
 
+def _choice(name: str, value, choices: tuple) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {choices}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def _same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
     if t.device != ref.device:
         raise ValueError(f"{name} must be on {ref.device}, got {t.device}")
 
 
 def route(logits: torch.Tensor, k: int, *, bias: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-          scale: float = 1.0, backend: str = "auto") -> Routing:
-    """Top-k routing of router logits (N, E): selection by the k largest of
-    ``(logits + noise) * scale + bias``, weights ``softmax`` over those k of
-    ``(logits + noise) * scale`` (float32). ``k = E`` with no bias is the dense softmax router.
+          scale: float = 1.0, score: str = "softmax", bias_on: str = "scores", backend: str = "auto") -> Routing:
+    """Top-k routing of router logits (N, E), in float32, with ``z = (logits + noise) * scale``
+    and the affinity scores ``s = softmax(z)`` (``score="softmax"``) or ``sigmoid(z)``:
+
+    * selection: the k largest per row (ties to the lower expert) of ``s + bias`` (the default
+      ``bias_on="scores"``: DeepSeek-V3's auxiliary-loss-free balancing, eq. 16), of ``z + bias``
+      (``bias_on="logits"``, gatezoo's earlier default, kept as an option), or of ``z``
+      when there is no bias (the same experts as ``s``);
+    * weights: the selected scores renormalised, ``s_i / sum_{j in S} s_j``: ``softmax`` over
+      the k selected ``z`` for softmax scores, ``sigmoid(z_i) / sum sigmoid(z_j)`` for sigmoid
+      scores. The bias never enters them. A row with a NaN selection score gets NaN weights.
+
+    ``k = E`` with no bias and softmax scores is the dense softmax router.
 
     Args:
         logits: (N, E) router logits; the weights are differentiable with respect to them.
@@ -75,12 +93,16 @@ def route(logits: torch.Tensor, k: int, *, bias: torch.Tensor | None = None, noi
         bias: optional (E,) selection bias (auxiliary-loss-free balancing); not differentiated.
         noise: optional (N, E) noise added to the logits (Gumbel or Gaussian samples).
         scale: multiplies the noisy logits (1/temperature), > 0.
+        score: ``"softmax"`` (default) or ``"sigmoid"``, the affinity scores.
+        bias_on: ``"scores"`` (default) or ``"logits"``, what the bias is added to for the selection.
         backend: ``"auto" | "torch" | "triton"``.
     """
     _float("logits", logits, 2)
     num_experts = logits.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an int with 1 <= k <= num_experts ({num_experts}), got {k!r}")
+    _choice("score", score, SCORES)
+    _choice("bias_on", bias_on, BIAS_ON)
     if bias is not None:
         _float("bias", bias, 1)
         if bias.shape[0] != num_experts:
@@ -91,7 +113,7 @@ def route(logits: torch.Tensor, k: int, *, bias: torch.Tensor | None = None, noi
         if noise.shape != logits.shape:
             raise ValueError(f"noise must have logits' shape {tuple(logits.shape)}, got {tuple(noise.shape)}")
         _same_device("noise", noise, logits)
-    args = (logits, k, bias, noise, positive_number("scale", scale))
+    args = (logits, k, bias, noise, positive_number("scale", scale), score, bias_on)
 
     def torch_path():
         from .torch_path import route_torch

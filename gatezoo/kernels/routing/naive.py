@@ -1,10 +1,16 @@
 """Readable compositions of the routing ops: the oracles of the tests and what ``torch.compile``
 traces. Shapes: N tokens, E experts, k choices per token, M = N * k assignments.
 
-* :func:`route_composed` - top-k routing of router logits: selection scores
-  ``s = (logits + noise) * scale + bias``, the k largest per row (ties: lower expert first), and
-  weights ``softmax`` over the k selected entries of ``(logits + noise) * scale`` (the selection
-  bias picks experts but never enters the weights, as in auxiliary-loss-free balancing).
+* :func:`route_composed` - top-k routing of router logits ``z = (logits + noise) * scale``.
+  The router's affinity scores are ``s = softmax(z)`` (``score="softmax"``) or ``s = sigmoid(z)``
+  (``score="sigmoid"``). Selection: the k largest per row (ties: lower expert first) of ``s + bias``
+  (``bias_on="scores"``, DeepSeek-V3's auxiliary-loss-free balancing, eq. 16), of ``z + bias``
+  (``bias_on="logits"``, the older rule) or of ``z`` without a bias (the same experts as ``s``:
+  both scores are increasing in z). Weights: the selected scores renormalised to sum 1,
+  ``s_i / sum_{j in S} s_j``, computed as ``softmax`` over the k selected entries of ``z``
+  (softmax scores) or of ``log sigmoid(z)`` (sigmoid scores): the bias picks experts but never
+  enters the weights. A row with a NaN selection score (a NaN logit or bias, or a softmax row
+  made NaN by a NaN or +inf logit) gets NaN weights.
 * :func:`plan_composed` - the dispatch plan: assignments sorted by expert, the capacity rule.
 * :func:`permute_composed`, :func:`unpermute_composed` - gather rows into expert order and the
   weighted sum back to tokens.
@@ -45,7 +51,8 @@ def tracing() -> bool:
 class Routing(NamedTuple):
     """What :func:`~gatezoo.kernels.routing.route` returns.
 
-    weights: (N, k) float32, each row sums to 1 (softmax over the selected logits).
+    weights: (N, k) float32, each row sums to 1 (the selected scores renormalised: the softmax
+        over the selected logits for softmax scores).
     indices: (N, k) int64 expert ids, by descending selection score.
     counts: (E,) int64, how many tokens chose each expert (the load before any capacity).
     """
@@ -81,20 +88,61 @@ class DispatchPlan(NamedTuple):
     dropped: torch.Tensor
 
 
+SCORES = ("softmax", "sigmoid")
+"""The affinity scores :func:`route_composed` takes (``score=``)."""
+BIAS_ON = ("scores", "logits")
+"""Where :func:`route_composed` adds the selection bias (``bias_on=``)."""
+
+
+def selection_scores(z: torch.Tensor, bias: torch.Tensor | None, score: str, bias_on: str) -> torch.Tensor:
+    """The (N, E) float32 values whose k largest per row are selected, from ``z`` (N, E) float32:
+    ``z`` without a bias, ``z + bias`` for ``bias_on="logits"``, ``softmax(z) + bias`` or
+    ``sigmoid(z) + bias`` for ``bias_on="scores"``."""
+    if bias is None:
+        return z
+    b = bias.float()
+    if bias_on == "logits":
+        return z + b
+    return (torch.softmax(z, dim=-1) if score == "softmax" else torch.sigmoid(z)) + b
+
+
+def gate_weights(zk: torch.Tensor, score: str) -> torch.Tensor:
+    """The selected scores renormalised, from the selected ``z`` (N, k): ``softmax(zk)`` for
+    softmax scores, ``sigmoid(zk) / sum sigmoid(zk)`` (as ``softmax(log sigmoid(zk))``, which
+    keeps its precision where every sigmoid underflows) for sigmoid scores."""
+    if score == "softmax":
+        return torch.softmax(zk, dim=-1)
+    return torch.softmax(torch.nn.functional.logsigmoid(zk), dim=-1)
+
+
+def sigmoid_factor(logits: torch.Tensor, noise: torch.Tensor | None, scale: float,
+                   indices: torch.Tensor) -> torch.Tensor:
+    """``1 - sigmoid(z)`` (N, k) float32 at the selected columns, ``z = (logits + noise) * scale``
+    rounded as the forward rounded it: the factor by which the gradient of sigmoid-score weights
+    differs from the softmax one (``d log sigmoid(z) / dz = 1 - sigmoid(z)``)."""
+    zk = logits.float().gather(1, indices)
+    if noise is not None:
+        zk = zk + noise.float().gather(1, indices)
+    return torch.sigmoid(-(zk * scale))
+
+
 def route_composed(logits: torch.Tensor, k: int, bias: torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None, scale: float = 1.0) -> Routing:
+                   noise: torch.Tensor | None = None, scale: float = 1.0, score: str = "softmax",
+                   bias_on: str = "scores") -> Routing:
     """Top-k routing, computed in float32 (see the module docstring for the definition)."""
     num_experts = logits.shape[-1]
     z = logits.float()
     if noise is not None:
         z = z + noise.float()
     z = z * scale
-    score = z if bias is None else z + bias.float()
+    sel = selection_scores(z, bias, score, bias_on).detach()
     if torch.compiler.is_exporting():  # ONNX has no stable sort
-        indices = _topk_by_rank(score.detach(), k)
+        indices = _topk_by_rank(sel, k)
     else:  # a stable descending sort gives "ties: lower expert first"
-        indices = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
-    weights = torch.softmax(torch.gather(z, -1, indices), dim=-1)
+        indices = torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = gate_weights(torch.gather(z, -1, indices), score)
+    # NaN in, NaN out: a NaN score need not be among the selected (a whole NaN softmax row ties)
+    weights = torch.where(sel.isnan().any(-1, keepdim=True), float("nan"), weights)
     # a scatter rather than bincount: the output size must not depend on the ids (torch.compile)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=indices.device).scatter_add_(
         0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))

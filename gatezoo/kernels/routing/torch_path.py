@@ -7,9 +7,9 @@
   order-preserving int64 encoding of the scores the others (:func:`topk_lower_first`).
   :class:`RouteFunction` saves the (N, k) weights and indices it computed plus its
   inputs ``logits``, ``bias`` and ``noise`` (not copied, but kept alive until the backward: the
-  first-order backward uses only the weights and indices and the logits' shape and dtype, the
-  inputs serve the double backward); the logits' gradient is scattered into the k selected
-  columns.
+  first-order backward uses only the weights and indices and the logits' shape and dtype, plus
+  the selected logits for sigmoid scores; the inputs serve the double backward); the logits'
+  gradient is scattered into the k selected columns.
 * :func:`permute_torch` - ``index_select``; autograd's own backward of it is the ``index_add``
   of the sorted rows' gradients back to their tokens, saving only the index.
 * :func:`unpermute_torch` - :class:`UnpermuteFunction`: an ``index_add`` of the weighted sorted
@@ -36,14 +36,18 @@ from .naive import (
     DispatchPlan,
     Routing,
     expert_ffn_composed,
+    gate_weights,
     grouped_mm_composed,
     route_composed,
+    selection_scores,
+    sigmoid_factor,
     unpermute_composed,
 )
 
 
-def _route_weights(logits, k, bias, noise, scale):
-    return route_composed(logits, k, bias, noise, scale).weights
+def _route_weights(logits, k, bias, noise, scale, score, bias_on):
+    return route_composed(logits, k, bias, noise, scale, score, bias_on).weights
+
 
 
 def _topk_exact(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -79,11 +83,13 @@ def topk_lower_first(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def route_backward(weights: torch.Tensor, indices: torch.Tensor, dweights: torch.Tensor, num_experts: int,
-                   scale: float, dtype: torch.dtype) -> torch.Tensor:
+                   scale: float, dtype: torch.dtype, factor: torch.Tensor | None = None) -> torch.Tensor:
     """d logits (N, E) from d weights: ``scale * w_j (dw_j - sum_i w_i dw_i)`` at the selected
-    columns, zero elsewhere."""
+    columns (times ``factor`` (N, k), ``1 - sigmoid(z_j)``, for sigmoid scores), zero elsewhere."""
     dw = dweights.float()
     g = weights * (dw - (weights * dw).sum(-1, keepdim=True)) * scale
+    if factor is not None:
+        g = g * factor
     out = torch.zeros((weights.shape[0], num_experts), dtype=torch.float32, device=weights.device)
     return out.scatter_(1, indices, g).to(dtype)
 
@@ -91,21 +97,22 @@ def route_backward(weights: torch.Tensor, indices: torch.Tensor, dweights: torch
 class RouteFunction(torch.autograd.Function):
     """Top-k routing; returns (weights, indices, counts), only the weights differentiable (with
     respect to the logits and the noise). Saves ``logits``, ``bias``, ``noise`` (its inputs, for
-    the double backward through the composition) and the computed ``weights`` and ``indices``
-    (for the lean first-order backward)."""
+    the double backward through the composition and, with sigmoid scores, the selected logits'
+    sigmoid) and the computed ``weights`` and ``indices`` (for the lean first-order backward)."""
 
     @staticmethod
-    def forward(ctx, logits, k: int, bias, noise, scale: float):
+    def forward(ctx, logits, k: int, bias, noise, scale: float, score: str, bias_on: str):
         z = logits.float()
         if noise is not None:
             z = z + noise.float()
         z = z * scale
-        score = z if bias is None else z + bias.float()
-        indices = topk_lower_first(score, k)
-        del score
-        weights = torch.softmax(torch.gather(z, 1, indices), dim=-1)
+        sel = selection_scores(z, bias, score, bias_on)
+        indices = topk_lower_first(sel, k)
+        bad = sel.isnan().any(-1, keepdim=True)
+        del sel
+        weights = gate_weights(torch.gather(z, 1, indices), score).masked_fill_(bad, float("nan"))
         counts = torch.bincount(indices.flatten(), minlength=logits.shape[1])
-        ctx.k, ctx.scale = k, scale
+        ctx.k, ctx.scale, ctx.score, ctx.bias_on = k, scale, score, bias_on
         ctx.save_for_backward(logits, bias, noise, weights, indices)
         ctx.mark_non_differentiable(indices, counts)
         return weights, indices, counts
@@ -114,15 +121,18 @@ class RouteFunction(torch.autograd.Function):
     def backward(ctx, dweights, _dindices, _dcounts):
         logits, bias, noise, weights, indices = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, _route_weights, (logits, ctx.k, bias, noise, ctx.scale), dweights)
-        dl = route_backward(weights, indices, dweights, logits.shape[1], ctx.scale, logits.dtype)
+            args = (logits, ctx.k, bias, noise, ctx.scale, ctx.score, ctx.bias_on)
+            return composed_grads(ctx, _route_weights, args, dweights)
+        factor = sigmoid_factor(logits, noise, ctx.scale, indices) if ctx.score == "sigmoid" else None
+        dl = route_backward(weights, indices, dweights, logits.shape[1], ctx.scale, logits.dtype, factor)
         dnoise = dl.to(noise.dtype) if noise is not None and ctx.needs_input_grad[3] else None
-        return (dl if ctx.needs_input_grad[0] else None), None, None, dnoise, None
+        return (dl if ctx.needs_input_grad[0] else None), None, None, dnoise, None, None, None
 
 
-def route_torch(logits, k: int, bias=None, noise=None, scale: float = 1.0) -> Routing:
+def route_torch(logits, k: int, bias=None, noise=None, scale: float = 1.0, score: str = "softmax",
+                bias_on: str = "scores") -> Routing:
     """:func:`~.naive.route_composed` with a lean backward and ``topk`` selection."""
-    return Routing(*RouteFunction.apply(logits, k, bias, noise, scale))
+    return Routing(*RouteFunction.apply(logits, k, bias, noise, scale, score, bias_on))
 
 
 def permute_torch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

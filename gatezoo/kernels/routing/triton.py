@@ -1,14 +1,17 @@
 """Triton kernels for the routing ops (the definitions are in :mod:`.naive`).
 
-* Routing: one program per block of rows holds the rows' (padded) logits in registers and picks
-  the top k by k rounds of argmax-and-mask (``tl.argmax`` keeps the leftmost of equal values, so
-  ties go to the lower expert as in the stable sort of :func:`~.naive.route_composed`). It writes
-  the float32 softmax weights over the selected logits, the int64 indices, and the per-expert
-  counts: each program adds its own histogram of the block into an int32 buffer with one atomic
-  add per expert (distinct addresses; integer sums, so the counts are exact and deterministic).
-  Logits of -inf are clamped to the lowest finite float32 for the selection (they rank with it),
-  so a chosen column masked to -inf can never be picked twice. The backward is a second small
-  kernel: ``dl_j = scale * w_j (dw_j - sum_i w_i dw_i)`` at the selected columns, 0 elsewhere.
+* Routing: one program per block of rows holds the rows' (padded) logits in registers, forms
+  the selection scores (with a bias on the scores: the row's softmax or the sigmoid of the
+  logits, plus the bias) and picks the top k by k rounds of argmax-and-mask (``tl.argmax`` keeps
+  the leftmost of equal values, so ties go to the lower expert as in the stable sort of
+  :func:`~.naive.route_composed`). It writes the float32 weights (softmax over the selected
+  logits, or over their log-sigmoid for sigmoid scores; NaN for a row with a NaN score), the
+  int64 indices, and the per-expert counts: each program adds its own histogram of the block
+  into an int32 buffer with one atomic add per expert (distinct addresses; integer sums, so the
+  counts are exact and deterministic). Scores of -inf are clamped to the lowest finite float32
+  for the selection (they rank with it), so a chosen column masked to -inf can never be picked
+  twice. The backward is a second small kernel: ``dl_j = scale * w_j (dw_j - sum_i w_i dw_i)``
+  at the selected columns (times ``1 - sigmoid(z_j)`` for sigmoid scores), 0 elsewhere.
 * Permute: a row gather ``out[i] = x[token[i]]``; its backward and the unpermute forward are one
   gather-reduce kernel over tokens, ``out[n] = sum_j [w[n, j]] src[position[n, j]]`` over the
   kept choices, summed in float32 with no atomics. The unpermute backward runs over tokens too:
@@ -35,7 +38,15 @@ import triton.language as tl
 
 from ..backend import composed_grads, interpret_mode, on_device
 from ..kernel_specs import KernelSpec, register
-from .naive import DispatchPlan, Routing, grouped_mm_composed, permute_composed, route_composed, unpermute_composed
+from .naive import (
+    DispatchPlan,
+    Routing,
+    grouped_mm_composed,
+    permute_composed,
+    route_composed,
+    sigmoid_factor,
+    unpermute_composed,
+)
 
 FLT_LOWEST = tl.constexpr(-3.4028234663852886e38)
 
@@ -45,7 +56,8 @@ FLT_LOWEST = tl.constexpr(-3.4028234663852886e38)
 
 @triton.jit
 def _route_fwd_kernel(L, NOISE, BIAS, W, IDX, COUNTS, R, E, slm, sle, snm, sne, sb, scale,
-                      HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, K: tl.constexpr,
+                      HAS_NOISE: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ON_SCORES: tl.constexpr,
+                      SIGMOID: tl.constexpr, K: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_E)
@@ -60,8 +72,17 @@ def _route_fwd_kernel(L, NOISE, BIAS, W, IDX, COUNTS, R, E, slm, sle, snm, sne, 
     z = z * scale
     s = z
     if HAS_BIAS:
+        if BIAS_ON_SCORES:
+            if SIGMOID:
+                t = tl.exp(-tl.abs(z))
+                s = tl.where(z >= 0, 1.0 / (1.0 + t), t / (1.0 + t))
+            else:
+                zm = tl.where(col_ok[None, :], z, float("-inf"))
+                t = tl.exp(zm - tl.max(zm, axis=1)[:, None])
+                s = t / tl.sum(t, axis=1)[:, None]
         s += tl.load(BIAS + cols * sb, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    # NaN ranks first (as in torch.sort) and makes its row's weights NaN, as on the torch path
+    # a NaN score makes its row's weights NaN; NaN ranks first (as in torch.sort)
+    bad = tl.sum(((s != s) & col_ok[None, :]).to(tl.int32), axis=1) > 0
     s = tl.where(col_ok[None, :], tl.where(s != s, float("inf"), tl.maximum(s, FLT_LOWEST)), float("-inf"))
     sel = tl.full((BLOCK_M, BLOCK_K), float("-inf"), tl.float32)
     idx = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
@@ -75,9 +96,12 @@ def _route_fwd_kernel(L, NOISE, BIAS, W, IDX, COUNTS, R, E, slm, sle, snm, sne, 
         hist += tl.sum((hit & row_ok[:, None]).to(tl.int32), axis=0)
         s = tl.where(hit, float("-inf"), s)
     k_ok = kcols < K
+    if SIGMOID:  # log sigmoid(z) = min(z, 0) - log(1 + exp(-|z|)); padded slots (-inf) get weight 0
+        sel = tl.minimum(sel, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(sel)))
     p = tl.exp(sel - tl.max(sel, axis=1)[:, None])
     p = tl.where(k_ok[None, :], p, 0.0)
     w = p / tl.sum(p, axis=1)[:, None]
+    w = tl.where(bad[:, None], float("nan"), w)
     out_mask = row_ok[:, None] & k_ok[None, :]
     tl.store(W + r64 * K + kcols[None, :], w, mask=out_mask)
     tl.store(IDX + r64 * K + kcols[None, :], idx.to(tl.int64), mask=out_mask)
@@ -85,8 +109,9 @@ def _route_fwd_kernel(L, NOISE, BIAS, W, IDX, COUNTS, R, E, slm, sle, snm, sne, 
 
 
 @triton.jit
-def _route_bwd_kernel(W, IDX, DW, DL, R, E, sdwm, sdwk, sdlm, scale,
-                      K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+def _route_bwd_kernel(W, IDX, DW, FACTOR, DL, R, E, sdwm, sdwk, sdlm, scale,
+                      HAS_FACTOR: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_E)
     kcols = tl.arange(0, BLOCK_K)
@@ -97,6 +122,8 @@ def _route_bwd_kernel(W, IDX, DW, DL, R, E, sdwm, sdwk, sdlm, scale,
     dw = tl.load(DW + r64 * sdwm + kcols[None, :] * sdwk, mask=kmask, other=0.0).to(tl.float32)
     idx = tl.load(IDX + r64 * K + kcols[None, :], mask=kmask, other=-1).to(tl.int32)
     g = w * (dw - tl.sum(w * dw, axis=1)[:, None]) * scale
+    if HAS_FACTOR:
+        g *= tl.load(FACTOR + r64 * K + kcols[None, :], mask=kmask, other=0.0)
     dl = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     for j in tl.static_range(K):
         gj = tl.sum(tl.where(kcols[None, :] == j, g, 0.0), axis=1)
@@ -118,7 +145,7 @@ class RouteTriton(torch.autograd.Function):
     """Same contract as :class:`~gatezoo.kernels.routing.torch_path.RouteFunction`."""
 
     @staticmethod
-    def forward(ctx, logits, k: int, bias, noise, scale: float):
+    def forward(ctx, logits, k: int, bias, noise, scale: float, score: str, bias_on: str):
         n, e = logits.shape
         dev = logits.device
         weights = torch.empty((n, k), dtype=torch.float32, device=dev)
@@ -131,10 +158,10 @@ class RouteTriton(torch.autograd.Function):
             _route_fwd_kernel[(triton.cdiv(n, bm),)](
                 logits, nz, bz, weights, indices, counts, n, e, logits.stride(0), logits.stride(1),
                 nz.stride(0), nz.stride(1), bz.stride(0), scale,
-                HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, K=k,
-                BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, num_warps=warps,
+                HAS_NOISE=noise is not None, HAS_BIAS=bias is not None, BIAS_ON_SCORES=bias_on == "scores",
+                SIGMOID=score == "sigmoid", K=k, BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, num_warps=warps,
             )
-        ctx.k, ctx.scale = k, scale
+        ctx.k, ctx.scale, ctx.score, ctx.bias_on = k, scale, score, bias_on
         ctx.save_for_backward(logits, bias, noise, weights, indices)
         counts = counts.long()
         ctx.mark_non_differentiable(indices, counts)
@@ -144,26 +171,31 @@ class RouteTriton(torch.autograd.Function):
     def backward(ctx, dweights, _dindices, _dcounts):
         logits, bias, noise, weights, indices = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, _route_weights, (logits, ctx.k, bias, noise, ctx.scale), dweights)
+            args = (logits, ctx.k, bias, noise, ctx.scale, ctx.score, ctx.bias_on)
+            return composed_grads(ctx, _route_weights, args, dweights)
         n, e = logits.shape
         dl = torch.empty((n, e), dtype=logits.dtype, device=logits.device)
+        # sigmoid scores: the (N, k) factor 1 - sigmoid(z) of the selected logits, gathered here
+        factor = sigmoid_factor(logits, noise, ctx.scale, indices) if ctx.score == "sigmoid" else None
         bm, be, bk, warps = _route_blocks(e, ctx.k)
         with on_device(logits):
             _route_bwd_kernel[(triton.cdiv(n, bm),)](
-                weights, indices, dweights, dl, n, e, dweights.stride(0), dweights.stride(1), dl.stride(0),
-                ctx.scale, K=ctx.k, BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, num_warps=warps,
+                weights, indices, dweights, factor if factor is not None else weights, dl, n, e, dweights.stride(0),
+                dweights.stride(1), dl.stride(0), ctx.scale, HAS_FACTOR=factor is not None, K=ctx.k,
+                BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, num_warps=warps,
             )
         dnoise = dl.to(noise.dtype) if noise is not None and ctx.needs_input_grad[3] else None
-        return (dl if ctx.needs_input_grad[0] else None), None, None, dnoise, None
+        return (dl if ctx.needs_input_grad[0] else None), None, None, dnoise, None, None, None
 
 
-def _route_weights(logits, k, bias, noise, scale):
-    return route_composed(logits, k, bias, noise, scale).weights
+def _route_weights(logits, k, bias, noise, scale, score, bias_on):
+    return route_composed(logits, k, bias, noise, scale, score, bias_on).weights
 
 
-def route_triton(logits, k: int, bias=None, noise=None, scale: float = 1.0) -> Routing:
+def route_triton(logits, k: int, bias=None, noise=None, scale: float = 1.0, score: str = "softmax",
+                 bias_on: str = "scores") -> Routing:
     """:func:`~.naive.route_composed` with the fused routing kernel."""
-    return Routing(*RouteTriton.apply(logits, k, bias, noise, scale))
+    return Routing(*RouteTriton.apply(logits, k, bias, noise, scale, score, bias_on))
 
 
 # --- permute / unpermute ---------------------------------------------------------------------
@@ -504,25 +536,32 @@ def _aot_specs():
     contiguous operands in bfloat16, float16, float32 on TF32 tensor cores (all matmul variants)
     and exact float32 (CUDA cores)."""
     specs = []
-    for e, k in ((8, 2), (64, 8)):
-        for dtype in ("fp32", "bf16"):
-            bm, be, bk, warps = _route_blocks(e, k, interpret=False)
-            ptr = f"*{dtype}"
-            tag = f"[E{e},k{k},{dtype}]"
-            specs.append(KernelSpec(
-                "route_fwd" + tag, _route_fwd_kernel,
-                dict(L=ptr, NOISE=ptr, BIAS="*fp32", W="*fp32", IDX="*i64", COUNTS="*i32", R="i32", E="i32",
-                     slm="i32", snm="i32", sb="i32", scale="fp32"),
-                dict(HAS_NOISE=True, HAS_BIAS=True, K=k, BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, sle=1, sne=1),
-                warps, unaligned=("R", "E", "scale", "sb"),
-            ))
-            specs.append(KernelSpec(
-                "route_bwd" + tag, _route_bwd_kernel,
-                dict(W="*fp32", IDX="*i64", DW="*fp32", DL=ptr, R="i32", E="i32", sdwm="i32", sdlm="i32",
-                     scale="fp32"),
-                dict(K=k, BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, sdwk=1),
-                warps, unaligned=("R", "E", "scale", "sdwm", "sdlm"),
-            ))
+    # the softmax-score routing with its bias on the scores (the default) for both sizes and
+    # dtypes; sigmoid scores and the bias on the logits for the larger size in float32
+    variants = [(e, k, dtype, "softmax", "scores") for e, k in ((8, 2), (64, 8)) for dtype in ("fp32", "bf16")]
+    variants += [(64, 8, "fp32", "sigmoid", "scores"), (64, 8, "fp32", "softmax", "logits")]
+    for e, k, dtype, score, bias_on in variants:
+        bm, be, bk, warps = _route_blocks(e, k, interpret=False)
+        ptr = f"*{dtype}"
+        extra = "" if (score, bias_on) == ("softmax", "scores") else f",{score},bias_on_{bias_on}"
+        tag = f"[E{e},k{k},{dtype}{extra}]"
+        specs.append(KernelSpec(
+            "route_fwd" + tag, _route_fwd_kernel,
+            dict(L=ptr, NOISE=ptr, BIAS="*fp32", W="*fp32", IDX="*i64", COUNTS="*i32", R="i32", E="i32",
+                 slm="i32", snm="i32", sb="i32", scale="fp32"),
+            dict(HAS_NOISE=True, HAS_BIAS=True, BIAS_ON_SCORES=bias_on == "scores", SIGMOID=score == "sigmoid",
+                 K=k, BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, sle=1, sne=1),
+            warps, unaligned=("R", "E", "scale", "sb"),
+        ))
+        if bias_on != "scores":  # the backward does not depend on where the bias went
+            continue
+        specs.append(KernelSpec(
+            "route_bwd" + tag, _route_bwd_kernel,
+            dict(W="*fp32", IDX="*i64", DW="*fp32", FACTOR="*fp32", DL=ptr, R="i32", E="i32", sdwm="i32",
+                 sdlm="i32", scale="fp32"),
+            dict(HAS_FACTOR=score == "sigmoid", K=k, BLOCK_M=bm, BLOCK_E=be, BLOCK_K=bk, sdwk=1),
+            warps, unaligned=("R", "E", "scale", "sdwm", "sdlm"),
+        ))
     for d, dtype in ((1024, "bf16"), (1024, "fp32"), (128, "bf16")):
         ptr = f"*{dtype}"
         br, bd, warps = _row_blocks(d, interpret=False)
