@@ -165,6 +165,21 @@ def _decoder_states(model, src, tgt):
     return x
 
 
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+def test_new_fields_trace_without_graph_breaks(attention):
+    """In training, with attention dropout (a ReLA seed drawn inside the trace) and an untied source
+    embedding, the model still compiles as one graph, and the compiled model trains."""
+    model = EncoderDecoder(**{**SMALL, "attention": attention, "attn_dropout": 0.1, "tie_source_embedding": False})
+    src, tgt = _src(2, 5), torch.randint(4, SMALL["vocab_size"], (2, 4))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.train())(src, tgt)
+    assert explained.graph_count == 1 and not explained.break_reasons
+    torch._dynamo.reset()
+    logits = torch.compile(model, backend="aot_eager", fullgraph=True)(src, tgt)
+    logits.square().mean().backward()
+    assert torch.isfinite(logits).all() and model.src_embed.weight.grad is not None
+
+
 @pytest.mark.parametrize("field, value, exc, match", [
     ("attn_dropout", 1.0, ValueError, r"attn_dropout must be in \[0, 1\)"),
     ("attn_dropout", -0.1, ValueError, "attn_dropout must be in"),
