@@ -105,3 +105,102 @@ def test_rela_block_on_the_triton_backend_matches_torch():
     mask = torch.ones(2, 19, dtype=torch.bool)
     mask[1, 11:] = False
     assert_close("block", a(x, causal=True, key_padding_mask=mask), b(x, causal=True, key_padding_mask=mask), 1e-5)
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_attn_dropout_in_training_only(name):
+    """attn_dropout drops attention weights in training mode; in eval mode the block computes what
+    the same block without it does. Training draws are repeatable under torch.manual_seed."""
+    torch.manual_seed(0)
+    m = BLOCKS[name](32, 4, kv_heads=2, attn_dropout=0.5)
+    plain = BLOCKS[name](32, 4, kv_heads=2)
+    plain.load_state_dict(m.state_dict())
+    x, ctx = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    mask = torch.tensor([[True] * 5, [True, True, False, True, False]])
+    calls = (lambda b: b(x, causal=True), lambda b: b(x, context=ctx, key_padding_mask=mask))
+    m.eval()
+    for call in calls:
+        assert torch.equal(call(m), call(plain.eval()))
+    m.train()
+    for call in calls:
+        torch.manual_seed(1)
+        first = call(m)
+        torch.manual_seed(1)
+        assert torch.equal(first, call(m))
+        assert not torch.allclose(first, call(m))  # a fresh draw
+        assert not torch.allclose(first, call(plain.eval()))
+        first.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_attn_dropout_reaches_the_attention(monkeypatch):
+    """The rate goes to rela_attention's dropout_p (ReLA) and to SDPA's dropout_p (softmax) in
+    training, 0 in eval."""
+    import gatezoo.blocks.attention as attention_module
+    import gatezoo.blocks.rela as rela_module
+
+    seen = []
+
+    def record(fn, key):
+        def wrapped(*args, **kwargs):
+            seen.append(kwargs.get(key, 0.0))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(rela_module, "rela_attention", record(rela_attention, "dropout_p"))
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        record(torch.nn.functional.scaled_dot_product_attention, "dropout_p"))
+    x = torch.randn(1, 4, 16)
+    for name in BLOCKS:
+        m = BLOCKS[name](16, 2, attn_dropout=0.25)
+        seen.clear()
+        m(x)
+        m.eval()(x)
+        assert seen == [0.25, 0.0], name
+
+
+def test_attn_dropout_reaches_flash_attn_and_xformers(monkeypatch):
+    """The peer kernels get the rate through their own dropout arguments (flash-attn's
+    dropout_p, xformers' p), in training only."""
+    import sys
+    import types
+
+    seen = []
+
+    def fa_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+        seen.append(dropout_p)
+        return torch.zeros_like(q)
+
+    def fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False):
+        seen.append(dropout_p)
+        return torch.zeros_like(q)
+
+    def mea(query, key, value, attn_bias=None, p=0.0, scale=None):
+        seen.append(p)
+        return torch.zeros_like(query)
+
+    xops = types.SimpleNamespace(memory_efficient_attention=mea, LowerTriangularMask=object)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(
+        flash_attn_func=fa_func, flash_attn_varlen_func=fa_varlen, __version__="2.6.3"))
+    monkeypatch.setitem(sys.modules, "xformers", types.SimpleNamespace(ops=xops))
+    monkeypatch.setitem(sys.modules, "xformers.ops", xops)
+    monkeypatch.setattr(SoftmaxAttention, "_check_peer_input", lambda self, q, dtypes: None)
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 4, 16)
+    mask = torch.tensor([[True] * 4, [True, False, True, False]])
+    for impl in ("flash_attn", "xformers"):
+        m = SoftmaxAttention(16, 2, impl=impl, attn_dropout=0.2)
+        seen.clear()
+        m(x)
+        m(x, context=ctx, key_padding_mask=mask)
+        m.eval()
+        m(x)
+        m(x, context=ctx, key_padding_mask=mask)
+        assert seen == [0.2, 0.2, 0.0, 0.0], impl
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("value, exc", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError),
+                                        ("0.1", TypeError), (True, TypeError)])
+def test_bad_attn_dropout(name, value, exc):
+    with pytest.raises(exc, match="attn_dropout"):
+        BLOCKS[name](16, 2, attn_dropout=value)

@@ -33,12 +33,13 @@ def _one_thread():
 
 
 def tiny_model(ffn: str = "mlp-relu", *, bias: bool = True, steps: int = 0, seed: int = 0,
-               norm_eps: float = 1e-5, norm_position: str = "pre") -> EncoderDecoder:
-    """A 2+2 layer, dim 32 model, trained ``steps`` Adam steps to reverse random token sequences."""
+               norm_eps: float = 1e-5, norm_position: str = "pre", **fields) -> EncoderDecoder:
+    """A 2+2 layer, dim 32 model, trained ``steps`` Adam steps to reverse random token sequences;
+    ``fields``: more TranslationConfig fields."""
     torch.manual_seed(seed)
     model = EncoderDecoder(TranslationConfig(vocab_size=V, dim=32, enc_layers=2, dec_layers=2, heads=4, ffn_hidden=64,
                                              dropout=0.0, max_len=64, ffn=ffn, bias=bias,
-                                             norm_eps=norm_eps, norm_position=norm_position))
+                                             norm_eps=norm_eps, norm_position=norm_position, **fields))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -77,7 +78,28 @@ def test_ctranslate2_greedy_and_scores_match(tmp_path, ffn, bias, norm_position)
     path = export_ctranslate2(model, tmp_path / "ct2", VOCAB)
     assert path == tmp_path / "ct2" and (path / "model.bin").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct2"]  # no temporary directory left
+    _assert_ct2_matches(model, path)
 
+
+def test_untied_source_embedding_and_attention_dropout_export(tmp_path):
+    """A model with its own source embedding, trained with attention dropout, exports: the
+    encoder gets src_embed, the decoder and the output projection embed, and CTranslate2 then
+    translates and scores as the model does (attention dropout is training-only, nothing to export)."""
+    model = tiny_model(steps=100, tie_source_embedding=False, attn_dropout=0.1)
+    assert not torch.equal(model.src_embed.weight, model.embed.weight)
+    path = export_ctranslate2(model, tmp_path / "ct2", VOCAB)
+    _assert_ct2_matches(model, path)
+    with torch.no_grad():  # swapping the two tables changes the translations: CT2 read each one
+        model.src_embed.weight.copy_(model.embed.weight)
+    swapped = export_ctranslate2(model, tmp_path / "tied", VOCAB)
+    sents, _ = sample_sentences()
+    assert ct2_translate(swapped, sents) != ct2_translate(path, sents)
+    assert (swapped / "model.bin").stat().st_size < (path / "model.bin").stat().st_size  # one table, aliased
+
+
+def _assert_ct2_matches(model, path):
+    """CTranslate2's greedy translations of sample sentences are the model's, token by token, and
+    its scores of them are the model's log-probabilities."""
     sents, src = sample_sentences()
     ours = greedy_search(model, src, max_len_a=0, max_len_b=LIMIT)
     theirs = ct2_translate(path, sents)

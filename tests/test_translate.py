@@ -112,6 +112,89 @@ def test_attention_per_place(place, other):
         model.config.attention_at("self")
 
 
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+def test_attn_dropout_field(attention):
+    """attn_dropout reaches every attention block; it acts in training only, so an eval model equals
+    the same weights without it and still decodes through its caches."""
+    model = _model(attention, attn_dropout=0.3)
+    blocks = [m for layer in (*model.encoder, *model.decoder) for m in layer.modules()
+              if hasattr(m, "_attn_p")]
+    assert len(blocks) == SMALL["enc_layers"] + 2 * SMALL["dec_layers"]
+    assert all(b.attn_dropout == 0.3 for b in blocks)
+    plain = _model(attention)
+    plain.load_state_dict(model.state_dict())
+    src, tgt, full = _check_stepwise_decoding(model, 6, 1e-10)
+    torch.testing.assert_close(full, plain(src, tgt), rtol=0, atol=0)
+    torch.manual_seed(0)
+    trained = model.train()(src, tgt)
+    assert torch.isfinite(trained).all() and not torch.allclose(trained, full)
+    assert _model(attention).encoder[0].attn.attn_dropout == 0.0  # the default: no attention dropout
+
+
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+def test_untied_source_embedding(attention):
+    """tie_source_embedding=False: the encoder reads its own table (src_embed), the target
+    embedding and the output projection stay one matrix, and cached decoding equals the full
+    forward. The default keeps today's state dict (no src_embed)."""
+    tied = _model(attention)
+    assert tied.src_embed is None and tied.source_embedding is tied.embed
+    assert not any(k.startswith("src_embed") for k in tied.state_dict())
+    model = _model(attention, tie_source_embedding=False)
+    assert isinstance(model.src_embed, torch.nn.Embedding) and model.source_embedding is model.src_embed
+    assert model.src_embed.weight.data_ptr() != model.embed.weight.data_ptr()
+    assert torch.equal(model.src_embed.weight[PAD_ID], torch.zeros(SMALL["dim"], dtype=torch.float64))
+    n = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert n == SMALL["vocab_size"] * SMALL["dim"]
+    src, tgt, full = _check_stepwise_decoding(model, 6, 1e-10)
+    states = model.encode(src).states
+    with torch.no_grad():  # the target table no longer reaches the encoder; the source table does
+        model.embed.weight[4:].add_(torch.randn(SMALL["vocab_size"] - 4, SMALL["dim"], dtype=torch.float64))
+        torch.testing.assert_close(model.encode(src).states, states, rtol=0, atol=0)
+        assert not torch.allclose(model(src, tgt), full)  # it still embeds the target and projects
+        model.src_embed.weight[4:].add_(torch.randn(SMALL["vocab_size"] - 4, SMALL["dim"], dtype=torch.float64))
+        assert not torch.allclose(model.encode(src).states, states)
+    logits = model(src, tgt)
+    torch.testing.assert_close(logits, model.dec_norm(_decoder_states(model, src, tgt)) @ model.embed.weight.t())
+
+
+def _decoder_states(model, src, tgt):
+    memory = model.encode(src)
+    x = model._embed(tgt)
+    for layer in model.decoder:
+        x = layer(x, memory.states, memory.mask)
+    return x
+
+
+@pytest.mark.parametrize("attention", ["softmax", "rela"])
+def test_new_fields_trace_without_graph_breaks(attention):
+    """In training, with attention dropout (a ReLA seed drawn inside the trace) and an untied source
+    embedding, the model still compiles as one graph, and the compiled model trains."""
+    model = EncoderDecoder(**{**SMALL, "attention": attention, "attn_dropout": 0.1, "tie_source_embedding": False})
+    src, tgt = _src(2, 5), torch.randint(4, SMALL["vocab_size"], (2, 4))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.train())(src, tgt)
+    assert explained.graph_count == 1 and not explained.break_reasons
+    torch._dynamo.reset()
+    logits = torch.compile(model, backend="aot_eager", fullgraph=True)(src, tgt)
+    logits.square().mean().backward()
+    assert torch.isfinite(logits).all() and model.src_embed.weight.grad is not None
+
+
+@pytest.mark.parametrize("field, value, exc, match", [
+    ("attn_dropout", 1.0, ValueError, r"attn_dropout must be in \[0, 1\)"),
+    ("attn_dropout", -0.1, ValueError, "attn_dropout must be in"),
+    ("attn_dropout", float("nan"), ValueError, "attn_dropout must be in"),
+    ("attn_dropout", "0.1", TypeError, "attn_dropout must be a number"),
+    ("tie_source_embedding", "false", TypeError, "tie_source_embedding must be true or false"),
+    ("tie_source_embedding", 0, TypeError, "tie_source_embedding must be true or false"),
+])
+def test_new_fields_refuse_bad_values(field, value, exc, match):
+    with pytest.raises(exc, match=match):
+        TranslationConfig(**{field: value}).validate()
+    with pytest.raises(exc, match=match):
+        EncoderDecoder(**SMALL, **{field: value})
+
+
 def test_reorder_permutes_every_cache():
     model = _model("rela")
     src = _src()

@@ -11,6 +11,12 @@ kernels on CUDA with ``impl=``, see docs/gpu.md) both take
 ``cache`` is a :class:`KVCache` for incremental decoding whose outputs equal the full
 recomputation.
 
+``attn_dropout`` (both blocks, 0 by default) drops attention weights in training mode only: the
+softmax weights through the chosen implementation's own dropout argument (``dropout_p`` of SDPA
+and flash-attn, ``p`` of xformers), the rectified weights of ReLA through
+:func:`~gatezoo.kernels.rela_attention`'s ``dropout_p``. ``dropout`` is the other one, on the
+block's output.
+
 Inputs are checked (:mod:`gatezoo.blocks.checks`): ``x`` and ``context`` must be floating-point
 tensors of the block's width and dtype, ``causal`` a bool, ``cache`` a :class:`KVCache` of the same
 batch size and layer shape; a context of zero tokens is an error. An empty batch or zero query
@@ -90,11 +96,12 @@ class KVCache:
 
 class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
-                 dropout: float = 0.0, bias: bool = False):
+                 dropout: float = 0.0, bias: bool = False, attn_dropout: float = 0.0):
         super().__init__()
         dim, heads = check_int("dim", dim), check_int("heads", heads)
         head_dim, kv_heads = check_optional_int("head_dim", head_dim), check_optional_int("kv_heads", kv_heads, 0)
         check_probability("dropout", dropout)
+        self.attn_dropout = check_probability("attn_dropout", attn_dropout)
         check_bool("bias", bias)
         if head_dim is None:
             if dim % heads:
@@ -111,6 +118,10 @@ class _Attention(nn.Module):
 
     def _attend(self, q, k, v, key_padding_mask, causal):
         raise NotImplementedError
+
+    def _attn_p(self) -> float:
+        """The attention-weight dropout rate of this call: ``attn_dropout`` in training, else 0."""
+        return self.__dict__.get("attn_dropout", 0.0) if self.training else 0.0  # 0: pickled before it existed
 
     def _output_norm(self, o):
         return o
@@ -210,6 +221,9 @@ class SoftmaxAttention(_Attention):
 
     Args:
         dim, heads, head_dim, kv_heads, dropout, bias: as for :class:`ReLAAttention`.
+        attn_dropout: dropout on the softmax weights in training mode (0 = none): SDPA's and
+            flash-attn's ``dropout_p``, xformers' ``p``; their random draws follow torch's
+            generator (SDPA) or the package's own.
         impl: which function computes ``softmax(q k^T / sqrt(d)) v``:
 
             * ``"sdpa"`` (default): ``F.scaled_dot_product_attention`` (PyTorch picks its flash or
@@ -233,8 +247,9 @@ class SoftmaxAttention(_Attention):
     """
 
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
-                 dropout: float = 0.0, bias: bool = False, impl: str = "sdpa"):
-        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias)
+                 dropout: float = 0.0, bias: bool = False, impl: str = "sdpa", attn_dropout: float = 0.0):
+        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias,
+                         attn_dropout=attn_dropout)
         self.impl = impl
 
     @property
@@ -250,7 +265,10 @@ class SoftmaxAttention(_Attention):
         self.__dict__["_impl"] = value
 
     def extra_repr(self) -> str:
-        return "" if self.impl == "sdpa" else f"impl={self.impl!r}"
+        parts = [] if self.impl == "sdpa" else [f"impl={self.impl!r}"]
+        if self.__dict__.get("attn_dropout", 0.0):
+            parts.append(f"attn_dropout={self.attn_dropout}")
+        return ", ".join(parts)
 
     def _attend(self, q, k, v, key_padding_mask, causal):
         tq, tk = q.shape[2], k.shape[2]
@@ -271,10 +289,11 @@ class SoftmaxAttention(_Attention):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        p = self._attn_p()
         if key_padding_mask is None and (not causal or tq == tk):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # fast paths
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)  # fast paths
         keep = self._keep(q, tk, key_padding_mask, causal)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
         return torch.where(keep.any(-1, keepdim=True), o, 0.0)
 
     @staticmethod
@@ -315,7 +334,7 @@ class SoftmaxAttention(_Attention):
         if key_padding_mask is None:
             # causal is bottom-right aligned (flash-attn >= 2.1) and a query with no visible key
             # gets 0, both as in the SDPA path
-            return fa.flash_attn_func(q, k, v, causal=causal).transpose(1, 2)
+            return fa.flash_attn_func(q, k, v, dropout_p=self._attn_p(), causal=causal).transpose(1, 2)
         if causal:
             raise ValueError("SoftmaxAttention(impl='flash_attn') cannot combine key_padding_mask with causal=True: "
                              "its variable-length kernel packs the kept keys and would lose their positions; "
@@ -331,7 +350,7 @@ class SoftmaxAttention(_Attention):
         cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(0, (b + 1) * tq, tq, dtype=torch.int32, device=q.device)
         o = fa.flash_attn_varlen_func(q.reshape(b * tq, self.heads, d), k[packed], v[packed], cu_q, cu_k, tq,
-                                      int(lens.max())).view(b, tq, self.heads, d)
+                                      int(lens.max()), dropout_p=self._attn_p()).view(b, tq, self.heads, d)
         o = torch.where(empty[:, None, None, None], 0.0, o)
         return o.transpose(1, 2)
 
@@ -344,14 +363,15 @@ class SoftmaxAttention(_Attention):
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) views, as xformers takes them
+        p = self._attn_p()
         if key_padding_mask is None and not causal:
-            return xops.memory_efficient_attention(q, k, v).transpose(1, 2)
+            return xops.memory_efficient_attention(q, k, v, p=p).transpose(1, 2)
         if key_padding_mask is None and tq == tk:
-            return xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask()).transpose(1, 2)
+            return xops.memory_efficient_attention(q, k, v, attn_bias=xops.LowerTriangularMask(), p=p).transpose(1, 2)
         bottom_right = getattr(getattr(xops, "fmha", None), "attn_bias", None)
         bottom_right = getattr(bottom_right, "LowerTriangularFromBottomRightMask", None)
         if key_padding_mask is None and tq < tk and bottom_right is not None:
-            return xops.memory_efficient_attention(q, k, v, attn_bias=bottom_right()).transpose(1, 2)
+            return xops.memory_efficient_attention(q, k, v, attn_bias=bottom_right(), p=p).transpose(1, 2)
         # anything else (a padding mask, or causal with more queries than keys, whose first
         # queries see no key) goes in as an additive bias tensor: -inf where a key is masked,
         # and 0 over the whole row of a query with no visible key, whose output is then set to
@@ -363,5 +383,5 @@ class SoftmaxAttention(_Attention):
         width = -(-tk // 8) * 8
         bias = torch.zeros(keep.shape[0], 1, tq, width, dtype=q.dtype, device=q.device)[..., :tk]
         bias.masked_fill_(~keep & seen, float("-inf"))
-        o = xops.memory_efficient_attention(q, k, v, attn_bias=bias.expand(b, h, tq, tk)).transpose(1, 2)
+        o = xops.memory_efficient_attention(q, k, v, attn_bias=bias.expand(b, h, tq, tk), p=p).transpose(1, 2)
         return torch.where(seen, o, 0.0)

@@ -29,11 +29,16 @@ class ReLAAttention(_Attention):
         norm: ``"gated_rms"`` (ReLA-g, default), ``"rms"``, ``"layer"`` or None.
         dropout: on the block output. bias: on the projections.
         backend: kernel backend for the attention and the norm.
+        attn_dropout: dropout on the rectified weights ``relu(S)`` before they multiply the
+            values, in training mode only (0 = none; ReLA's authors train with 0.1). Each call
+            draws its mask's seed from torch's generator (:func:`~gatezoo.kernels.rela_attention`).
     """
 
     def __init__(self, dim: int, heads: int, *, head_dim: int | None = None, kv_heads: int | None = None,
-                 norm: str | None = "gated_rms", dropout: float = 0.0, bias: bool = False, backend: str = "auto"):
-        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias)
+                 norm: str | None = "gated_rms", dropout: float = 0.0, bias: bool = False, backend: str = "auto",
+                 attn_dropout: float = 0.0):
+        super().__init__(dim, heads, head_dim=head_dim, kv_heads=kv_heads, dropout=dropout, bias=bias,
+                         attn_dropout=attn_dropout)
         check_backend(backend)
         if norm is not None and not isinstance(norm, str):
             raise ArgumentTypeError(f"norm must be a str or None, got {norm!r} ({type(norm).__name__})")
@@ -50,7 +55,11 @@ class ReLAAttention(_Attention):
         self.backend = backend
 
     def _attend(self, q, k, v, key_padding_mask, causal):
-        return rela_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, backend=self.backend)
+        return rela_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=self._attn_p(),
+                              backend=self.backend)
 
     def _output_norm(self, o):
         return self.norm(o)
+
+    def extra_repr(self) -> str:
+        return f"attn_dropout={self.attn_dropout}" if self.__dict__.get("attn_dropout", 0.0) else ""

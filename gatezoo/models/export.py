@@ -11,6 +11,8 @@ gatezoo                                 CTranslate2 spec
 ``embed.weight``                        ``encoder.embeddings``, ``decoder.embeddings`` and
                                         ``decoder.projection`` (tied; no output bias), with
                                         ``scale_embeddings`` (times sqrt(dim))
+``src_embed.weight`` (only with         ``encoder.embeddings`` instead (the decoder's two
+``tie_source_embedding=False``)         stay ``embed.weight``)
 ``positions`` (sines, then cosines)     ``position_encodings.encodings`` of both stacks,
                                         written explicitly so no layout convention can differ
 ``encoder[i].norm1`` / ``norm2``        ``encoder.layer[i].self_attention.layer_norm`` /
@@ -30,6 +32,11 @@ cross-attention ``q``, ``kv``,          ``attention.linear[0]`` (query), ``linea
                                         (pre-norm only)
 ``config.norm_eps``                     ``config.json`` ``layer_norm_epsilon``
 ======================================  =====================================================
+
+``attn_dropout`` and ``dropout`` act in training only and have nothing to export. An untied
+source embedding needs nothing special: CTranslate2 keeps the encoder's embedding apart from the
+decoder's anyway (when they are equal, ``optimize`` stores one copy), and the vocabulary is
+joint either way.
 
 Biases are copied where the model has them. The activations CTranslate2 has: ``mlp-relu``
 (RELU), ``mlp-gelu`` (GELU, the erf form of torch's ``nn.GELU``), ``mlp-silu`` (SWISH), and the
@@ -237,7 +244,7 @@ def _build_spec(model: EncoderDecoder, vocabulary: list[str], enc_act: tuple[str
     for stack in (encoder, decoder):
         stack.scale_embeddings = True
         stack.position_encodings.encodings = positions
-    encoder.embeddings[0].weight = embed
+    encoder.embeddings[0].weight = _np(model.source_embedding.weight)  # embed itself when tied
     decoder.embeddings.weight = embed
     decoder.projection.weight = embed  # tied output projection, no bias (optional in the spec)
 
@@ -264,7 +271,7 @@ def _build_spec(model: EncoderDecoder, vocabulary: list[str], enc_act: tuple[str
     spec.register_source_vocabulary(vocabulary)
     spec.register_target_vocabulary(vocabulary)
     spec.validate()
-    spec.optimize(quantization=None)  # aliases the three copies of the embedding matrix
+    spec.optimize(quantization=None)  # aliases the copies of the embedding matrix (3 when tied, else 2)
     return spec
 
 

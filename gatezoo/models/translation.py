@@ -2,14 +2,17 @@
 
 ``EncoderDecoder`` is the pre-norm Transformer of Vaswani et al. (2017) as most toolkits train it
 today: a joint (source and target) vocabulary whose one embedding matrix feeds the encoder and
-the decoder and is the output projection, embeddings scaled by sqrt(dim) plus sinusoidal
+the decoder and is the output projection (``tie_source_embedding=False`` gives the encoder a
+table of its own, the ReLA authors' setup), embeddings scaled by sqrt(dim) plus sinusoidal
 positions, pre-norm layers with a final LayerNorm after each stack (``norm_position="post"``
 gives the original post-norm layers instead). The attention of all three
 places (encoder self-, decoder causal self- and cross-attention) is chosen by name, ``softmax``
 or ``rela`` (rectified linear attention with its gated RMS output norm, Zhang et al. 2021), and
 ``encoder_attention``, ``decoder_attention`` and ``cross_attention`` override it for one place
-(e.g. ReLA in the self-attentions and softmax in cross-attention). The feed-forward is chosen by
-name: ``mlp-<activation>`` or any GLU of :data:`gatezoo.blocks.GLU_VARIANTS`.
+(e.g. ReLA in the self-attentions and softmax in cross-attention); ``attn_dropout`` drops attention
+weights in training (the rectified weights of ReLA, the softmax weights of softmax attention),
+in every place. The feed-forward is chosen by name: ``mlp-<activation>`` or any GLU of
+:data:`gatezoo.blocks.GLU_VARIANTS`.
 
 Training calls ``model(src_ids, tgt_in_ids) -> logits (B, T_tgt, vocab)``, padding id 0. Search
 code uses only the narrow decoding interface, so greedy, beam and any later decoder work for
@@ -91,6 +94,12 @@ class TranslationConfig(MoEOptions):
     ``attention`` names the attention of all three places; ``encoder_attention`` (encoder
     self-attention), ``decoder_attention`` (decoder causal self-attention) and
     ``cross_attention``, when set, replace it in that place (:meth:`attention_at`).
+    ``attn_dropout`` is dropout on the attention weights of every attention (training only),
+    besides ``dropout`` on the sub-layer outputs.
+
+    ``tie_source_embedding`` (default True): the encoder reads the one embedding table that also
+    embeds the target and is the output projection. False gives the encoder a table of its own
+    (``src_embed``); the target embedding and the output projection stay tied.
 
     The MoE fields apply only with ``ffn="moe"`` (otherwise a non-default value is refused), and
     ``router="task_aware"`` is refused: the model has no way to pass task ids to its layers.
@@ -112,6 +121,8 @@ class TranslationConfig(MoEOptions):
     norm_eps: float = 1e-5
     bias: bool = True  # biases on the attention projections
     norm_position: str = "pre"  # "pre": x + f(LN x), final LN per stack; "post": LN(x + f(x)), no final LN
+    attn_dropout: float = 0.0  # on the attention weights (training only)
+    tie_source_embedding: bool = True  # False: the encoder has its own embedding table
 
     def validate(self) -> None:
         """Raise ValueError (TypeError for a wrong type) naming the first field that is out of range."""
@@ -142,6 +153,8 @@ class TranslationConfig(MoEOptions):
         else:
             self.reject_unused_moe()
         check_probability("dropout", self.dropout)
+        check_probability("attn_dropout", self.attn_dropout)
+        check_bool("tie_source_embedding", self.tie_source_embedding)
         check_positive("norm_eps", self.norm_eps)
         check_bool("bias", self.bias)
         check_str("norm_position", self.norm_position)
@@ -170,7 +183,7 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
 
 def _attention(cfg: TranslationConfig, place: str) -> nn.Module:
     cls = SoftmaxAttention if cfg.attention_at(place) == "softmax" else ReLAAttention
-    return cls(cfg.dim, cfg.heads, dropout=cfg.dropout, bias=cfg.bias)
+    return cls(cfg.dim, cfg.heads, dropout=cfg.dropout, bias=cfg.bias, attn_dropout=cfg.attn_dropout)
 
 
 class _Residual(nn.Module):
@@ -328,6 +341,9 @@ def _check_memory(memory, name: str, batch: int) -> None:
 class EncoderDecoder(nn.Module):
     """Pre-norm (or post-norm) encoder-decoder Transformer with tied embeddings (see the module docstring).
 
+    ``embed`` embeds the target and is the output projection (and embeds the source too unless
+    ``tie_source_embedding=False``, which adds ``src_embed`` for the source).
+
     >>> model = EncoderDecoder(TranslationConfig(vocab_size=8000, attention="rela"))
     >>> logits = model(src_ids, tgt_in_ids)            # (B, T, 8000)
     """
@@ -343,6 +359,9 @@ class EncoderDecoder(nn.Module):
         cfg.validate()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=PAD_ID)
+        # only when untied: a tied model's state dict is what it always was
+        self.src_embed = None if cfg.tie_source_embedding else nn.Embedding(cfg.vocab_size, cfg.dim,
+                                                                            padding_idx=PAD_ID)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.dim), persistent=False)
         self.drop = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
@@ -362,19 +381,26 @@ class EncoderDecoder(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.embed.weight, std=self.config.dim ** -0.5)
-        with torch.no_grad():
-            self.embed.weight[PAD_ID].zero_()
+        for table in (self.embed, self.src_embed):
+            if table is not None:
+                nn.init.normal_(table.weight, std=self.config.dim ** -0.5)
+                with torch.no_grad():
+                    table.weight[PAD_ID].zero_()
 
-    def _embed(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = self.embed(ids) * math.sqrt(self.config.dim)
+    @property
+    def source_embedding(self) -> nn.Embedding:
+        """The table that embeds source tokens: ``src_embed`` when untied, else ``embed``."""
+        return self.embed if self.src_embed is None else self.src_embed
+
+    def _embed(self, ids: torch.Tensor, start: int = 0, table: nn.Embedding | None = None) -> torch.Tensor:
+        x = (self.embed if table is None else table)(ids) * math.sqrt(self.config.dim)
         return self.drop(x + self.positions[start:start + ids.shape[1]].to(x.dtype))
 
     def encode(self, src: torch.Tensor) -> Memory:
         """Encoder states of ``src`` (B, S) token ids, 0 = padding."""
         check_ids("src", src, self.config.vocab_size, self.config.max_len)
         mask = src != PAD_ID
-        x = self._embed(src)
+        x = self._embed(src, table=self.source_embedding)
         for layer in self.encoder:
             x = layer(x, mask)
         return Memory(self.enc_norm(x), mask)

@@ -4,6 +4,7 @@ and grouped-query attention (see :mod:`.naive` for the exact definition).
 Files (the layout every op copies, see docs/architecture.md, 'Layers and layout'):
 
 * ``naive.py`` - :func:`rela_composed` over the full score matrix, the oracle.
+* ``dropout.py`` - the position hash that decides which attention weights dropout drops.
 * ``torch_path.py`` - :class:`~.torch_path.ReLAFunction`, the chunked torch backend.
 * ``triton.py`` - the fused Triton kernels (forward, dK/dV, dQ) and their autograd function.
 * ``__init__.py`` - validation and :func:`~gatezoo.kernels.backend.dispatch` (this file).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..backend import dispatch, positive_number
+from .dropout import check_dropout, draw_seed
 from .naive import rela_composed
 from .torch_path import ReLAFunction
 
@@ -59,6 +61,7 @@ def _check(q, k, v, key_padding_mask):
 
 def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                    key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+                   dropout_p: float = 0.0, dropout_seed: int | None = None,
                    backend: str = "auto") -> torch.Tensor:
     """Rectified linear attention: ``relu(q k^T * scale) v``, no normalisation over keys.
 
@@ -69,6 +72,15 @@ def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
             sees keys ``j <= i + Tk - Tq``, which is what incremental decoding needs.
         key_padding_mask: bool (B, Tk), **True = keep** (a real token), False = padding.
         scale: score scale, default ``D ** -0.5``.
+        dropout_p: attention-weight dropout, a number in [0, 1): each weight ``relu(S)[i, j]`` is
+            dropped with probability ``dropout_p`` and the kept ones are scaled by
+            ``1/(1 - dropout_p)`` (as ReLA's authors train). 0 (the default) is no dropout and
+            costs nothing. The op has no training flag: pass 0 for evaluation.
+        dropout_seed: int in [0, 2**32). Which weights are dropped is a hash of (seed, batch·head,
+            query, key) (see :mod:`gatezoo.kernels.rela.dropout`), so every backend drops the
+            same ones and backward recomputes the mask instead of storing it. None (default)
+            draws a seed from torch's default generator when ``dropout_p > 0``, so
+            ``torch.manual_seed`` repeats a run.
         backend: ``"auto" | "torch" | "triton"``.
 
     Masked scores are set to 0 before the ReLU, so a query whose keys are all masked gets 0.
@@ -78,18 +90,26 @@ def rela_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     _check(q, k, v, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else positive_number("scale", scale)
     causal = bool(causal)
+    dropout_p, dropout_seed = check_dropout(dropout_p, dropout_seed)
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(q.device)
+    if dropout_p > 0 and dropout_seed is None:
+        if torch.compiler.is_compiling():
+            # a seed tensor: reading it into an int would be a host sync the trace cannot hold;
+            # the composition (what a trace runs) hashes with a tensor seed as well
+            dropout_seed = torch.randint(0, 1 << 32, (), dtype=torch.int64).to(q.device)
+        else:
+            dropout_seed = draw_seed()
 
     def triton_path():
         from .triton import ReLATriton
 
-        return ReLATriton.apply(q, k, v, key_padding_mask, causal, scale)
+        return ReLATriton.apply(q, k, v, key_padding_mask, causal, scale, dropout_p, dropout_seed)
 
     return dispatch(
         backend, q,
-        naive=lambda: rela_composed(q, k, v, causal, key_padding_mask, scale),
-        torch_path=lambda: ReLAFunction.apply(q, k, v, key_padding_mask, causal, scale),
+        naive=lambda: rela_composed(q, k, v, causal, key_padding_mask, scale, dropout_p, dropout_seed),
+        torch_path=lambda: ReLAFunction.apply(q, k, v, key_padding_mask, causal, scale, dropout_p, dropout_seed),
         triton_path=triton_path,
         empty=q.numel() == 0 or k.shape[2] == 0,
     )

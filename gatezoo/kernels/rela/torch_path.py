@@ -10,6 +10,11 @@ head by head instead (:func:`_per_head_forward`): bmm reads each head's strided 
 of q, k, v in place, so nothing is copied into a merged (B * H) batch, and the output and the
 gradients are written in (B, T, H, D) storage, the layout the attention block joins its heads
 in. On (64, 4, 40, 64) this made ReLA's forward+backward cost what SDPA's does.
+
+Attention dropout (``dropout_p > 0``) zeroes the dropped weights of each score chunk, chosen by
+the position hash of :mod:`.dropout`, which backward recomputes chunk by chunk like the scores
+(no mask is stored); the factor ``1/(1 - p)`` rides in the products' ``alpha`` or scales the
+small (rows, D) results. With ``dropout_p = 0`` none of this runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from ..backend import composed_grads
 from ..scratch import Scratch
+from .dropout import dropped, row_hash, threshold
 from .naive import rela_composed_args
 
 # Scores of one chunk on CPU: at most 2^21 float32 (8 MiB; backward holds two such buffers). A
@@ -61,11 +67,29 @@ def _chunks(bh: int, rows: int, cols: int, causal: bool, device):
             for c in range(0, bh, heads) for i in range(0, rows, r)]
 
 
+class _Dropout:
+    """Attention dropout at rate ``p`` with ``seed``: the hash threshold and the scale of the
+    kept weights."""
+
+    def __init__(self, p: float, seed: int):
+        self.seed, self.thresh, self.inv = seed, threshold(p), 1.0 / (1.0 - p)
+
+    def apply_(self, s: torch.Tensor, bh: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Zero the dropped weights of ``s`` in place: ``bh`` (flat query heads), ``rows`` (query
+        indices) and ``cols`` (key indices) broadcast to the shape of ``s``. A select, so a
+        dropped inf or NaN weight becomes 0."""
+        return s.masked_fill_(dropped(row_hash(self.seed, bh, rows), cols, self.thresh), 0.0)
+
+
+def _dropout(dropout_p: float, dropout_seed) -> _Dropout | None:
+    return _Dropout(dropout_p, dropout_seed) if dropout_p > 0 else None
+
+
 class _Problem:
     """The operands as (B * Hk, ...) stacks in the compute dtype: one row of the stack per key
     head, its G query heads side by side."""
 
-    def __init__(self, q, k, v, key_padding_mask, causal, scale):
+    def __init__(self, q, k, v, key_padding_mask, causal, scale, drop: _Dropout | None = None):
         b, h, tq, d = q.shape
         hk, tk = k.shape[1], k.shape[2]
         self.cdt = _compute_dtype(q.dtype)
@@ -73,7 +97,7 @@ class _Problem:
         self.q = q.to(self.cdt).reshape(b * hk, self.g, tq, d)
         self.k = k.to(self.cdt).reshape(b * hk, tk, d)
         self.v = v.to(self.cdt).reshape(b * hk, tk, d)
-        self.causal, self.scale = causal, scale
+        self.causal, self.scale, self.drop = causal, scale, drop
         # padded keys per key head (True = padding), broadcast over the query rows
         self.pad = None
         if key_padding_mask is not None:
@@ -110,7 +134,17 @@ class _Problem:
             s.view(n, self.g, rows, stop).masked_fill_(j > i + (self.tk - self.tq), 0.0)
         if self.pad is not None:
             s.masked_fill_(self.pad[cs, :, :stop], 0.0)
+        if self.drop is not None:
+            dev = s.device
+            self.drop.apply_(s.view(n, self.g, rows, stop), self.heads_of(cs)[:, :, None, None],
+                             torch.arange(rs.start, rs.stop, device=dev)[:, None], torch.arange(stop, device=dev))
         return s
+
+    def heads_of(self, cs) -> torch.Tensor:
+        """Flat query-head indices ``b·H + h`` of the key-head stacks ``cs``, (n, G): stack ``c``
+        holds query heads ``c·G`` to ``c·G + G - 1``."""
+        dev = self.q.device
+        return torch.arange(cs.start, cs.stop, device=dev)[:, None] * self.g + torch.arange(self.g, device=dev)
 
     def relu_scores_t(self, qc, cs, ks, q0):
         """The transposed chunk relu(masked k q^T * scale), (n, rows, G * (Tq - q0)): key rows
@@ -125,6 +159,11 @@ class _Problem:
             s.view(n, rows, self.g, nq).masked_fill_((j > i + off)[:, None, :], 0.0)
         if self.pad is not None:
             s.masked_fill_(self.pad[cs, 0, ks][:, :, None], 0.0)
+        if self.drop is not None:
+            dev = s.device
+            keys = torch.arange(ks.start, ks.stop, device=dev)[:, None, None]
+            self.drop.apply_(s.view(n, rows, self.g, nq), self.heads_of(cs)[:, None, :, None],
+                             torch.arange(q0, self.tq, device=dev), keys)
         return s
 
 
@@ -139,8 +178,10 @@ def _per_head_ok(q, k, v, causal: bool) -> bool:
             and (not causal or tq <= CAUSAL_ROWS))
 
 
-def _head_scores(qh, kh, pad, causal: bool, scale: float, out):
-    """relu(masked qh khᵀ * scale) of one head, (B, Tq, Tk), into ``out``."""
+def _head_scores(qh, kh, pad, causal: bool, scale: float, out, drop: _Dropout | None = None, head: int = 0,
+                 heads: int = 1):
+    """relu(masked qh khᵀ * scale) of one head, (B, Tq, Tk), into ``out``; with ``drop``, the
+    weights it drops for query head ``head`` of ``heads`` are zeroed (not yet scaled)."""
     tq, tk = qh.shape[1], kh.shape[1]
     torch.baddbmm(out, qh, kh.transpose(1, 2), beta=0.0, alpha=scale, out=out).relu_()
     if causal and tk - tq < tk - 1:  # some query misses some key
@@ -149,10 +190,14 @@ def _head_scores(qh, kh, pad, causal: bool, scale: float, out):
         out.masked_fill_(j > i + (tk - tq), 0.0)  # a select: masked inf or NaN scores become 0
     if pad is not None:
         out.masked_fill_(pad, 0.0)
+    if drop is not None:
+        dev = out.device
+        drop.apply_(out, torch.arange(out.shape[0], device=dev)[:, None, None] * heads + head,
+                    torch.arange(tq, device=dev)[:, None], torch.arange(tk, device=dev))
     return out
 
 
-def _per_head_forward(q, k, v, key_padding_mask, causal: bool, scale: float):
+def _per_head_forward(q, k, v, key_padding_mask, causal: bool, scale: float, drop: _Dropout | None = None):
     """ReLA one head at a time on strided (B, T, D) views of every head: no copy of q, k, v,
     and the output is written in (B, Tq, H, D) storage, so joining the heads afterwards
     (``o.transpose(1, 2).reshape(B, Tq, H * D)``) is a view."""
@@ -163,14 +208,17 @@ def _per_head_forward(q, k, v, key_padding_mask, causal: bool, scale: float):
     s = torch.empty((b, tq, tk), dtype=q.dtype, device=q.device)
     o = torch.empty((b, tq, d), dtype=q.dtype, device=q.device)
     for i in range(h):
-        _head_scores(q[:, i], k[:, i], pad, causal, scale, s)
+        _head_scores(q[:, i], k[:, i], pad, causal, scale, s, drop, i, h)
         # bmm reads strided operands in place but loops matrix by matrix into a strided output:
         # through a contiguous buffer instead
-        out[:, :, i].copy_(torch.bmm(s, v[:, i], out=o))
+        if drop is None:
+            out[:, :, i].copy_(torch.bmm(s, v[:, i], out=o))
+        else:
+            out[:, :, i].copy_(torch.baddbmm(o, s, v[:, i], beta=0.0, alpha=drop.inv, out=o))
     return out.transpose(1, 2)
 
 
-def _per_head_grads(q, k, v, key_padding_mask, causal: bool, scale: float, do):
+def _per_head_grads(q, k, v, key_padding_mask, causal: bool, scale: float, do, drop: _Dropout | None = None):
     """dq, dk, dv of :func:`_per_head_forward`, each written in (B, T, H, D) storage (the layout
     of q, k, v when a fused projection made them), scores recomputed one head at a time."""
     b, h, tq, d = q.shape
@@ -184,21 +232,28 @@ def _per_head_grads(q, k, v, key_padding_mask, causal: bool, scale: float, do):
     ds = torch.empty((b, tq, tk), dtype=q.dtype, device=q.device)
     gq = torch.empty((b, tq, d), dtype=q.dtype, device=q.device)
     gk = torch.empty((b, tk, d), dtype=q.dtype, device=q.device)
+    # dropout: P holds the kept weights unscaled; 1/(1 - p) rides in every product's alpha, and
+    # 1[P > 0] is then 1[S > 0 and kept], the mask dS needs
+    inv = 1.0 if drop is None else drop.inv
     for i in range(h):  # each product into a contiguous buffer, then into its strided place
         qh, kh, vh, doh = q[:, i], k[:, i], v[:, i], do[:, i]
-        _head_scores(qh, kh, pad, causal, scale, p)
-        dv[:, :, i].copy_(torch.bmm(p.transpose(1, 2), doh, out=gk))  # dv = Pᵀ dO
+        _head_scores(qh, kh, pad, causal, scale, p, drop, i, h)
+        if drop is None:
+            dv[:, :, i].copy_(torch.bmm(p.transpose(1, 2), doh, out=gk))  # dv = Pᵀ dO
+        else:
+            dv[:, :, i].copy_(torch.baddbmm(gk, p.transpose(1, 2), doh, beta=0.0, alpha=inv, out=gk))
         torch.bmm(doh, vh.transpose(1, 2), out=ds)  # dP = dO vᵀ
         torch.ops.aten.threshold_backward.grad_input(ds, p, 0.0, grad_input=ds)  # dS = dP 1[S > 0]
-        dq[:, :, i].copy_(torch.baddbmm(gq, ds, kh, beta=0.0, alpha=scale, out=gq))  # dq = scale dS k
-        dk[:, :, i].copy_(torch.baddbmm(gk, ds.transpose(1, 2), qh, beta=0.0, alpha=scale, out=gk))
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+        dq[:, :, i].copy_(torch.baddbmm(gq, ds, kh, beta=0.0, alpha=scale * inv, out=gq))  # dq = scale dS k
+        dk[:, :, i].copy_(torch.baddbmm(gk, ds.transpose(1, 2), qh, beta=0.0, alpha=scale * inv, out=gk))
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 class ReLAFunction(torch.autograd.Function):
     """relu(q k^T * scale, masked) v in chunks; saves only q, k, v and the mask.
 
     Shapes: q (B, H, Tq, D); k, v (B, Hk, Tk, D); key_padding_mask bool (B, Tk) or None.
+    ``dropout_p`` and ``dropout_seed``: attention dropout (:mod:`.dropout`), off at 0.
 
     Forward walks the scores by query rows. Backward walks them by key rows and builds each chunk
     transposed, keys by queries: then ``dv = P^T dO``, ``dk = dS^T q`` and ``dq^T = k^T dS^T``
@@ -207,12 +262,14 @@ class ReLAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal: bool, scale: float):
-        ctx.causal, ctx.scale = causal, scale
+    def forward(ctx, q, k, v, key_padding_mask, causal: bool, scale: float, dropout_p: float = 0.0,
+                dropout_seed: int | None = None):
+        ctx.causal, ctx.scale, ctx.dropout = causal, scale, (dropout_p, dropout_seed)
         ctx.save_for_backward(q, k, v, key_padding_mask)
+        drop = _dropout(dropout_p, dropout_seed)
         if _per_head_ok(q, k, v, causal):
-            return _per_head_forward(q, k, v, key_padding_mask, causal, scale)
-        pb = _Problem(q, k, v, key_padding_mask, causal, scale)
+            return _per_head_forward(q, k, v, key_padding_mask, causal, scale, drop)
+        pb = _Problem(q, k, v, key_padding_mask, causal, scale, drop)
         bhk = pb.b * pb.hk
         out = torch.empty((bhk, pb.g, pb.tq, pb.d), dtype=pb.cdt, device=q.device)
         for cs, rs in _chunks(bhk, pb.tq, pb.g * pb.tk, causal, q.device):
@@ -223,9 +280,12 @@ class ReLAFunction(torch.autograd.Function):
                 continue
             p = pb.relu_scores(pb.queries(cs, rs), cs, rs, stop)
             if rows == pb.tq:  # whole rows: the product lands in place
-                torch.bmm(p, pb.v[cs, :stop], out=out[cs].view(n, pb.g * rows, pb.d))
+                o = torch.bmm(p, pb.v[cs, :stop], out=out[cs].view(n, pb.g * rows, pb.d))
             else:
                 o = torch.bmm(p, pb.v[cs, :stop], out=pb.bufs.get("o", n, pb.g * rows, pb.d))
+            if drop is not None:  # the kept weights' 1/(1 - p), on the (rows, D) product
+                o.mul_(drop.inv)
+            if rows != pb.tq:
                 out[cs, :, rs].copy_(o.view(n, pb.g, rows, pb.d))
         return out.view(pb.b, pb.h, pb.tq, pb.d).to(q.dtype)
 
@@ -234,16 +294,21 @@ class ReLAFunction(torch.autograd.Function):
         q, k, v, key_padding_mask = ctx.saved_tensors
         causal, scale = ctx.causal, ctx.scale
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, rela_composed_args, (q, k, v, key_padding_mask, causal, scale), do)
+            return composed_grads(ctx, rela_composed_args, (q, k, v, key_padding_mask, causal, scale, *ctx.dropout), do)
+        drop = _dropout(*ctx.dropout)
         if _per_head_ok(q, k, v, causal):
-            return _per_head_grads(q, k, v, key_padding_mask, causal, scale, do)
-        return _chunked_grads(q, k, v, key_padding_mask, causal, scale, do)
+            grads = _per_head_grads(q, k, v, key_padding_mask, causal, scale, do, drop)
+        else:
+            grads = _chunked_grads(q, k, v, key_padding_mask, causal, scale, do, drop)
+        return (*grads, None, None, None, None, None)
 
 
-def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
-    """dq, dk, dv of :class:`ReLAFunction` (and three Nones), recomputing the scores chunk by
-    chunk, transposed: key rows by query columns."""
-    pb = _Problem(q, k, v, key_padding_mask, causal, scale)
+def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do, drop: _Dropout | None = None):
+    """dq, dk, dv of :class:`ReLAFunction`, recomputing the scores chunk by chunk, transposed:
+    key rows by query columns (and the dropout mask with them)."""
+    pb = _Problem(q, k, v, key_padding_mask, causal, scale, drop)
+    # dropout: P holds the kept weights unscaled (see _per_head_grads)
+    inv = 1.0 if drop is None else drop.inv
     bhk, g, tq, tk, d = pb.b * pb.hk, pb.g, pb.tq, pb.tk, pb.d
     do_ = do.to(pb.cdt).reshape(bhk, g, tq, d)
     dq = torch.empty((bhk, g, tq, d), dtype=pb.cdt, device=q.device)
@@ -268,12 +333,14 @@ def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
             p = pb.relu_scores_t(qc, cs, ks, q0)  # P^T
             whole = nk == tk  # dk[cs], dv[cs] are contiguous: write them in place
             dv_c = torch.bmm(p, do_c, out=dv[cs] if whole else pb.bufs.get("kv", n, nk, d))
+            if drop is not None:
+                dv_c.mul_(inv)
             if not whole:
                 dv[cs, ks].copy_(dv_c)
             ds = torch.bmm(pb.v[cs, ks], do_c.transpose(1, 2), out=pb.bufs.get("ds", n, nk, g * nq))
             torch.ops.aten.threshold_backward.grad_input(ds, p, 0.0, grad_input=ds)  # dS^T = dP^T 1[S > 0]
             dk_c = dk[cs] if whole else pb.bufs.get("kv", n, nk, d)
-            torch.baddbmm(dk_c, ds, qc, beta=0.0, alpha=scale, out=dk_c)  # dk = scale dS^T q
+            torch.baddbmm(dk_c, ds, qc, beta=0.0, alpha=scale * inv, out=dk_c)  # dk = scale dS^T q
             if not whole:
                 dk[cs, ks].copy_(dk_c)
             # queries from q0 on: in place when that is every query, else through a buffer
@@ -281,11 +348,11 @@ def _chunked_grads(q, k, v, key_padding_mask, causal, scale, do):
             for a in range(0, nk, DQ_K):
                 fresh = a == 0 and (j == 0 or q0 > 0)
                 part.baddbmm_(kc[:, a:a + DQ_K].transpose(1, 2), ds[:, a:a + DQ_K], beta=0.0 if fresh else 1.0,
-                              alpha=scale)
+                              alpha=scale * inv)
             if q0 > 0:
                 dqt.view(n, d, g, tq)[..., q0:].add_(part.view(n, d, g, nq))
         dq[cs].copy_(dqt.view(n, d, g, tq).permute(0, 2, 3, 1))
     dq = dq.view(pb.b, pb.h, tq, d).to(q.dtype)
     dk = dk.view(pb.b, pb.hk, tk, d).to(k.dtype)
     dv = dv.view(pb.b, pb.hk, tk, d).to(v.dtype)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv
