@@ -4,7 +4,8 @@ twice, and dispatch plans handed to the routing ops.
 * A MoE field of a model config (``MoEOptions``) set away from its default while ``ffn`` is not
   ``"moe"`` is refused with a message naming the field and the feed-forward; defaults never are.
 * One source of truth: ``router_args`` may not repeat ``k``, ``num_experts`` or ``dim``
-  (``moe_k`` sizes the experts), and the translation model refuses ``router="task_aware"``.
+  (``moe_k`` sizes the experts); the translation model's ``router="task_aware"`` needs
+  ``router_args["num_tasks"]``.
 * ``permute``, ``unpermute`` and ``expert_ffn`` check the plan they are handed (dtypes, shapes,
   offsets from 0 to the plan's rows, index ranges) before any kernel indexes with it, on the
   torch and the Triton backend (the interpreter on CPU); inside a torch.compile trace the value
@@ -105,9 +106,9 @@ def test_moe_layer_refuses_its_own_arguments_in_router_args(key):
     assert layer.hidden_features == max(8, math.ceil(glu_hidden_features(24) // 3 / 8) * 8)
 
 
-def test_translation_model_refuses_the_task_aware_router():
-    with pytest.raises(ValueError, match=r"router='task_aware' needs task ids.*EncoderDecoder has no way to pass"):
-        create_model("transformer_mt_tiny_moe", router="task_aware", router_args={"num_tasks": 2})
+def test_translation_model_task_aware_router_needs_num_tasks():
+    with pytest.raises(ValueError, match=r"router='task_aware' needs router_args\['num_tasks'\]"):
+        create_model("transformer_mt_tiny_moe", router="task_aware")
     with pytest.raises(ValueError, match=r"router='task_aware' only applies with ffn='moe'"):
         create_model("transformer_mt_tiny", router="task_aware")
 

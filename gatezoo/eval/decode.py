@@ -136,15 +136,22 @@ def _check_src(src) -> None:
         raise ValueError(f"src must be a (batch, length) tensor of token ids, got shape {tuple(src.shape)}")
 
 
+def _encode(model, src: torch.Tensor, task_ids):
+    # models without tasks (the peers too) keep the one-argument encode
+    return model.encode(src) if task_ids is None else model.encode(src, task_ids=task_ids)
+
+
 @torch.no_grad()
-def greedy_search(model, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b: int = 10) -> list[list[int]]:
+def greedy_search(model, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b: int = 10,
+                  task_ids=None) -> list[list[int]]:
     """The most probable next token at every step, for each sentence of ``src`` (B, S), pad 0.
 
+    ``task_ids`` (a multi-task model): an int or one id per sentence, passed to ``model.encode``.
     Returns B token lists (no BOS/EOS). Equals :func:`beam_search` with ``beam_size=1``."""
     _check_src(src)
     opts = check_search_options(max_len_a=max_len_a, max_len_b=max_len_b)
     limits = _limits(src, model, opts["max_len_a"], opts["max_len_b"])
-    memory = model.encode(src)
+    memory = _encode(model, src, task_ids)
     b = src.shape[0]
     out: list[list[int]] = [[] for _ in range(b)]
     alive = list(range(b))  # sentence of each batch row
@@ -180,7 +187,7 @@ def greedy_search(model, src: torch.Tensor, *, max_len_a: float = 1.2, max_len_b
 
 @torch.no_grad()
 def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty: float = 1.0,
-                max_len_a: float = 1.2, max_len_b: int = 10, n_best: int = 1
+                max_len_a: float = 1.2, max_len_b: int = 10, n_best: int = 1, task_ids=None
                 ) -> list[list[Hypothesis]]:
     """Beam search for each sentence of ``src`` (B, S), pad 0.
 
@@ -191,6 +198,9 @@ def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty:
     Hypotheses are ranked by ``logprob / length ** length_penalty`` (length counting EOS;
     ``length_penalty=0`` ranks by log-probability alone).
 
+    ``task_ids`` (a multi-task model): an int or one id per sentence, passed to ``model.encode``;
+    the memory carries them through the regrouping of beams.
+
     Returns, per sentence, the ``n_best`` best :class:`Hypothesis` objects, best first.
     """
     _check_src(src)
@@ -199,7 +209,7 @@ def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty:
     beam_size, length_penalty, n_best = opts["beam_size"], opts["length_penalty"], opts["n_best"]
     limits = _limits(src, model, opts["max_len_a"], opts["max_len_b"])
     k, b, dev = beam_size, src.shape[0], src.device
-    memory = model.encode(src)
+    memory = _encode(model, src, task_ids)
     memory = memory.select(torch.arange(b, device=dev).repeat_interleave(k))
     finished: list[list[Hypothesis]] = [[] for _ in range(b)]
     alive = list(range(b))
@@ -265,16 +275,17 @@ def beam_search(model, src: torch.Tensor, *, beam_size: int = 5, length_penalty:
 
 
 def translate_ids(model, src: torch.Tensor, *, beam_size: int = 1, length_penalty: float = 1.0,
-                  max_len_a: float = 1.2, max_len_b: int = 10) -> list[list[int]]:
+                  max_len_a: float = 1.2, max_len_b: int = 10, task_ids=None) -> list[list[int]]:
     """The best token list per sentence: :func:`greedy_search` for ``beam_size=1``, else the top
     hypothesis of :func:`beam_search`. Every option is checked (:func:`check_search_options`), the
-    length penalty too when greedy search does not use it."""
+    length penalty too when greedy search does not use it. ``task_ids`` goes to ``model.encode``
+    (a multi-task model)."""
     opts = check_search_options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
                                 max_len_b=max_len_b)
     beam_size, length_penalty, max_len_a, max_len_b = (opts[k] for k in ("beam_size", "length_penalty", "max_len_a",
                                                                         "max_len_b"))
     if beam_size == 1:
-        return greedy_search(model, src, max_len_a=max_len_a, max_len_b=max_len_b)
+        return greedy_search(model, src, max_len_a=max_len_a, max_len_b=max_len_b, task_ids=task_ids)
     hyps = beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
-                       max_len_b=max_len_b)
+                       max_len_b=max_len_b, task_ids=task_ids)
     return [h[0].tokens for h in hyps]

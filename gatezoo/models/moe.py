@@ -43,7 +43,8 @@ class MoEOptions:
         reject any other value. The experts' width is chosen from it.
     router: a name of :data:`gatezoo.blocks.ROUTERS`. ``task_aware`` needs task ids on every
         forward: a ViT gets them from :func:`gatezoo.blocks.set_task_ids`; the translation model
-        refuses it (see :class:`~gatezoo.models.translation.TranslationConfig`).
+        takes them as ``task_ids`` of ``forward`` and ``encode`` (see
+        :class:`~gatezoo.models.translation.EncoderDecoder`).
     router_args: keyword arguments of the router (``noisy``, ``selection_bias``, ``tau``, ...);
         not ``k``, ``num_experts`` or ``dim``, which the other fields set.
     moe_expert: the experts' architecture (a GLU name such as ``swiglu``, or ``mlp-<activation>``).

@@ -18,8 +18,9 @@ Training calls ``model(src_ids, tgt_in_ids) -> logits (B, T_tgt, vocab)``, paddi
 code uses only the narrow decoding interface, so greedy, beam and any later decoder work for
 every attention kind (and for the peers of :mod:`gatezoo.train.peers.translation`):
 
-- ``memory = model.encode(src_ids)``: a :class:`Memory` (encoder states and source mask) with
-  ``select(index)`` to expand sentences into beams or drop finished ones;
+- ``memory = model.encode(src_ids)``: a :class:`Memory` (encoder states, source mask and, for a
+  multi-task model, each row's task id) with ``select(index)`` to expand sentences into beams or
+  drop finished ones;
 - ``logits, cache = model.decode_step(tokens, memory, cache)``: the logits (B, vocab) of the
   token after ``tokens`` (B, t), the newest target tokens (t = 1 when decoding step by step;
   ``cache=None`` starts a sentence, whose first token is BOS);
@@ -27,6 +28,13 @@ every attention kind (and for the peers of :mod:`gatezoo.train.peers.translation
 
 Cross-attention keys and values are computed once per sentence, on the first step, and kept in
 the cache.
+
+Multi-task models (``ffn="moe"`` with ``router="task_aware"``) take each sentence's task:
+``model(src, tgt_in, task_ids=...)`` and ``model.encode(src, task_ids=...)``, an int (every
+row) or a (B,) integer tensor with ids in ``[0, num_tasks)``. The :class:`Memory` keeps them, one
+per row, so ``decode_step`` and ``Memory.select`` (beam search regrouping rows) keep every row
+with its own task and search code passes task ids to ``encode`` alone. Such a model refuses a
+call without task ids, and every other model refuses task ids (they would be ignored).
 
 Inputs are checked: token ids must be (batch, length) integer tensors with ids in
 [0, vocab_size) (float ids are a TypeError, not truncated), ``src`` and ``tgt_in`` (or the decoding
@@ -101,8 +109,9 @@ class TranslationConfig(MoEOptions):
     embeds the target and is the output projection. False gives the encoder a table of its own
     (``src_embed``); the target embedding and the output projection stay tied.
 
-    The MoE fields apply only with ``ffn="moe"`` (otherwise a non-default value is refused), and
-    ``router="task_aware"`` is refused: the model has no way to pass task ids to its layers.
+    The MoE fields apply only with ``ffn="moe"`` (otherwise a non-default value is refused).
+    ``router="task_aware"`` makes a multi-task model, which takes task ids on ``forward`` and
+    ``encode`` (``router_args`` must set ``num_tasks``, see :meth:`num_tasks`).
     """
 
     vocab_size: int = 8000
@@ -146,10 +155,8 @@ class TranslationConfig(MoEOptions):
             raise ValueError(f"ffn must be one of {MT_FFNS}, got {self.ffn!r}")
         if self.ffn == "moe":
             self.validate_moe()
-            if self.router == "task_aware":
-                raise ValueError("router='task_aware' needs task ids on every forward, and EncoderDecoder has no "
-                                 "way to pass them: forward, encode and decode_step take token ids only, and beam "
-                                 "search regroups the batch rows that per-row ids would follow; choose another router")
+            if self.router == "task_aware" and "num_tasks" not in self.router_args:
+                raise ValueError("router='task_aware' needs router_args['num_tasks'] (the number of tasks)")
         else:
             self.reject_unused_moe()
         check_probability("dropout", self.dropout)
@@ -160,6 +167,14 @@ class TranslationConfig(MoEOptions):
         check_str("norm_position", self.norm_position)
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+
+    @property
+    def num_tasks(self) -> int | None:
+        """The number of tasks of a multi-task model (``ffn="moe"``, ``router="task_aware"``),
+        else None (the model takes no task ids)."""
+        if self.ffn == "moe" and self.router == "task_aware":
+            return self.router_args.get("num_tasks")
+        return None
 
     def attention_at(self, place: str) -> str:
         """The attention name used at ``place`` (one of :data:`MT_ATTENTION_PLACES`): its own field
@@ -210,9 +225,9 @@ class EncoderLayer(_Residual):
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = build_feedforward(cfg.ffn, cfg.dim, cfg.ffn_hidden, cfg.dropout, cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = self._residual(x, self.norm1, self.attn, key_padding_mask=mask)
-        return self._residual(x, self.norm2, self.ffn)
+        return self._residual(x, self.norm2, self.ffn, **_task_kwargs(task_ids))
 
 
 class DecoderLayer(_Residual):
@@ -228,21 +243,27 @@ class DecoderLayer(_Residual):
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = build_feedforward(cfg.ffn, cfg.dim, cfg.ffn_hidden, cfg.dropout, cfg)
 
-    def forward(self, x, memory, memory_mask, self_cache=None, cross_cache=None):
+    def forward(self, x, memory, memory_mask, self_cache=None, cross_cache=None, task_ids=None):
         x = self._residual(x, self.norm1, self.self_attn, causal=True, cache=self_cache)
         x = self._residual(x, self.norm2, self.cross_attn, context=memory, key_padding_mask=memory_mask,
                            cache=cross_cache)
-        return self._residual(x, self.norm3, self.ffn)
+        return self._residual(x, self.norm3, self.ffn, **_task_kwargs(task_ids))
+
+
+def _task_kwargs(task_ids) -> dict:
+    # only MoE feed-forwards take task_ids; the model refuses task ids unless its router uses them
+    return {} if task_ids is None else {"task_ids": task_ids}
 
 
 @dataclass
 class Memory:
     """The encoder's output for a batch: ``states`` (B, S, dim) and ``mask`` (B, S), True = a
-    real source token."""
+    real source token; ``task_ids`` (B,) int64, each row's task (a multi-task model), or None."""
 
     states: torch.Tensor
     mask: torch.Tensor
     rows: torch.Tensor | None = None  # the encoder row each row is a copy of (None: row i is row i)
+    task_ids: torch.Tensor | None = None
 
     def source_rows(self) -> torch.Tensor:
         """The encoder output row that each row holds (1-D LongTensor)."""
@@ -262,7 +283,8 @@ class Memory:
         new = rows.index_select(0, index)
         if new.shape == rows.shape and torch.equal(new, rows):
             return self
-        return Memory(self.states.index_select(0, index), self.mask.index_select(0, index), new)
+        tasks = None if self.task_ids is None else self.task_ids.index_select(0, index)
+        return Memory(self.states.index_select(0, index), self.mask.index_select(0, index), new, tasks)
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -396,26 +418,72 @@ class EncoderDecoder(nn.Module):
         x = (self.embed if table is None else table)(ids) * math.sqrt(self.config.dim)
         return self.drop(x + self.positions[start:start + ids.shape[1]].to(x.dtype))
 
-    def encode(self, src: torch.Tensor) -> Memory:
-        """Encoder states of ``src`` (B, S) token ids, 0 = padding."""
+    @property
+    def num_tasks(self) -> int | None:
+        """The number of tasks of a multi-task model (router ``task_aware``), else None."""
+        return self.config.num_tasks
+
+    def _task_ids(self, task_ids, batch: int, device) -> torch.Tensor | None:
+        """``task_ids`` checked and made a (batch,) int64 tensor on ``device`` (None stays None
+        for a model without tasks)."""
+        tasks = self.num_tasks
+        if tasks is None:
+            if task_ids is not None:
+                raise ValueError("task_ids were given, but this model has no task-aware router (ffn='moe' with "
+                                 "router='task_aware'), so it would ignore them; pass task_ids=None")
+            return None
+        if task_ids is None:
+            raise ValueError(f"this model routes by task (router='task_aware', num_tasks={tasks}): pass task_ids, "
+                             f"an int or a (batch,) integer tensor with ids in [0, {tasks})")
+        if isinstance(task_ids, torch.Tensor) and task_ids.dim() == 0:
+            task_ids = int(task_ids) if not (task_ids.is_floating_point() or task_ids.is_complex()
+                                            or task_ids.dtype == torch.bool) else task_ids
+        if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+            if not 0 <= task_ids < tasks:
+                raise ValueError(f"task_ids must lie in [0, num_tasks={tasks}), got {task_ids}")
+            return torch.full((batch,), task_ids, dtype=torch.int64, device=device)
+        if (not isinstance(task_ids, torch.Tensor) or task_ids.is_floating_point() or task_ids.is_complex()
+                or task_ids.dtype == torch.bool):
+            kind = task_ids.dtype if isinstance(task_ids, torch.Tensor) else type(task_ids).__name__
+            raise ArgumentTypeError(f"task_ids must be an int or a (batch,) integer tensor, got {kind}")
+        if tuple(task_ids.shape) != (batch,):
+            raise ValueError(f"task_ids must be an int or hold one id per sentence, shape ({batch},), got "
+                             f"{tuple(task_ids.shape)}")
+        if batch and not torch.compiler.is_compiling() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= tasks):
+            raise ValueError(f"task_ids must lie in [0, num_tasks={tasks}), got min {int(task_ids.min())}, "
+                             f"max {int(task_ids.max())}")
+        return task_ids.to(device=device, dtype=torch.int64)
+
+    def encode(self, src: torch.Tensor, task_ids=None) -> Memory:
+        """Encoder states of ``src`` (B, S) token ids, 0 = padding; ``task_ids`` (a multi-task
+        model only): an int or a (B,) integer tensor, kept in the :class:`Memory`."""
         check_ids("src", src, self.config.vocab_size, self.config.max_len)
+        tasks = self._task_ids(task_ids, src.shape[0], src.device)
         mask = src != PAD_ID
         x = self._embed(src, table=self.source_embedding)
         for layer in self.encoder:
-            x = layer(x, mask)
-        return Memory(self.enc_norm(x), mask)
+            x = layer(x, mask, tasks)
+        return Memory(self.enc_norm(x), mask, task_ids=tasks)
 
     def decode(self, tgt_in: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Logits (B, T, vocab) of every next token of ``tgt_in`` (teacher forcing)."""
         check_ids("tgt_in", tgt_in, self.config.vocab_size, self.config.max_len)
         _check_memory(memory, "tgt_in", tgt_in.shape[0])
         x = self._embed(tgt_in)
+        self._check_memory_tasks(memory)
         for layer in self.decoder:
-            x = layer(x, memory.states, memory.mask)
+            x = layer(x, memory.states, memory.mask, task_ids=memory.task_ids)
         return self.dec_norm(x) @ self.embed.weight.t()
 
-    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T_tgt, vocab) for ``src`` (B, S) and ``tgt_in`` (B, T_tgt, BOS first), pad 0.
+    def _check_memory_tasks(self, memory: Memory) -> None:
+        # a Memory built by hand (or by another model) may lack the task ids the decoder needs
+        if (memory.task_ids is None) != (self.num_tasks is None):
+            raise ValueError("memory.task_ids must be set exactly when the model routes by task; build the memory "
+                             "with this model's encode(src, task_ids=...)")
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor, task_ids=None) -> torch.Tensor:
+        """Logits (B, T_tgt, vocab) for ``src`` (B, S) and ``tgt_in`` (B, T_tgt, BOS first), pad 0;
+        ``task_ids`` as for :meth:`encode` (a multi-task model only).
 
         Padding positions of ``tgt_in`` need no mask: the decoder is causal, so they only
         influence their own (ignored) outputs."""
@@ -423,7 +491,7 @@ class EncoderDecoder(nn.Module):
         if both_2d and tgt_in.shape[0] != src.shape[0]:  # the rest is checked by encode and decode
             raise ValueError(f"tgt_in has batch size {tgt_in.shape[0]} but src has {src.shape[0]}; row i of tgt_in "
                              f"must be the target of row i of src")
-        return self.decode(tgt_in, self.encode(src))
+        return self.decode(tgt_in, self.encode(src, task_ids))
 
     def decode_step(self, tokens: torch.Tensor, memory: Memory, cache: DecoderCache | None = None
                     ) -> tuple[torch.Tensor, DecoderCache]:
@@ -432,6 +500,7 @@ class EncoderDecoder(nn.Module):
         Returns the logits and the updated cache; equal to :meth:`decode` on the whole prefix."""
         check_ids("tokens", tokens, self.config.vocab_size, self.config.max_len)
         _check_memory(memory, "tokens", tokens.shape[0])
+        self._check_memory_tasks(memory)
         if cache is None:
             cache = DecoderCache(len(self.decoder), memory.source_rows())
         elif not isinstance(cache, DecoderCache):
@@ -448,6 +517,6 @@ class EncoderDecoder(nn.Module):
             raise ValueError(f"decoding past the model's max_len={self.config.max_len} target positions")
         x = self._embed(tokens, start)
         for layer, sc, cc in zip(self.decoder, cache.self_attn, cache.cross_attn):
-            x = layer(x, memory.states, memory.mask, sc, cc)
+            x = layer(x, memory.states, memory.mask, sc, cc, task_ids=memory.task_ids)
         cache.length = start + tokens.shape[1]
         return self.dec_norm(x[:, -1]) @ self.embed.weight.t(), cache
