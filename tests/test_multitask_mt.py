@@ -1,12 +1,23 @@
 """Multi-task translation: an EncoderDecoder with a task-aware MoE router takes task ids on
 ``forward``/``encode``, its Memory keeps them aligned with the batch rows through cached decoding
-and beam regrouping, and bad task ids are refused."""
+and beam regrouping, and bad task ids are refused; the training command's ``tasks:`` (per-task
+data, dev and test scores, resume) and translate_eval's ``--task``."""
+
+import csv
+import io
+import json
+import pathlib
+import re
 
 import pytest
 import torch
+import yaml
 
 from gatezoo.eval.decode import beam_search, greedy_search, translate_ids
 from gatezoo.models import BOS_ID, PAD_ID, EncoderDecoder, TranslationConfig
+from gatezoo.train import translate, translate_eval
+from gatezoo.train.core.checkpoint import load_checkpoint, read_checkpoint_metadata
+from gatezoo.train.data.text import Split, TokenBatches, collate, subsample_pairs
 
 MODES = ("embed", "per_task", "task")
 TASKS = 3
@@ -119,3 +130,147 @@ def test_a_model_without_tasks_refuses_task_ids():
     with pytest.raises(ValueError, match=r"task_ids were given"):
         greedy_search(model, src, task_ids=torch.tensor([0, 1]))
     assert len(greedy_search(model, src)) == 2  # and decodes as before without them
+
+
+# ---------------------------------------------------------------------------------------------
+# the training command with tasks, translate_eval --task
+
+
+TINY = ["--vocab_size", "40", "--dev_size", "8", "--test_size", "6", "--max_tokens", "200", "--warmup_steps", "2",
+        "--eval_every", "3", "--dev_sentences", "4", "--beam_size", "2", "--average_last", "0", "--progress", "false",
+        "--threads", "1"]
+
+
+def _config(tmp_path, corpus, mode="embed", **extra):
+    """A 3-task config: en-es, es-en on a tenth of the training pairs, reversed-English -> es."""
+    files = {"data": "files", "src": str(corpus / "train.en"), "tgt": str(corpus / "train.es")}
+    cfg = {
+        "model": "transformer_mt_tiny_moe",
+        "model_args": {"dim": 32, "enc_layers": 1, "dec_layers": 1, "heads": 2, "ffn_hidden": 64, "num_experts": 4,
+                       "router": "task_aware", "router_args": {"mode": mode}},
+        "tasks": [{"name": "en-es", **files}, {"name": "es-en", **files, "reverse": True, "fraction": 0.1},
+                  {"name": "en-rev", **files, "transform": "reverse_source"}],
+        "out": str(tmp_path / "runs"), **extra,
+    }
+    path = tmp_path / "mt.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run_dir(tmp_path):
+    (run_dir,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    return run_dir
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_three_tasks_train_from_the_command(mode, corpus, tmp_path):
+    cfg = _config(tmp_path, corpus, mode)
+    assert translate.main(["--config", str(cfg), *TINY, "--max_steps", "3"]) == 0
+    run_dir = _run_dir(tmp_path)
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    names = ("en-es", "es-en", "en-rev")
+    for row in rows:
+        per = [float(row[f"dev_bleu_{n}"]) for n in names]
+        assert float(row["dev_bleu"]) == pytest.approx(sum(per) / 3, abs=1e-3)
+    test = json.loads((run_dir / "test.json").read_text())
+    assert set(test["tasks"]) == set(names)
+    assert test["bleu"] == pytest.approx(sum(test["tasks"][n]["bleu"] for n in names) / 3)
+    for n in names:
+        assert (run_dir / "data" / n / "train.src").is_file() and (run_dir / f"test-{n}.hyp").is_file()
+    # fraction keeps a tenth of the training pairs; the tasks of one corpus share its split
+    en_es, es_en = (Split.load(run_dir / "data" / n) for n in ("en-es", "es-en"))
+    assert len(es_en.train) == round(0.1 * len(en_es.train))
+    assert set(es_en.train) <= {(t, s) for s, t in en_es.train}
+    assert es_en.test == [(t, s) for s, t in en_es.test]
+    rev = Split.load(run_dir / "data" / "en-rev")
+    assert rev.dev[0] == (" ".join(reversed(en_es.dev[0][0].split())), en_es.dev[0][1])
+    meta = read_checkpoint_metadata(run_dir / "last.safetensors")
+    assert meta["task"]["tasks"] == list(names) and meta["model_args"]["router_args"]["num_tasks"] == 3
+    model, _ = load_checkpoint(run_dir / "last.safetensors")
+    assert model.config.router_args["mode"] == mode and model.num_tasks == 3
+
+
+def test_multitask_resume_and_translate_eval(corpus, tmp_path, capsys, monkeypatch):
+    cfg = _config(tmp_path, corpus, "task")
+    assert translate.main(["--config", str(cfg), *TINY, "--max_steps", "3", "--final_test", "false"]) == 0
+    run_dir = _run_dir(tmp_path)
+    assert translate.main(["--resume", str(run_dir), "--max_steps", "6", "--final_test", "false"]) == 0
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert int(rows[-1]["step"]) == 6 and "dev_bleu_en-rev" in rows[-1]
+    capsys.readouterr()
+    # --task evaluates that task's split
+    assert translate_eval.main([str(run_dir), "--checkpoint", "last", "--evaluate", "--task", "es-en",
+                                "--beam_size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "of task es-en" in out and "6 sentences" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("rey casa\n\nagua\n"))
+    assert translate_eval.main([str(run_dir), "--checkpoint", "last", "--task", "es-en", "--beam_size", "2"]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+    # refused: no task, an unknown task
+    for argv, match in ((["--evaluate"], "multi-task run: choose the task with --task"),
+                        (["--evaluate", "--task", "fr-de"], "'fr-de' is not a task of this run")):
+        assert translate_eval.main([str(run_dir), "--checkpoint", "last", *argv]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_translate_eval_refuses_task_for_a_single_task_run(corpus, tmp_path, capsys):
+    argv = ["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), "--out", str(tmp_path / "runs"),
+            "--model_args", "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}", *TINY,
+            "--max_steps", "1", "--final_test", "false"]
+    assert translate.main(argv) == 0
+    capsys.readouterr()
+    assert translate_eval.main([str(_run_dir(tmp_path)), "--checkpoint", "last", "--evaluate", "--task", "x"]) == 2
+    assert "--task x does nothing: this run has a single task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c["tasks"].append({**c["tasks"][0]}), "duplicate task name 'en-es'"),
+    (lambda c: c["tasks"][1].update(fraction=0), r"fraction must be a number in \(0, 1\]"),
+    (lambda c: c["tasks"][1].update(fraction=1.5), r"fraction must be a number in \(0, 1\]"),
+    (lambda c: c["tasks"][2].update(transform="shuffle"), "transform must be null or one of"),
+    (lambda c: c["tasks"][0].update(colour="red"), r"unknown field\(s\) \['colour'\]"),
+    (lambda c: c["tasks"][0].update(name="a/b"), "name must be letters"),
+    (lambda c: c["tasks"][0].pop("src"), "data: files needs src and tgt"),
+    (lambda c: c.update(src="x.en", tgt="x.es"), "src, tgt do nothing in a multi-task run"),
+    (lambda c: c.update(tasks=[]), "tasks must be a non-empty list"),
+    (lambda c: c["model_args"]["router_args"].update(num_tasks=2), "num_tasks=2, but the run has 3 tasks"),
+    (lambda c: c.pop("tasks"), r"routes by task.* needs a multi-task run"),
+])
+def test_bad_task_configs_are_refused(change, match, corpus, tmp_path, capsys):
+    path = _config(tmp_path, corpus)
+    cfg = yaml.safe_load(path.read_text())
+    change(cfg)
+    if "tasks" not in cfg:  # a single-task run of the task-aware model
+        cfg.update(src=str(corpus / "train.en"), tgt=str(corpus / "train.es"))
+    path.write_text(yaml.safe_dump(cfg))
+    assert translate.main(["--config", str(path), *TINY, "--max_steps", "1"]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_batches_carry_task_ids():
+    batches = TokenBatches([[4, 5], [6], [7, 8, 9]], [[5], [6, 7], [8]], max_tokens=100, shuffle=False,
+                           task_ids=[2, 0, 1])
+    (batch,) = list(batches.epoch(0))
+    order = batches.batches[0]
+    assert batch.task_ids.tolist() == [[2, 0, 1][i] for i in order] and batch.task_ids.dtype == torch.long
+    assert batch.to("cpu").task_ids is not None
+    assert list(TokenBatches([[4]], [[5]]).epoch(0))[0].task_ids is None
+    assert collate([[4]], [[5]], task_ids=[3]).task_ids.tolist() == [3]
+    with pytest.raises(ValueError, match=r"task_ids holds 1 ids for 2 examples"):
+        TokenBatches([[4], [5]], [[5], [6]], task_ids=[0])
+    with pytest.raises(TypeError, match=r"task_ids\[0\] must be an int"):
+        collate([[4]], [[5]], task_ids=[0.5])
+    pairs = [(f"s{i}", f"t{i}") for i in range(50)]
+    sub = subsample_pairs(pairs, 0.2, seed=3)
+    assert sub == subsample_pairs(pairs, 0.2, seed=3) and len(sub) == 10 and sub == sorted(sub, key=pairs.index)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
+        subsample_pairs(pairs, 0.0)
+
+
+def test_shipped_multitask_config_loads():
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    cfg = translate.load_mt_config(root / "transformer_mt_multitask.yaml")
+    assert [t["name"] for t in cfg["tasks"]] == ["en-es", "es-en", "en-rev"]
+    assert cfg["model_args"]["router"] == "task_aware" and cfg["tasks"][1]["fraction"] == 0.1

@@ -499,7 +499,7 @@ def test_shipped_configs_load():
 
     root = pathlib.Path(__file__).resolve().parents[1] / "configs"
     names = sorted(p.stem for p in root.glob("transformer_mt*.yaml"))
-    assert names == ["transformer_mt_quick", "transformer_mt_tiny"]
+    assert names == ["transformer_mt_multitask", "transformer_mt_quick", "transformer_mt_tiny"]
     for name in names:
         cfg = translate.load_mt_config(root / f"{name}.yaml")
         assert cfg["model"] in model_names() and cfg["data"] == "bible" and cfg["schedule"] == "inverse_sqrt"

@@ -69,14 +69,15 @@ def _batches(lengths: Sequence[int], max_sentences: int) -> Iterator[list[int]]:
 def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_size: int = 5,
                     length_penalty: float = 1.0, max_len_a: float = 1.2, max_len_b: int = 10,
                     batch_sentences: int = 64, device: str | torch.device = "cpu", progress: bool = False,
-                    names: Sequence[str] | None = None) -> dict:
+                    names: Sequence[str] | None = None, task_ids: int | None = None) -> dict:
     """Translate ``texts``; returns ``{"hypotheses", "seconds", "tokens"}`` (detokenised strings in
     input order, decoding wall time, generated target tokens with EOS).
 
     The options are checked first (:func:`gatezoo.eval.decode.check_search_options`;
     ``batch_sentences`` a positive int). A source longer than the model allows, or one that
     encodes to nothing, raises ``ValueError`` naming it: as ``names[i]`` when given (say
-    ``"news.en line 7"``), else as ``"sentence i + 1"``."""
+    ``"news.en line 7"``), else as ``"sentence i + 1"``. ``task_ids`` (a multi-task model): the
+    task of every text, passed to the search (:func:`gatezoo.eval.decode.translate_ids`)."""
     from tqdm import tqdm
 
     opts = check_search_options(beam_size=beam_size, length_penalty=length_penalty, max_len_a=max_len_a,
@@ -99,7 +100,7 @@ def translate_texts(model: nn.Module, tokenizer, texts: Sequence[str], *, beam_s
     with torch.no_grad():
         for group in tqdm(groups, disable=not progress, desc="translating", unit="batch", leave=False):
             src = pad_ids([ids[i] for i in group]).to(device)
-            hyps = translate_ids(model, src, **opts)
+            hyps = translate_ids(model, src, **opts, task_ids=task_ids)
             for i, h in zip(group, hyps):
                 out[i] = h
     seconds = time.perf_counter() - t0
@@ -194,11 +195,12 @@ def record_rela_sparsity(model: nn.Module):
 
 
 def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]], *, sentences: int = 200,
-                  device: str | torch.device = "cpu") -> list[dict]:
+                  device: str | torch.device = "cpu", task_ids: int | None = None) -> list[dict]:
     """Per ReLA attention layer: ``{"layer", "kind", "zero_share", "null_row_share",
     "full_row_share", "offset_share"}`` over the first ``sentences`` pairs, teacher-forced one
     sentence at a time (see :func:`record_rela_sparsity` for what each counts). ``kind`` is
-    ``encoder self``, ``decoder self`` or ``cross``. Empty for a model without ReLA."""
+    ``encoder self``, ``decoder self`` or ``cross``. Empty for a model without ReLA. ``task_ids``:
+    the pairs' task (a multi-task model)."""
     pairs = list(pairs)[:sentences]
     with torch.no_grad(), record_rela_sparsity(model) as stats:
         if not any(isinstance(m, ReLAAttention) for m in model.modules()):
@@ -206,7 +208,8 @@ def rela_sparsity(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
         model.eval()
         for src, tgt in pairs:
             src_ids, tgt_in = pad_ids([tokenizer.encode(src)]), pad_ids([tokenizer.encode(tgt)], bos=True)
-            model(src_ids.to(device), tgt_in.to(device))
+            extra = {} if task_ids is None else {"task_ids": task_ids}
+            model(src_ids.to(device), tgt_in.to(device), **extra)
     rows = []
     for name, (zeros, total, null, nrows, full, offset, energy) in stats.items():
         parts = name.split(".")

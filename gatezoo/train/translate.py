@@ -34,6 +34,14 @@ target tokens bucketed by length, gradient clipping, dev loss and dev BLEU (gree
 - ``test.json``: test BLEU/chrF of the final (averaged, else last) weights with ``beam_size``,
   unless ``final_test false``.
 
+Multi-task runs: ``tasks`` lists several tasks (each a name and its parallel text, see
+:func:`check_tasks`), split each with ``split_seed`` into ``data/<task>/``, train one joint
+tokenizer on every task's training text and one model on batches that mix the tasks, each
+sentence with its task id (a ``task_aware`` router routes on it; ``router_args.num_tasks`` is
+set from the task list). ``metrics.csv`` gets ``dev_bleu_<task>`` per task (``dev_bleu`` is
+their mean) and ``test.json`` the test scores per task under ``tasks`` (``bleu``/``chrf`` their
+means); the checkpoints record the task names.
+
 ``--models A B C`` trains several models side by side on the same batches (the peers
 ``torch_transformer_mt_tiny`` and ``xtransformer_mt_tiny`` of :mod:`gatezoo.train.peers.translation`, or
 variants such as ``transformer_mt_tiny:ffn=swiglu``): each gets a complete run directory inside
@@ -46,6 +54,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping
@@ -81,6 +90,7 @@ from .core.runs import model_error, resolve_device, start_run_dir, wrap_for
 from .data.images import DataFormatError, DataNotFoundError
 from .data.text import (
     PAD_ID,
+    PAIR_TRANSFORMS,
     SPLIT_PARTS,
     Split,
     TextDataError,
@@ -91,6 +101,7 @@ from .data.text import (
     read_lines,
     read_parallel,
     split_pairs,
+    subsample_pairs,
 )
 
 _SHARED = ("accum_steps", "bf16", "out", "name", "device", "max_steps", "checkpoint_every", "threads", "progress",
@@ -147,12 +158,14 @@ MT_KEYS: dict[str, Key] = {
     "length_penalty": Key(1.0, "float", "beam ranking: log-probability / length ** length_penalty", minimum=0.0),
     "max_len_a": Key(1.2, "float", "output length limit a * source length + b", minimum=0.0),
     "max_len_b": Key(10, "int", "output length limit a * source length + b", minimum=0),
+    "tasks": Key(None, "list", "multi-task run: a list of tasks {name, data: bible|files, src, tgt, reverse, "
+                 "transform, fraction} (replaces data/src/tgt; see docs/translation.md)", optional=True),
 }
 """The config keys of the translation command (its own schema; see :mod:`gatezoo.train.core.config`)."""
 
-RESUME_FIXED = ("model", "model_args", "data", "src", "tgt", "dev_src", "dev_tgt", "test_src", "test_tgt", "dev_size",
-                "test_size", "split_seed", "vocab_size", "tokenizer", "out", "name", "lr", "weight_decay", "adam_beta2",
-                "max_tokens", "accum_steps", "seed")
+RESUME_FIXED = ("model", "model_args", "tasks", "data", "src", "tgt", "dev_src", "dev_tgt", "test_src", "test_tgt",
+                "dev_size", "test_size", "split_seed", "vocab_size", "tokenizer", "out", "name", "lr", "weight_decay",
+                "adam_beta2", "max_tokens", "accum_steps", "seed")
 """Keys a resumed translation run cannot change: the run directory holds the model, split and
 tokenizer they made; the saved optimizer state keeps its own learning rate, weight decay and
 betas; and the batches follow from ``max_tokens``, ``accum_steps`` and ``seed``."""
@@ -161,17 +174,92 @@ METRICS = ("epoch", "step", "train_loss", "train_acc", "dev_loss", "dev_bleu", "
 """The columns of a translation run's ``metrics.csv``."""
 
 
+TASK_FIELDS = {"name": None, "data": None, "src": None, "tgt": None, "reverse": False, "transform": None,
+               "fraction": 1.0}
+"""The fields of a task of ``tasks`` and their defaults (``data``: ``files`` when ``src`` is set,
+else ``bible``)."""
+_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# single-task keys that a multi-task run would ignore (each task names its own data)
+_SINGLE_TASK_KEYS = ("src", "tgt", "dev_src", "dev_tgt", "test_src", "test_tgt")
+
+
+def check_tasks(tasks) -> list[dict]:
+    """The ``tasks`` of a multi-task config, each completed with the defaults of
+    :data:`TASK_FIELDS`; raises :class:`ConfigError` listing every problem.
+
+    A task is a mapping: ``name`` (letters, digits, ``_.-``; unique: it names the task's
+    ``data/<name>/`` folder and its metric columns), ``data`` (``bible`` or ``files``; ``files``
+    needs ``src`` and ``tgt``, line-aligned files), ``reverse`` (true: translate target to
+    source), ``transform`` (a name of :data:`~gatezoo.train.data.text.PAIR_TRANSFORMS`, applied
+    to every part) and ``fraction`` (in (0, 1]: the share of the training pairs kept, chosen by
+    ``split_seed``; dev and test stay whole)."""
+    if not isinstance(tasks, list) or not tasks:
+        raise ConfigError(f"tasks must be a non-empty list of task mappings, got {tasks!r}")
+    problems, out, seen = [], [], set()
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Mapping):
+            problems.append(f"tasks[{i}] must be a mapping {{name: ..., data: ...}}, got {task!r}")
+            continue
+        unknown = sorted(set(task) - set(TASK_FIELDS), key=str)
+        if unknown:
+            problems.append(f"tasks[{i}]: unknown field(s) {unknown}; known fields: {', '.join(TASK_FIELDS)}")
+        spec = {**TASK_FIELDS, **{k: v for k, v in task.items() if k in TASK_FIELDS}}
+        name = spec["name"]
+        where = f"tasks[{i}]" + (f" ({name})" if isinstance(name, str) else "")
+        if not isinstance(name, str) or not _TASK_NAME.fullmatch(name):
+            problems.append(f"{where}: name must be letters, digits, '_', '.' or '-' (not starting with a "
+                            f"punctuation mark), got {name!r}")
+        elif name in seen:
+            problems.append(f"{where}: duplicate task name {name!r}; every task needs its own name")
+        seen.add(name)
+        for side in ("src", "tgt"):
+            if spec[side] is not None and (not isinstance(spec[side], str) or not spec[side]):
+                problems.append(f"{where}: {side} must be a file path, got {spec[side]!r}")
+        if spec["data"] is None:
+            spec["data"] = "files" if spec["src"] is not None or spec["tgt"] is not None else "bible"
+        if spec["data"] not in ("bible", "files"):
+            problems.append(f"{where}: data must be 'bible' or 'files', got {spec['data']!r}")
+        elif spec["data"] == "files" and (spec["src"] is None or spec["tgt"] is None):
+            problems.append(f"{where}: data: files needs src and tgt (line-aligned files)")
+        elif spec["data"] == "bible" and (spec["src"] is not None or spec["tgt"] is not None):
+            problems.append(f"{where}: src/tgt do nothing with data: bible")
+        if not isinstance(spec["reverse"], bool):
+            problems.append(f"{where}: reverse must be true or false, got {spec['reverse']!r}")
+        if spec["transform"] is not None and spec["transform"] not in PAIR_TRANSFORMS:
+            problems.append(f"{where}: transform must be null or one of {sorted(PAIR_TRANSFORMS)}, got "
+                            f"{spec['transform']!r}")
+        fraction = spec["fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            problems.append(f"{where}: fraction must be a number in (0, 1] (the share of training pairs kept), "
+                            f"got {fraction!r}")
+        else:
+            spec["fraction"] = float(fraction)
+        out.append(spec)
+    raise_all(problems)
+    return out
+
+
 def load_mt_config(path=None, overrides=(), base: Mapping | None = None) -> dict:
     """The translation config: :data:`MT_KEYS` defaults, ``base``, the YAML file, then
-    overrides; validated."""
-    return load_config(path, overrides, base=base, keys=MT_KEYS)
+    overrides; validated (``tasks`` by :func:`check_tasks`)."""
+    cfg = load_config(path, overrides, base=base, keys=MT_KEYS)
+    if cfg["tasks"] is not None:
+        cfg["tasks"] = check_tasks(cfg["tasks"])
+        given = [k for k in _SINGLE_TASK_KEYS if cfg[k] is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} do nothing in a multi-task run (tasks: ...): each task names its "
+                              f"data; set src/tgt inside the tasks")
+    return cfg
 
 
 class Translation:
     """The translation task for :func:`gatezoo.train.core.loop.fit`.
 
     Args:
-        split: the train/dev/test pairs. tokenizer: the joint :class:`~gatezoo.train.data.text.Tokenizer`.
+        split: the train/dev/test pairs, or (a multi-task run) a mapping of task name to its
+            split: the batches then mix the tasks and carry each sentence's task id, dev BLEU is
+            scored per task (``dev_bleu_<task>``, ``dev_bleu`` their mean).
+        tokenizer: the joint :class:`~gatezoo.train.data.text.Tokenizer`.
         max_tokens: padded target tokens per training batch. max_len: the model's length limit
             (a longer training pair is an error naming it). seed: of the batch order.
         label_smoothing: of the training loss. eval_batch_size: sentences per decoding batch.
@@ -187,6 +275,15 @@ class Translation:
                  seed: int = 0, label_smoothing: float = 0.1, eval_batch_size: int = 64, dev_sentences: int = 500,
                  device: torch.device | str = "cpu", data: str = "bible", max_len_a: float = 1.2,
                  max_len_b: int = 10, where: Callable[[str, int], str] | None = None):
+        self.task_splits: dict[str, Split] | None = None
+        """Each task's split (a multi-task run), else None."""
+        self._task_of: dict[str, list[int]] = {}
+        if isinstance(split, Mapping):
+            self.task_splits = dict(split)
+            # the tasks' pairs one after the other, each pair knowing its task
+            split = Split(*([p for s in self.task_splits.values() for p in getattr(s, part)] for part in SPLIT_PARTS))
+            self._task_of = {part: [i for i, s in enumerate(self.task_splits.values()) for _ in getattr(s, part)]
+                             for part in SPLIT_PARTS}
         self.split, self.tokenizer, self.data = split, tokenizer, data
         self._where = where
         self.device = torch.device(device)
@@ -194,14 +291,26 @@ class Translation:
         self.train_batches = self._batches(split.train, max_tokens, seed, True, max_len, "train")
         self.dev_batches = self._batches(split.dev, max_tokens, seed, False, max_len, "dev") if split.dev else None
         self.dev_pairs = list(split.dev[:dev_sentences])
+        if self.task_splits is not None:
+            self.dev_pairs = {name: list(s.dev[:dev_sentences]) for name, s in self.task_splits.items()}
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
         for i, row in enumerate(tokenizer.encode([s for s, _ in split.test])):  # fail now, not after training
             if len(row) > max_len or not row:
                 raise TextDataError(f"{self.where('test', i)} has {len(row)} source tokens; the model allows 1 to "
                                     f"{max_len}: drop the pair or raise model_args.max_len")
 
+    @property
+    def task_names(self) -> list[str] | None:
+        """The task names of a multi-task run, in task id order (else None)."""
+        return None if self.task_splits is None else list(self.task_splits)
+
     def where(self, part: str, index: int) -> str:
-        """``"<part> pair <index + 1>"``, with the file and line it came from when known."""
+        """``"<part> pair <index + 1>"``, with the file and line it came from when known (the
+        task and its own pair number in a multi-task run)."""
+        if self.task_splits is not None and part in self._task_of:
+            task = self._task_of[part][index]
+            local = index - self._task_of[part].index(task)
+            return f"task {self.task_names[task]} {part} pair {local + 1} (data/{self.task_names[task]}/{part}.src)"
         origin = self._where(part, index) if self._where is not None else None
         return f"{part} pair {index + 1}" + (f" ({origin})" if origin else "")
 
@@ -215,12 +324,25 @@ class Translation:
                                     f"model_args.max_len")
             if not s or not t:
                 raise TextDataError(f"{self.where(part, i)} encodes to no tokens")
-        return _DeviceBatches(TokenBatches(src, tgt, max_tokens=max_tokens, seed=seed, shuffle=shuffle), self.device)
+        tasks = self._task_of.get(part)
+        return _DeviceBatches(TokenBatches(src, tgt, max_tokens=max_tokens, seed=seed, shuffle=shuffle,
+                                           task_ids=tasks), self.device)
+
+    @staticmethod
+    def routes_by_task(model: nn.Module) -> bool:
+        """Whether ``model`` (or the model a DDP/FSDP wrapper holds) takes task ids."""
+        return getattr(getattr(model, "module", model), "num_tasks", None) is not None
+
+    def _forward(self, model: nn.Module, batch) -> torch.Tensor:
+        # a model without a task-aware router trains on the mixed batches without the ids
+        if batch.task_ids is not None and self.routes_by_task(model):
+            return model(batch.src, batch.tgt_in, task_ids=batch.task_ids)
+        return model(batch.src, batch.tgt_in)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int, dict]:
         """Label-smoothed cross-entropy per target token (float32), the target tokens, and the
-        number of them predicted right."""
-        logits = model(batch.src, batch.tgt_in)
+        number of them predicted right (the batch's task ids go to a model that routes by task)."""
+        logits = self._forward(model, batch)
         if logits.shape[:2] != batch.tgt_out.shape:
             raise RuntimeError(f"model must return logits (B, T, vocab) with (B, T) = {tuple(batch.tgt_out.shape)}, "
                                f"got {tuple(logits.shape)}")
@@ -235,25 +357,41 @@ class Translation:
         return {"train_acc": stats.total("correct") / stats.items if stats.items else float("nan")}
 
     def evaluate(self, model: nn.Module) -> dict:
-        """``dev_loss`` (plain cross-entropy per token) and ``dev_bleu`` (greedy, detokenised)."""
+        """``dev_loss`` (plain cross-entropy per token) and ``dev_bleu`` (greedy, detokenised); a
+        multi-task run adds ``dev_bleu_<task>`` per task, and ``dev_bleu`` is their mean."""
         from gatezoo.eval.translate import evaluate_translation
 
+        names = self.task_names or []
         if self.dev_batches is None:
-            return {"dev_loss": float("nan"), "dev_bleu": float("nan")}
+            return {"dev_loss": float("nan"), "dev_bleu": float("nan"),
+                    **{f"dev_bleu_{n}": float("nan") for n in names}}
         total, count = 0.0, 0
         for batch in self.dev_batches.epoch(0):
-            logits = model(batch.src, batch.tgt_in).float()
+            logits = self._forward(model, batch).float()
             total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.tgt_out.reshape(-1),
                                            ignore_index=PAD_ID, reduction="sum"))
             count += batch.ntokens
-        ev = evaluate_translation(model, self.tokenizer, self.dev_pairs, beam_size=1, max_len_a=self.max_len_a,
-                                  max_len_b=self.max_len_b, batch_sentences=self.eval_batch_size, device=self.device)
-        return {"dev_loss": total / max(count, 1), "dev_bleu": ev["bleu"]}
+        opts = dict(beam_size=1, max_len_a=self.max_len_a, max_len_b=self.max_len_b,
+                    batch_sentences=self.eval_batch_size, device=self.device)
+        if self.task_splits is None:
+            ev = evaluate_translation(model, self.tokenizer, self.dev_pairs, **opts)
+            return {"dev_loss": total / max(count, 1), "dev_bleu": ev["bleu"]}
+        by_task = self.routes_by_task(model)
+        bleu = {}
+        for i, name in enumerate(names):
+            pairs = self.dev_pairs[name]
+            bleu[name] = (evaluate_translation(model, self.tokenizer, pairs, task_ids=i if by_task else None,
+                                               **opts)["bleu"] if pairs else float("nan"))
+        return {"dev_loss": total / max(count, 1), "dev_bleu": sum(bleu.values()) / len(bleu),
+                **{f"dev_bleu_{n}": b for n, b in bleu.items()}}
 
     def checkpoint_info(self) -> dict:
         """What a checkpoint needs to translate again: the tokenizer file (in the run directory)."""
-        return {"name": "translation", "data": self.data, "tokenizer": "spm.model",
+        info = {"name": "translation", "data": self.data, "tokenizer": "spm.model",
                 "vocab_size": self.tokenizer.vocab_size}
+        if self.task_splits is not None:
+            info["tasks"] = self.task_names  # task id i is tasks[i]; translate_eval --task picks one
+        return info
 
 
 class _DeviceBatches:
@@ -277,6 +415,8 @@ class _DeviceBatches:
 def prepare_data(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[Split, Tokenizer, str]:
     """The split and tokenizer of a run: made and saved into ``run_dir`` for a fresh run, read
     back from it when resuming. Returns ``(split, tokenizer, data description)``."""
+    if cfg.get("tasks"):
+        return prepare_tasks(cfg, run_dir, fresh)
     data_dir = run_dir / "data"
     if not fresh:
         return Split.load(data_dir), Tokenizer(run_dir / "spm.model"), cfg["data"]
@@ -302,17 +442,59 @@ def prepare_data(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[Split, Token
                         test=0 if test is not None else cfg["test_size"], seed=cfg["split_seed"])
     split = Split(split.train, dev if dev is not None else split.dev, test if test is not None else split.test)
     split.save(data_dir)
+    sentences = [s for s, _ in split.train] + [t for _, t in split.train]
+    return split, _make_tokenizer(cfg, run_dir, sentences), data
+
+
+def _make_tokenizer(cfg: Mapping, run_dir: Path, sentences: list[str]) -> Tokenizer:
+    """The run's tokenizer: a copy of ``cfg["tokenizer"]``, or one trained on ``sentences``."""
     if cfg["tokenizer"]:
         source = Path(cfg["tokenizer"])
-        tokenizer = Tokenizer(source)  # checks it
+        Tokenizer(source)  # checks it
         shutil.copyfile(source, run_dir / "spm.model")
         if source.with_suffix(".vocab").is_file():
             shutil.copyfile(source.with_suffix(".vocab"), run_dir / "spm.vocab")
-        tokenizer = Tokenizer(run_dir / "spm.model")
-    else:
-        sentences = [s for s, _ in split.train] + [t for _, t in split.train]
-        tokenizer = Tokenizer.train(sentences, run_dir / "spm", vocab_size=cfg["vocab_size"])
-    return split, tokenizer, data
+        return Tokenizer(run_dir / "spm.model")
+    return Tokenizer.train(sentences, run_dir / "spm", vocab_size=cfg["vocab_size"])
+
+
+def prepare_tasks(cfg: Mapping, run_dir: Path, fresh: bool) -> tuple[dict[str, Split], Tokenizer, str]:
+    """A multi-task run's splits (task name -> :class:`Split`, in task order) and joint tokenizer:
+    made and saved into ``run_dir/data/<task>/`` for a fresh run, read back when resuming.
+
+    Each task's pairs lose repeated sources and are split with ``split_seed`` (``dev_size``,
+    ``test_size``) before ``reverse`` and ``transform`` apply, so two tasks of one corpus share
+    the split (no test sentence of one is a training sentence of the other); ``fraction`` then
+    keeps a seeded share of the training pairs. The tokenizer is trained on every task's training
+    text. Returns ``(splits, tokenizer, data description)``."""
+    tasks = cfg["tasks"]
+    data = "tasks:" + ",".join(t["name"] for t in tasks)
+    if not fresh:
+        return ({t["name"]: Split.load(run_dir / "data" / t["name"]) for t in tasks},
+                Tokenizer(run_dir / "spm.model"), data)
+    loaded: dict[tuple, list] = {}
+    splits = {}
+    for t in tasks:
+        key = (t["data"], t["src"], t["tgt"])
+        if key not in loaded:
+            pairs = bible_pairs() if t["data"] == "bible" else read_parallel(t["src"], t["tgt"])
+            pairs = drop_repeated_sources(pairs)
+            loaded[key] = split_pairs(pairs, dev=cfg["dev_size"], test=cfg["test_size"], seed=cfg["split_seed"])
+        base = loaded[key]
+        parts = []
+        for part in SPLIT_PARTS:
+            pairs = getattr(base, part)
+            if t["reverse"]:
+                pairs = [(tgt, src) for src, tgt in pairs]
+            if t["transform"] is not None:
+                pairs = PAIR_TRANSFORMS[t["transform"]](pairs)
+            if part == "train":
+                pairs = subsample_pairs(pairs, t["fraction"], cfg["split_seed"])
+            parts.append(pairs)
+        splits[t["name"]] = Split(*parts)
+        splits[t["name"]].save(run_dir / "data" / t["name"])
+    sentences = [text for s in splits.values() for pair in s.train for text in pair]
+    return splits, _make_tokenizer(cfg, run_dir, sentences), data
 
 
 class PairOrigins:
@@ -453,9 +635,32 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _test_tasks(model: nn.Module, tokenizer: Tokenizer, tasks: Mapping[str, Split], run_dir: Path,
+                opts: dict) -> dict:
+    """Each task's test split scored (``test-<task>.hyp`` written): the per-task scores under
+    ``tasks``, ``bleu``/``chrf`` their means, the speed over all of them."""
+    from gatezoo.eval.translate import evaluate_translation
+
+    by_task = Translation.routes_by_task(model)
+    per, seconds, sentences, signature = {}, 0.0, 0, {}
+    for i, (name, split) in enumerate(tasks.items()):
+        if not split.test:
+            continue
+        ev = evaluate_translation(model, tokenizer, split.test, task_ids=i if by_task else None, **opts)
+        (run_dir / f"test-{name}.hyp").write_text("".join(f"{h}\n" for h in ev.pop("hypotheses")), encoding="utf-8")
+        per[name] = ev
+        seconds, sentences = seconds + ev["seconds"], sentences + ev["sentences"]
+        signature = {k: ev[k] for k in ("bleu_signature", "chrf_signature")}
+        print(f"  task {name}: test BLEU {ev['bleu']:.2f} chrF {ev['chrf']:.2f} ({ev['sentences']} sentences)")
+    mean = {k: sum(ev[k] for ev in per.values()) / len(per) for k in ("bleu", "chrf")}
+    return {**mean, **signature, "sentences": sentences, "seconds": seconds,
+            "sent_per_s": sentences / max(seconds, 1e-9), "tasks": per}
+
+
 def _final_test(cfg: Mapping, t: Trainee, averager: _Averager | None, split: Split, tokenizer: Tokenizer,
-                device: torch.device, steps: int) -> dict | None:
-    """Average the last checkpoints (if asked) and score the test split with the final weights."""
+                device: torch.device, steps: int, tasks: Mapping[str, Split] | None = None) -> dict | None:
+    """Average the last checkpoints (if asked) and score the test split with the final weights
+    (each task's, with ``tasks``: see :func:`_test_tasks`)."""
     from gatezoo.eval.translate import evaluate_translation
 
     meta = ckpt.read_checkpoint_metadata(t.run_dir / "last.safetensors")
@@ -463,16 +668,32 @@ def _final_test(cfg: Mapping, t: Trainee, averager: _Averager | None, split: Spl
     if not (cfg["final_test"] and split.test):
         return None
     model, _ = ckpt.load_checkpoint(t.run_dir / f"{final}.safetensors", device)
-    test = evaluate_translation(model.eval(), tokenizer, split.test, beam_size=cfg["beam_size"],
-                                length_penalty=cfg["length_penalty"], max_len_a=cfg["max_len_a"],
-                                max_len_b=cfg["max_len_b"], batch_sentences=cfg["eval_batch_size"], device=device,
-                                progress=cfg["progress"])
-    (t.run_dir / "test.hyp").write_text("".join(f"{h}\n" for h in test.pop("hypotheses")), encoding="utf-8")
+    opts = dict(beam_size=cfg["beam_size"], length_penalty=cfg["length_penalty"], max_len_a=cfg["max_len_a"],
+                max_len_b=cfg["max_len_b"], batch_sentences=cfg["eval_batch_size"], device=device,
+                progress=cfg["progress"])
+    if tasks is not None:
+        test = _test_tasks(model.eval(), tokenizer, tasks, t.run_dir, opts)
+    else:
+        test = evaluate_translation(model.eval(), tokenizer, split.test, **opts)
+        (t.run_dir / "test.hyp").write_text("".join(f"{h}\n" for h in test.pop("hypotheses")), encoding="utf-8")
     test.update(model=t.spec, checkpoint=final, beam_size=cfg["beam_size"], step=steps, train_tok_per_s=t.rate)
     (t.run_dir / "test.json").write_text(json.dumps(test, indent=2))
     print(f"{t.spec} test ({final} weights, beam {cfg['beam_size']}): BLEU {test['bleu']:.2f} chrF {test['chrf']:.2f} "
-          f"[{test['bleu_signature']}], {test['sent_per_s']:.1f} sentences/s")
+          f"{'(mean over tasks) ' if tasks is not None else ''}[{test['bleu_signature']}], "
+          f"{test['sent_per_s']:.1f} sentences/s")
     return test
+
+
+def _check_model_tasks(spec: str, num_tasks: int | None, tasks: list[str] | None) -> None:
+    """A model that routes by task needs a multi-task run with as many tasks as it has."""
+    if num_tasks is None:
+        return
+    if tasks is None:
+        raise ConfigError(f"model {spec!r} routes by task (router task_aware, num_tasks={num_tasks}): it needs a "
+                          f"multi-task run (tasks: [...]); choose another router for a single-task run")
+    if num_tasks != len(tasks):
+        raise ConfigError(f"model {spec!r} has router_args.num_tasks={num_tasks}, but the run has {len(tasks)} tasks "
+                          f"({', '.join(tasks)}); leave num_tasks out (it is set from the tasks)")
 
 
 def _safe(spec: str) -> str:
@@ -517,6 +738,14 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
             raise ConfigError(f"model_args.vocab_size {cfg['model_args']['vocab_size']} differs from the tokenizer's "
                               f"{tokenizer.vocab_size}; leave it out (it is set from the tokenizer)")
         model_args = {**cfg["model_args"], "vocab_size": tokenizer.vocab_size}
+        multi = isinstance(split, Mapping)
+        if not multi and model_args.get("router") == "task_aware":
+            raise ConfigError("model_args.router task_aware routes by task: it needs a multi-task run (tasks: [...]); "
+                              "choose another router for a single-task run")
+        if multi and model_args.get("router") == "task_aware":
+            router_args = dict(model_args.get("router_args") or {})
+            router_args.setdefault("num_tasks", len(split))  # one task id per task of the run
+            model_args["router_args"] = router_args
         cfg = {**cfg, "model_args": model_args}
         dirs = [run_dir] if len(specs) == 1 else [run_dir / _safe(s) for s in specs]
         max_len = None
@@ -527,11 +756,13 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
                 raise model_error(spec, model_args, e) from e
             limit = model_max_len(probe)
             max_len = limit if max_len is None else min(max_len, limit)
+            _check_model_tasks(spec, getattr(probe, "num_tasks", None), list(split) if multi else None)
             del probe
         task = Translation(split, tokenizer, max_tokens=cfg["max_tokens"], max_len=max_len, seed=cfg["seed"],
                            label_smoothing=cfg["label_smoothing"], eval_batch_size=cfg["eval_batch_size"],
                            dev_sentences=cfg["dev_sentences"], device=device, data=data, max_len_a=cfg["max_len_a"],
-                           max_len_b=cfg["max_len_b"], where=PairOrigins(cfg, run_dir, fresh and env.main, split))
+                           max_len_b=cfg["max_len_b"],
+                           where=None if multi else PairOrigins(cfg, run_dir, fresh and env.main, split))
         per_epoch = steps_per_epoch(task, cfg["accum_steps"])
         trainees = []
         for spec, d in zip(specs, dirs):
@@ -552,7 +783,12 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
                     ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
 
         if fresh and env.main:
-            print(f"{data}: {len(split.train):,} train / {len(split.dev):,} dev / {len(split.test):,} test pairs, "
+            if multi:
+                for name, part in split.items():
+                    print(f"task {name}: {len(part.train):,} train / {len(part.dev):,} dev / {len(part.test):,} test "
+                          f"pairs")
+            whole = task.split
+            print(f"{data}: {len(whole.train):,} train / {len(whole.dev):,} dev / {len(whole.test):,} test pairs, "
                   f"vocabulary {tokenizer.vocab_size:,}, {task.train_batches.tokens:,} target tokens per epoch")
             print(", ".join(f"{t.spec}: {t.params:,} parameters" for t in trainees)
                   + f"; {per_epoch} steps/epoch on {device}" + (f", {env.world} processes" if env.active else "")
@@ -574,7 +810,8 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         return {"run_dir": run_dir, "rank": env.rank}
     rows = []
     for t in trainees:
-        test = _final_test(cfg, t, averager, split, tokenizer, device, pos["global_step"])
+        test = _final_test(cfg, t, averager, task.split, tokenizer, device, pos["global_step"],
+                           tasks=task.task_splits)
         last = t.rows[-1] if t.rows else {}
         rows.append({"model": t.spec, "params": t.params, "steps": pos["global_step"], "tok_per_s": t.rate,
                      "speed_ratio": t.rate / trainees[0].rate, "dev_bleu": last.get("dev_bleu", float("nan")),

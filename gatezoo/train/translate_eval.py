@@ -27,6 +27,11 @@ penalty, batches and threads, and the share of sentences whose greedy outputs ar
 token-identical (:func:`gatezoo.eval.translate.compare_ctranslate2`); a model CTranslate2 cannot
 run (ReLA, say) is refused before the decoding.
 
+A multi-task run (trained with ``tasks:``) needs ``--task NAME``, one of the run's tasks: the
+sentences are translated as that task (its task id goes to a task-aware model) and
+``--evaluate`` scores the task's split (``data/<task>/``); a single-task run refuses
+``--task``.
+
 Every option is checked before the run is loaded (:func:`check_args`): a NaN or infinite
 ``--length_penalty`` or ``--max_len_a``, ``--threads`` or ``--beam_size`` below 1, and an option
 that would do nothing in the mode chosen (``--split``, ``--src``, ``--ref``, ``--ctranslate2``,
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ctranslate2", action="store_true",
                         help="--evaluate: also export the model to CTranslate2 and compare decoding speed (beam "
                         "--beam_size) and greedy outputs on the same sentences, batches and threads")
+    parser.add_argument("--task", help="a multi-task run: the task to translate or evaluate (required there, "
+                        "refused for a single-task run)")
     parser.add_argument("--output", help="--evaluate: also write the translations to this file")
     parser.add_argument("--json", help="--evaluate: also write the scores to this JSON file")
     return parser
@@ -167,6 +174,23 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def run_task(meta: dict, task: str | None, model) -> tuple[int | None, str | None]:
+    """``(task id for the model, task name)`` of ``--task`` for a run with checkpoint metadata
+    ``meta``: the task id is None for a model that does not route by task, the name None for a
+    single-task run. Raises ValueError for a missing, unknown or needless ``--task``."""
+    tasks = meta.get("task", {}).get("tasks")
+    if not tasks:
+        if task is not None:
+            raise ValueError(f"--task {task} does nothing: this run has a single task (it was not trained with tasks:)")
+        return None, None
+    if task is None:
+        raise ValueError(f"this is a multi-task run: choose the task with --task (one of {', '.join(tasks)})")
+    if task not in tasks:
+        raise ValueError(f"--task {task!r} is not a task of this run; its tasks are {', '.join(tasks)}")
+    index = tasks.index(task)
+    return (index if getattr(model, "num_tasks", None) is not None else None), task
+
+
 def _read_stdin() -> list[str]:
     """The lines of stdin, decoded as UTF-8 like a file (:func:`~gatezoo.train.data.text.decode_lines`),
     stripped; blank lines kept."""
@@ -202,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(beam_size=args.beam_size, length_penalty=length_penalty, max_len_a=args.max_len_a,
                        max_len_b=args.max_len_b, batch_sentences=args.batch_sentences, device=device)
         model, tokenizer, meta = load_run(args.run_dir, args.checkpoint, device)
+        task_id, task = run_task(meta, args.task, model)
+        options["task_ids"] = task_id
         if not args.evaluate:
             lines = _read_stdin()
             kept = [i for i, line in enumerate(lines) if line]
@@ -218,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             split = args.split or "test"
             data = Path(args.run_dir) / "data"
+            if task is not None:
+                data = data / task
             pairs, what = getattr(Split.load(data), split), f"the {split} split"
             if not pairs:
                 raise ValueError(f"the run's {split} split is empty")
@@ -225,12 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.ctranslate2:  # refuse a model CTranslate2 cannot run before the long decoding, not after
             check_ctranslate2(model, tokenizer)
         ev = evaluate_translation(model, tokenizer, pairs, progress=True, names=names, **options)
-        print(f"{meta['model']} ({args.checkpoint}, step {meta.get('step')}) on {what}, {len(pairs)} sentences, "
-              f"beam {args.beam_size}")
+        print(f"{meta['model']} ({args.checkpoint}, step {meta.get('step')}) on {what}"
+              f"{f' of task {task}' if task else ''}, {len(pairs)} sentences, beam {args.beam_size}")
         print(f"BLEU {ev['bleu']:.2f}  [{ev['bleu_signature']}]")
         print(f"chrF {ev['chrf']:.2f}  [{ev['chrf_signature']}]")
         print(f"{ev['sent_per_s']:.1f} sentences/s, {ev['tok_per_s']:.0f} target tokens/s ({ev['seconds']:.1f} s)")
-        sparsity = rela_sparsity(model, tokenizer, pairs, device=device)
+        sparsity = rela_sparsity(model, tokenizer, pairs, device=device, task_ids=task_id)
         if sparsity:
             print("ReLA sparsity (first 200 sentences, teacher-forced): layer, kind, zero weights, null rows, "
                   "full rows, row offset share of the scores")
@@ -255,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             record = {k: v for k, v in ev.items() if k != "hypotheses"}
             record.update(model=meta["model"], checkpoint=args.checkpoint, beam_size=args.beam_size,
-                          rela_sparsity=sparsity, ctranslate2=comparison)
+                          rela_sparsity=sparsity, ctranslate2=comparison, task=task)
             writes[args.json] = json.dumps(record, indent=2)
     except (ValueError, FileNotFoundError, ImportError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

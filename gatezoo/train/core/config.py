@@ -34,7 +34,7 @@ class Key:
     """One config key: its default, its kind and a line of help."""
 
     default: Any
-    kind: str  # "str", "int", "float", "bool", "dict"
+    kind: str  # "str", "int", "float", "bool", "dict", "list"
     help: str
     optional: bool = False  # None allowed
     minimum: float | None = None
@@ -219,6 +219,10 @@ def check(key: str, value: Any, keys: Mapping[str, Key] = KEYS) -> Any:
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if kind == "list":  # the command checks the items (e.g. the translation command's tasks)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return list(value)
     if kind == "dict":
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise ConfigError(f"config key {key!r} must be a mapping with string keys, got {value!r}")

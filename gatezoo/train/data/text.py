@@ -20,6 +20,10 @@ The pieces, in the order a translation trainer uses them:
 - :class:`TokenBatches`: batches bounded by a padded token count, formed once from examples sorted
   by length (so padding is small and the number of batches is fixed), visited in a per-epoch order
   that depends only on ``(seed, epoch)``, so a resumed run can start at any batch.
+- Multi-task text: :class:`TokenBatches` and :func:`collate` take an optional task id per example
+  and put a ``(B,)`` ``task_ids`` tensor into each :class:`Batch`; :func:`subsample_pairs` (a
+  seeded share of a task's training pairs) and :data:`PAIR_TRANSFORMS` (e.g. ``reverse_source``)
+  derive tasks from a corpus.
 
 Every error about text data is a :class:`TextDataError` (a
 :class:`~gatezoo.train.data.images.DataFormatError`) or a :class:`~gatezoo.train.data.images.DataNotFoundError`,
@@ -532,6 +536,32 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
 
 
+def reverse_source(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each source sentence with its words (whitespace-separated) in reverse order, the target
+    unchanged: a synthetic task that shares the vocabulary of the corpus."""
+    return [(" ".join(reversed(s.split())), t) for s, t in _check_pairs("pairs", pairs)]
+
+
+PAIR_TRANSFORMS = {"reverse_source": reverse_source}
+"""Named transforms of a task's pairs (the translation command's ``transform`` of a task)."""
+
+
+def subsample_pairs(pairs: Sequence[tuple[str, str]], fraction: float, seed: int = 0) -> list[tuple[str, str]]:
+    """A seeded share ``fraction`` in (0, 1] of ``pairs`` (at least one pair), in corpus order: the
+    same ``(pairs, fraction, seed)`` always gives the same pairs."""
+    pairs = list(pairs)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ArgumentTypeError(f"fraction must be a number in (0, 1], got {fraction!r} ({type(fraction).__name__})")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    seed = _check_seed(seed)
+    if fraction == 1 or not pairs:
+        return pairs
+    keep = max(1, round(fraction * len(pairs)))
+    chosen = sorted(random.Random(derive_seed(seed, len(pairs), 0x5AB5)).sample(range(len(pairs)), keep))
+    return [pairs[i] for i in chosen]
+
+
 # --------------------------------------------------------------------------------------------
 # Batches
 
@@ -545,6 +575,7 @@ class Batch:
     src: torch.Tensor
     tgt_in: torch.Tensor
     tgt_out: torch.Tensor
+    task_ids: torch.Tensor | None = None  # (B,) int64, each sentence's task (multi-task batches)
 
     @property
     def ntokens(self) -> int:
@@ -556,7 +587,8 @@ class Batch:
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
         """A copy of the batch on ``device``."""
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.src, self.tgt_in, self.tgt_out)))
+        tasks = None if self.task_ids is None else self.task_ids.to(device, non_blocking=non_blocking)
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.src, self.tgt_in, self.tgt_out)), tasks)
 
 
 def _check_texts(texts, where: str = "texts") -> list[str]:
@@ -604,16 +636,35 @@ def _pad(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     return out
 
 
-def collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]]) -> Batch:
+def collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]], task_ids=None) -> Batch:
     """A :class:`Batch` from source and target id lists (without ``<s>``/``</s>``): each tensor is as
     wide as its longest row (at least 1) and right-padded with :data:`PAD_ID`. Every id must be an
-    int >= 0."""
+    int >= 0. ``task_ids`` (optional): one task id (int >= 0) per sentence, the batch's ``task_ids``."""
     _check_rows("src_ids", src_ids)
     _check_rows("tgt_ids", tgt_ids)
-    return _collate(src_ids, tgt_ids)
+    if task_ids is not None:
+        task_ids = _check_task_ids(task_ids, len(src_ids))
+    return _collate(src_ids, tgt_ids, task_ids)
 
 
-def _collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]]) -> Batch:
+def _check_task_ids(task_ids, count: int) -> list[int]:
+    """``task_ids`` as a list of ``count`` ints >= 0 (TypeError / ValueError naming ``task_ids``)."""
+    if isinstance(task_ids, (str, bytes)) or not hasattr(task_ids, "__len__"):
+        raise ArgumentTypeError(f"task_ids must be a sequence of int task ids, got {type(task_ids).__name__}")
+    out = []
+    for i, t in enumerate(task_ids):
+        if not _is_id(t):
+            raise ArgumentTypeError(f"task_ids[{i}] must be an int, got {t!r} ({type(t).__name__})")
+        if t < 0:
+            raise ValueError(f"task_ids[{i}] must be >= 0, got {t}")
+        out.append(int(t))
+    if len(out) != count:
+        raise ValueError(f"task_ids holds {len(out)} ids for {count} examples; give one per example")
+    return out
+
+
+def _collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]],
+             task_ids: Sequence[int] | None = None) -> Batch:
     """:func:`collate` without the per-id checks (for ids checked before)."""
     if len(src_ids) != len(tgt_ids):
         raise ValueError(f"collate: {len(src_ids)} source sequences but {len(tgt_ids)} target sequences")
@@ -624,7 +675,8 @@ def _collate(src_ids: Sequence[Sequence[int]], tgt_ids: Sequence[Sequence[int]])
     src = _pad(src_ids, src_width)
     tgt_in = _pad([[BOS_ID, *t] for t in tgt_ids], tgt_width)
     tgt_out = _pad([[*t, EOS_ID] for t in tgt_ids], tgt_width)
-    return Batch(src, tgt_in, tgt_out)
+    tasks = None if task_ids is None else torch.tensor(list(task_ids), dtype=torch.long)
+    return Batch(src, tgt_in, tgt_out, tasks)
 
 
 class TokenBatches:
@@ -639,6 +691,10 @@ class TokenBatches:
 
     With ``max_len`` an example whose source, or target plus one, is longer raises
     :class:`TextDataError` naming it (the caller passes its model's position limit).
+
+    ``task_ids`` (optional, one int >= 0 per example) makes multi-task batches: each
+    :class:`Batch` carries its sentences' task ids; the batching itself ignores them (a batch
+    mixes tasks).
     """
 
     def __init__(
@@ -650,6 +706,7 @@ class TokenBatches:
         seed: int = 0,
         shuffle: bool = True,
         max_len: int | None = None,
+        task_ids: Sequence[int] | None = None,
     ):
         _check_rows("src_ids", src_ids)
         _check_rows("tgt_ids", tgt_ids)
@@ -668,6 +725,8 @@ class TokenBatches:
         self.tgt_ids = [list(t) for t in tgt_ids]
         """The target ids of every example (without ``<s>``/``</s>``)."""
         self.max_tokens, self.seed, self.shuffle, self.max_len = max_tokens, seed, shuffle, max_len
+        self.task_ids = None if task_ids is None else _check_task_ids(task_ids, len(self.src_ids))
+        """Each example's task id (None: single-task batches without ``task_ids``)."""
         sizes = []
         for i, (s, t) in enumerate(zip(self.src_ids, self.tgt_ids)):
             if max_len is not None and (len(s) > max_len or len(t) + 1 > max_len):
@@ -716,7 +775,8 @@ class TokenBatches:
     def _batches(self, epoch: int, start: int) -> Iterator[Batch]:
         for b in self.order(epoch)[start:]:
             members = self.batches[b]
-            yield _collate([self.src_ids[i] for i in members], [self.tgt_ids[i] for i in members])
+            tasks = None if self.task_ids is None else [self.task_ids[i] for i in members]
+            yield _collate([self.src_ids[i] for i in members], [self.tgt_ids[i] for i in members], tasks)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
