@@ -47,9 +47,9 @@ def _src(b=4, s=8, seed=1):
     return src
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_cached_decoding_equals_the_full_forward_with_task_ids(mode):
-    model = _model(mode)
+@pytest.mark.parametrize("mode, pregated", [*((m, False) for m in MODES), ("embed", True)])
+def test_cached_decoding_equals_the_full_forward_with_task_ids(mode, pregated):
+    model = _model(mode, pregated=pregated)
     src = _src()
     tasks = torch.tensor([0, 2, 1, 2])
     tgt = torch.randint(4, SMALL["vocab_size"], (src.shape[0], 6), generator=torch.Generator().manual_seed(2))
@@ -247,6 +247,12 @@ def test_bad_task_configs_are_refused(change, match, corpus, tmp_path, capsys):
     assert translate.main(["--config", str(path), *TINY, "--max_steps", "1"]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_data_option_is_refused_with_tasks(corpus, tmp_path, capsys):
+    path = _config(tmp_path, corpus)
+    assert translate.main(["--config", str(path), *TINY, "--data", "bible"]) == 2
+    assert "--data does nothing with tasks" in capsys.readouterr().err
 
 
 def test_batches_carry_task_ids():

@@ -877,6 +877,8 @@ def unused_options(cfg: Mapping, given, *, models: list[str] | None = None) -> l
         problems.append("--split_seed does nothing when dev_src and test_src are both given: nothing is split off")
     if "vocab_size" in given and cfg["tokenizer"] is not None:
         problems.append(f"--vocab_size does nothing with tokenizer {cfg['tokenizer']!r}: its vocabulary is used")
+    if "data" in given and cfg["tasks"] is not None:
+        problems.append("--data does nothing with tasks: each task names its own data")
     if "data" in given and cfg["data"] == "bible" and (cfg["src"] is not None or cfg["tgt"] is not None):
         problems.append("--data bible does nothing with --src/--tgt, which train on those files (data: files)")
     if models and "model" in given:
