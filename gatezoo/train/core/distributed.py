@@ -182,6 +182,8 @@ def _rows(batch) -> int:
 
 
 def _cut(batch, rows: slice):
+    if batch is None:  # an optional field of a batch (a single-task batch has no task ids)
+        return None
     if isinstance(batch, torch.Tensor):
         return batch[rows]
     if isinstance(batch, (tuple, list)):
