@@ -280,3 +280,77 @@ def test_shipped_multitask_config_loads():
     cfg = translate.load_mt_config(root / "transformer_mt_multitask.yaml")
     assert [t["name"] for t in cfg["tasks"]] == ["en-es", "es-en", "en-rev"]
     assert cfg["model_args"]["router"] == "task_aware" and cfg["tasks"][1]["fraction"] == 0.1
+
+
+def test_side_by_side_specs_choose_their_own_router(corpus, tmp_path, capsys):
+    # a dense model and task-aware models that pick their router in the spec: num_tasks is filled in
+    # for the task-aware ones only, and each model directory's config rebuilds its own model
+    cfg = _config(tmp_path, corpus)
+    dense = "transformer_mt_tiny:ffn=swiglu"
+    specs = [dense, "transformer_mt_tiny_moe:router=topk",
+             "transformer_mt_tiny_moe:router=task_aware,router_args={mode: task}"]
+    small = "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}"
+    assert translate.main(["--config", str(cfg), *TINY, "--max_steps", "2", "--final_test", "false",
+                           "--model_args", small, "--models", *specs]) == 0
+    run_dir = _run_dir(tmp_path)
+    dirs = sorted(p for p in run_dir.iterdir() if (p / "config.yaml").is_file())
+    assert len(dirs) == 3
+    seen = {}
+    for d in dirs:
+        saved = yaml.safe_load((d / "config.yaml").read_text())
+        model, _ = load_checkpoint(d / "last.safetensors")
+        seen[saved["model"]] = (saved["model_args"], getattr(model, "num_tasks", None))
+    assert seen[dense] == ({**yaml.safe_load(small), "vocab_size": seen[dense][0]["vocab_size"]}, None)
+    assert seen[specs[1]][1] is None and "router_args" not in seen[specs[1]][0]
+    args, num_tasks = seen[specs[2]]
+    assert args["router_args"] == {"num_tasks": 3} and num_tasks == 3
+    model, _ = load_checkpoint(run_dir / [p.name for p in dirs if "task_aware" in p.name][0] / "last.safetensors")
+    assert model.config.router_args == {"num_tasks": 3, "mode": "task"}
+
+
+def test_build_model_merges_mapping_overrides():
+    from gatezoo.train.core.factory import build_model
+
+    model = build_model("transformer_mt_tiny_moe:router=task_aware,router_args={mode: per_task}", vocab_size=40,
+                        dim=32, heads=2, ffn_hidden=32, enc_layers=1, dec_layers=1, router_args={"num_tasks": 2})
+    assert model.config.router_args == {"num_tasks": 2, "mode": "per_task"}
+    # a non-mapping override of a mapping is replaced, as before
+    model = build_model("transformer_mt_tiny_moe:router_args={noisy: true}", vocab_size=40, dim=32, heads=2,
+                        ffn_hidden=32, enc_layers=1, dec_layers=1, router_args=None)
+    assert model.config.router_args == {"noisy": True}
+
+
+def test_mt_summary_over_seeds(corpus, tmp_path, capsys):
+    from gatezoo.train import mt_summary
+
+    cfg = _config(tmp_path, corpus)
+    small = "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}"
+    specs = ["transformer_mt_tiny:ffn=swiglu", "transformer_mt_tiny_moe:router=task_aware,router_args={mode: embed}"]
+    for seed in (0, 1):
+        assert translate.main(["--config", str(cfg), *TINY, "--max_steps", "2", "--model_args", small, "--seed",
+                               str(seed), "--out", str(tmp_path / f"seed{seed}"), "--models", *specs]) == 0
+    runs = [str(next((tmp_path / f"seed{s}").iterdir())) for s in (0, 1)]
+    capsys.readouterr()
+    out = tmp_path / "bench" / "mt.csv"
+    assert mt_summary.main([*runs, "--baseline", specs[0], "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 * 2 * 3 and out.with_suffix(".png").stat().st_size > 0
+    # the table's figures are the runs' own test.json scores, mean ± sd over the seeds
+    for spec in specs:
+        scores = []
+        for run in runs:
+            d = next(p for p in pathlib.Path(run).iterdir() if (p / "config.yaml").is_file()
+                     and yaml.safe_load((p / "config.yaml").read_text())["model"] == spec)
+            scores.append(json.loads((d / "test.json").read_text())["tasks"]["es-en"]["bleu"])
+        mean = sum(scores) / 2
+        sd = abs(scores[0] - scores[1]) / 2 ** 0.5
+        line = next(t for t in table.splitlines() if t.startswith(f"| `{spec}`"))
+        assert f"{mean:.2f} ± {sd:.2f}" in line and "| 0, 1 |" in line
+    # refused: a run given twice, an unknown baseline, a directory that is no run
+    assert mt_summary.main([runs[0], runs[0]]) == 2
+    assert "appears twice" in capsys.readouterr().err
+    assert mt_summary.main([runs[0], "--baseline", "nope"]) == 2
+    assert "--baseline 'nope' is not one of the models" in capsys.readouterr().err
+    assert mt_summary.main([str(tmp_path / "bench")]) == 2
+    assert "not a translation run directory" in capsys.readouterr().err

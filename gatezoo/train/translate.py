@@ -684,6 +684,24 @@ def _final_test(cfg: Mapping, t: Trainee, averager: _Averager | None, split: Spl
     return test
 
 
+def _spec_model_args(spec: str, model_args: Mapping, num_tasks: int | None) -> dict:
+    """The constructor overrides of model ``spec`` in this run: ``model_args``, with
+    ``router_args.num_tasks`` set to the run's number of tasks when the spec (or ``model_args``)
+    picks the ``task_aware`` router of a multi-task run and does not give it."""
+    args = dict(model_args)
+    if num_tasks is None:
+        return args
+    try:
+        own = parse_model_spec(spec)[1]
+    except ValueError:
+        return args  # build_model reports the malformed spec
+    if own.get("router", args.get("router")) == "task_aware":
+        given = {**(args.get("router_args") or {}), **(own.get("router_args") or {})}
+        if "num_tasks" not in given:
+            args["router_args"] = {**(args.get("router_args") or {}), "num_tasks": num_tasks}
+    return args
+
+
 def _check_model_tasks(spec: str, num_tasks: int | None, tasks: list[str] | None) -> None:
     """A model that routes by task needs a multi-task run with as many tasks as it has."""
     if num_tasks is None:
@@ -742,18 +760,15 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
         if not multi and model_args.get("router") == "task_aware":
             raise ConfigError("model_args.router task_aware routes by task: it needs a multi-task run (tasks: [...]); "
                               "choose another router for a single-task run")
-        if multi and model_args.get("router") == "task_aware":
-            router_args = dict(model_args.get("router_args") or {})
-            router_args.setdefault("num_tasks", len(split))  # one task id per task of the run
-            model_args["router_args"] = router_args
         cfg = {**cfg, "model_args": model_args}
+        spec_args = {spec: _spec_model_args(spec, model_args, len(split) if multi else None) for spec in specs}
         dirs = [run_dir] if len(specs) == 1 else [run_dir / _safe(s) for s in specs]
         max_len = None
         for spec in specs:
             try:
-                probe = build_model(spec, **model_args)
+                probe = build_model(spec, **spec_args[spec])
             except (ValueError, TypeError) as e:
-                raise model_error(spec, model_args, e) from e
+                raise model_error(spec, spec_args[spec], e) from e
             limit = model_max_len(probe)
             max_len = limit if max_len is None else min(max_len, limit)
             _check_model_tasks(spec, getattr(probe, "num_tasks", None), list(split) if multi else None)
@@ -772,7 +787,7 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
                 for f in ("spm.model", "spm.vocab"):
                     if (run_dir / f).is_file():
                         shutil.copyfile(run_dir / f, d / f)
-            trainees.append(make_mt_trainee(cfg, spec, model_args, per_epoch, device, d, env))
+            trainees.append(make_mt_trainee(cfg, spec, spec_args[spec], per_epoch, device, d, env))
         if env.rank > 0:  # dropout noise of its own
             torch.manual_seed(cfg["seed"] * 1_000_003 + env.rank)
 
@@ -780,7 +795,8 @@ def train(cfg: dict, resume: str | Path | None = None, models: list[str] | None 
             # once fit has accepted the run (a resume restored): a refused resume keeps RUN_DIR as it was
             for t in trainees:
                 if env.main:
-                    ckpt.write_text(t.run_dir / "config.yaml", dump_config({**cfg, "model": t.spec}, MT_KEYS))
+                    ckpt.write_text(t.run_dir / "config.yaml",
+                                    dump_config({**cfg, "model": t.spec, "model_args": spec_args[t.spec]}, MT_KEYS))
 
         if fresh and env.main:
             if multi:

@@ -9,6 +9,8 @@ variants of one preset without registering each.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from gatezoo.models import create_model, list_models
@@ -45,12 +47,16 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
 
 def build_model(spec: str, **overrides) -> nn.Module:
     """Build a gatezoo registry model, timm peer or translation peer from a name or model spec,
-    with constructor ``overrides`` (the spec's own overrides win over these).
+    with constructor ``overrides`` (the spec's own overrides win over these; where both give a
+    mapping, e.g. ``router_args``, the spec's keys are merged into it one level deep).
 
     Raises ``ValueError`` for an unknown name (listing the known ones) or a bad override.
     """
     name, own = parse_model_spec(spec)
-    kwargs = {**overrides, **own}
+    kwargs = {**overrides}
+    for key, value in own.items():
+        base = overrides.get(key)
+        kwargs[key] = {**base, **value} if isinstance(base, Mapping) and isinstance(value, Mapping) else value
     if name in peers.list_peers():
         return peers.create_peer(name, **kwargs)
     if name in list_models():

@@ -1,0 +1,221 @@
+"""Sum up translation runs over seeds: per model and task, the test BLEU and chrF as mean ± sd.
+
+``python -m gatezoo.train.mt_summary RUN_DIR [RUN_DIR ...] [--out CSV] [--baseline MODEL]`` reads
+finished runs of :mod:`gatezoo.train.translate` (a side-by-side run directory stands for each of
+its models; a multi-task run gives one row per task, a single-task run one row named ``test``),
+prints a Markdown table of each model's scores per task over the runs (the seeds), and with
+``--baseline`` the differences to that model paired by seed. ``--out`` also writes every row to
+a CSV and a bar chart beside it (same name, ``.png``). It trains nothing.
+
+    python -m gatezoo.train.mt_summary runs/seed0/mt-sidebyside-* runs/seed1/mt-sidebyside-* \\
+        --baseline transformer_mt_tiny:ffn=swiglu --out benchmarks/bible-mt-multitask.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import yaml
+
+from .core.config import ConfigError
+
+COLUMNS = ("model", "seed", "task", "step", "test_bleu", "test_chrf", "dev_bleu", "beam_size", "checkpoint",
+           "train_tok_per_s", "run_dir")
+
+
+def model_dirs(run_dir: str | Path) -> list[Path]:
+    """The model directories of a run: the run itself, or each model's subdirectory of a side-by-side
+    run. Raises ConfigError when ``run_dir`` holds neither."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
+    if (run_dir / "config.yaml").is_file() and not (run_dir / "sidebyside.csv").is_file():
+        return [run_dir]
+    subs = sorted(p for p in run_dir.iterdir() if (p / "config.yaml").is_file())
+    if not subs:
+        raise ConfigError(f"{str(run_dir)!r} is not a translation run directory (no config.yaml, no model "
+                          f"subdirectories)")
+    return subs
+
+
+def read_run(model_dir: Path) -> list[dict]:
+    """The rows of one model's finished run: one per task of its ``test.json`` (``test`` for a
+    single-task run), with the last evaluation's dev BLEU of that task. Raises ConfigError when the
+    run has no test scores (it did not finish, or ran with ``final_test: false``)."""
+    cfg = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+    path = model_dir / "test.json"
+    if not path.is_file():
+        raise ConfigError(f"{str(model_dir)!r} has no test.json: the run did not finish or ran with "
+                          f"final_test: false")
+    test = json.loads(path.read_text(encoding="utf-8"))
+    last = {}
+    metrics = model_dir / "metrics.csv"
+    if metrics.is_file():
+        with open(metrics, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        last = rows[-1] if rows else {}
+    per_task = test.get("tasks") or {"test": test}
+    out = []
+    for task, scores in per_task.items():
+        dev = last.get(f"dev_bleu_{task}", last.get("dev_bleu") if task == "test" else None)
+        out.append({"model": cfg["model"], "seed": cfg.get("seed"), "task": task, "step": test.get("step"),
+                    "test_bleu": scores["bleu"], "test_chrf": scores["chrf"],
+                    "dev_bleu": float(dev) if dev not in (None, "") else math.nan,
+                    "beam_size": test.get("beam_size"), "checkpoint": test.get("checkpoint"),
+                    "train_tok_per_s": test.get("train_tok_per_s", math.nan), "run_dir": str(model_dir)})
+    return out
+
+
+def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
+    """Every row of every model of ``run_dirs``. Raises ConfigError on a run given twice (the same
+    model and seed)."""
+    rows, seen = [], set()
+    for run_dir in run_dirs:
+        for d in model_dirs(run_dir):
+            for row in read_run(d):
+                key = (row["model"], row["seed"], row["task"])
+                if key in seen:
+                    raise ConfigError(f"model {row['model']!r}, seed {row['seed']}, task {row['task']!r} appears "
+                                      f"twice (again in {str(d)!r})")
+                seen.add(key)
+                rows.append(row)
+    return rows
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    mean, sd = _mean_sd(values)
+    return f"{mean:.2f}" if math.isnan(sd) else f"{mean:.2f} ± {sd:.2f}"
+
+
+def summarize(rows: Sequence[Mapping], baseline: str | None = None) -> list[dict]:
+    """Per model and task (in order of appearance): the seeds, mean and sd of test BLEU and chrF,
+    and with ``baseline`` the mean and sd of the per-seed BLEU difference to it (seeds that both
+    have). Raises ConfigError when ``baseline`` is not one of the models."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if baseline is not None and baseline not in models:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the models: {models}")
+    by = {(r["model"], r["task"], r["seed"]): r for r in rows}
+    out = []
+    for model in models:
+        for task in tasks:
+            runs = [r for r in rows if r["model"] == model and r["task"] == task]
+            if not runs:
+                continue
+            item = {"model": model, "task": task, "seeds": [r["seed"] for r in runs],
+                    "bleu": [r["test_bleu"] for r in runs], "chrf": [r["test_chrf"] for r in runs]}
+            if baseline is not None:
+                item["delta_bleu"] = [r["test_bleu"] - by[(baseline, task, r["seed"])]["test_bleu"]
+                                      for r in runs if (baseline, task, r["seed"]) in by]
+            out.append(item)
+    return out
+
+
+def markdown_table(summary: Sequence[Mapping], baseline: str | None = None) -> str:
+    """Models as rows, per task the test BLEU (and its difference to ``baseline``) and chrF."""
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    head = ["model", "seeds"]
+    for t in tasks:
+        head += [f"{t} BLEU"] + ([f"{t} Δ BLEU"] if baseline else []) + [f"{t} chrF"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model in dict.fromkeys(s["model"] for s in summary):
+        cells = {s["task"]: s for s in summary if s["model"] == model}
+        seeds = next(iter(cells.values()))["seeds"]
+        row = [f"`{model}`", ", ".join(str(s) for s in seeds)]
+        for t in tasks:
+            s = cells.get(t)
+            if s is None:
+                row += [""] * (3 if baseline else 2)
+                continue
+            row.append(_fmt(s["bleu"]))
+            if baseline:
+                d = s.get("delta_bleu") or []
+                row.append("" if model == baseline or not d else
+                           (f"{_mean_sd(d)[0]:+.2f}" + ("" if len(d) < 2 else f" ± {_mean_sd(d)[1]:.2f}")))
+            row.append(_fmt(s["chrf"]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_rows(rows: Sequence[Mapping], path: Path) -> None:
+    """The rows as CSV (:data:`COLUMNS`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
+
+
+def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "") -> None:
+    """Bars of test BLEU and chrF per task and model (mean over seeds), each seed as a dot."""
+    from gatezoo.eval.plots import pyplot, save_figure
+
+    plt = pyplot()
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    models = list(dict.fromkeys(s["model"] for s in summary))
+    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.6 * len(tasks) * len(models) / 2, 4.5), squeeze=False)
+    width = 0.8 / len(models)
+    for ax, key, label in ((axes[0][0], "bleu", "test BLEU"), (axes[0][1], "chrf", "test chrF")):
+        for j, model in enumerate(models):
+            xs, means, sds = [], [], []
+            for i, task in enumerate(tasks):
+                cell = next((s for s in summary if s["model"] == model and s["task"] == task), None)
+                if cell is None:
+                    continue
+                x = i - 0.4 + width * (j + 0.5)
+                mean, sd = _mean_sd(cell[key])
+                xs.append(x)
+                means.append(mean)
+                sds.append(0.0 if math.isnan(sd) else sd)
+                ax.plot([x] * len(cell[key]), cell[key], "k.", ms=4, zorder=3)
+            ax.bar(xs, means, width, yerr=sds, capsize=3, label=model)
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="upper right")
+    save_figure(fig, path, title)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="python -m gatezoo.train.mt_summary", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished translation runs (side-by-side or not)")
+    p.add_argument("--baseline", metavar="MODEL", help="also print each model's BLEU minus this model's, by seed")
+    p.add_argument("--out", metavar="CSV", help="write the rows to this CSV and the bar chart to its .png")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 on a bad argument or run directory)."""
+    args = build_parser().parse_args(argv)
+    try:
+        rows = collect(args.run_dirs)
+        summary = summarize(rows, args.baseline)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(summary, args.baseline))
+    if args.out:
+        out = Path(args.out)
+        write_rows(rows, out)
+        plot_summary(summary, out.with_suffix(".png"), title=out.stem)
+        print(f"\nwrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
