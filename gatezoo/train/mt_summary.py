@@ -166,7 +166,7 @@ def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "") -> Non
     plt = pyplot()
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     models = list(dict.fromkeys(s["model"] for s in summary))
-    fig, axes = plt.subplots(1, 2, figsize=(6 + 1.6 * len(tasks) * len(models) / 2, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10 + 1.2 * len(tasks) * len(models) / 2, 4.5), squeeze=False)
     width = 0.8 / len(models)
     for ax, key, label in ((axes[0][0], "bleu", "test BLEU"), (axes[0][1], "chrf", "test chrF")):
         for j, model in enumerate(models):
@@ -185,7 +185,7 @@ def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "") -> Non
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper right")
+    axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no bar hidden
     save_figure(fig, path, title)
 
 
