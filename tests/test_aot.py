@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,18 @@ import pytest
 def aot_rows():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "gatezoo.kernels.aot", "--json"],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    # its own session, so that a timeout kills the compile workers too (killing the parent alone
+    # leaves a process pool's workers waiting for work forever)
+    proc = subprocess.Popen([sys.executable, "-m", "gatezoo.kernels.aot", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("python -m gatezoo.kernels.aot took more than 900 s")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return json.loads(out)
 
 
 def test_every_kernel_compiles_for_both_targets(aot_rows):
