@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from .core.config import ConfigError
+from .core.loop import write_metrics
 
 COLUMNS = ("model", "seed", "task", "step", "test_bleu", "test_chrf", "dev_bleu", "beam_size", "checkpoint",
            "train_tok_per_s", "run_dir")
@@ -94,9 +95,9 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Sequence[float], sign: str = "") -> str:
     mean, sd = _mean_sd(values)
-    return f"{mean:.2f}" if math.isnan(sd) else f"{mean:.2f} ± {sd:.2f}"
+    return f"{mean:{sign}.2f}" if math.isnan(sd) else f"{mean:{sign}.2f} ± {sd:.2f}"
 
 
 def summarize(rows: Sequence[Mapping], baseline: str | None = None) -> list[dict]:
@@ -142,21 +143,10 @@ def markdown_table(summary: Sequence[Mapping], baseline: str | None = None) -> s
             row.append(_fmt(s["bleu"]))
             if baseline:
                 d = s.get("delta_bleu") or []
-                row.append("" if model == baseline or not d else
-                           (f"{_mean_sd(d)[0]:+.2f}" + ("" if len(d) < 2 else f" ± {_mean_sd(d)[1]:.2f}")))
+                row.append("" if model == baseline or not d else _fmt(d, "+"))
             row.append(_fmt(s["chrf"]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def write_rows(rows: Sequence[Mapping], path: Path) -> None:
-    """The rows as CSV (:data:`COLUMNS`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS})
 
 
 def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "") -> None:
@@ -211,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(summary, args.baseline))
     if args.out:
         out = Path(args.out)
-        write_rows(rows, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_metrics([{k: r[k] for k in COLUMNS} for r in rows], out)
         plot_summary(summary, out.with_suffix(".png"), title=out.stem)
         print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
