@@ -55,6 +55,8 @@ def test_matmul_kernels_use_tensor_cores(aot_rows):
     assert any(r["kernel"].startswith("rela_fwd") for r in matmul)
     assert any(r["kernel"].startswith("rela_bwd_dkdv") for r in matmul)
     assert any(r["kernel"].startswith("rela_bwd_dq") for r in matmul)
+    for prefix in ("kan_fwd", "kan_dx", "kan_dw"):  # the KAN layer's basis-on-the-fly matmuls
+        assert any(r["kernel"].startswith(prefix) for r in matmul), prefix
     wrong = [(r["kernel"], r["target"], r["tensor_cores"]) for r in matmul
              if r["tensor_cores"] != ("HGMMA" if r["target"] == "sm_90" else "HMMA")]
     assert not wrong, wrong

@@ -161,3 +161,22 @@ def test_dropout_bench(tmp_path, capsys):
     saved = {r["impl"]: int(r["saved_bytes"]) for r in rows if r["mode"] == "fwd+bwd"}
     assert saved["gatezoo-torch"] == 160 * 160 and saved["eager"] >= saved["gatezoo-torch"]
     assert (tmp_path / "dropout-cpu.png").stat().st_size > 0
+
+
+def test_kan_bench(tmp_path):
+    """Both bases against their public formulations: same outputs, fewer saved bytes."""
+    from gatezoo.eval.bench import plot
+    from gatezoo.eval.bench_kan import bench_kan, kan_summary
+
+    rows = bench_kan(torch.float32, torch.device("cpu"), reps=2, compile_peer=False, tokens=40, n_in=12, n_out=5,
+                     progress=False)
+    assert {(r.variant, r.impl, r.mode) for r in rows} == {
+        (b, i, m) for b, peer in (("bspline", "efficient-kan"), ("rbf", "fastkan"))
+        for i in (peer, "gatezoo-torch") for m in ("fwd", "fwd+bwd")}
+    assert all(r.median_ms > 0 and r.saved_bytes > 0 for r in rows)
+    ours = {r.variant: r for r in rows if r.impl == "gatezoo-torch" and r.mode == "fwd+bwd"}
+    assert ours["bspline"].saved_vs_eager < 0.5 and ours["rbf"].saved_vs_eager < 1.0
+    table = kan_summary(rows)
+    assert "| bspline | efficient-kan |" in table and "| rbf | gatezoo-torch |" in table
+    plot(rows, str(tmp_path / "kan.png"))
+    assert (tmp_path / "kan.png").stat().st_size > 1000

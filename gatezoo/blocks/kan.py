@@ -55,6 +55,7 @@ import math
 import torch
 from torch import nn
 
+from ..kernels.kan import BASES, bspline_basis, kan_linear, rbf_basis  # noqa: F401 (bspline_basis re-exported)
 from .checks import (
     ArgumentTypeError,
     check_bool,
@@ -64,20 +65,18 @@ from .checks import (
     check_probability,
 )
 
-BASES = ("bspline", "rbf")
+_ACT_NAMES = {nn.SiLU: "silu", nn.ReLU: "relu"}
 
 
-def bspline_basis(x: torch.Tensor, knots: torch.Tensor, order: int) -> torch.Tensor:
-    """The B-spline basis of degree ``order`` on ``knots`` (K,) evaluated at ``x`` (...,):
-    shape (..., K - 1 - order), by the Cox-de Boor recursion (differentiable in ``x``)."""
-    x = x.unsqueeze(-1)
-    t = knots.to(x.dtype)
-    basis = ((x >= t[:-1]) & (x < t[1:])).to(x.dtype)  # degree 0, one per cell
-    for q in range(1, order + 1):
-        left = (x - t[: -(q + 1)]) / (t[q:-1] - t[: -(q + 1)])
-        right = (t[q + 1:] - x) / (t[q + 1:] - t[1:-q])
-        basis = left * basis[..., :-1] + right * basis[..., 1:]
-    return basis
+def _fused_activation(module) -> str | None:
+    """The name :func:`~gatezoo.kernels.kan_linear` knows a base activation module by, or None
+    when it must run as a module beside the op (a class the op does not fuse, or an ELU with
+    alpha other than 1)."""
+    if type(module) in _ACT_NAMES:
+        return _ACT_NAMES[type(module)]
+    if type(module) is nn.ELU and module.alpha == 1.0:
+        return "elu"
+    return None
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -101,6 +100,10 @@ class KANLayer(nn.Module):
         scale_noise: the spline coefficients start as ``N(0, scale_noise^2 / in_features)``, so
             the layer starts close to its base branch; ``W_b`` starts like an ``nn.Linear``.
         bias: an output bias (default False).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``: the layer runs as the fused op
+            :func:`gatezoo.kernels.kan_linear`, which never stores the (..., in, basis) tensor and
+            saves only its input for backward (``nn.SiLU``, ``nn.ReLU`` and ``nn.ELU()`` bases are
+            fused; another base class runs as a module beside it).
         device, dtype: factory arguments.
 
     Input (..., in_features), output (..., out_features).
@@ -108,7 +111,8 @@ class KANLayer(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, basis: str = "bspline", grid_size: int = 5,
                  spline_order: int = 3, grid_range: tuple[float, float] = (-2.0, 2.0),
-                 base_activation=nn.SiLU, scale_noise: float = 0.1, bias: bool = False, device=None, dtype=None):
+                 base_activation=nn.SiLU, scale_noise: float = 0.1, bias: bool = False, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         _positive_int("in_features", in_features)
@@ -141,6 +145,8 @@ class KANLayer(nn.Module):
         self.cell = h
         self.base_act = base_activation() if base_activation is not None else None
         has_base = self.base_act is not None
+        self.fused_act = _fused_activation(self.base_act) if has_base else None
+        self.backend = backend
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features, **dd)) if has_base else None
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, self.num_basis, **dd))
         self.bias = nn.Parameter(torch.zeros(out_features, **dd)) if bias else None
@@ -155,20 +161,22 @@ class KANLayer(nn.Module):
             nn.init.zeros_(self.bias)
 
     def basis_values(self, x: torch.Tensor) -> torch.Tensor:
-        """The basis functions at every input: (..., in_features) -> (..., in_features, num_basis)."""
+        """The basis functions at every input: (..., in_features) -> (..., in_features, num_basis)
+        (the plain composition, for inspection; ``forward`` never builds this tensor)."""
         if self.basis == "bspline":
             return bspline_basis(x, self.grid, self.spline_order)
-        centres = self.grid.to(x.dtype)
-        return torch.exp(-((x.unsqueeze(-1) - centres) / self.cell).square())
+        return rbf_basis(x, self.grid, self.cell)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape "
                              f"{tuple(x.shape)}")
-        bases = self.basis_values(x).flatten(-2)  # (..., in * num_basis)
-        y = nn.functional.linear(bases, self.spline_weight.flatten(1), self.bias)
-        if self.base_act is not None:
+        fused = self.fused_act is not None
+        y = kan_linear(x, self.spline_weight, self.base_weight if fused else None, self.bias, basis=self.basis,
+                       grid_range=self.grid_range, grid_size=self.grid_size, spline_order=self.spline_order,
+                       base_activation=self.fused_act, backend=self.backend)
+        if self.base_act is not None and not fused:
             y = y + nn.functional.linear(self.base_act(x), self.base_weight)
         return y
 
@@ -226,7 +234,7 @@ class GRKAN(nn.Module):
             ``nn.SiLU`` for ``"compact"``.
         eps: the LayerNorm's epsilon.
         **kan_args: passed to both :class:`KANLayer` (``basis``, ``grid_size``, ``spline_order``,
-            ``grid_range``, ``scale_noise``).
+            ``grid_range``, ``scale_noise``, ``backend``).
     """
 
     STRUCTURES = ("paper", "compact")

@@ -672,7 +672,7 @@ class GRKANRouter(Router):
             hidden = 2 * num_experts if hidden is None else hidden
         # GRKAN checks structure, dense_width and hidden and names them in its errors
         self.grkan = GRKAN(dim, hidden, num_experts, structure=structure, dense_width=dense_width, device=device,
-                           dtype=dtype, **kan_args)
+                           dtype=dtype, backend=backend, **kan_args)
         self.structure = structure
 
     def forward(self, x, task_ids=None):

@@ -7,6 +7,7 @@
     python -m gatezoo.eval.bench --op attention --dtype bfloat16  # + flash-attn, xformers on CUDA
     python -m gatezoo.eval.bench --op token_mixing  # MLP-Mixer token mixing at two model shapes
     python -m gatezoo.eval.bench --op moe           # top-2 MoE vs dense GLU vs a per-expert loop, E = 8, 64
+    python -m gatezoo.eval.bench --op kan           # one KAN layer vs the efficient-KAN / FastKAN formulations
     python -m gatezoo.eval.bench --op dropout       # dropout p=0.1 on a 4096 x 4096 tensor vs F.dropout
 
 For each variant (plain, and expanded with a trainable alpha where the kind has a gate) it times
@@ -35,6 +36,7 @@ from gatezoo.kernels.activation.naive import phi_composed
 from gatezoo.kernels.mixing import token_mixing_composed
 from gatezoo.kernels.rela.naive import rela_composed
 
+from .bench_kan import bench_kan, kan_summary
 from .bench_moe import bench_moe, moe_summary, plot_moe
 from .benchcore import (  # noqa: F401  (re-exported: the benchmark's public helpers live here too)
     Row,
@@ -50,7 +52,7 @@ from .benchcore import (  # noqa: F401  (re-exported: the benchmark's public hel
 )
 from .plots import pyplot
 
-OPS = ("glu", "gated_act", "attention", "token_mixing", "moe", "dropout")
+OPS = ("glu", "gated_act", "attention", "token_mixing", "moe", "kan", "dropout")
 DROPOUT_P = 0.1
 # token mixing shapes (batch, tokens, channels, hidden): mixer_tiny on 28x28 images with
 # patch 4, and Mixer-B/16 on 224x224 images
@@ -465,6 +467,17 @@ def main(argv=None) -> int:
                   "the same round, median over the rounds)")
             print(format_rows(rows))
             print(moe_summary(rows))
+            print(f"wrote {stem}.csv and {stem}.png")
+            continue
+        if op == "kan":
+            rows = bench_kan(dtype, device, args.reps, not args.no_compile)
+            stem = os.path.join(args.out, f"kan-{device.type}")
+            write_csv(rows, stem + ".csv")
+            plot(rows, stem + ".png")
+            print(f"\nkan on {rows[0].device}, {rows[0].shape} {rows[0].dtype} (ratios: time / the public "
+                  "formulation's in the same round, median over the rounds)")
+            print(format_rows(rows))
+            print(kan_summary(rows))
             print(f"wrote {stem}.csv and {stem}.png")
             continue
         if op == "token_mixing":

@@ -6,7 +6,7 @@ PyTorch path elsewhere; ``GATEZOO_BACKEND`` sets the default. The full rule, inc
 docs/architecture.md, 'Backend dispatch').
 
 Layout (the template later ops copy). Each op lives in a folder of its own (``activation``,
-``rela``, ``norm``, ``mixing``, ``routing``) with the same files:
+``rela``, ``norm``, ``mixing``, ``routing``, ``kan``) with the same files:
 
 * ``naive.py`` - the readable oracle: a plain composition of PyTorch ops that autograd
   differentiates. Float64 oracle in the tests, eager peer in the benchmarks, what
@@ -32,6 +32,7 @@ report).
 from .activation import KINDS, ActKind, gated_act, glu, glu_packed
 from .backend import BACKENDS, resolve_backend, triton_available
 from .drop import dropout
+from .kan import kan_linear
 from .mixing import token_mixing
 from .norm import gated_rms_norm, rms_norm
 from .rela import rela_attention
@@ -39,6 +40,6 @@ from .routing import DispatchPlan, Routing, expert_ffn, grouped_mm, make_plan, p
 
 __all__ = [
     "BACKENDS", "KINDS", "ActKind", "DispatchPlan", "Routing", "dropout", "expert_ffn", "gated_act",
-    "gated_rms_norm", "glu", "glu_packed", "grouped_mm", "make_plan", "permute", "rela_attention",
+    "gated_rms_norm", "glu", "glu_packed", "grouped_mm", "kan_linear", "make_plan", "permute", "rela_attention",
     "resolve_backend", "rms_norm", "route", "token_mixing", "triton_available", "unpermute",
 ]

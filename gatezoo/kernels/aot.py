@@ -33,6 +33,7 @@ def all_specs() -> list[KernelSpec]:
     """Every registered variant. Importing the kernel modules registers them; call this after
     TRITON_INTERPRET is cleared, since triton reads it when it is first imported."""
     import gatezoo.kernels.activation.triton  # noqa: F401
+    import gatezoo.kernels.kan.triton  # noqa: F401
     import gatezoo.kernels.mixing.triton  # noqa: F401
     import gatezoo.kernels.norm.triton  # noqa: F401
     import gatezoo.kernels.rela.triton  # noqa: F401
