@@ -458,26 +458,20 @@ def main(argv=None) -> int:
                 print(f"note: {note}")
             print(f"wrote {stem}.csv and {stem}.png")
             continue
-        if op == "moe":
-            rows = bench_moe(dtype, device, args.reps)
-            stem = os.path.join(args.out, f"moe-{device.type}")
+        if op in ("moe", "kan"):
+            if op == "moe":
+                rows, plotter, summary = bench_moe(dtype, device, args.reps), plot_moe, moe_summary
+                ref = "the dense GLU's"
+            else:
+                rows, plotter, summary = bench_kan(dtype, device, args.reps, not args.no_compile), plot, kan_summary
+                ref = "the public formulation's"
+            stem = os.path.join(args.out, f"{op}-{device.type}")
             write_csv(rows, stem + ".csv")
-            plot_moe(rows, stem + ".png")
-            print(f"\nmoe on {rows[0].device}, {rows[0].shape} {rows[0].dtype} (ratios: time / the dense GLU's in "
-                  "the same round, median over the rounds)")
+            plotter(rows, stem + ".png")
+            print(f"\n{op} on {rows[0].device}, {rows[0].shape} {rows[0].dtype} (ratios: time / {ref} in the same "
+                  "round, median over the rounds)")
             print(format_rows(rows))
-            print(moe_summary(rows))
-            print(f"wrote {stem}.csv and {stem}.png")
-            continue
-        if op == "kan":
-            rows = bench_kan(dtype, device, args.reps, not args.no_compile)
-            stem = os.path.join(args.out, f"kan-{device.type}")
-            write_csv(rows, stem + ".csv")
-            plot(rows, stem + ".png")
-            print(f"\nkan on {rows[0].device}, {rows[0].shape} {rows[0].dtype} (ratios: time / the public "
-                  "formulation's in the same round, median over the rounds)")
-            print(format_rows(rows))
-            print(kan_summary(rows))
+            print(summary(rows))
             print(f"wrote {stem}.csv and {stem}.png")
             continue
         if op == "token_mixing":

@@ -232,11 +232,10 @@ class KANLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, spline_weight, base_weight, bias = ctx.saved_tensors
-        spec = ctx.spec
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, _composed, (x, spline_weight, base_weight, bias, spec), dy)
-        need_x, need_c, need_b, need_bias, _ = ctx.needs_input_grad
+        saved, second_order = begin_backward(ctx, dy)
+        if second_order is not None:
+            return second_order
+        x, spline_weight, base_weight, bias, spec, (need_x, need_c, need_b, need_bias) = saved
         n_in, n_out = x.shape[-1], spline_weight.shape[0]
         x2, dy2 = x.reshape(-1, n_in), dy.reshape(-1, n_out)
         cdt = in_compute_dtype(x2[:0]).dtype
@@ -269,6 +268,16 @@ class KANLinearFunction(torch.autograd.Function):
             dy2.to(cdt).sum(0).to(bias.dtype) if need_bias else None,
             None,
         )
+
+
+def begin_backward(ctx, dy):
+    """What both autograd functions' backward starts from: ``((x, spline_weight, base_weight,
+    bias, spec, needs), None)``, or ``(None, grads)`` when the backward is itself differentiated
+    (``create_graph=True``), the grads then taken through the plain composition."""
+    x, spline_weight, base_weight, bias = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return None, composed_grads(ctx, _composed, (x, spline_weight, base_weight, bias, ctx.spec), dy)
+    return (x, spline_weight, base_weight, bias, ctx.spec, ctx.needs_input_grad[:4]), None
 
 
 def _unpad(dc: torch.Tensor, spline_weight: torch.Tensor, spec: KANSpec) -> torch.Tensor:

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import composed_grads, interpret_mode, on_device
+from ..backend import interpret_mode, on_device
 from ..kernel_specs import KernelSpec, register
-from .torch_path import KANSpec, _composed, act_and_slope
+from .torch_path import KANSpec, act_and_slope, begin_backward
 
 ACTS = {None: 0, "silu": 1, "elu": 2, "relu": 3}
 
@@ -273,11 +273,10 @@ class KANLinearTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, spline_weight, base_weight, bias = ctx.saved_tensors
-        spec = ctx.spec
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
-            return composed_grads(ctx, _composed, (x, spline_weight, base_weight, bias, spec), dy)
-        need_x, need_c, need_b, need_bias, _ = ctx.needs_input_grad
+        saved, second_order = begin_backward(ctx, dy)
+        if second_order is not None:
+            return second_order
+        x, spline_weight, base_weight, bias, spec, (need_x, need_c, need_b, need_bias) = saved
         n_in, n_out = x.shape[-1], spline_weight.shape[0]
         x2 = x.reshape(-1, n_in)
         dy2 = dy.reshape(-1, n_out)
