@@ -181,3 +181,19 @@ def test_empty_input_gives_empty_output():
     assert y.shape == (0, 2)
     y.sum().backward()
     assert x.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_several_tiles_of_every_kind(backend):
+    """More rows than one row tile (and than one weight-gradient slice), more outputs than one
+    output tile, more inputs than one input tile, each with a ragged last tile."""
+    tensors, opts = _inputs("bspline3-silu", torch.float32, "contig", n_in=40, n_out=20)
+    tensors[0] = torch.randn(150, 40) * 2.5
+    ref_in = [t.double().requires_grad_() for t in tensors]
+    ins = [t.detach().clone().requires_grad_() for t in tensors]
+    ref, out = _oracle(ref_in, opts), kan_linear(*ins, backend=backend, **opts)
+    assert_close("y", ref, out, TOL[torch.float32])
+    dy = torch.randn(out.shape)
+    for name, g_ref, g in zip(("dx", "dspline_weight", "dbase_weight", "dbias"),
+                              torch.autograd.grad(ref, ref_in, dy.double()), torch.autograd.grad(out, ins, dy)):
+        assert_close(name, g_ref, g, TOL[torch.float32])
