@@ -354,3 +354,14 @@ def test_mt_summary_over_seeds(corpus, tmp_path, capsys):
     assert "--baseline 'nope' is not one of the models" in capsys.readouterr().err
     assert mt_summary.main([str(tmp_path / "bench")]) == 2
     assert "not a translation run directory" in capsys.readouterr().err
+    # --dev: the last evaluation's dev BLEU per task; --label tells runs of one model apart
+    assert mt_summary.main([*runs, "--dev", "--label", runs[1], "again", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    assert {r["model"] for r in rows} == {*specs, *(f"{s} [again]" for s in specs)}
+    for r in rows:
+        last = list(csv.DictReader(open(pathlib.Path(r["run_dir"]) / "metrics.csv")))[-1]
+        assert float(r["dev_bleu"]) == pytest.approx(float(last[f"dev_bleu_{r['task']}"]))
+    assert "chrF" not in table and "es-en BLEU" in table
+    assert mt_summary.main([runs[0], "--label", runs[1], "x"]) == 2
+    assert "--label names run directories that are not given" in capsys.readouterr().err

@@ -7,8 +7,15 @@ prints a Markdown table of each model's scores per task over the runs (the seeds
 ``--baseline`` the differences to that model paired by seed. ``--out`` also writes every row to
 a CSV and a bar chart beside it (same name, ``.png``). It trains nothing.
 
+``--dev`` scores each run by the dev BLEU of its last evaluation (``metrics.csv``) instead of
+its test scores, for runs trained with ``final_test: false``. ``--label RUN_DIR NAME`` appends
+`` [NAME]`` to the model names of that run, to tell apart runs of one model that differ in a
+training option (a learning rate, gradient clipping) rather than in the model.
+
     python -m gatezoo.train.mt_summary runs/seed0/mt-sidebyside-* runs/seed1/mt-sidebyside-* \\
         --baseline transformer_mt_tiny:ffn=swiglu --out benchmarks/bible-mt-multitask.csv
+    python -m gatezoo.train.mt_summary runs/base/seed0/* runs/noclip/seed0/* --dev \\
+        --label runs/noclip/seed0/transformer_mt_tiny_rela-20261207 "grad_clip null" --baseline transformer_mt_tiny_rela
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from .core.loop import write_metrics
 
 COLUMNS = ("model", "seed", "task", "step", "test_bleu", "test_chrf", "dev_bleu", "beam_size", "checkpoint",
            "train_tok_per_s", "run_dir")
+DEV_COLUMNS = ("model", "seed", "task", "step", "dev_bleu", "train_tok_per_s", "run_dir")
 
 
 def model_dirs(run_dir: str | Path) -> list[Path]:
@@ -46,45 +54,73 @@ def model_dirs(run_dir: str | Path) -> list[Path]:
     return subs
 
 
-def read_run(model_dir: Path) -> list[dict]:
+def _last_metrics(model_dir: Path) -> dict:
+    metrics = model_dir / "metrics.csv"
+    if not metrics.is_file():
+        return {}
+    with open(metrics, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else {}
+
+
+def _number(value) -> float:
+    return float(value) if value not in (None, "") else math.nan
+
+
+def read_run(model_dir: Path, dev: bool = False, label: str | None = None) -> list[dict]:
     """The rows of one model's finished run: one per task of its ``test.json`` (``test`` for a
-    single-task run), with the last evaluation's dev BLEU of that task. Raises ConfigError when the
-    run has no test scores (it did not finish, or ran with ``final_test: false``)."""
+    single-task run), with the last evaluation's dev BLEU of that task; each row's ``bleu`` and
+    ``chrf`` are the test scores. With ``dev``, one row per task of the last evaluation in
+    ``metrics.csv``, scored by its dev BLEU (no chrF). ``label`` is appended to the model name as
+    `` [label]``. Raises ConfigError when the run has no such scores (it did not finish, or ran
+    with ``final_test: false`` and ``dev`` is off)."""
     cfg = yaml.safe_load((model_dir / "config.yaml").read_text(encoding="utf-8"))
+    model = cfg["model"] if label is None else f"{cfg['model']} [{label}]"
+    last = _last_metrics(model_dir)
+    if dev:
+        if not last:
+            raise ConfigError(f"{str(model_dir)!r} has no evaluation in metrics.csv")
+        tasks = [k[len("dev_bleu_"):] for k in last if k.startswith("dev_bleu_")] or ["test"]
+        out = []
+        for task in tasks:
+            bleu = _number(last.get(f"dev_bleu_{task}", last.get("dev_bleu")))
+            out.append({"model": model, "seed": cfg.get("seed"), "task": "dev" if task == "test" else task,
+                        "step": int(float(last["step"])), "dev_bleu": bleu, "bleu": bleu, "chrf": math.nan,
+                        "train_tok_per_s": _number(last.get("tok_per_s")), "run_dir": str(model_dir)})
+        return out
     path = model_dir / "test.json"
     if not path.is_file():
         raise ConfigError(f"{str(model_dir)!r} has no test.json: the run did not finish or ran with "
-                          f"final_test: false")
+                          f"final_test: false (--dev scores it by its dev BLEU)")
     test = json.loads(path.read_text(encoding="utf-8"))
-    last = {}
-    metrics = model_dir / "metrics.csv"
-    if metrics.is_file():
-        with open(metrics, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        last = rows[-1] if rows else {}
     per_task = test.get("tasks") or {"test": test}
     out = []
     for task, scores in per_task.items():
-        dev = last.get(f"dev_bleu_{task}", last.get("dev_bleu") if task == "test" else None)
-        out.append({"model": cfg["model"], "seed": cfg.get("seed"), "task": task, "step": test.get("step"),
-                    "test_bleu": scores["bleu"], "test_chrf": scores["chrf"],
-                    "dev_bleu": float(dev) if dev not in (None, "") else math.nan,
+        dev_bleu = last.get(f"dev_bleu_{task}", last.get("dev_bleu") if task == "test" else None)
+        out.append({"model": model, "seed": cfg.get("seed"), "task": task, "step": test.get("step"),
+                    "test_bleu": scores["bleu"], "test_chrf": scores["chrf"], "bleu": scores["bleu"],
+                    "chrf": scores["chrf"], "dev_bleu": _number(dev_bleu),
                     "beam_size": test.get("beam_size"), "checkpoint": test.get("checkpoint"),
                     "train_tok_per_s": test.get("train_tok_per_s", math.nan), "run_dir": str(model_dir)})
     return out
 
 
-def collect(run_dirs: Sequence[str | Path]) -> list[dict]:
-    """Every row of every model of ``run_dirs``. Raises ConfigError on a run given twice (the same
-    model and seed)."""
+def collect(run_dirs: Sequence[str | Path], dev: bool = False, labels: Mapping[str, str] | None = None) -> list[dict]:
+    """Every row of every model of ``run_dirs`` (``labels``: run directory -> label for its
+    models). Raises ConfigError on a run given twice (the same model and seed) and on a label
+    for a directory that is not among ``run_dirs``."""
+    labels = {str(Path(k)): v for k, v in (labels or {}).items()}
+    unknown = set(labels) - {str(Path(d)) for d in run_dirs}
+    if unknown:
+        raise ConfigError(f"--label names run directories that are not given: {sorted(unknown)}")
     rows, seen = [], set()
     for run_dir in run_dirs:
         for d in model_dirs(run_dir):
-            for row in read_run(d):
+            for row in read_run(d, dev, labels.get(str(Path(run_dir)))):
                 key = (row["model"], row["seed"], row["task"])
                 if key in seen:
                     raise ConfigError(f"model {row['model']!r}, seed {row['seed']}, task {row['task']!r} appears "
-                                      f"twice (again in {str(d)!r})")
+                                      f"twice (again in {str(d)!r}; --label tells runs of one model apart)")
                 seen.add(key)
                 rows.append(row)
     return rows
@@ -116,20 +152,22 @@ def summarize(rows: Sequence[Mapping], baseline: str | None = None) -> list[dict
             if not runs:
                 continue
             item = {"model": model, "task": task, "seeds": [r["seed"] for r in runs],
-                    "bleu": [r["test_bleu"] for r in runs], "chrf": [r["test_chrf"] for r in runs]}
+                    "bleu": [r["bleu"] for r in runs], "chrf": [r["chrf"] for r in runs]}
             if baseline is not None:
-                item["delta_bleu"] = [r["test_bleu"] - by[(baseline, task, r["seed"])]["test_bleu"]
+                item["delta_bleu"] = [r["bleu"] - by[(baseline, task, r["seed"])]["bleu"]
                                       for r in runs if (baseline, task, r["seed"]) in by]
             out.append(item)
     return out
 
 
 def markdown_table(summary: Sequence[Mapping], baseline: str | None = None) -> str:
-    """Models as rows, per task the test BLEU (and its difference to ``baseline``) and chrF."""
+    """Models as rows, per task the BLEU (and its difference to ``baseline``) and chrF (none for
+    dev scores)."""
     tasks = list(dict.fromkeys(s["task"] for s in summary))
+    chrf = any(not all(math.isnan(v) for v in s["chrf"]) for s in summary)
     head = ["model", "seeds"]
     for t in tasks:
-        head += [f"{t} BLEU"] + ([f"{t} Δ BLEU"] if baseline else []) + [f"{t} chrF"]
+        head += [f"{t} BLEU"] + ([f"{t} Δ BLEU"] if baseline else []) + ([f"{t} chrF"] if chrf else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model in dict.fromkeys(s["model"] for s in summary):
         cells = {s["task"]: s for s in summary if s["model"] == model}
@@ -138,27 +176,33 @@ def markdown_table(summary: Sequence[Mapping], baseline: str | None = None) -> s
         for t in tasks:
             s = cells.get(t)
             if s is None:
-                row += [""] * (3 if baseline else 2)
+                row += [""] * (1 + bool(baseline) + chrf)
                 continue
             row.append(_fmt(s["bleu"]))
             if baseline:
                 d = s.get("delta_bleu") or []
                 row.append("" if model == baseline or not d else _fmt(d, "+"))
-            row.append(_fmt(s["chrf"]))
+            if chrf:
+                row.append(_fmt(s["chrf"]))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "") -> None:
-    """Bars of test BLEU and chrF per task and model (mean over seeds), each seed as a dot."""
+def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "", scored_on: str = "test") -> None:
+    """Bars of BLEU and chrF (when there is one) per task and model (mean over seeds), each seed
+    as a dot; ``scored_on`` names the split in the axis labels."""
     from gatezoo.eval.plots import pyplot, save_figure
 
     plt = pyplot()
     tasks = list(dict.fromkeys(s["task"] for s in summary))
     models = list(dict.fromkeys(s["model"] for s in summary))
-    fig, axes = plt.subplots(1, 2, figsize=(10 + 1.2 * len(tasks) * len(models) / 2, 4.5), squeeze=False)
+    panels = [("bleu", f"{scored_on} BLEU")]
+    if any(not all(math.isnan(v) for v in s["chrf"]) for s in summary):
+        panels.append(("chrf", f"{scored_on} chrF"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 0.6 * len(tasks) * len(models), 4.5),
+                             squeeze=False)
     width = 0.8 / len(models)
-    for ax, key, label in ((axes[0][0], "bleu", "test BLEU"), (axes[0][1], "chrf", "test chrF")):
+    for ax, (key, label) in zip(axes[0], panels):
         for j, model in enumerate(models):
             xs, means, sds = [], [], []
             for i, task in enumerate(tasks):
@@ -175,7 +219,7 @@ def plot_summary(summary: Sequence[Mapping], path: Path, title: str = "") -> Non
         ax.set_xticks(range(len(tasks)), tasks)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no bar hidden
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no bar hidden
     save_figure(fig, path, title)
 
 
@@ -186,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished translation runs (side-by-side or not)")
     p.add_argument("--baseline", metavar="MODEL", help="also print each model's BLEU minus this model's, by seed")
     p.add_argument("--out", metavar="CSV", help="write the rows to this CSV and the bar chart to its .png")
+    p.add_argument("--dev", action="store_true",
+                   help="score by the last evaluation's dev BLEU (metrics.csv) instead of test.json")
+    p.add_argument("--label", nargs=2, action="append", default=[], metavar=("RUN_DIR", "NAME"),
+                   help="append ' [NAME]' to the model names of RUN_DIR (repeatable)")
     return p
 
 
@@ -193,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 on a bad argument or run directory)."""
     args = build_parser().parse_args(argv)
     try:
-        rows = collect(args.run_dirs)
+        rows = collect(args.run_dirs, args.dev, dict(args.label))
         summary = summarize(rows, args.baseline)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -202,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_metrics([{k: r[k] for k in COLUMNS} for r in rows], out)
-        plot_summary(summary, out.with_suffix(".png"), title=out.stem)
+        write_metrics([{k: r[k] for k in (DEV_COLUMNS if args.dev else COLUMNS)} for r in rows], out)
+        plot_summary(summary, out.with_suffix(".png"), title=out.stem, scored_on="dev" if args.dev else "test")
         print(f"\nwrote {out} and {out.with_suffix('.png')}")
     return 0
 
