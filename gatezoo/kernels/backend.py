@@ -108,6 +108,11 @@ def positive_number(name: str, value) -> float:
     return value
 
 
+def in_compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype the chunked torch paths compute in: float32, or float64 for float64 input."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def float64_unsupported(*tensors) -> Unsupported:
     """The default Triton limit: the kernels compute in float32 and take float16, bfloat16 and
     float32 inputs only, so any float64 tensor among ``tensors`` sends the call elsewhere."""

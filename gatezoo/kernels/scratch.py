@@ -39,3 +39,12 @@ class Scratch:
     def like(self, key, t: torch.Tensor) -> torch.Tensor:
         """Buffer ``key`` shaped like ``t``."""
         return self.get(key, *t.shape)
+
+
+def row_chunks(rows: int, per_row: int, device: torch.device, chunk_elements: int) -> list[slice]:
+    """Row slices of about ``chunk_elements`` elements (``per_row`` each) on the CPU, one slice
+    elsewhere (where chunking only adds launches)."""
+    if device.type != "cpu":
+        return [slice(None)]
+    step = max(1, chunk_elements // max(per_row, 1))
+    return [slice(r, r + step) for r in range(0, rows, step)]

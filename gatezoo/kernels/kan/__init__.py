@@ -18,7 +18,7 @@ import numbers
 
 import torch
 
-from ..backend import dispatch, float64_unsupported
+from ..backend import dispatch, float64_unsupported, in_compute_dtype
 from .naive import (
     BASE_ACTIVATIONS,
     BASES,
@@ -29,7 +29,7 @@ from .naive import (
     num_basis,
     rbf_basis,
 )
-from .torch_path import KANLinearFunction, KANSpec, in_compute_dtype
+from .torch_path import KANLinearFunction, KANSpec
 
 __all__ = ["BASES", "BASE_ACTIVATIONS", "KANSpec", "basis_values", "bspline_basis", "kan_linear",
            "kan_linear_composed", "knots", "num_basis", "rbf_basis"]

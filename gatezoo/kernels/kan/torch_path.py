@@ -22,8 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..backend import composed_grads
-from ..scratch import Scratch
+from ..backend import composed_grads, in_compute_dtype
+from ..scratch import Scratch, row_chunks
 from .naive import kan_linear_composed
 
 
@@ -184,21 +184,13 @@ CPU_CHUNK_ELEMENTS = 1 << 20
 
 
 def _row_chunks(rows: int, per_row: int, device: torch.device):
-    if device.type != "cpu":
-        return [slice(None)]
-    step = max(1, CPU_CHUNK_ELEMENTS // max(per_row, 1))
-    return [slice(r, r + step) for r in range(0, rows, step)]
+    return row_chunks(rows, per_row, device, CPU_CHUNK_ELEMENTS)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
     """True when ``x`` holds no inf or NaN (a sum reads x once; one that overflows only sends a
     finite x down the slower route, which gives the same values)."""
     return bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)))
-
-
-def in_compute_dtype(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the dtype the layer computes in: float32, or float64 for float64 input."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 class KANLinearFunction(torch.autograd.Function):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import dispatch, float64_unsupported, positive_number
+from ..backend import dispatch, float64_unsupported, in_compute_dtype, positive_number
 from .naive import gated_rms_norm_composed, norm_composed, rms_norm_composed
-from .torch_path import RMSNormFunction, in_compute_dtype
+from .torch_path import RMSNormFunction
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_composed", "rms_norm", "rms_norm_composed"]
 

@@ -11,15 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import composed_grads
-from ..scratch import Scratch
+from ..backend import composed_grads, in_compute_dtype
+from ..scratch import Scratch, row_chunks
 from .naive import norm_composed
-
-
-def in_compute_dtype(t):
-    """``t`` in the dtype the norms compute in: float32, or float64 for float64 input."""
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
 
 # Elements per chunk on CPU: the handful of chunk-sized temporaries of one chunk stays in cache
 # while the backward's dozen elementwise passes run over it.
@@ -27,12 +21,8 @@ CPU_CHUNK_ELEMENTS = 1 << 17
 
 
 def _row_chunks(rows: int, cols: int, device: torch.device):
-    """Row slices of about CPU_CHUNK_ELEMENTS elements on CPU, one slice elsewhere (where
-    chunking only adds launches)."""
-    if device.type != "cpu":
-        return [slice(None)]
-    step = max(1, CPU_CHUNK_ELEMENTS // max(cols, 1))
-    return [slice(r, r + step) for r in range(0, rows, step)]
+    """Row slices of about CPU_CHUNK_ELEMENTS elements on CPU, one slice elsewhere."""
+    return row_chunks(rows, cols, device, CPU_CHUNK_ELEMENTS)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
