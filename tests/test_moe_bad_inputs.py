@@ -214,6 +214,21 @@ def test_a_plan_of_make_plan_written_in_place_is_checked_again(backend):
         expert_ffn(x, w1, w2, weights, plan, "silu", backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_layer_runs_under_inference_mode(backend):
+    """Inference tensors have no version counter: a plan made under torch.inference_mode is not
+    recorded as trusted but checked like a handed-in one, and the layer's output is unchanged."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(16, 24, num_experts=4, k=2, backend=backend).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.inference_mode():
+        got = layer(x)
+        plan = make_plan(torch.tensor([[0, 1], [2, 3]]), 4)
+    assert torch.equal(got, expected) and not _unchanged(plan)
+
+
 def test_value_checks_are_skipped_inside_a_trace(monkeypatch):
     """A torch.compile trace cannot read values: the plan's value checks, make_plan's and
     grouped_mm's range checks step aside there (the shape and dtype checks stay)."""

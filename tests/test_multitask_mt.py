@@ -365,3 +365,58 @@ def test_mt_summary_over_seeds(corpus, tmp_path, capsys):
     assert "chrF" not in table and "es-en BLEU" in table
     assert mt_summary.main([runs[0], "--label", runs[1], "x"]) == 2
     assert "--label names run directories that are not given" in capsys.readouterr().err
+
+
+def test_plain_source_lowercases_and_drops_punctuation():
+    from gatezoo.train.data.text import PAIR_TRANSFORMS, plain_source
+
+    assert PAIR_TRANSFORMS["plain_source"] is plain_source
+    pairs = [("And God said, Let there be light:  the LORD's «word».", "Y dijo Dios: Sea la luz.")]
+    assert plain_source(pairs) == [("and god said let there be light the lords word", pairs[0][1])]
+    with pytest.raises(TypeError, match="pairs"):
+        plain_source("not pairs")
+
+
+def test_mt_unseen_scores_each_routing_like_translate_eval(corpus, tmp_path, capsys):
+    # the unseen task is a seen task's test split under a transform; a task-aware model is scored once
+    # per seen task's id, a dense one once, and each score is translate_eval's on the same files
+    from gatezoo.train import mt_unseen
+    from gatezoo.train.data.text import plain_source
+
+    cfg = _config(tmp_path, corpus)
+    small = "{dim: 32, enc_layers: 1, dec_layers: 1, heads: 2, ffn_hidden: 64}"
+    specs = ["transformer_mt_tiny:ffn=swiglu", "transformer_mt_tiny_moe:router=task_aware,router_args={mode: per_task}"]
+    assert translate.main(["--config", str(cfg), *TINY, "--max_steps", "2", "--model_args", small,
+                           "--final_test", "false", "--models", *specs]) == 0
+    run_dir = _run_dir(tmp_path)
+    capsys.readouterr()
+    out = tmp_path / "bench" / "unseen.csv"
+    assert mt_unseen.main([str(run_dir), "--task", "en-es", "--transform", "plain_source", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["model"], r["routed_as"]) for r in rows] == [
+        (specs[0], "-"), (specs[1], "en-es"), (specs[1], "es-en"), (specs[1], "en-rev")]
+    assert {r["unseen"] for r in rows} == {"en-es+plain_source"} and out.with_suffix(".png").stat().st_size > 0
+    assert "routed as es-en BLEU" in table and "no task routing BLEU" in table
+    pairs = plain_source(Split.load(run_dir / rows[0]["run_dir"].split("/")[-1] / "data" / "en-es").test)
+    (tmp_path / "u.src").write_text("".join(s + "\n" for s, _ in pairs))
+    (tmp_path / "u.ref").write_text("".join(t + "\n" for _, t in pairs))
+    for r in rows:
+        task = ["--task", "en-es" if r["routed_as"] == "-" else r["routed_as"]]  # the dense model ignores it
+        js = tmp_path / "eval.json"
+        assert translate_eval.main([r["run_dir"], "--checkpoint", "last", "--evaluate", "--src",
+                                    str(tmp_path / "u.src"), "--ref", str(tmp_path / "u.ref"), "--beam_size", "1",
+                                    "--json", str(js), *task]) == 0
+        assert float(r["bleu"]) == pytest.approx(json.loads(js.read_text())["bleu"], abs=1e-4)
+    # refused: an unknown transform or task, a split cut to nothing, a single-task run
+    for argv, match in ((["--task", "en-es", "--transform", "shuffle"], "--transform must be one of"),
+                        (["--task", "fr-de", "--transform", "plain_source"], "'fr-de' is not a task of"),
+                        (["--task", "en-es", "--transform", "plain_source", "--limit", "0"], "--limit must be")):
+        assert mt_unseen.main([str(run_dir), *argv]) == 2
+        assert match in capsys.readouterr().err
+    single = tmp_path / "single"
+    assert translate.main(["--src", str(corpus / "train.en"), "--tgt", str(corpus / "train.es"), "--out", str(single),
+                           "--model_args", small, *TINY, "--max_steps", "1", "--final_test", "false"]) == 0
+    capsys.readouterr()
+    assert mt_unseen.main([str(next(single.iterdir())), "--task", "en-es", "--transform", "plain_source"]) == 2
+    assert "single-task run" in capsys.readouterr().err

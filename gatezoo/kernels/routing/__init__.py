@@ -163,7 +163,9 @@ def make_plan(indices: torch.Tensor, num_experts: int, *, capacity: int | None =
                              f"{getattr(keep, 'dtype', type(keep))} {tuple(getattr(keep, 'shape', ()))}")
         _same_device("keep", keep, indices)
     plan = plan_composed(indices.long(), num_experts, capacity, keep)
-    if not tracing():
+    # an inference tensor (made under torch.inference_mode) has no version counter to stamp: such
+    # a plan is checked like any handed-in plan
+    if not tracing() and not plan.offsets.is_inference():
         _MADE[plan.offsets] = _stamp(plan)
     return plan
 
@@ -171,6 +173,7 @@ def make_plan(indices: torch.Tensor, num_experts: int, *, capacity: int | None =
 # Plans make_plan returned, by their offsets tensor: the ops skip the value checks (a host sync
 # each) for such a plan as long as it is unchanged, i.e. the same field tensors, none written
 # in place since (their version counters), so a MoE layer's own plan costs no second sync.
+# Plans built under torch.inference_mode are not recorded (inference tensors have no counter).
 _MADE = WeakIdKeyDictionary()
 
 

@@ -22,7 +22,7 @@ The pieces, in the order a translation trainer uses them:
   that depends only on ``(seed, epoch)``, so a resumed run can start at any batch.
 - Multi-task text: :class:`TokenBatches` and :func:`collate` take an optional task id per example
   and put a ``(B,)`` ``task_ids`` tensor into each :class:`Batch`; :func:`subsample_pairs` (a
-  seeded share of a task's training pairs) and :data:`PAIR_TRANSFORMS` (e.g. ``reverse_source``)
+  seeded share of a task's training pairs) and :data:`PAIR_TRANSFORMS` (``reverse_source``, ``plain_source``)
   derive tasks from a corpus.
 
 Every error about text data is a :class:`TextDataError` (a
@@ -39,6 +39,7 @@ import numbers
 import os
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -542,7 +543,17 @@ def reverse_source(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(" ".join(reversed(s.split())), t) for s, t in _check_pairs("pairs", pairs)]
 
 
-PAIR_TRANSFORMS = {"reverse_source": reverse_source}
+def plain_source(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each source sentence lower-cased, without punctuation (Unicode categories ``P*``) and with
+    single spaces, the target unchanged: a shifted input close to the corpus's own task."""
+    out = []
+    for s, t in _check_pairs("pairs", pairs):
+        kept = "".join(ch for ch in s.lower() if not unicodedata.category(ch).startswith("P"))
+        out.append((" ".join(kept.split()), t))
+    return out
+
+
+PAIR_TRANSFORMS = {"reverse_source": reverse_source, "plain_source": plain_source}
 """Named transforms of a task's pairs (the translation command's ``transform`` of a task)."""
 
 
