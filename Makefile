@@ -43,6 +43,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# torchattacks without its requests~=2.25.1 pin (see pyproject.toml, extra "adversarial")
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 # Triton kernels run on the CPU through the interpreter; the suite sets it too.

@@ -35,6 +35,7 @@ from .moe import (
     set_task_ids,
     unlink_pregated,
 )
+from .moe_conv import MoEConv2d, moe_conv2d_reference
 from .norm import GatedRMSNorm, RMSNorm
 from .rela import ReLAAttention
 from .routing import (
@@ -57,7 +58,7 @@ from .routing import (
 __all__ = [
     "ArgumentTypeError", "Dropout",
     "GLU_FAMILIES", "GLU_VARIANTS", "MLP_ACTIVATIONS", "GatedAct", "GatedRMSNorm", "GLUFeedForward", "KVCache",
-    "MixerBlock", "Mlp", "NiNBlock",
+    "MixerBlock", "Mlp", "MoEConv2d", "moe_conv2d_reference", "NiNBlock",
     "ReLAAttention", "RMSNorm", "SoftmaxAttention", "TokenMixing", "glu_hidden_features",
     "glu_variant",
     # Kolmogorov-Arnold layers

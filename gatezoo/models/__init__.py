@@ -1,5 +1,6 @@
 """Models built from :mod:`gatezoo.blocks`: Vision Transformer, MLP-Mixer and NiNformer image
-classifiers and an encoder-decoder translation Transformer, configured by dataclasses and created
+classifiers, a residual CNN and its mixture-of-experts twin (the MoE-CNN of AdvMoE), and an
+encoder-decoder translation Transformer, configured by dataclasses and created
 by name from one registry.
 
 >>> from gatezoo.models import create_model, list_models
@@ -9,6 +10,7 @@ by name from one registry.
 >>> logits = mt(src_ids, tgt_in_ids)               # (B, T_tgt, 8000)
 """
 
+from .cnn import CNNConfig, ResNetCNN
 from .convert import vit_state_dict_from_timm
 from .export import ctranslate2_available, export_ctranslate2
 from .extract import extract_task_model
@@ -47,6 +49,7 @@ __all__ = [
     "DecoderCache", "EncoderDecoder", "Memory",
     "MoEOptions", "moe_feedforward", "extract_task_model",
     "TranslationConfig", "ctranslate2_available", "export_ctranslate2", "sinusoidal_positions",
+    "CNNConfig", "ResNetCNN",
     "ATTENTIONS", "FFNS", "ImageConfig", "MLPMixer", "MixerConfig", "NiNformer", "NiNformerConfig", "PatchEmbed",
     "ViTBlock", "ViTConfig", "VisionTransformer", "create_model", "list_models", "model_config",
     "vit_state_dict_from_timm",

@@ -9,6 +9,7 @@ from torch import nn
 
 from gatezoo.blocks.checks import ArgumentTypeError
 
+from .cnn import CNNConfig, ResNetCNN
 from .translation import EncoderDecoder, TranslationConfig
 from .vision import MixerConfig, MLPMixer, NiNformer, NiNformerConfig, VisionTransformer, ViTConfig
 
@@ -24,6 +25,10 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     "ninformer_tiny": (NiNformer, NiNformerConfig, {}),
     # the authors' structure: no LayerNorm before the head, one LayerNorm per layer
     "ninformer_tiny_official": (NiNformer, NiNformerConfig, {"head_norm": False, "shared_norm": True}),
+    # a residual CNN (3 stages of 32/64/128 channels) and its MoE-CNN twin (AdvMoE: every block
+    # convolution 4 experts of half the channels, top-1 per image)
+    "cnn_small": (ResNetCNN, CNNConfig, {}),
+    "cnn_small_moe": (ResNetCNN, CNNConfig, {"moe": True}),
     # translation (pass vocab_size=): d=256, 3+3 layers, 4 heads, FFN 1024, tied embeddings
     "transformer_mt_tiny": (EncoderDecoder, TranslationConfig, {}),
     "transformer_mt_tiny_rela": (EncoderDecoder, TranslationConfig, {"attention": "rela"}),

@@ -17,8 +17,11 @@ The layer has three rooms and, at its top, one module per task with its command:
 - The tasks and commands: ``python -m gatezoo.train.classify`` (train an image classifier),
   ``python -m gatezoo.train.evaluate`` (accuracy of a classification checkpoint),
   ``python -m gatezoo.train.sidebyside`` (several image models on identical batches),
-  ``python -m gatezoo.train.translate`` (train a translation model) and
-  ``python -m gatezoo.train.translate_eval`` (translate or score with a translation run).
+  ``python -m gatezoo.train.translate`` (train a translation model),
+  ``python -m gatezoo.train.translate_eval`` (translate or score with a translation run),
+  ``python -m gatezoo.train.mt_summary`` and ``python -m gatezoo.train.mt_unseen`` (translation
+  runs over seeds, and on an unseen task), and ``python -m gatezoo.train.adversarial``
+  (adversarial training, AdvMoE; its own short loop, since its step is two updates in turn).
 
 A new training method goes at the top, as one module with its command that drives
 :func:`~gatezoo.train.core.loop.fit`; a new data format goes to ``data``, a new peer to ``peers``.
