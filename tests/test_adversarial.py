@@ -77,6 +77,21 @@ def test_moe_conv_runs_only_the_chosen_experts_and_reports_its_routing():
     assert layer(x[:0]).shape == (0, 6, 5, 5)
 
 
+@pytest.mark.parametrize("k, bias", [(1, True), (2, False)])
+def test_moe_conv_traced_dense_path_equals_the_sparse_one(k, bias):
+    """Under torch.compile every expert runs, the unchosen ones weighted 0: same output and gradients."""
+    torch.manual_seed(0)
+    layer = MoEConv2d(3, 4, 3, padding=1, stride=2, num_experts=3, k=k, bias=bias, dtype=torch.float64)
+    x = torch.randn(6, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    params = [x, layer.weight, layer.router.gate.weight]
+    g = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(compiled, params, g), torch.autograd.grad(eager, params, g)):
+        torch.testing.assert_close(a, b)
+
+
 def test_moe_conv_refuses_bad_arguments():
     with pytest.raises(ValueError, match="straight_through applies to k = 1"):
         MoEConv2d(3, 4, num_experts=4, k=2, straight_through=True)

@@ -14,8 +14,26 @@ PRESETS = ["mixer_tiny", "ninformer_tiny", "ninformer_tiny_official", "vit_tiny"
 MT_PRESETS = ["transformer_mt_tiny", "transformer_mt_tiny_moe", "transformer_mt_tiny_rela"]
 
 
+CNN_PRESETS = ["cnn_small", "cnn_small_moe"]
+
+
 def test_registry_lists_the_presets():
-    assert list_models() == sorted(PRESETS + MT_PRESETS)
+    assert list_models() == sorted(PRESETS + MT_PRESETS + CNN_PRESETS)
+
+
+@pytest.mark.parametrize("name", CNN_PRESETS)
+def test_cnn_presets_classify_any_image_size_and_learn(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7, in_chans=3)
+    logits = model(torch.randn(16, 3, 20, 17))
+    assert logits.shape == (16, 7) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.arange(16) % 7).backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        if name == "cnn_small":  # top-1 experts: an expert no image chose gets no gradient
+            assert p.grad.abs().sum() > 0, pname
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
+        model(torch.randn(2, 1, 28, 28))
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -17,6 +17,7 @@ from .activation import (
 from .attention import KVCache, SoftmaxAttention
 from .checks import ArgumentTypeError
 from .dropout import Dropout
+from .hyper import GATES, HyperConv2d, HyperLinear, RateDropout, hyper_gate, hyper_layers, set_hyperparameters
 from .kan import GRKAN, KANLayer
 from .mixing import MixerBlock, NiNBlock, TokenMixing
 from .moe import (
@@ -61,6 +62,8 @@ __all__ = [
     "MixerBlock", "Mlp", "MoEConv2d", "moe_conv2d_reference", "NiNBlock",
     "ReLAAttention", "RMSNorm", "SoftmaxAttention", "TokenMixing", "glu_hidden_features",
     "glu_variant",
+    # hyper-gated layers (Self-Tuning Networks)
+    "GATES", "HyperConv2d", "HyperLinear", "RateDropout", "hyper_gate", "hyper_layers", "set_hyperparameters",
     # Kolmogorov-Arnold layers
     "GRKAN", "KANLayer",
     # mixture of experts

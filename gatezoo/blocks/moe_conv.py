@@ -10,10 +10,13 @@ for each image, the group(s) that run::
 
 Only the selected groups are computed (the images of each expert are gathered and convolved
 with its filters alone), so a top-1 layer of ``C_out`` output channels costs what a dense
-``C_out`` convolution costs, whatever ``E``. With ``k = 1`` the renormalised weight is exactly 1
-and would pass no gradient to the router; ``straight_through`` (the default at ``k = 1``) keeps
-the forward value and routes the gradient to the selected expert's probability,
-``w + p_e - stop_gradient(p_e)``, as the authors' code does with its one-hot mask.
+``C_out`` convolution costs, whatever ``E``. Inside ``torch.compile`` or ``torch.export``, where
+the load cannot be read on the host, every group runs and the unchosen ones are weighted 0.
+
+With ``k = 1`` the renormalised weight is exactly 1 and would pass no gradient to the router;
+``straight_through`` (the default at ``k = 1``) keeps the forward value and routes the gradient
+to the selected expert's probability, ``w + p_e - stop_gradient(p_e)``, as the authors' code
+does with its one-hot mask.
 
 The router is any of :mod:`gatezoo.blocks.routing` (``router="topk"`` by default, ``k = 1``).
 The layer shares :class:`~gatezoo.blocks.moe.MoEFeedForward`'s bookkeeping: ``aux_loss`` (the
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatezoo.kernels.routing import make_plan
+from gatezoo.kernels.routing.naive import tracing
 
 from .checks import check_bool, check_float_tensor, check_int
 from .moe import _build_router, _MoEModule
@@ -130,6 +134,8 @@ class MoEConv2d(_MoEModule):
             weights = weights + (chosen - chosen.detach())
         plan = make_plan(r.indices, self.num_experts, keep=r.keep)
         self._after_routing(r, plan)
+        if tracing():  # torch.compile / export: no host read; every expert runs, unchosen ones weighted 0
+            return self._dense(x, weights, r.indices, r.keep)
         flat = weights.reshape(-1).to(x.dtype)
         out = x.new_zeros(b, self.out_channels, ho, wo)
         bounds = plan.offsets.tolist()  # one host read: which experts have images
@@ -143,6 +149,17 @@ class MoEConv2d(_MoEModule):
         if not bounds[-1]:  # every choice masked out: still attached to the router's graph
             out = out + (weights.sum() * 0).to(out.dtype)
         return out
+
+    def _dense(self, x, weights, indices, keep) -> torch.Tensor:
+        """Every expert on every image, combined with the routing weights (0 for the unchosen):
+        what a compiled or exported graph runs, since the sparse path reads the load on the host."""
+        e, c = self.num_experts, self.out_channels
+        w = weights if keep is None else weights * keep
+        full = torch.zeros(x.shape[0], e, dtype=x.dtype, device=x.device).scatter_add(1, indices, w.to(x.dtype))
+        bias = None if self.bias is None else self.bias.reshape(e * c)
+        y = F.conv2d(x, self.weight.reshape(e * c, *self.weight.shape[2:]), bias, self.stride, self.padding,
+                     self.dilation)
+        return (y.view(x.shape[0], e, c, *y.shape[2:]) * full[:, :, None, None, None]).sum(1)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -20,8 +20,10 @@ The layer has three rooms and, at its top, one module per task with its command:
   ``python -m gatezoo.train.translate`` (train a translation model),
   ``python -m gatezoo.train.translate_eval`` (translate or score with a translation run),
   ``python -m gatezoo.train.mt_summary`` and ``python -m gatezoo.train.mt_unseen`` (translation
-  runs over seeds, and on an unseen task), and ``python -m gatezoo.train.adversarial``
-  (adversarial training, AdvMoE; its own short loop, since its step is two updates in turn).
+  runs over seeds, and on an unseen task), ``python -m gatezoo.train.adversarial``
+  (adversarial training, AdvMoE) and ``python -m gatezoo.train.selftune`` (Self-Tuning Networks
+  and Optuna searches); these two have their own short loops, since each step updates two
+  parameter sets in turn.
 
 A new training method goes at the top, as one module with its command that drives
 :func:`~gatezoo.train.core.loop.fit`; a new data format goes to ``data``, a new peer to ``peers``.
