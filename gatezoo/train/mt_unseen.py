@@ -35,7 +35,7 @@ from .core.config import ConfigError
 from .core.loop import write_metrics
 from .data.images import DataFormatError, DataNotFoundError
 from .data.text import PAIR_TRANSFORMS, Split
-from .mt_summary import _fmt, model_dirs, plot_summary
+from .mt_summary import markdown_table, model_dirs, plot_summary
 from .translate_eval import CHECKPOINTS, load_run
 
 COLUMNS = ("model", "seed", "unseen", "routed_as", "bleu", "chrf", "sentences", "beam_size", "checkpoint", "run_dir")
@@ -82,33 +82,16 @@ def score_model(model_dir: str | Path, task: str, transform: str, split: str = "
 
 def summarize(rows: Sequence[dict]) -> list[dict]:
     """Per model and routing (in order of appearance): the seeds and the BLEU and chrF over them,
-    in the shape :func:`gatezoo.train.mt_summary.plot_summary` draws (the routing as its task)."""
+    in the shape :mod:`gatezoo.train.mt_summary` tabulates and draws (the routing as its task:
+    ``routed as <task>``, or ``no task routing``)."""
     keys = list(dict.fromkeys((r["model"], r["routed_as"]) for r in rows))
     out = []
     for model, routed_as in keys:
         runs = [r for r in rows if r["model"] == model and r["routed_as"] == routed_as]
-        out.append({"model": model, "task": routed_as, "seeds": [r["seed"] for r in runs],
+        name = "no task routing" if routed_as == NO_ROUTING else f"routed as {routed_as}"
+        out.append({"model": model, "task": name, "seeds": [r["seed"] for r in runs],
                     "bleu": [r["bleu"] for r in runs], "chrf": [r["chrf"] for r in runs]})
     return out
-
-
-def markdown_table(summary: Sequence[dict]) -> str:
-    """Models as rows; per routing (``-``: the model has none) the BLEU and chrF, mean ± sd."""
-    routings = list(dict.fromkeys(s["task"] for s in summary))
-    head = ["model", "seeds"]
-    for r in routings:
-        name = "no task routing" if r == NO_ROUTING else f"routed as {r}"
-        head += [f"{name} BLEU", f"{name} chrF"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for model in dict.fromkeys(s["model"] for s in summary):
-        cells = {s["task"]: s for s in summary if s["model"] == model}
-        seeds = next(iter(cells.values()))["seeds"]
-        row = [f"`{model}`", ", ".join(str(s) for s in seeds)]
-        for r in routings:
-            s = cells.get(r)
-            row += ["", ""] if s is None else [_fmt(s["bleu"]), _fmt(s["chrf"])]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
