@@ -250,6 +250,9 @@ DENSE = ["--model", "cnn_small", "--mode", "dense", "--model_args", "{width: 4, 
 @pytest.mark.parametrize("mode", ["dense", "joint", "advmoe"])
 def test_adversarial_command_trains_each_mode(mode, tiny_npz, tmp_path, capsys):
     extra = DENSE if mode == "dense" else ["--mode", mode]
+    if mode == "advmoe":
+        pytest.importorskip("torchattacks")
+        extra = [*extra, "--torchattacks", "true"]
     argv = ["--data", str(tiny_npz), "--out", str(tmp_path), *SMALL, *extra, "--epochs", "1"]
     assert adversarial.main(argv) == 0
     (run_dir,) = tmp_path.iterdir()
@@ -258,6 +261,8 @@ def test_adversarial_command_trains_each_mode(mode, tiny_npz, tmp_path, capsys):
     model, meta = load_checkpoint(run_dir / "last.safetensors")
     assert meta["adversarial"]["mode"] == mode and meta["task"]["name"] == "image_classification"
     assert result["flops_per_image"] > 0
+    if mode == "advmoe":  # the independent attack's figure on the same images
+        assert 0 <= result["torchattacks_robust_acc"] <= 1
     assert "robust" in capsys.readouterr().out
 
 
