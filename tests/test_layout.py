@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "gatezoo"
 ARCHITECTURE = ROOT / "docs/architecture.md"
 
-# kernels <- blocks <- models <- eval <- train: eval (metrics, search, benchmarks, plots) never
-# imports train (data, the loop, checkpoints, run directories, the commands)
-LAYER_RANK = {"kernels": 0, "blocks": 1, "models": 2, "eval": 3, "train": 4}
+# kernels <- blocks <- models <- eval, stats <- train: eval (metrics, search, benchmarks, plots)
+# and stats (gating statistics: estimators, losses, rate experiments) never import train (data,
+# the loop, checkpoints, run directories, the commands)
+LAYER_RANK = {"kernels": 0, "blocks": 1, "models": 2, "eval": 3, "stats": 3, "train": 4}
 
 
 # --- building the import graph ---------------------------------------------------------------

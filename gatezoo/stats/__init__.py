@@ -1,0 +1,16 @@
+"""The statistics of gating: mixture-of-experts models as statistical models, their estimators,
+and the losses that measure how fast those estimators converge.
+
+Everything here runs in float64 with torch on the CPU and imports nothing from
+:mod:`gatezoo.train`. So far:
+
+- :mod:`gatezoo.stats.moe`: the softmax-gated Gaussian mixture of experts (linear experts, a
+  variance per expert), with the softmax, top-K sparse softmax and modified softmax (a bounded
+  transform of the input before the gate) gates; its density and a seeded sampler; and EM with
+  restarts (:func:`~gatezoo.stats.moe.fit_em`), whose gate step is Newton's method on the
+  soft-label multinomial logistic regression.
+"""
+
+from .moe import GATES, EMResult, GaussianMoE, fit_em
+
+__all__ = ["GATES", "EMResult", "GaussianMoE", "fit_em"]
