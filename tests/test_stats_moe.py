@@ -89,3 +89,42 @@ def test_topk_gate_zeroes_the_unchosen_experts():
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- Voronoi losses ----------------------------------------------------------------------------
+
+
+def _with(m, **changes):
+    from dataclasses import replace
+
+    return replace(m, **{k: torch.as_tensor(v, dtype=F64) for k, v in changes.items()})
+
+
+def test_voronoi_loss_is_zero_at_the_truth_and_blind_to_the_gate_translation():
+    from gatezoo.stats import voronoi_loss
+
+    m = _truth()
+    assert voronoi_loss(m, m) == 0.0
+    shifted = _with(m, beta1=m.beta1 + torch.tensor([3.0, -1.0], dtype=F64), beta0=m.beta0 - 5.0)
+    assert voronoi_loss(shifted, m) == pytest.approx(0.0, abs=1e-12)
+    moved = _with(m, b=m.b + torch.tensor([0.1, 0.0], dtype=F64))
+    weight = float(torch.softmax(m.beta0, 0)[0])
+    assert voronoi_loss(moved, m) == pytest.approx(weight * 0.1, rel=1e-12)  # one exact-fitted atom moved
+
+
+def test_voronoi_loss_of_a_split_atom_uses_the_cell_exponent():
+    from gatezoo.stats import voronoi_cells, voronoi_loss
+
+    m = _truth()
+    # the first true atom split into two atoms of half its weight: the same mixing measure
+    split = GaussianMoE(beta1=torch.cat([m.beta1[:1], m.beta1]), beta0=torch.cat([m.beta0[:1], m.beta0]) -
+                        torch.tensor([math.log(2), math.log(2), 0.0], dtype=F64), a=torch.cat([m.a[:1], m.a]),
+                        b=torch.cat([m.b[:1], m.b]), var=torch.cat([m.var[:1], m.var]))
+    x, y = m.sample(20, seed=0)
+    torch.testing.assert_close(split.log_density(x, y), m.log_density(x, y))
+    assert voronoi_cells(split, m) == [0, 0, 1]
+    assert voronoi_loss(split, m) == pytest.approx(0.0, abs=1e-12)
+    # move one of the two atoms' intercepts by 0.1: the term is its weight times 0.1^rbar(2) = 0.1^4
+    moved = _with(split, b=split.b + torch.tensor([0.1, 0.0, 0.0], dtype=F64))
+    weight = float(torch.softmax(split.beta0, 0)[0])
+    assert voronoi_loss(moved, m) == pytest.approx(weight * 0.1 ** 4, rel=1e-9)
