@@ -12,6 +12,10 @@ Everything here runs in float64 with torch on the CPU and imports nothing from
 - :mod:`gatezoo.stats.voronoi`: the Voronoi losses between a fitted and a true mixing measure
   (exact-fitted ``D1``, and the over-fitted loss with the cell exponents ``rbar``), on the
   gate's canonical form.
+- :mod:`gatezoo.stats.distance`: Hellinger and total-variation distances of conditional densities.
+- :mod:`gatezoo.stats.rates`: rate experiments (``python -m gatezoo.stats.rates --experiment NAME``).
+
+See docs/gating-theory.md.
 """
 
 from .moe import GATES, EMResult, GaussianMoE, fit_em

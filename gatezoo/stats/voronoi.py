@@ -28,7 +28,7 @@ import torch
 
 from .moe import GaussianMoE
 
-__all__ = ["RBAR", "canonical_gate", "voronoi_cells", "voronoi_loss"]
+__all__ = ["RBAR", "atom_distances", "canonical_gate", "voronoi_cells", "voronoi_loss"]
 
 RBAR = {1: 1, 2: 4, 3: 6}
 """The exponent ``rbar(m)`` of a Voronoi cell of m fitted atoms (the paper's Lemma: 4 for two, 6
@@ -46,6 +46,12 @@ def canonical_gate(model: GaussianMoE) -> tuple[torch.Tensor, torch.Tensor]:
 def _parts(model: GaussianMoE):
     beta1, beta0 = canonical_gate(model)
     return beta1, beta0, model.a, model.b, model.var
+
+
+def atom_distances(fitted: GaussianMoE, truth: GaussianMoE) -> torch.Tensor:
+    """(K_fitted, K_true): ``||d beta1|| + ||d a|| + |d b| + |d var|`` between every fitted and true
+    atom, on the canonical gates."""
+    return _distances(fitted, truth)[0]
 
 
 def voronoi_cells(fitted: GaussianMoE, truth: GaussianMoE) -> list[int]:

@@ -1,0 +1,233 @@
+"""Convergence-rate experiments: fit a mixture of experts on samples of growing size and measure
+how fast its error falls.
+
+    python -m gatezoo.stats.rates --experiment exact                 # exact-fitted softmax Gaussian MoE
+    python -m gatezoo.stats.rates --experiment overfit --repeats 20  # one expert too many
+    python -m gatezoo.stats.rates --experiment exact --n_min 100 --n_max 10000 --sizes 5 --out my.csv
+
+For each sample size n on a log grid from ``n_min`` to ``n_max`` (``sizes`` points) and each of
+``repeats`` seeded samples, the experiment draws (x, y) from the true model, fits it by EM with
+``restarts`` restarts and records the errors:
+
+- ``voronoi``: the Voronoi loss of the fitted mixing measure (:func:`~gatezoo.stats.voronoi_loss`);
+- ``hellinger``: the Hellinger distance of the fitted and true conditional densities;
+- for the over-fitted experiment, ``overfit_atoms``: the largest distance of a fitted atom in a
+  cell of two to its true atom (the slow parameter rate shows there).
+
+Each error's log-log slope against n is fitted by least squares on the per-n means of its
+logarithm. Its 95% interval comes from 2,000 bootstrap resamples of the repeats within each n.
+Every row goes to the CSV (``--out``, default ``benchmarks/gating-rates-<experiment>.csv``),
+with the slopes in a second CSV beside it (``-slopes.csv``) and a log-log plot (``.png``).
+
+The experiments (:data:`EXPERIMENTS`):
+
+- ``exact``: 2 experts fitted with 2. The truth is the two-expert setting in the comments of the
+  authors' code (CRPE-SGaME, ``discrepancies.py``), on x uniform on [0, 1]. Nguyen, Nguyen and
+  Ho 2023 prove the Voronoi loss and the density converge at n^(-1/2) up to a log factor.
+- ``overfit``: the same truth fitted with 3 experts. The density still converges at n^(-1/2);
+  the parameters of the cell that receives two atoms converge at n^(-1/8) (gate slope,
+  intercept) and n^(-1/4) (expert slope, variance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .distance import hellinger
+from .moe import GaussianMoE, fit_em
+from .voronoi import atom_distances, voronoi_loss
+
+__all__ = ["EXPERIMENTS", "Experiment", "fit_slope", "run_experiment"]
+
+
+def _crpe_truth() -> GaussianMoE:
+    """Two experts on one input: gate (beta0, beta1) = (-7, 15) and (0, 0); experts (b, a) = (2, -15)
+    and (2, 1); variances 0.3^2 and 0.4^2."""
+    return GaussianMoE(beta1=[[15.0], [0.0]], beta0=[-7.0, 0.0], a=[[-15.0], [1.0]], b=[2.0, 2.0], var=[0.09, 0.16])
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A rate experiment: the true model, the number of fitted experts, the input box, its errors."""
+
+    truth: Callable[[], GaussianMoE]
+    fitted_k: int
+    x_low: float
+    x_high: float
+    errors: tuple[str, ...]
+    description: str
+
+
+EXPERIMENTS = {
+    "exact": Experiment(_crpe_truth, 2, 0.0, 1.0, ("voronoi", "hellinger"),
+                        "2 true experts fitted with 2 (exact-fitted, softmax gate)"),
+    "overfit": Experiment(_crpe_truth, 3, 0.0, 1.0, ("voronoi", "hellinger", "overfit_atoms"),
+                          "2 true experts fitted with 3 (over-fitted by one, softmax gate)"),
+}
+"""The rate experiments by name."""
+
+
+def _overfit_atoms(fitted: GaussianMoE, truth: GaussianMoE) -> float:
+    """The largest parameter distance of a fitted atom that shares its Voronoi cell (0 when none does)."""
+    total = atom_distances(fitted, truth)
+    cells = total.argmin(dim=1)
+    sizes = torch.bincount(cells, minlength=truth.k)
+    shared = [float(total[i, j]) for i, j in enumerate(cells.tolist()) if sizes[j] > 1]
+    return max(shared, default=0.0)
+
+
+def fit_slope(ns: list[int], values: list[list[float]], boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """``(slope, low, high)``: the least-squares slope of mean log(value) on log n, and its 95%
+    bootstrap interval (repeats resampled within each n). Non-positive values are refused."""
+    if any(v <= 0 or not math.isfinite(v) for row in values for v in row):
+        raise ValueError("the errors must be finite and > 0 to fit a log-log slope")
+    logn = torch.tensor([math.log(n) for n in ns], dtype=torch.float64)
+    logs = [torch.tensor([math.log(v) for v in row], dtype=torch.float64) for row in values]
+
+    def slope(means: torch.Tensor) -> float:
+        xc = logn - logn.mean()
+        return float((xc * (means - means.mean())).sum() / (xc ** 2).sum())
+
+    point = slope(torch.stack([row.mean() for row in logs]))
+    g = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(boot):
+        means = torch.stack([row[torch.randint(0, len(row), (len(row),), generator=g)].mean() for row in logs])
+        draws.append(slope(means))
+    draws.sort()
+    return point, draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1]
+
+
+def run_experiment(name: str, *, n_min: int = 100, n_max: int = 100_000, sizes: int = 7, repeats: int = 20,
+                   restarts: int = 3, max_iter: int = 500, seed: int = 0, progress: bool = True) -> list[dict]:
+    """The rows (one per sample size and repeat) of experiment ``name``."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"experiment must be one of {sorted(EXPERIMENTS)}, got {name!r}")
+    for key, value, minimum in (("n_min", n_min, 1), ("n_max", n_max, n_min), ("sizes", sizes, 2),
+                                ("repeats", repeats, 2), ("restarts", restarts, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{key} must be an int >= {minimum}, got {value!r}")
+    exp = EXPERIMENTS[name]
+    truth = exp.truth()
+    ns = sorted({round(math.exp(math.log(n_min) + i * (math.log(n_max) - math.log(n_min)) / (sizes - 1)))
+                 for i in range(sizes)})
+    from tqdm.auto import tqdm
+
+    rows = []
+    bar = tqdm(total=len(ns) * repeats, disable=not progress, desc=f"rates {name}", unit="fit")
+    for n in ns:
+        for r in range(repeats):
+            x, y = truth.sample(n, seed=1_000_003 * n + r, x_low=exp.x_low, x_high=exp.x_high)
+            fit = fit_em(x, y, exp.fitted_k, restarts=restarts, max_iter=max_iter, seed=r)
+            row = {"experiment": name, "n": n, "repeat": r, "log_likelihood": fit.log_likelihood,
+                   "iterations": fit.iterations, "converged": fit.converged,
+                   "voronoi": voronoi_loss(fit.model, truth),
+                   "hellinger": hellinger(fit.model, truth, seed=r, x_low=exp.x_low, x_high=exp.x_high)}
+            if "overfit_atoms" in exp.errors:
+                row["overfit_atoms"] = _overfit_atoms(fit.model, truth)
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def slopes(rows: list[dict], errors: tuple[str, ...]) -> list[dict]:
+    """Per error, the fitted slope and its interval over the rows (rows with an error of 0 are
+    left out of that error's fit, and counted)."""
+    out = []
+    ns = sorted({r["n"] for r in rows})
+    for err in errors:
+        values = [[r[err] for r in rows if r["n"] == n and r[err] > 0] for n in ns]
+        kept = [(n, v) for n, v in zip(ns, values) if len(v) >= 2]
+        dropped = sum(1 for r in rows if r[err] <= 0)
+        if len(kept) < 2:
+            out.append({"error": err, "slope": math.nan, "low": math.nan, "high": math.nan, "zero_rows": dropped})
+            continue
+        s, lo, hi = fit_slope([n for n, _ in kept], [v for _, v in kept])
+        out.append({"error": err, "slope": s, "low": lo, "high": hi, "zero_rows": dropped})
+    return out
+
+
+def plot(rows: list[dict], fitted: list[dict], path: Path, title: str) -> None:
+    """Log-log panels, one per error: every repeat as a dot, the per-n geometric mean as a line."""
+    from gatezoo.eval.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(fitted), figsize=(4.4 * len(fitted), 3.8), squeeze=False)
+    ns = sorted({r["n"] for r in rows})
+    for ax, f in zip(axes[0], fitted):
+        err = f["error"]
+        pts = [(r["n"], r[err]) for r in rows if r[err] > 0]
+        ax.loglog([p[0] for p in pts], [p[1] for p in pts], ".", alpha=0.3, ms=4)
+        means = [math.exp(statistics.fmean(math.log(r[err]) for r in rows if r["n"] == n and r[err] > 0))
+                 for n in ns if any(r["n"] == n and r[err] > 0 for r in rows)]
+        ax.loglog([n for n in ns if any(r["n"] == n and r[err] > 0 for r in rows)], means, "o-")
+        ax.set_title(f"{err}: slope {f['slope']:.3f} [{f['low']:.3f}, {f['high']:.3f}]", fontsize=9)
+        ax.set_xlabel("n")
+        ax.grid(alpha=0.3, which="both")
+    save_figure(fig, path, title)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="python -m gatezoo.stats.rates", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p.add_argument("--experiment", required=True, choices=sorted(EXPERIMENTS))
+    p.add_argument("--n_min", type=int, default=100)
+    p.add_argument("--n_max", type=int, default=100_000)
+    p.add_argument("--sizes", type=int, default=7, help="sample sizes on the log grid [7]")
+    p.add_argument("--repeats", type=int, default=20, help="seeded samples per size [20]")
+    p.add_argument("--restarts", type=int, default=3, help="EM restarts per fit [3]")
+    p.add_argument("--max_iter", type=int, default=500)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--progress", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--out", help="CSV path [benchmarks/gating-rates-<experiment>.csv]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (2 on a bad argument)."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        rows = run_experiment(args.experiment, n_min=args.n_min, n_max=args.n_max, sizes=args.sizes,
+                              repeats=args.repeats, restarts=args.restarts, max_iter=args.max_iter,
+                              progress=args.progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    exp = EXPERIMENTS[args.experiment]
+    fitted = slopes(rows, exp.errors)
+    out = Path(args.out or f"benchmarks/gating-rates-{args.experiment}.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write(rows, out)
+    _write(fitted, out.with_name(out.stem + "-slopes.csv"))
+    plot(rows, fitted, out.with_suffix(".png"), f"{args.experiment}: {exp.description}")
+    print(f"{args.experiment}: {exp.description}; n from {args.n_min} to {args.n_max}, {args.repeats} repeats")
+    for f in fitted:
+        print(f"  {f['error']:<14} slope {f['slope']:+.3f}  95% [{f['low']:+.3f}, {f['high']:+.3f}]")
+    print(f"wrote {out}, its -slopes.csv and .png")
+    return 0
+
+
+def _write(rows: list[dict], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
