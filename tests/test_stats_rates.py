@@ -70,3 +70,20 @@ def test_em_refuses_too_few_samples_for_the_parameters():
     with pytest.raises(ValueError, match="cannot identify"):
         fit_em(x, y, 2)
     assert torch.isfinite(x).all()
+
+
+def test_logistic_rate_experiment_and_class_distance(tmp_path):
+    from gatezoo.stats.distance import class_total_variation
+    from gatezoo.stats.rates import EXPERIMENTS
+
+    truth = EXPERIMENTS["logistic_modified"].truth()
+    assert truth.gate == "modified" and float(truth.eta[0].abs().sum()) == 0.0  # the vanishing expert
+    assert class_total_variation(truth, truth) == 0.0
+    other = EXPERIMENTS["logistic_softmax"].truth()
+    assert 0 < class_total_variation(truth, other) < 1
+    out = tmp_path / "l.csv"
+    assert main(["--experiment", "logistic_modified", "--n_min", "200", "--n_max", "800", "--sizes", "2",
+                 "--repeats", "2", "--restarts", "1", "--max_iter", "20", "--progress", "false", "--out",
+                 str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 4 and all(0 <= float(r["class_tv"]) < 1 and float(r["voronoi"]) > 0 for r in rows)

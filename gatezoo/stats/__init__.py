@@ -9,6 +9,8 @@ Everything here runs in float64 with torch on the CPU and imports nothing from
   transform of the input before the gate) gates; its density and a seeded sampler; and EM with
   restarts (:func:`~gatezoo.stats.moe.fit_em`), whose gate step is Newton's method on the
   soft-label multinomial logistic regression.
+- :mod:`gatezoo.stats.logistic`: the multinomial logistic mixture of experts (classification)
+  and its EM.
 - :mod:`gatezoo.stats.voronoi`: the Voronoi losses between a fitted and a true mixing measure
   (exact-fitted ``D1``, and the over-fitted loss with the cell exponents ``rbar``), on the
   gate's canonical form.
@@ -18,7 +20,9 @@ Everything here runs in float64 with torch on the CPU and imports nothing from
 See docs/gating-theory.md.
 """
 
-from .moe import GATES, EMResult, GaussianMoE, fit_em
+from .logistic import LogisticMoE, fit_em_logistic
+from .moe import GATES, EMResult, GatedMixture, GaussianMoE, fit_em
 from .voronoi import RBAR, canonical_gate, voronoi_cells, voronoi_loss
 
-__all__ = ["GATES", "RBAR", "EMResult", "GaussianMoE", "canonical_gate", "fit_em", "voronoi_cells", "voronoi_loss"]
+__all__ = ["GATES", "RBAR", "EMResult", "GatedMixture", "GaussianMoE", "LogisticMoE", "canonical_gate", "fit_em",
+           "fit_em_logistic", "voronoi_cells", "voronoi_loss"]

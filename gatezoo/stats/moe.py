@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["GATES", "EMResult", "GaussianMoE", "fit_em"]
+__all__ = ["GATES", "EMResult", "GatedMixture", "GaussianMoE", "fit_em", "gate_step", "run_em", "softmax_newton"]
 
 GATES = ("softmax", "topk", "modified")
 """Gate kinds of :class:`GaussianMoE`."""
@@ -46,38 +46,18 @@ def _as64(name: str, value) -> torch.Tensor:
     return t
 
 
-@dataclass(frozen=True)
-class GaussianMoE:
-    """A Gaussian mixture of K linear experts on d-dimensional inputs, with a softmax-type gate.
+class GatedMixture:
+    """What every gated mixture of :mod:`gatezoo.stats` shares: the gate (fields ``beta1`` (K, d),
+    ``beta0`` (K,), ``gate``, ``top_k``, ``transform``), its checks and its canonical form. A
+    subclass adds its experts and ``expert_log_densities(x, y)``."""
 
-    beta1 (K, d), beta0 (K,): the gate; a (K, d), b (K,): the experts' slopes and intercepts;
-    var (K,): the experts' variances (> 0); gate: one of :data:`GATES`; top_k: K of the top-K
-    gate; transform: M of the modified gate (default tanh).
-    """
-
-    beta1: torch.Tensor
-    beta0: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
-    var: torch.Tensor
-    gate: str = "softmax"
-    top_k: int | None = None
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def __post_init__(self):
-        for name in ("beta1", "beta0", "a", "b", "var"):
-            object.__setattr__(self, name, _as64(name, getattr(self, name)))
+    def _check_gate(self) -> tuple[int, int]:
         k = self.beta0.shape[0] if self.beta0.dim() == 1 else 0
         if k < 1:
             raise ValueError(f"the mixture needs k >= 1 experts (beta0 of shape (k,)), got {tuple(self.beta0.shape)}")
         d = self.beta1.shape[-1] if self.beta1.dim() == 2 else -1
-        shapes = {"beta1": (k, d), "a": (k, d), "b": (k,), "var": (k,)}
-        for name, shape in shapes.items():
-            if tuple(getattr(self, name).shape) != shape or d < 1:
-                raise ValueError(f"{name} must have shape {shape} (k={k} experts, d={d} inputs), got "
-                                 f"{tuple(getattr(self, name).shape)}")
-        if not (self.var > 0).all():
-            raise ValueError("var must be > 0 for every expert")
+        if tuple(self.beta1.shape) != (k, d) or d < 1:
+            raise ValueError(f"beta1 must have shape ({k}, d) with d >= 1, got {tuple(self.beta1.shape)}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.gate == "topk":
@@ -87,6 +67,7 @@ class GaussianMoE:
             raise ValueError(f"top_k applies to gate='topk' only, got top_k={self.top_k} with gate={self.gate!r}")
         if self.gate == "modified" and self.transform is None:
             object.__setattr__(self, "transform", torch.tanh)
+        return k, d
 
     @property
     def k(self) -> int:
@@ -121,6 +102,49 @@ class GaussianMoE:
             logits = logits.masked_fill(~keep, -math.inf)
         return torch.log_softmax(logits, dim=1)
 
+    def log_density(self, x, y) -> torch.Tensor:
+        """log p(y_n | x_n), (n,)."""
+        return torch.logsumexp(self.gate_log_probs(x) + self.expert_log_densities(x, y), dim=1)
+
+    def log_likelihood(self, x, y) -> float:
+        """The mean log-likelihood of the sample."""
+        return float(self.log_density(x, y).mean())
+
+    def canonical(self):
+        """The same model with the last expert's gate parameters at 0 (the gate's translation removed)."""
+        return replace(self, beta1=self.beta1 - self.beta1[-1], beta0=self.beta0 - self.beta0[-1])
+
+
+@dataclass(frozen=True)
+class GaussianMoE(GatedMixture):
+    """A Gaussian mixture of K linear experts on d-dimensional inputs, with a softmax-type gate.
+
+    beta1 (K, d), beta0 (K,): the gate; a (K, d), b (K,): the experts' slopes and intercepts;
+    var (K,): the experts' variances (> 0); gate: one of :data:`GATES`; top_k: K of the top-K
+    gate; transform: M of the modified gate (default tanh).
+    """
+
+    beta1: torch.Tensor
+    beta0: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    var: torch.Tensor
+    gate: str = "softmax"
+    top_k: int | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        for name in ("beta1", "beta0", "a", "b", "var"):
+            object.__setattr__(self, name, _as64(name, getattr(self, name)))
+        k, d = self._check_gate()
+        shapes = {"a": (k, d), "b": (k,), "var": (k,)}
+        for name, shape in shapes.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} (k={k} experts, d={d} inputs), got "
+                                 f"{tuple(getattr(self, name).shape)}")
+        if not (self.var > 0).all():
+            raise ValueError("var must be > 0 for every expert")
+
     def expert_log_densities(self, x, y) -> torch.Tensor:
         """log N(y_n | a_i^T x_n + b_i, var_i), (n, K)."""
         x = self._check_x(x)
@@ -129,14 +153,6 @@ class GaussianMoE:
             raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
         mean = x @ self.a.T + self.b
         return -0.5 * (_LOG_2PI + self.var.log() + (y[:, None] - mean) ** 2 / self.var)
-
-    def log_density(self, x, y) -> torch.Tensor:
-        """log p(y_n | x_n), (n,)."""
-        return torch.logsumexp(self.gate_log_probs(x) + self.expert_log_densities(x, y), dim=1)
-
-    def log_likelihood(self, x, y) -> float:
-        """The mean log-likelihood of the sample."""
-        return float(self.log_density(x, y).mean())
 
     def sample(self, n: int, seed: int = 0, x_low: float = -1.0,
                x_high: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +167,6 @@ class GaussianMoE:
         y = mean + self.var[expert].sqrt() * torch.randn(n, generator=g, dtype=_F64)
         return x, y
 
-    def canonical(self) -> GaussianMoE:
-        """The same model with the last expert's gate parameters at 0 (the gate's translation removed)."""
-        return replace(self, beta1=self.beta1 - self.beta1[-1], beta0=self.beta0 - self.beta0[-1])
 
 
 @dataclass
@@ -168,33 +181,40 @@ class EMResult:
     converged: bool
 
 
-def _gate_objective(theta: torch.Tensor, feats: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
-    """Mean of sum_i r_ni log softmax(theta phi_n)_i with the last row of theta fixed at 0."""
+def _softmax_objective(theta: torch.Tensor, feats: torch.Tensor, targets: torch.Tensor,
+                       weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over samples (weighted by ``weights``) of ``sum_c t_nc log softmax(theta phi_n)_c``,
+    with the last row of theta fixed at 0 (theta has one row fewer than there are classes)."""
     logits = torch.cat([feats @ theta.T, feats.new_zeros(feats.shape[0], 1)], dim=1)
-    return (resp * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    per = (targets * torch.log_softmax(logits, dim=1)).sum(1)
+    return per.mean() if weights is None else (weights * per).sum() / weights.sum().clamp_min(1e-300)
 
 
-def _gate_newton(theta: torch.Tensor, feats: torch.Tensor, resp: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """A few Newton steps with backtracking on the soft-label logistic objective (never decreasing it).
-
-    theta ((K-1), d+1) acts on the features ``[M(x), 1]``; the Hessian gets a ridge of 1e-8 so
-    that a separable split of the responsibilities cannot make it singular."""
+def softmax_newton(theta: torch.Tensor, feats: torch.Tensor, targets: torch.Tensor,
+                   weights: torch.Tensor | None = None, steps: int = 5) -> torch.Tensor:
+    """Newton steps with backtracking on :func:`_softmax_objective`, never decreasing it: a
+    (weighted) multinomial logistic regression with soft labels ``targets`` (n, C), parameters
+    ``theta`` (C - 1, p) acting on ``feats`` (n, p), the last class's fixed at 0. The Hessian
+    gets a ridge of 1e-8, so that a separable split of the targets cannot make it singular."""
     k1, p = theta.shape
     n = feats.shape[0]
-    current = _gate_objective(theta, feats, resp)
+    w = feats.new_ones(n) if weights is None else weights
+    total = w.sum().clamp_min(1e-300)
+    current = _softmax_objective(theta, feats, targets, weights)
     for _ in range(steps):
         logits = torch.cat([feats @ theta.T, feats.new_zeros(n, 1)], dim=1)
-        prob = torch.softmax(logits, dim=1)[:, :k1]  # (n, K-1)
-        grad = ((resp[:, :k1] - prob).T @ feats) / n  # (K-1, p)
-        # Hessian of the mean log-likelihood: -E[(diag(pi) - pi pi^T) kron phi phi^T]
-        w = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]  # (n, K-1, K-1)
-        hess = torch.einsum("nij,np,nq->ipjq", w, feats, feats).reshape(k1 * p, k1 * p) / n
+        prob = torch.softmax(logits, dim=1)[:, :k1]  # (n, C-1)
+        mass = targets.sum(1, keepdim=True)  # 1 for proper soft labels
+        grad = ((w[:, None] * (targets[:, :k1] - mass * prob)).T @ feats) / total  # (C-1, p)
+        cov = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]  # (n, C-1, C-1)
+        cov = cov * (w * mass.squeeze(1))[:, None, None]
+        hess = torch.einsum("nij,np,nq->ipjq", cov, feats, feats).reshape(k1 * p, k1 * p) / total
         hess = hess + 1e-8 * torch.eye(k1 * p, dtype=_F64)
         direction = torch.linalg.solve(hess, grad.reshape(-1)).reshape(k1, p)
         step = 1.0
         while step > 1e-8:
             trial = theta + step * direction
-            value = _gate_objective(trial, feats, resp)
+            value = _softmax_objective(trial, feats, targets, weights)
             if value >= current:
                 break
             step /= 2
@@ -232,6 +252,60 @@ def _experts_step(x: torch.Tensor, y: torch.Tensor, resp: torch.Tensor, var_floo
     return torch.stack(a), torch.stack(b), torch.tensor(var, dtype=_F64)
 
 
+def _check_fit(x, y, k: int, restarts: int, params: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if x.dim() != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be (n, d) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] < params:
+        raise ValueError(f"n = {x.shape[0]} samples cannot identify the {params} parameters of {k} experts on "
+                         f"{x.shape[1]} inputs")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+
+
+def gate_step(model: GatedMixture, feats: torch.Tensor, resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's M-step: ``(beta1, beta0)`` maximising ``sum_n sum_i r_ni log g_i(x_n)`` by
+    :func:`softmax_newton` from the current gate (last expert's parameters fixed at 0);
+    ``feats`` is ``[M(x), 1]``."""
+    k, d = model.k, model.d
+    if k == 1:
+        return model.beta1 * 0, model.beta0 * 0
+    canon = model.canonical()
+    theta = softmax_newton(torch.cat([canon.beta1[:-1], canon.beta0[:-1, None]], dim=1), feats, resp)
+    zeros = feats.new_zeros(1, d)
+    return torch.cat([theta[:, :d], zeros]), torch.cat([theta[:, d], zeros[0, :1]])
+
+
+def run_em(x, y, start: Callable[[torch.Generator], GatedMixture], experts_step, *, restarts: int, max_iter: int,
+           tol: float, seed: int, init: GatedMixture | None = None) -> EMResult:
+    """EM for a gated mixture: ``start(generator)`` draws a starting model, ``experts_step(model,
+    resp)`` returns the model with its experts refitted to the responsibilities; the gate step is
+    :func:`gate_step`. The best of ``restarts`` runs by likelihood is returned."""
+    n = x.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    best = None
+    for r in range(restarts):
+        model = init if (r == 0 and init is not None) else start(g)
+        feats = torch.cat([model.gate_features(x), x.new_ones(n, 1)], dim=1)
+        trace = [model.log_likelihood(x, y)]
+        converged, it = False, 0
+        while it < max_iter:
+            it += 1
+            resp = torch.softmax(model.gate_log_probs(x) + model.expert_log_densities(x, y), dim=1)  # E-step
+            model = experts_step(model, resp)  # M-step: experts, then the gate
+            beta1, beta0 = gate_step(model, feats, resp)
+            model = replace(model, beta1=beta1, beta0=beta0)
+            trace.append(model.log_likelihood(x, y))
+            if abs(trace[-1] - trace[-2]) < tol:
+                converged = True
+                break
+        result = EMResult(model, trace[-1], trace, it, converged)
+        if best is None or result.log_likelihood > best.log_likelihood:
+            best = result
+    return best
+
+
 def fit_em(x, y, k: int, *, gate: str = "softmax", top_k: int | None = None,
            transform: Callable[[torch.Tensor], torch.Tensor] | None = None, restarts: int = 5,
            max_iter: int = 500, tol: float = 1e-8, seed: int = 0, var_floor: float = 1e-8,
@@ -249,50 +323,17 @@ def fit_em(x, y, k: int, *, gate: str = "softmax", top_k: int | None = None,
     a bad gate.
     """
     x, y = _as64("x", x), _as64("y", y)
-    if x.dim() != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"x must be (n, d) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    n, d = x.shape
-    params = (k - 1) * (d + 1) + k * (d + 2)
-    if n < params:
-        raise ValueError(f"n = {n} samples cannot identify the {params} parameters of {k} experts on {d} inputs")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+    d = x.shape[-1] if x.dim() == 2 else 0
+    _check_fit(x, y, k, restarts, (k - 1) * (d + 1) + k * (d + 2) if isinstance(k, int) else 0)
     template = GaussianMoE(torch.zeros(k, d), torch.zeros(k), torch.zeros(k, d), torch.zeros(k), torch.ones(k),
                            gate=gate, top_k=top_k, transform=transform)
-    feats = torch.cat([template.gate_features(x), x.new_ones(n, 1)], dim=1)
-    g = torch.Generator().manual_seed(seed)
-    best = None
-    for r in range(restarts):
-        if r == 0 and init is not None:
-            model = init
-            resp = None
-        else:
-            resp, beta1, beta0 = _random_start(x, y, k, g)
-            a, b, var = _experts_step(x, y, resp, var_floor)
-            model = replace(template, beta1=beta1, beta0=beta0, a=a, b=b, var=var)
-        trace = [model.log_likelihood(x, y)]
-        converged = False
-        it = 0
-        while it < max_iter:
-            it += 1
-            # E-step
-            joint = model.gate_log_probs(x) + model.expert_log_densities(x, y)
-            resp = torch.softmax(joint, dim=1)
-            # M-step: experts, then the gate (last expert's parameters fixed at 0)
-            a, b, var = _experts_step(x, y, resp, var_floor)
-            canon = model.canonical()
-            theta = torch.cat([canon.beta1[:-1], canon.beta0[:-1, None]], dim=1)
-            theta = _gate_newton(theta, feats, resp) if k > 1 else theta
-            beta1 = torch.cat([theta[:, :d], x.new_zeros(1, d)])
-            beta0 = torch.cat([theta[:, d], x.new_zeros(1)])
-            model = replace(model, beta1=beta1, beta0=beta0, a=a, b=b, var=var)
-            trace.append(model.log_likelihood(x, y))
-            if abs(trace[-1] - trace[-2]) < tol:
-                converged = True
-                break
-        result = EMResult(model, trace[-1], trace, it, converged)
-        if best is None or result.log_likelihood > best.log_likelihood:
-            best = result
-    return best
+
+    def experts(model, resp):
+        a, b, var = _experts_step(x, y, resp, var_floor)
+        return replace(model, a=a, b=b, var=var)
+
+    def start(g):
+        resp, beta1, beta0 = _random_start(x, y, k, g)
+        return experts(replace(template, beta1=beta1, beta0=beta0), resp)
+
+    return run_em(x, y, start, experts, restarts=restarts, max_iter=max_iter, tol=tol, seed=seed, init=init)

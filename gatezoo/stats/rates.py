@@ -27,6 +27,11 @@ The experiments (:data:`EXPERIMENTS`):
 - ``overfit``: the same truth fitted with 3 experts. The density still converges at n^(-1/2);
   the parameters of the cell that receives two atoms converge at n^(-1/8) (gate slope,
   intercept) and n^(-1/4) (expert slope, variance).
+- ``logistic_softmax`` and ``logistic_modified``: two multinomial logistic experts over two
+  classes, one with a vanishing slope (eta = 0), x uniform on [-1, 1], fitted with 2 experts.
+  The truth is gatezoo's own; the authors' simulation settings are not public. Nguyen et al.
+  2024 prove parameter rates slower than any polynomial under the softmax gate, and polynomial
+  rates under the modified gate (``class_tv``: the class distributions' total variation).
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from .distance import hellinger
+from .distance import class_total_variation, hellinger
+from .logistic import LogisticMoE, fit_em_logistic
 from .moe import GaussianMoE, fit_em
 from .voronoi import atom_distances, voronoi_loss
 
@@ -54,23 +60,47 @@ def _crpe_truth() -> GaussianMoE:
     return GaussianMoE(beta1=[[15.0], [0.0]], beta0=[-7.0, 0.0], a=[[-15.0], [1.0]], b=[2.0, 2.0], var=[0.09, 0.16])
 
 
+def _vanishing_truth(gate: str) -> LogisticMoE:
+    """Two logistic experts over 2 classes on one input; expert 0's slope vanishes (eta = 0)."""
+    return LogisticMoE(beta1=[[2.0], [0.0]], beta0=[0.5, 0.0], eta=[[[0.0], [0.0]], [[-3.0], [0.0]]],
+                       tau=[[1.0, 0.0], [-0.5, 0.0]], gate=gate)
+
+
 @dataclass(frozen=True)
 class Experiment:
-    """A rate experiment: the true model, the number of fitted experts, the input box, its errors."""
+    """A rate experiment: the true model, the number of fitted experts, the input box, its errors
+    and its estimator (``fit(x, y, k, restarts, max_iter, seed)``)."""
 
-    truth: Callable[[], GaussianMoE]
+    truth: Callable[[], GaussianMoE | LogisticMoE]
     fitted_k: int
     x_low: float
     x_high: float
     errors: tuple[str, ...]
     description: str
+    fit: Callable = None
+
+
+def _fit_gaussian(x, y, k, restarts, max_iter, seed):
+    return fit_em(x, y, k, restarts=restarts, max_iter=max_iter, seed=seed)
+
+
+def _fit_logistic(gate):
+    def fit(x, y, k, restarts, max_iter, seed):
+        return fit_em_logistic(x, y, k, 2, gate=gate, restarts=restarts, max_iter=max_iter, seed=seed)
+    return fit
 
 
 EXPERIMENTS = {
     "exact": Experiment(_crpe_truth, 2, 0.0, 1.0, ("voronoi", "hellinger"),
-                        "2 true experts fitted with 2 (exact-fitted, softmax gate)"),
+                        "2 true experts fitted with 2 (exact-fitted, softmax gate)", _fit_gaussian),
     "overfit": Experiment(_crpe_truth, 3, 0.0, 1.0, ("voronoi", "hellinger", "overfit_atoms"),
-                          "2 true experts fitted with 3 (over-fitted by one, softmax gate)"),
+                          "2 true experts fitted with 3 (over-fitted by one, softmax gate)", _fit_gaussian),
+    "logistic_softmax": Experiment(lambda: _vanishing_truth("softmax"), 2, -1.0, 1.0, ("voronoi", "class_tv"),
+                                   "2 logistic experts, one with a vanishing slope, softmax gate",
+                                   _fit_logistic("softmax")),
+    "logistic_modified": Experiment(lambda: _vanishing_truth("modified"), 2, -1.0, 1.0, ("voronoi", "class_tv"),
+                                    "the same with the modified gate softmax(beta1 tanh(x) + beta0)",
+                                    _fit_logistic("modified")),
 }
 """The rate experiments by name."""
 
@@ -126,11 +156,15 @@ def run_experiment(name: str, *, n_min: int = 100, n_max: int = 100_000, sizes: 
     for n in ns:
         for r in range(repeats):
             x, y = truth.sample(n, seed=1_000_003 * n + r, x_low=exp.x_low, x_high=exp.x_high)
-            fit = fit_em(x, y, exp.fitted_k, restarts=restarts, max_iter=max_iter, seed=r)
+            fit = exp.fit(x, y, exp.fitted_k, restarts, max_iter, r)
             row = {"experiment": name, "n": n, "repeat": r, "log_likelihood": fit.log_likelihood,
                    "iterations": fit.iterations, "converged": fit.converged,
-                   "voronoi": voronoi_loss(fit.model, truth),
-                   "hellinger": hellinger(fit.model, truth, seed=r, x_low=exp.x_low, x_high=exp.x_high)}
+                   "voronoi": voronoi_loss(fit.model, truth)}
+            box = dict(seed=r, x_low=exp.x_low, x_high=exp.x_high)
+            if "hellinger" in exp.errors:
+                row["hellinger"] = hellinger(fit.model, truth, **box)
+            if "class_tv" in exp.errors:
+                row["class_tv"] = class_total_variation(fit.model, truth, **box)
             if "overfit_atoms" in exp.errors:
                 row["overfit_atoms"] = _overfit_atoms(fit.model, truth)
             rows.append(row)

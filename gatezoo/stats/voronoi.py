@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from .logistic import LogisticMoE
 from .moe import GaussianMoE
 
 __all__ = ["RBAR", "atom_distances", "canonical_gate", "voronoi_cells", "voronoi_loss"]
@@ -35,7 +36,7 @@ RBAR = {1: 1, 2: 4, 3: 6}
 for three)."""
 
 
-def canonical_gate(model: GaussianMoE) -> tuple[torch.Tensor, torch.Tensor]:
+def canonical_gate(model) -> tuple[torch.Tensor, torch.Tensor]:
     """``(beta1, beta0)`` of ``model`` with the gate's translation removed: ``sum_i exp(beta0_i) = 1``
     and ``sum_i exp(beta0_i) beta1_i = 0``."""
     beta0 = model.beta0 - torch.logsumexp(model.beta0, dim=0)
@@ -43,38 +44,46 @@ def canonical_gate(model: GaussianMoE) -> tuple[torch.Tensor, torch.Tensor]:
     return model.beta1 - (weights[:, None] * model.beta1).sum(0), beta0
 
 
-def _parts(model: GaussianMoE):
-    beta1, beta0 = canonical_gate(model)
-    return beta1, beta0, model.a, model.b, model.var
+def _groups(model) -> tuple[list[torch.Tensor], list[float] | None]:
+    """Each atom's parameter groups as (K, p) tensors (the gate's slope first, on the canonical
+    gate), and the exponent of each group in a cell of several atoms as a multiple of rbar (None:
+    the over-fitted loss is not defined for this model)."""
+    beta1, _ = canonical_gate(model)
+    if isinstance(model, GaussianMoE):
+        return [beta1, model.a, model.b[:, None], model.var[:, None]], [1.0, 0.5, 1.0, 0.5]
+    if isinstance(model, LogisticMoE):
+        c = model.canonical()
+        return [beta1, c.eta.reshape(model.k, -1), c.tau], None
+    raise TypeError(f"a Voronoi loss needs a GaussianMoE or a LogisticMoE, got {type(model).__name__}")
 
 
-def atom_distances(fitted: GaussianMoE, truth: GaussianMoE) -> torch.Tensor:
-    """(K_fitted, K_true): ``||d beta1|| + ||d a|| + |d b| + |d var|`` between every fitted and true
-    atom, on the canonical gates."""
+def _distances(fitted, truth):
+    if type(fitted) is not type(truth):
+        raise TypeError(f"the models differ in kind: {type(fitted).__name__} and {type(truth).__name__}")
+    if fitted.d != truth.d:
+        raise ValueError(f"the models have different input dimensions: {fitted.d} and {truth.d}")
+    (f, scale), (t, _) = _groups(fitted), _groups(truth)
+    diff = [(fg[:, None, :] - tg[None, :, :]).norm(dim=2) for fg, tg in zip(f, t)]
+    return sum(diff), diff, scale, canonical_gate(fitted)[1], canonical_gate(truth)[1]
+
+
+def atom_distances(fitted, truth) -> torch.Tensor:
+    """(K_fitted, K_true): the summed parameter distances (``||d beta1|| + ||d a|| + |d b| +
+    |d var|`` for Gaussian experts, ``||d beta1|| + ||d eta|| + ||d tau||`` for logistic ones)
+    between every fitted and true atom, on the canonical forms."""
     return _distances(fitted, truth)[0]
 
 
-def voronoi_cells(fitted: GaussianMoE, truth: GaussianMoE) -> list[int]:
+def voronoi_cells(fitted, truth) -> list[int]:
     """For each fitted atom, the index of its nearest true atom (its Voronoi cell)."""
-    return _distances(fitted, truth)[0].argmin(dim=1).tolist()
+    return atom_distances(fitted, truth).argmin(dim=1).tolist()
 
 
-def _distances(fitted: GaussianMoE, truth: GaussianMoE):
-    if fitted.d != truth.d:
-        raise ValueError(f"the models have different input dimensions: {fitted.d} and {truth.d}")
-    f, t = _parts(fitted), _parts(truth)
-    diff = [
-        (f[0][:, None, :] - t[0][None, :, :]).norm(dim=2),  # beta1
-        (f[2][:, None, :] - t[2][None, :, :]).norm(dim=2),  # a
-        (f[3][:, None] - t[3][None, :]).abs(),  # b
-        (f[4][:, None] - t[4][None, :]).abs(),  # var
-    ]
-    return sum(diff), diff, f[1], t[1]
-
-
-def voronoi_loss(fitted: GaussianMoE, truth: GaussianMoE) -> float:
-    """The Voronoi loss of the module docstring (``D1`` when every cell holds one atom)."""
-    total, (d_beta1, d_a, d_b, d_var), beta0, beta0_true = _distances(fitted, truth)
+def voronoi_loss(fitted, truth) -> float:
+    """The Voronoi loss of the module docstring (``D1`` when every cell holds one atom). For
+    logistic experts (:class:`~gatezoo.stats.logistic.LogisticMoE`), whose cell exponents are not
+    part of the theory here, every cell takes the exponent 1 (the ``D1`` form)."""
+    total, diff, scale, beta0, beta0_true = _distances(fitted, truth)
     cells = total.argmin(dim=1)
     sizes = torch.bincount(cells, minlength=truth.k)
     too_big = [int(s) for s in sizes if int(s) > max(RBAR)]
@@ -88,9 +97,9 @@ def voronoi_loss(fitted: GaussianMoE, truth: GaussianMoE) -> float:
         loss = loss + (mass[members].sum() - beta0_true[j].exp()).abs()
         r = RBAR.get(len(members), 1)
         for i in members.tolist():
-            if len(members) == 1:
-                term = d_beta1[i, j] + d_a[i, j] + d_b[i, j] + d_var[i, j]
+            if len(members) == 1 or scale is None:
+                term = sum(dg[i, j] for dg in diff)
             else:
-                term = d_beta1[i, j] ** r + d_b[i, j] ** r + d_a[i, j] ** (r / 2) + d_var[i, j] ** (r / 2)
+                term = sum(dg[i, j] ** (r * e) for dg, e in zip(diff, scale))
             loss = loss + mass[i] * term
     return float(loss)
