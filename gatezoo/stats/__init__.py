@@ -11,6 +11,8 @@ Everything here runs in float64 with torch on the CPU and imports nothing from
   soft-label multinomial logistic regression.
 - :mod:`gatezoo.stats.logistic`: the multinomial logistic mixture of experts (classification)
   and its EM.
+- :mod:`gatezoo.stats.lasso`: the l1-penalised (Lasso) EM for p >> n, its warm-started path and
+  support-recovery F1.
 - :mod:`gatezoo.stats.voronoi`: the Voronoi losses between a fitted and a true mixing measure
   (exact-fitted ``D1``, and the over-fitted loss with the cell exponents ``rbar``), on the
   gate's canonical form.

@@ -278,10 +278,11 @@ def gate_step(model: GatedMixture, feats: torch.Tensor, resp: torch.Tensor) -> t
 
 
 def run_em(x, y, start: Callable[[torch.Generator], GatedMixture], experts_step, *, restarts: int, max_iter: int,
-           tol: float, seed: int, init: GatedMixture | None = None) -> EMResult:
+           tol: float, seed: int, init: GatedMixture | None = None, gate=None) -> EMResult:
     """EM for a gated mixture: ``start(generator)`` draws a starting model, ``experts_step(model,
     resp)`` returns the model with its experts refitted to the responsibilities; the gate step is
-    :func:`gate_step`. The best of ``restarts`` runs by likelihood is returned."""
+    :func:`gate_step`, or ``gate(model, resp) -> (beta1, beta0)`` when given. The best of
+    ``restarts`` runs by likelihood is returned."""
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
     best = None
@@ -294,7 +295,7 @@ def run_em(x, y, start: Callable[[torch.Generator], GatedMixture], experts_step,
             it += 1
             resp = torch.softmax(model.gate_log_probs(x) + model.expert_log_densities(x, y), dim=1)  # E-step
             model = experts_step(model, resp)  # M-step: experts, then the gate
-            beta1, beta0 = gate_step(model, feats, resp)
+            beta1, beta0 = gate_step(model, feats, resp) if gate is None else gate(model, resp)
             model = replace(model, beta1=beta1, beta0=beta0)
             trace.append(model.log_likelihood(x, y))
             if abs(trace[-1] - trace[-2]) < tol:
