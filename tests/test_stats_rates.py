@@ -87,3 +87,14 @@ def test_logistic_rate_experiment_and_class_distance(tmp_path):
                  str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 4 and all(0 <= float(r["class_tv"]) < 1 and float(r["voronoi"]) > 0 for r in rows)
+
+
+def test_topk_experiment_fits_a_hard_gate_from_the_softmax_fit(tmp_path):
+    from gatezoo.stats.rates import EXPERIMENTS
+
+    truth = EXPERIMENTS["topk1_overfit"].truth()
+    assert (truth.gate, truth.top_k) == ("topk", 1)
+    x, y = truth.sample(400, seed=0, x_low=0.0, x_high=1.0)
+    fit = EXPERIMENTS["topk1_overfit"].fit(x, y, 3, 1, 100, 0)
+    assert (fit.model.gate, fit.model.top_k, fit.model.k) == ("topk", 1, 3)
+    assert fit.log_likelihood > truth.log_likelihood(x, y) - 0.05  # not stalled at the random start
