@@ -13,7 +13,8 @@ gradients are taken with respect to the input only, so no parameter gradient is 
 - :func:`trades_loss`: ``CE(f(x0), y) + beta * KL(f(x0) || f(x_adv))`` (KL summed over classes,
   averaged over the batch), the objective AdvMoE trains with (beta = 6).
 - :func:`pgd_loss`: ``CE(f(x_adv), y)``, Madry's adversarial training objective.
-- :func:`robust_accuracy`: clean and PGD-k accuracy over batches.
+- :func:`robust_accuracy`: clean and PGD-k accuracy over batches (:func:`attack_accuracy` scores
+  any attack the same way).
 
 Randomness (the start points) comes from a ``torch.Generator`` passed in, so an attack is
 reproducible and a resumed run draws what an uninterrupted one would.
@@ -30,7 +31,7 @@ from torch import nn
 
 from gatezoo.blocks.checks import ArgumentTypeError, check_int
 
-__all__ = ["Normalized", "pgd", "pgd_loss", "robust_accuracy", "trades_examples", "trades_loss"]
+__all__ = ["Normalized", "attack_accuracy", "pgd", "pgd_loss", "robust_accuracy", "trades_examples", "trades_loss"]
 
 
 class Normalized(nn.Module):
@@ -137,13 +138,11 @@ def pgd_loss(model: nn.Module, labels: torch.Tensor, adversarial: torch.Tensor) 
     return F.cross_entropy(logits, labels), logits
 
 
-def robust_accuracy(model: nn.Module, batches: Iterable, *, eps: float, step_size: float, steps: int,
-                    random_start: bool = True, seed: int = 0, bounds: tuple[float, float] = (0.0, 1.0)) -> dict:
-    """Clean and PGD-``steps`` accuracy of ``model`` over ``batches`` of (pixel images, labels):
-    ``{"clean_acc", "robust_acc", "count"}``. An image counts as robust when the attack leaves it
-    classified correctly (a wrongly classified clean image counts as not robust whatever the attack)."""
-    _check(eps, step_size, steps, bounds)
-    g = torch.Generator().manual_seed(seed)
+def attack_accuracy(model: nn.Module, batches: Iterable, attack) -> dict:
+    """Clean accuracy and accuracy under ``attack(images, labels) -> adversarial images`` of
+    ``model`` over ``batches`` of (pixel images, labels), model in eval mode (restored after):
+    ``{"clean_acc", "robust_acc", "count"}``. An image counts as robust when it is classified
+    correctly both clean and attacked."""
     clean = robust = count = 0
     was_training = model.training
     model.eval()
@@ -151,8 +150,7 @@ def robust_accuracy(model: nn.Module, batches: Iterable, *, eps: float, step_siz
         for images, labels in batches:
             with torch.no_grad():
                 ok = model(images).argmax(-1) == labels
-            x = pgd(model, images, labels, eps=eps, step_size=step_size, steps=steps, random_start=random_start,
-                    generator=g, bounds=bounds)
+            x = attack(images, labels)
             with torch.no_grad():
                 ok_adv = (model(x).argmax(-1) == labels) & ok
             clean += int(ok.sum())
@@ -161,3 +159,14 @@ def robust_accuracy(model: nn.Module, batches: Iterable, *, eps: float, step_siz
     finally:
         model.train(was_training)
     return {"clean_acc": clean / max(count, 1), "robust_acc": robust / max(count, 1), "count": count}
+
+
+def robust_accuracy(model: nn.Module, batches: Iterable, *, eps: float, step_size: float, steps: int,
+                    random_start: bool = True, seed: int = 0, bounds: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """Clean and PGD-``steps`` accuracy of ``model`` over ``batches`` of (pixel images, labels)
+    (:func:`attack_accuracy` with :func:`pgd`, start points from a generator seeded with ``seed``)."""
+    _check(eps, step_size, steps, bounds)
+    g = torch.Generator().manual_seed(seed)
+    return attack_accuracy(model, batches, lambda images, labels: pgd(
+        model, images, labels, eps=eps, step_size=step_size, steps=steps, random_start=random_start, generator=g,
+        bounds=bounds))

@@ -52,10 +52,18 @@ from torch import nn
 
 from gatezoo.blocks import moe_aux_loss, moe_stats, reset_moe_stats
 from gatezoo.blocks.routing import Router
-from gatezoo.eval.attacks import Normalized, pgd, pgd_loss, robust_accuracy, trades_examples, trades_loss
+from gatezoo.eval.attacks import (
+    Normalized,
+    attack_accuracy,
+    pgd,
+    pgd_loss,
+    robust_accuracy,
+    trades_examples,
+    trades_loss,
+)
 from gatezoo.eval.plots import plot_curves
 
-from .classify import data_model_args, data_spec
+from .classify import data_model_args, data_spec, evaluate_model
 from .core.checkpoint import load_state, save_checkpoint, save_state, write_text
 from .core.config import (
     KEYS,
@@ -71,7 +79,7 @@ from .core.config import (
 )
 from .core.factory import build_model, count_params
 from .core.loop import write_metrics
-from .core.optim import build_optimizer, build_scheduler, no_weight_decay
+from .core.optim import build_optimizer, build_scheduler
 from .core.runs import model_error, new_run_dir, resolve_device
 from .data.images import Batches, DataFormatError, DataNotFoundError, derive_seed, load_dataset
 
@@ -125,15 +133,6 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return out
 
 
-def _adamw(named, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over ``(name, parameter)`` pairs, with the weight-decay groups of :func:`build_optimizer`."""
-    named = list(named)
-    decay = [p for n, p in named if not no_weight_decay(n, p)]
-    plain = [p for n, p in named if no_weight_decay(n, p)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": plain, "weight_decay": 0.0}], lr=lr)
-
-
 def _split_optimizers(model: nn.Module, cfg: dict, total: int, warmup: int):
     """(optimizers, schedulers) of a mode: one over everything, or for advmoe the routers' (psi)
     and the rest's (theta), each with the same settings and schedule."""
@@ -141,9 +140,8 @@ def _split_optimizers(model: nn.Module, cfg: dict, total: int, warmup: int):
         opts = [build_optimizer(model, cfg["lr"], cfg["weight_decay"])]
     else:
         psi = {id(p) for p in router_parameters(model)}
-        named = list(model.named_parameters())
-        opts = [_adamw([(n, p) for n, p in named if id(p) in psi], cfg["lr"], cfg["weight_decay"]),
-                _adamw([(n, p) for n, p in named if id(p) not in psi], cfg["lr"], cfg["weight_decay"])]
+        opts = [build_optimizer(model, cfg["lr"], cfg["weight_decay"], select=lambda n, p: id(p) in psi),
+                build_optimizer(model, cfg["lr"], cfg["weight_decay"], select=lambda n, p: id(p) not in psi)]
     return opts, [build_scheduler(o, warmup, total, cfg["schedule"]) for o in opts]
 
 
@@ -178,24 +176,15 @@ def flops_per_image(model: nn.Module, images: torch.Tensor) -> float:
 def torchattacks_robust_accuracy(model: nn.Module, batches, *, eps: float, step_size: float, steps: int,
                                  seed: int = 0) -> float:
     """Robust accuracy under torchattacks' ``PGD`` (random start), scored as
-    :func:`~gatezoo.eval.attacks.robust_accuracy` scores it (correct on the clean and the attacked image)."""
+    :func:`~gatezoo.eval.attacks.robust_accuracy` scores it (:func:`~gatezoo.eval.attacks.attack_accuracy`)."""
     try:
         import torchattacks
     except ImportError as e:
         raise ConfigError("torchattacks: true needs the torchattacks package (make install puts it in .venv; "
                           "pip install --no-deps torchattacks)") from e
-    model.eval()
     torch.manual_seed(seed)
     attack = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
-    robust = count = 0
-    for images, labels in batches:
-        with torch.no_grad():
-            ok = model(images).argmax(-1) == labels
-        adv = attack(images, labels)
-        with torch.no_grad():
-            robust += int(((model(adv).argmax(-1) == labels) & ok).sum())
-        count += len(labels)
-    return robust / max(count, 1)
+    return attack_accuracy(model, batches, attack)["robust_acc"]
 
 
 class _Run:
@@ -277,16 +266,10 @@ class _Run:
 
     def evaluate(self) -> dict:
         cfg = self.cfg
-        self.net.eval()
-        correct = count = 0
-        with torch.no_grad():
-            for x, y in self.test:
-                correct += int((self.net(x).argmax(-1) == y).sum())
-                count += len(y)
+        clean = evaluate_model(self.net, self.test, self.dataset.num_classes)
         rob = robust_accuracy(self.net, self.attack_set, eps=cfg["eps"], step_size=cfg["eval_step_size"],
                               steps=cfg["eval_steps"], seed=cfg["seed"])
-        self.net.train()
-        return {"test_acc": correct / max(count, 1), "robust_acc": rob["robust_acc"]}
+        return {"test_acc": clean["acc"], "robust_acc": rob["robust_acc"]}
 
     def metadata(self) -> dict:
         cfg = self.cfg

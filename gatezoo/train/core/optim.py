@@ -37,24 +37,26 @@ def no_weight_decay(name: str, param: torch.Tensor, skip: frozenset[str] = froze
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: ``weight_decay`` on matrices/kernels, 0 on the rest (see :func:`no_weight_decay`)."""
+def param_groups(model: nn.Module, weight_decay: float, select=None) -> list[dict]:
+    """Two AdamW groups: ``weight_decay`` on matrices/kernels, 0 on the rest (see :func:`no_weight_decay`).
+    ``select(name, param)``, when given, keeps only the parameters it accepts (a part of the model
+    with an optimizer of its own)."""
     skip = frozenset(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else frozenset()
     decay, plain = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and (select is None or select(name, p)):
             (plain if no_weight_decay(name, p, skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
+                    eps: float = 1e-8, select=None) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (of the parameters ``select`` accepts, when given)."""
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(param_groups(model, weight_decay, select), lr=lr, betas=tuple(betas), eps=eps)
 
 
 def _check_steps(warmup_steps: int, total_steps: int) -> None:
