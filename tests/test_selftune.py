@@ -135,3 +135,14 @@ def test_shipped_config_loads():
     cfg = load_config(pathlib.Path(__file__).resolve().parents[1] / "configs" / "selftune.yaml",
                       keys=selftune.SELFTUNE_KEYS)
     assert cfg["search"] == "stn" and cfg["train_steps"] == 2 and cfg["entropy_weight"] == 1e-3
+
+
+def test_train_images_takes_a_seeded_subset_disjoint_from_validation(tiny_npz, tmp_path):
+    full = selftune._Data(_cfg(tiny_npz, tmp_path), torch.device("cpu"))
+    sub = selftune._Data(_cfg(tiny_npz, tmp_path, "--train_images", "20"), torch.device("cpu"))
+    again = selftune._Data(_cfg(tiny_npz, tmp_path, "--train_images", "20"), torch.device("cpu"))
+    assert len(sub.train.labels) == 20 < len(full.train.labels)
+    assert torch.equal(sub.train.images, again.train.images)
+    assert torch.equal(sub.valid.images, full.valid.images)
+    rows = {tuple(r.flatten().tolist()) for r in full.train.images}
+    assert all(tuple(r.flatten().tolist()) in rows for r in sub.train.images)

@@ -58,6 +58,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +66,7 @@ from torch import nn
 from gatezoo.blocks import HyperConv2d, HyperLinear, RateDropout, hyper_gate, set_hyperparameters
 from gatezoo.eval.plots import pyplot, save_figure
 
-from .classify import data_model_args, data_spec
+from .classify import data_model_args, data_spec, evaluate_model
 from .core.checkpoint import save_checkpoint, write_text
 from .core.config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, parse_overrides
 from .core.factory import build_model, count_params
@@ -94,6 +95,8 @@ SELFTUNE_KEYS: dict[str, Key] = {
     "start": Key({"dropout": 0.05, "cutout": 4.0, "weight_decay": 1e-4}, "dict",
                  "name -> start value (stn) and the untuned default (none)"),
     "valid_images": Key(10000, "int", "training images held out for validation (seeded)", minimum=1),
+    "train_images": Key(None, "int", "train on a seeded subset of N of the images left after the validation "
+                        "hold-out (null: all of them)", optional=True, minimum=1),
     "hyper_lr": Key(3e-3, "float", "stn: Adam learning rate of the hyperparameters and scales", minimum=0.0),
     "train_steps": Key(2, "int", "stn: weight steps per cycle", minimum=1),
     "valid_steps": Key(1, "int", "stn: hyperparameter steps per cycle", minimum=1),
@@ -224,6 +227,9 @@ class _Data:
             raise ConfigError(f"valid_images must be in [1, {n - 1}] (the training split has {n} images), got "
                               f"{cfg['valid_images']}")
         train_idx, valid_idx = holdout_split(n, cfg["valid_images"] / n, seed=cfg["seed"])
+        if cfg["train_images"] is not None and cfg["train_images"] < len(train_idx):
+            keep = np.random.default_rng(derive_seed(cfg["seed"], 0x7A11)).permutation(len(train_idx))
+            train_idx = np.sort(train_idx[keep[:cfg["train_images"]]])
         mean, std = dataset.mean_std()
         self.dataset, self.mean, self.std = dataset, mean, std
         common = dict(mean=mean, std=std, device=device)
@@ -236,20 +242,6 @@ class _Data:
         self.test = Batches(dataset.test_images, dataset.test_labels, cfg["eval_batch_size"], **common)
         # cutout works in pixel space: zero pixels are (0 - mean) / std after normalisation
         self.zero = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, batches) -> tuple[float, float]:
-    was = model.training
-    model.eval()
-    loss = correct = count = 0.0
-    for x, y in batches:
-        logits = model(x).float()
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-        count += len(y)
-    model.train(was)
-    return loss / count, correct / count
 
 
 def _augment(data: _Data, x: torch.Tensor, sizes: torch.Tensor | None, g: torch.Generator) -> torch.Tensor:
@@ -365,9 +357,11 @@ class _Trainer:
     def evaluate(self) -> dict:
         values = self.space.values(self.h.detach())
         set_hyperparameters(self.model, self.h.detach() if self.stn else None, values)
-        valid_loss, valid_acc = _evaluate(self.model, self.data.valid)
-        test_loss, test_acc = _evaluate(self.model, self.data.test)
-        return {"valid_loss": valid_loss, "valid_acc": valid_acc, "test_loss": test_loss, "test_acc": test_acc}
+        classes = self.data.dataset.num_classes
+        valid = evaluate_model(self.model, self.data.valid, classes)
+        test = evaluate_model(self.model, self.data.test, classes)
+        return {"valid_loss": valid["loss"], "valid_acc": valid["acc"], "test_loss": test["loss"],
+                "test_acc": test["acc"]}
 
     def fit(self, progress_desc: str | None = None, on_epoch=None) -> list[dict]:
         from tqdm.auto import tqdm
