@@ -50,6 +50,22 @@ def test_rates_command_writes_rows_slopes_and_plot(tmp_path, capsys):
     assert "slope" in capsys.readouterr().out
 
 
+def test_lasso_command_writes_rows_summary_and_plot(tmp_path, capsys, monkeypatch):
+    rates = pytest.importorskip("gatezoo.stats.lasso_rates")
+    monkeypatch.setattr(rates, "CALIBRATION_SAMPLES", 1)
+    out = tmp_path / "lasso.csv"
+    assert main(["--experiment", "lasso", "--n_min", "50", "--n_max", "100", "--sizes", "2", "--repeats", "2",
+                 "--p_list", "10", "--at", "60,12", "--restarts", "1", "--max_iter", "5", "--progress", "false",
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == (1 + 3 * 2) * len(rates.CONSTANTS)  # calibration + settings (50,12) (100,12) (60,10)
+    summary = list(csv.DictReader(open(tmp_path / "lasso-summary.csv")))
+    assert [(s["n"], s["p"]) for s in summary] == [("50", "12"), ("100", "12"), ("60", "10")]
+    assert out.with_suffix(".png").stat().st_size > 0 and "c* =" in capsys.readouterr().out
+    assert main(["--experiment", "lasso", "--n_min", "500", "--n_max", "100", "--out", str(out)]) == 2
+    assert "n_max must be >= 500" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="nope"), "experiment must be one of"),
     (dict(name="exact", n_min=0), "n_min must be an int >= 1"),

@@ -14,15 +14,27 @@ factors).
 each an l1-penalised problem:
 
 - **experts**: a weighted Lasso per expert, ``min (1/2) sum_n w_n (y_n - a^T x_n - b)^2 /
-  sum_n w_n + lam * var_i * ||a||_1`` (the expected log-likelihood multiplied by the current
-  variance, weights the responsibilities), by cyclic coordinate descent
-  (:func:`weighted_lasso`). The variance is then the weighted mean squared residual.
+  sum_n w_n + lam * var_i * (n / N_i) * ||a||_1`` (the weights are the responsibilities ``w_n =
+  r_ni``, ``N_i = sum_n r_ni``: the expert's part of the expected log-likelihood, ``-(1/n)
+  sum_n r_ni (y_n - a^T x_n - b)^2 / (2 var_i) - lam ||a||_1``, multiplied by ``n var_i / N_i``),
+  by scikit-learn's coordinate descent (:func:`weighted_lasso`). The variance is then the
+  weighted mean squared residual.
 - **gate**: the soft-label multinomial logistic regression with ``lam * ||beta1||_1``, by
   proximal gradient steps (ISTA with backtracking, so that the penalised objective never rises).
 
 With ``lam = 0`` both reduce to the plain M-step, so :func:`fit_lasso_em` from the same start
-gives :func:`~gatezoo.stats.moe.fit_em`'s fit (tested). :func:`lasso_path` fits a decreasing
-grid of ``lam`` with warm starts, from ``lam_max``, where every penalised coefficient is 0.
+gives :func:`~gatezoo.stats.moe.fit_em`'s fit (tested). Each M-step raises the penalised
+objective, so EM never lowers it; restarts keep the best penalised objective.
+
+:func:`lasso_path` fits a grid of ``lam`` with warm starts. The penalised likelihood is not
+concave, and its penalty on the experts, in units of squared error, is ``lam * var_i``: it grows
+with the variance. So the null fit (every slope 0, the variance that of y) is a fixed point of
+EM for every ``lam`` above about ``max |x^T y| / (n var(y))``, far below the ``lam`` at which the
+fit with the true, small variance loses its slopes; a path that starts at ``lam_max`` (every
+coefficient 0, as for the convex Lasso) stays in that trap. The other way round, a path from a
+light penalty with p close to n starts from an over-fit whose variance is tiny, and so is its
+penalty; the over-fit persists as ``lam`` grows. By default the path is walked both ways and
+each ``lam`` keeps the fit of the higher penalised objective (:func:`penalized_objective`).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import torch
 
 from .moe import EMResult, GaussianMoE, _as64, _check_fit, _softmax_objective, run_em
 
-__all__ = ["fit_lasso_em", "lasso_path", "support_f1", "weighted_lasso"]
+__all__ = ["fit_lasso_em", "lasso_path", "penalized_objective", "support_f1", "weighted_lasso"]
 
 _F64 = torch.float64
 
@@ -43,36 +55,34 @@ def _soft(v: torch.Tensor, t) -> torch.Tensor:
 
 
 def weighted_lasso(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, lam: float, *, coef=None,
-                   intercept: float = 0.0, max_iter: int = 1000, tol: float = 1e-10) -> tuple[torch.Tensor, float]:
-    """``argmin_(a, b) (1/2) sum_n w_n (y_n - a^T x_n - b)^2 / sum_n w_n + lam ||a||_1`` by cyclic
-    coordinate descent (the intercept refitted after every sweep), from ``coef`` / ``intercept``.
-    Returns ``(a, b)``. With unit weights it is scikit-learn's ``Lasso(alpha=lam)`` (tested)."""
-    if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    n, p = x.shape
-    w = weights / weights.sum().clamp_min(1e-300)
-    a = torch.zeros(p, dtype=_F64) if coef is None else coef.clone()
-    b = float(intercept)
-    resid = y - x @ a - b
-    col = (w[:, None] * x * x).sum(0)  # sum_n w_n x_nj^2
-    for _ in range(max_iter):
-        biggest = 0.0
-        for j in range(p):
-            if col[j] <= 0:
-                continue
-            old = a[j]
-            rho = (w * x[:, j] * resid).sum() + col[j] * old
-            new = _soft(rho, lam) / col[j]
-            if new != old:
-                resid = resid - x[:, j] * (new - old)
-                a[j] = new
-                biggest = max(biggest, abs(float(new - old)))
-        shift = float((w * resid).sum())
-        b += shift
-        resid = resid - shift
-        if biggest < tol and abs(shift) < tol:
-            break
-    return a, b
+                   intercept: float = 0.0, max_iter: int = 10000, tol: float = 1e-8) -> tuple[torch.Tensor, float]:
+    """``argmin_(a, b) (1/2) sum_n w_n (y_n - a^T x_n - b)^2 / sum_n w_n + lam ||a||_1``: scikit-learn's
+    ``Lasso`` (coordinate descent; its ``sample_weight`` is this weighting), warm-started from
+    ``coef`` when given. Returns ``(a, b)`` in float64. Needs scikit-learn (the ``stats`` extra)."""
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < float("inf"):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    try:
+        from sklearn.linear_model import Lasso, LinearRegression
+    except ImportError as e:  # pragma: no cover - the stats extra brings it
+        raise ImportError("gatezoo.stats.lasso needs scikit-learn: pip install 'gatezoo[stats]'") from e
+    import numpy as np
+
+    xs, ys = np.asfortranarray(x.numpy()), np.ascontiguousarray(y.numpy())
+    ws = (weights / weights.sum().clamp_min(1e-300) * len(weights)).numpy()
+    if lam == 0:  # least squares (coordinate descent at alpha = 0 is slow and warns)
+        reg = LinearRegression().fit(xs, ys, sample_weight=ws)
+    else:
+        reg = Lasso(alpha=lam, max_iter=max_iter, tol=tol, warm_start=coef is not None, selection="cyclic")
+        if coef is not None:
+            reg.coef_ = coef.numpy().copy()
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # the EM loop is what has to converge
+            reg.fit(xs, ys, sample_weight=ws, check_input=False)  # float64, Fortran order: checked here
+    return torch.as_tensor(reg.coef_, dtype=_F64).clone(), float(reg.intercept_)
 
 
 def _gate_prox(model: GaussianMoE, feats: torch.Tensor, resp: torch.Tensor, lam: float, steps: int = 20):
@@ -109,14 +119,19 @@ def _gate_prox(model: GaussianMoE, feats: torch.Tensor, resp: torch.Tensor, lam:
     return torch.cat([theta[:, :d], zeros]), torch.cat([theta[:, d], zeros[0, :1]])
 
 
-def fit_lasso_em(x, y, k: int, lam: float, *, restarts: int = 3, max_iter: int = 300, tol: float = 1e-8,
-                 seed: int = 0, var_floor: float = 1e-8, init: GaussianMoE | None = None) -> EMResult:
+def fit_lasso_em(x, y, k: int, lam: float, *, lam_gate: float | None = None, restarts: int = 3,
+                 max_iter: int = 300, tol: float = 1e-8, seed: int = 0, var_floor: float = 1e-8,
+                 init: GaussianMoE | None = None) -> EMResult:
     """The l1-penalised fit of a softmax-gated :class:`~gatezoo.stats.moe.GaussianMoE` by EM
-    (module docstring). ``trace`` holds the unpenalised mean log-likelihood. Raises ValueError
-    for ``lam < 0`` and as :func:`~gatezoo.stats.moe.fit_em` does; with p > n the sample-size
-    check is waived (the penalty identifies the model)."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not lam >= 0 or lam == float("inf"):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    (module docstring). ``lam`` penalises the experts' slopes; ``lam_gate`` the gate's (None: the
+    same ``lam``, the single penalty of the oracle inequality; a separate gate penalty is
+    Chamroukhi and Huynh's form). ``trace`` holds the unpenalised mean log-likelihood. Raises
+    ValueError for ``lam < 0`` or ``lam_gate < 0`` and as :func:`~gatezoo.stats.moe.fit_em` does;
+    with p > n the sample-size check is waived (the penalty identifies the model)."""
+    lam_gate = lam if lam_gate is None else lam_gate
+    for name, value in (("lam", lam), ("lam_gate", lam_gate)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     x, y = _as64("x", x), _as64("y", y)
     d = x.shape[-1] if x.dim() == 2 else 0
     _check_fit(x, y, k, restarts, 3 * k - 1 if isinstance(k, int) else 0)
@@ -128,7 +143,13 @@ def fit_lasso_em(x, y, k: int, lam: float, *, restarts: int = 3, max_iter: int =
         a, b, var = [], [], []
         for i in range(k):
             w = resp[:, i]
-            ai, bi = weighted_lasso(x, y, w, lam * float(model.var[i]), coef=model.a[i], intercept=float(model.b[i]))
+            mass = float(w.sum())
+            if mass <= 1e-12 * n:  # an expert with no responsibility keeps its parameters
+                a.append(model.a[i])
+                b.append(float(model.b[i]))
+                var.append(float(model.var[i]))
+                continue
+            ai, bi = weighted_lasso(x, y, w, lam * float(model.var[i]) * n / mass, coef=model.a[i])
             resid = y - x @ ai - bi
             var.append(max(float((w * resid ** 2).sum() / w.sum().clamp_min(1e-300)), var_floor))
             a.append(ai)
@@ -143,24 +164,52 @@ def fit_lasso_em(x, y, k: int, lam: float, *, restarts: int = 3, max_iter: int =
         return experts(model, resp)
 
     def gate(model, resp):
-        return _gate_prox(model, feats, resp, lam)
+        return _gate_prox(model, feats, resp, lam_gate)
+
+    def penalty(model):
+        return lam * float(model.a.abs().sum()) + lam_gate * float(model.canonical().beta1.abs().sum())
 
     return run_em(x, y, start, experts, restarts=restarts, max_iter=max_iter, tol=tol, seed=seed, init=init,
-                  gate=gate)
+                  gate=gate, penalty=penalty)
 
 
-def lasso_path(x, y, k: int, lams, **kwargs) -> list[EMResult]:
-    """:func:`fit_lasso_em` over ``lams`` taken in decreasing order, each fit warm-started from the
-    previous one (the first from ``kwargs``' restarts); returns the fits in the order of ``lams``."""
+def penalized_objective(fit: EMResult, lam: float, lam_gate: float | None = None) -> float:
+    """The objective :func:`fit_lasso_em` maximises, at ``fit``: its mean log-likelihood minus
+    ``lam ||a||_1 + lam_gate ||beta1||_1`` (the gate's canonical slopes; ``lam_gate`` None: ``lam``)."""
+    lam_gate = lam if lam_gate is None else lam_gate
+    model = fit.model
+    return fit.log_likelihood - lam * float(model.a.abs().sum()) - lam_gate * float(
+        model.canonical().beta1.abs().sum())
+
+
+def lasso_path(x, y, k: int, lams, *, direction: str = "both", lam_gate_ratio: float | None = None,
+               **kwargs) -> list[EMResult]:
+    """:func:`fit_lasso_em` over ``lams``, each fit warm-started from the one before: from the
+    smallest ``lam`` up (``direction="up"``), from the largest down (``"down"``), or both ways,
+    keeping at each ``lam`` the fit of the higher penalised objective (``"both"``, the default:
+    see the module docstring for the traps of each direction). The first fit of a direction takes
+    ``kwargs``' restarts, the others one run. ``lam_gate_ratio``: the gate's penalty is this
+    times ``lam`` (None: the same ``lam``). Returns the fits in the order of ``lams``."""
+    if direction not in ("up", "down", "both"):
+        raise ValueError(f"direction must be 'up', 'down' or 'both', got {direction!r}")
     lams = [float(v) for v in lams]
-    order = sorted(range(len(lams)), key=lambda i: -lams[i])
-    fits: dict[int, EMResult] = {}
-    prev = None
-    for i in order:
-        fit = fit_lasso_em(x, y, k, lams[i], init=prev, **({**kwargs, "restarts": 1} if prev else kwargs))
-        fits[i] = fit
-        prev = fit.model
-    return [fits[i] for i in range(len(lams))]
+
+    def walk(up: bool) -> dict[int, EMResult]:
+        fits: dict[int, EMResult] = {}
+        prev = None
+        for i in sorted(range(len(lams)), key=lambda i: lams[i] if up else -lams[i]):
+            gate = None if lam_gate_ratio is None else lam_gate_ratio * lams[i]
+            fits[i] = fit_lasso_em(x, y, k, lams[i], lam_gate=gate, init=prev,
+                                   **({**kwargs, "restarts": 1} if prev else kwargs))
+            prev = fits[i].model
+        return fits
+
+    walks = [walk(d == "up") for d in (("up", "down") if direction == "both" else (direction,))]
+    out = []
+    for i, lam in enumerate(lams):
+        gate = None if lam_gate_ratio is None else lam_gate_ratio * lam
+        out.append(max((w[i] for w in walks), key=lambda f: penalized_objective(f, lam, gate)))
+    return out
 
 
 def support_f1(estimated: torch.Tensor, truth: torch.Tensor, threshold: float = 0.0) -> float:

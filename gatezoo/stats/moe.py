@@ -278,18 +278,25 @@ def gate_step(model: GatedMixture, feats: torch.Tensor, resp: torch.Tensor) -> t
 
 
 def run_em(x, y, start: Callable[[torch.Generator], GatedMixture], experts_step, *, restarts: int, max_iter: int,
-           tol: float, seed: int, init: GatedMixture | None = None, gate=None) -> EMResult:
+           tol: float, seed: int, init: GatedMixture | None = None, gate=None, penalty=None) -> EMResult:
     """EM for a gated mixture: ``start(generator)`` draws a starting model, ``experts_step(model,
     resp)`` returns the model with its experts refitted to the responsibilities; the gate step is
-    :func:`gate_step`, or ``gate(model, resp) -> (beta1, beta0)`` when given. The best of
-    ``restarts`` runs by likelihood is returned."""
+    :func:`gate_step`, or ``gate(model, resp) -> (beta1, beta0)`` when given. A run stops when
+    its objective, the mean log-likelihood minus ``penalty(model)`` when given, gains less than
+    ``tol``; the best of ``restarts`` runs by that objective is returned (its ``trace`` and
+    ``log_likelihood`` are the unpenalised likelihood)."""
     n = x.shape[0]
     g = torch.Generator().manual_seed(seed)
-    best = None
+
+    def objective(model, loglik):
+        return loglik if penalty is None else loglik - penalty(model)
+
+    best = best_value = None
     for r in range(restarts):
         model = init if (r == 0 and init is not None) else start(g)
         feats = torch.cat([model.gate_features(x), x.new_ones(n, 1)], dim=1)
         trace = [model.log_likelihood(x, y)]
+        values = [objective(model, trace[-1])]
         converged, it = False, 0
         while it < max_iter:
             it += 1
@@ -298,12 +305,12 @@ def run_em(x, y, start: Callable[[torch.Generator], GatedMixture], experts_step,
             beta1, beta0 = gate_step(model, feats, resp) if gate is None else gate(model, resp)
             model = replace(model, beta1=beta1, beta0=beta0)
             trace.append(model.log_likelihood(x, y))
-            if abs(trace[-1] - trace[-2]) < tol:
+            values.append(objective(model, trace[-1]))
+            if abs(values[-1] - values[-2]) < tol:
                 converged = True
                 break
-        result = EMResult(model, trace[-1], trace, it, converged)
-        if best is None or result.log_likelihood > best.log_likelihood:
-            best = result
+        if best is None or values[-1] > best_value:
+            best, best_value = EMResult(model, trace[-1], trace, it, converged), values[-1]
     return best
 
 

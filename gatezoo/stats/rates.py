@@ -38,6 +38,9 @@ The experiments (:data:`EXPERIMENTS`):
   The truth is gatezoo's own; the authors' simulation settings are not public. Nguyen et al.
   2024 prove parameter rates slower than any polynomial under the softmax gate, and polynomial
   rates under the modified gate (``class_tv``: the class distributions' total variation).
+- ``lasso``: the l1-penalised EM in high dimension over p and lam, with its own rows, summary
+  (``-summary.csv``) and plot: see :mod:`gatezoo.stats.lasso_rates` (defaults: n from 200 to
+  3200 at p = 200, p in 50, 200, 800 at n = 800).
 """
 
 from __future__ import annotations
@@ -163,6 +166,12 @@ def fit_slope(ns: list[int], values: list[list[float]], boot: int = 2000, seed: 
     return point, draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1]
 
 
+def log_grid(n_min: int, n_max: int, sizes: int) -> list[int]:
+    """``sizes`` integers spaced evenly in log from ``n_min`` to ``n_max`` (duplicates dropped)."""
+    return sorted({round(math.exp(math.log(n_min) + i * (math.log(n_max) - math.log(n_min)) / (sizes - 1)))
+                   for i in range(sizes)})
+
+
 def run_experiment(name: str, *, n_min: int = 100, n_max: int = 100_000, sizes: int = 7, repeats: int = 20,
                    restarts: int = 3, max_iter: int = 500, seed: int = 0, progress: bool = True) -> list[dict]:
     """The rows (one per sample size and repeat) of experiment ``name``."""
@@ -174,8 +183,7 @@ def run_experiment(name: str, *, n_min: int = 100, n_max: int = 100_000, sizes: 
             raise ValueError(f"{key} must be an int >= {minimum}, got {value!r}")
     exp = EXPERIMENTS[name]
     truth = exp.truth()
-    ns = sorted({round(math.exp(math.log(n_min) + i * (math.log(n_max) - math.log(n_min)) / (sizes - 1)))
-                 for i in range(sizes)})
+    ns = log_grid(n_min, n_max, sizes)
     from tqdm.auto import tqdm
 
     rows = []
@@ -242,10 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = argparse.ArgumentParser(prog="python -m gatezoo.stats.rates", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--experiment", required=True, choices=sorted(EXPERIMENTS))
-    p.add_argument("--n_min", type=int, default=100)
-    p.add_argument("--n_max", type=int, default=100_000)
-    p.add_argument("--sizes", type=int, default=7, help="sample sizes on the log grid [7]")
+    p.add_argument("--experiment", required=True, choices=sorted([*EXPERIMENTS, "lasso"]))
+    p.add_argument("--n_min", type=int, default=None, help="[100; lasso: 200]")
+    p.add_argument("--n_max", type=int, default=None, help="[100000; lasso: 3200]")
+    p.add_argument("--sizes", type=int, default=None, help="sample sizes on the log grid [7; lasso: 5]")
+    p.add_argument("--p_list", type=lambda v: [int(t) for t in v.split(",")], default=[50, 200, 800],
+                   help="lasso: input dimensions tried at the n of --at [50,200,800]")
+    p.add_argument("--at", type=lambda v: tuple(int(t) for t in v.split(",")), default=(800, 200),
+                   help="lasso: n,p of the calibration samples, the p of the n sweep and the n of the p sweep "
+                        "[800,200]")
     p.add_argument("--repeats", type=int, default=20, help="seeded samples per size [20]")
     p.add_argument("--restarts", type=int, default=3, help="EM restarts per fit [3]")
     p.add_argument("--max_iter", type=int, default=500)
@@ -260,8 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    lasso = args.experiment == "lasso"
+    n_min = (200 if lasso else 100) if args.n_min is None else args.n_min
+    n_max = (3200 if lasso else 100_000) if args.n_max is None else args.n_max
+    sizes = (5 if lasso else 7) if args.sizes is None else args.sizes
+    out = Path(args.out or f"benchmarks/gating-rates-{args.experiment}.csv")
     try:
-        rows = run_experiment(args.experiment, n_min=args.n_min, n_max=args.n_max, sizes=args.sizes,
+        if lasso:
+            return _main_lasso(args, n_min, n_max, sizes, out)
+        rows = run_experiment(args.experiment, n_min=n_min, n_max=n_max, sizes=sizes,
                               repeats=args.repeats, restarts=args.restarts, max_iter=args.max_iter,
                               progress=args.progress)
     except ValueError as e:
@@ -269,15 +289,52 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     exp = EXPERIMENTS[args.experiment]
     fitted = slopes(rows, exp.errors)
-    out = Path(args.out or f"benchmarks/gating-rates-{args.experiment}.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     _write(rows, out)
     _write(fitted, out.with_name(out.stem + "-slopes.csv"))
     plot(rows, fitted, out.with_suffix(".png"), f"{args.experiment}: {exp.description}")
-    print(f"{args.experiment}: {exp.description}; n from {args.n_min} to {args.n_max}, {args.repeats} repeats")
+    print(f"{args.experiment}: {exp.description}; n from {n_min} to {n_max}, {args.repeats} repeats")
     for f in fitted:
         print(f"  {f['error']:<14} slope {f['slope']:+.3f}  95% [{f['low']:+.3f}, {f['high']:+.3f}]")
     print(f"wrote {out}, its -slopes.csv and .png")
+    return 0
+
+
+def _main_lasso(args, n_min: int, n_max: int, sizes: int, out: Path) -> int:
+    from .lasso_rates import plot_lasso, run_lasso, summarize_lasso
+
+    for key, value, minimum in (("n_min", n_min, 1), ("n_max", n_max, n_min), ("sizes", sizes, 2),
+                                ("repeats", args.repeats, 2)):
+        if value < minimum:
+            raise ValueError(f"{key} must be >= {minimum}, got {value}")
+    ns = log_grid(n_min, n_max, sizes)
+    if len(args.at) != 2 or min(args.at) < 2:
+        raise ValueError(f"--at must be n,p with both >= 2, got {args.at}")
+    n_at, p_at = args.at
+    rows = run_lasso(ns, args.p_list, args.repeats, restarts=args.restarts, max_iter=args.max_iter,
+                     progress=args.progress, at=(n_at, p_at))
+    c_star, summary = summarize_lasso(rows)
+    fixed_p = [s for s in summary if s["p"] == p_at]
+    errors = [[r["a_error"] for r in rows if r["sample"] == "measured" and (r["n"], r["p"], r["c"]) == (s["n"], p_at,
+                                                                                                    c_star)]
+              for s in fixed_p]
+    slope = fit_slope([s["n"] for s in fixed_p], errors)
+    for s in summary:
+        s["a_error_slope_vs_n"] = slope[0] if s["p"] == p_at else math.nan
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write(rows, out)
+    _write(summary, out.with_name(out.stem + "-summary.csv"))
+    plot_lasso(rows, summary, slope, out.with_suffix(".png"),
+               f"lasso: l1-penalised EM, lam = c sqrt(log p / n), c* = {c_star} (calibrated)", p_at=p_at)
+    calibration = len({r["seed"] for r in rows if r["sample"] == "calibration"})
+    print(f"lasso: c* = {c_star} (best mean F1 on {calibration} calibration "
+          f"samples at n = {n_at}, p = {p_at}); {args.repeats} measured samples per setting")
+    for s in summary:
+        print(f"  n={s['n']:>5} p={s['p']:>4}  F1 {s['f1_mean']:.3f} ± {s['f1_sd']:.3f}  gate F1 "
+              f"{s['gate_f1_mean']:.3f}  ||a-a*|| {s['a_error_mean']:.3f}  best c / c* "
+              f"{s['best_c_ratio_geomean']:.2f} (within 3x: {s['best_within_3x']:.0%})")
+    print(f"  ||a - a*|| at c* against n (p = {p_at}): slope {slope[0]:+.3f} 95% [{slope[1]:+.3f}, {slope[2]:+.3f}]")
+    print(f"wrote {out}, its -summary.csv and .png")
     return 0
 
 
