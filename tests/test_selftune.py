@@ -146,3 +146,19 @@ def test_train_images_takes_a_seeded_subset_disjoint_from_validation(tiny_npz, t
     assert torch.equal(sub.valid.images, full.valid.images)
     rows = {tuple(r.flatten().tolist()) for r in full.train.images}
     assert all(tuple(r.flatten().tolist()) in rows for r in sub.train.images)
+
+
+def test_tpe_startup_reaches_optunas_sampler(tiny_npz, tmp_path, monkeypatch):
+    optuna = pytest.importorskip("optuna")
+    seen = {}
+    real = optuna.samplers.TPESampler
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", spy)
+    argv = ["--data", str(tiny_npz), "--out", str(tmp_path), *SMALL, "--epochs", "1", "--search", "tpe",
+            "--trials", "1", "--tpe_startup", "3"]
+    assert selftune.main(argv) == 0
+    assert seen == {"seed": 0, "n_startup_trials": 3}

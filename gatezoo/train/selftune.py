@@ -108,6 +108,8 @@ SELFTUNE_KEYS: dict[str, Key] = {
     "gate_layers": Key(".*", "str", "stn: a regular expression; the Linear / Conv2d layers whose full names match "
                        "it are hyper-gated"),
     "trials": Key(8, "int", "tpe / random: Optuna trials", minimum=1),
+    "tpe_startup": Key(10, "int", "tpe: random trials before TPE models the results (Optuna's n_startup_trials; "
+                       "with trials <= this, TPE is random search)", minimum=1),
 }
 
 
@@ -474,7 +476,8 @@ def _search(cfg: dict, data: _Data, device: torch.device, first: _Trainer, run_d
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = first.space
-    sampler = (optuna.samplers.TPESampler(seed=cfg["seed"]) if cfg["search"] == "tpe"
+    sampler = (optuna.samplers.TPESampler(seed=cfg["seed"], n_startup_trials=cfg["tpe_startup"])
+               if cfg["search"] == "tpe"
                else optuna.samplers.RandomSampler(seed=cfg["seed"]))
     study = optuna.create_study(direction="minimize", sampler=sampler)
     trials, best = [], {}
