@@ -39,8 +39,10 @@ each ``lam`` keeps the fit of the higher penalised objective (:func:`penalized_o
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from .moe import EMResult, GaussianMoE, _as64, _check_fit, _softmax_objective, run_em
@@ -50,23 +52,30 @@ __all__ = ["fit_lasso_em", "lasso_path", "penalized_objective", "support_f1", "w
 _F64 = torch.float64
 
 
+def _check_lam(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _penalty(model: GaussianMoE, lam: float, lam_gate: float) -> float:
+    """``lam ||a||_1 + lam_gate ||beta1||_1`` on the gate's canonical slopes."""
+    return lam * float(model.a.abs().sum()) + lam_gate * float(model.canonical().beta1.abs().sum())
+
+
 def _soft(v: torch.Tensor, t) -> torch.Tensor:
     return torch.sign(v) * (v.abs() - t).clamp_min(0)
 
 
 def weighted_lasso(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, lam: float, *, coef=None,
-                   intercept: float = 0.0, max_iter: int = 10000, tol: float = 1e-8) -> tuple[torch.Tensor, float]:
+                   max_iter: int = 10000, tol: float = 1e-8) -> tuple[torch.Tensor, float]:
     """``argmin_(a, b) (1/2) sum_n w_n (y_n - a^T x_n - b)^2 / sum_n w_n + lam ||a||_1``: scikit-learn's
     ``Lasso`` (coordinate descent; its ``sample_weight`` is this weighting), warm-started from
     ``coef`` when given. Returns ``(a, b)`` in float64. Needs scikit-learn (the ``stats`` extra)."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < float("inf"):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    _check_lam("lam", lam)
     try:
         from sklearn.linear_model import Lasso, LinearRegression
     except ImportError as e:  # pragma: no cover - the stats extra brings it
         raise ImportError("gatezoo.stats.lasso needs scikit-learn: pip install 'gatezoo[stats]'") from e
-    import numpy as np
-
     xs, ys = np.asfortranarray(x.numpy()), np.ascontiguousarray(y.numpy())
     ws = (weights / weights.sum().clamp_min(1e-300) * len(weights)).numpy()
     if lam == 0:  # least squares (coordinate descent at alpha = 0 is slow and warns)
@@ -75,8 +84,6 @@ def weighted_lasso(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, lam:
         reg = Lasso(alpha=lam, max_iter=max_iter, tol=tol, warm_start=coef is not None, selection="cyclic")
         if coef is not None:
             reg.coef_ = coef.numpy().copy()
-        import warnings
-
         from sklearn.exceptions import ConvergenceWarning
 
         with warnings.catch_warnings():
@@ -129,9 +136,8 @@ def fit_lasso_em(x, y, k: int, lam: float, *, lam_gate: float | None = None, res
     ValueError for ``lam < 0`` or ``lam_gate < 0`` and as :func:`~gatezoo.stats.moe.fit_em` does;
     with p > n the sample-size check is waived (the penalty identifies the model)."""
     lam_gate = lam if lam_gate is None else lam_gate
-    for name, value in (("lam", lam), ("lam_gate", lam_gate)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    _check_lam("lam", lam)
+    _check_lam("lam_gate", lam_gate)
     x, y = _as64("x", x), _as64("y", y)
     d = x.shape[-1] if x.dim() == 2 else 0
     _check_fit(x, y, k, restarts, 3 * k - 1 if isinstance(k, int) else 0)
@@ -151,7 +157,7 @@ def fit_lasso_em(x, y, k: int, lam: float, *, lam_gate: float | None = None, res
                 continue
             ai, bi = weighted_lasso(x, y, w, lam * float(model.var[i]) * n / mass, coef=model.a[i])
             resid = y - x @ ai - bi
-            var.append(max(float((w * resid ** 2).sum() / w.sum().clamp_min(1e-300)), var_floor))
+            var.append(max(float((w * resid ** 2).sum()) / mass, var_floor))
             a.append(ai)
             b.append(bi)
         return replace(model, a=torch.stack(a), b=torch.tensor(b, dtype=_F64), var=torch.tensor(var, dtype=_F64))
@@ -166,30 +172,23 @@ def fit_lasso_em(x, y, k: int, lam: float, *, lam_gate: float | None = None, res
     def gate(model, resp):
         return _gate_prox(model, feats, resp, lam_gate)
 
-    def penalty(model):
-        return lam * float(model.a.abs().sum()) + lam_gate * float(model.canonical().beta1.abs().sum())
-
     return run_em(x, y, start, experts, restarts=restarts, max_iter=max_iter, tol=tol, seed=seed, init=init,
-                  gate=gate, penalty=penalty)
+                  gate=gate, penalty=lambda model: _penalty(model, lam, lam_gate))
 
 
 def penalized_objective(fit: EMResult, lam: float, lam_gate: float | None = None) -> float:
     """The objective :func:`fit_lasso_em` maximises, at ``fit``: its mean log-likelihood minus
     ``lam ||a||_1 + lam_gate ||beta1||_1`` (the gate's canonical slopes; ``lam_gate`` None: ``lam``)."""
-    lam_gate = lam if lam_gate is None else lam_gate
-    model = fit.model
-    return fit.log_likelihood - lam * float(model.a.abs().sum()) - lam_gate * float(
-        model.canonical().beta1.abs().sum())
+    return fit.log_likelihood - _penalty(fit.model, lam, lam if lam_gate is None else lam_gate)
 
 
-def lasso_path(x, y, k: int, lams, *, direction: str = "both", lam_gate_ratio: float | None = None,
-               **kwargs) -> list[EMResult]:
+def lasso_path(x, y, k: int, lams, *, direction: str = "both", **kwargs) -> list[EMResult]:
     """:func:`fit_lasso_em` over ``lams``, each fit warm-started from the one before: from the
     smallest ``lam`` up (``direction="up"``), from the largest down (``"down"``), or both ways,
     keeping at each ``lam`` the fit of the higher penalised objective (``"both"``, the default:
     see the module docstring for the traps of each direction). The first fit of a direction takes
-    ``kwargs``' restarts, the others one run. ``lam_gate_ratio``: the gate's penalty is this
-    times ``lam`` (None: the same ``lam``). Returns the fits in the order of ``lams``."""
+    ``kwargs``' restarts, the others one run; the gate takes the same ``lam``. Returns the fits in
+    the order of ``lams``."""
     if direction not in ("up", "down", "both"):
         raise ValueError(f"direction must be 'up', 'down' or 'both', got {direction!r}")
     lams = [float(v) for v in lams]
@@ -198,18 +197,12 @@ def lasso_path(x, y, k: int, lams, *, direction: str = "both", lam_gate_ratio: f
         fits: dict[int, EMResult] = {}
         prev = None
         for i in sorted(range(len(lams)), key=lambda i: lams[i] if up else -lams[i]):
-            gate = None if lam_gate_ratio is None else lam_gate_ratio * lams[i]
-            fits[i] = fit_lasso_em(x, y, k, lams[i], lam_gate=gate, init=prev,
-                                   **({**kwargs, "restarts": 1} if prev else kwargs))
+            fits[i] = fit_lasso_em(x, y, k, lams[i], init=prev, **({**kwargs, "restarts": 1} if prev else kwargs))
             prev = fits[i].model
         return fits
 
     walks = [walk(d == "up") for d in (("up", "down") if direction == "both" else (direction,))]
-    out = []
-    for i, lam in enumerate(lams):
-        gate = None if lam_gate_ratio is None else lam_gate_ratio * lam
-        out.append(max((w[i] for w in walks), key=lambda f: penalized_objective(f, lam, gate)))
-    return out
+    return [max((w[i] for w in walks), key=lambda f: penalized_objective(f, lam)) for i, lam in enumerate(lams)]
 
 
 def support_f1(estimated: torch.Tensor, truth: torch.Tensor, threshold: float = 0.0) -> float:
