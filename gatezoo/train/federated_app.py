@@ -28,7 +28,7 @@ from .core.config import ConfigError, load_config, parse_overrides
 from .core.runs import new_run_dir
 from .federated import FEDERATED_KEYS, make_client_app, server_run
 
-__all__ = ["client_app", "server_app", "write_app"]
+__all__ = ["write_app"]  # and server_app, client_app: built on first use (module __getattr__)
 
 
 def _server():
