@@ -39,7 +39,7 @@ gate sends mostly to this agent; ``penalty``: the share the agent gets confident
 **Free agency** (``method: rlfa``). A pool of ``free_agents`` agents trains every window on the
 last ``recent`` windows only (one of them is re-initialised every ``recent`` windows, so the
 pool never carries an old concept for long). An agent whose reward stays below
-``release_ratio`` times its *reference* (its best reward over its last ``memory`` windows) for
+``release_ratio`` times its *reference* (its mean reward over its last ``memory`` windows) for
 ``patience`` consecutive windows is *released*: the free agent that would have earned the best
 reward in its slot (same gate, same team mates) enters *probation* beside it for ``probation``
 windows, predicting without deciding and learning each window. If its mean reward in the slot
@@ -47,8 +47,10 @@ over probation beats the incumbent's, it takes the slot; otherwise the incumbent
 watch restarts.
 
 **Baselines.** ``static``: the same roster, learning online, never replaced. ``adwin``: river's
-ADWIN (``delta`` = ``adwin_delta``) watches the roster's per-example error; on a detection the
-whole roster and gate are re-initialised and trained on the last ``recent`` windows.
+ADWIN (``delta`` = ``adwin_delta``) watches the roster's per-example error; on a detection of a
+*rise* of the error (ADWIN flags any change of its mean; a fall, as the roster learns, is no
+reason to retrain) the whole roster and gate are re-initialised and trained on the last
+``recent`` windows.
 
 Each run writes ``<out>/<stream>-<method>-<timestamp>/`` with ``windows.csv`` (per window: the
 roster's score, the agents' rewards, the events), ``events.csv``, ``result.json`` (per drift: the
@@ -104,7 +106,7 @@ FREE_AGENT_KEYS: dict[str, Key] = {
     "memory": Key(5, "int", "rlfa: windows of an agent's reference reward", minimum=1),
     "release_ratio": Key(0.8, "float", "rlfa: release when the reward stays below this share of the reference",
                          minimum=0.0),
-    "patience": Key(2, "int", "rlfa: consecutive windows below before a release", minimum=1),
+    "patience": Key(3, "int", "rlfa: consecutive windows below before a release", minimum=1),
     "probation": Key(3, "int", "rlfa: windows a free agent shadows the incumbent", minimum=1),
     "alpha": Key(1.0, "float", "reward weight of the score", minimum=0.0),
     "beta": Key(0.2, "float", "reward weight of the synergy", minimum=0.0),
@@ -407,7 +409,8 @@ def run_stream(cfg: Mapping, stream: Stream, progress: bool = False) -> tuple[li
                                          "candidate": new})
                         slot.candidate, slot.candidate_opt, slot.trial, slot.below = None, None, [], 0
                     continue
-                reference = max(slot.history[-cfg["memory"]:]) if len(slot.history) >= cfg["memory"] else None
+                reference = float(np.mean(slot.history[-cfg["memory"]:])) if len(slot.history) >= cfg["memory"] \
+                    else None
                 if reference is not None and r < cfg["release_ratio"] * reference:
                     slot.below += 1
                 else:
@@ -426,8 +429,10 @@ def run_stream(cfg: Mapping, stream: Stream, progress: bool = False) -> tuple[li
         if adwin is not None:
             detected = False
             for e in (pred != y).tolist():
+                before = adwin.estimation
                 adwin.update(float(e))
-                detected = detected or adwin.drift_detected
+                # ADWIN flags any change of the mean error; only a rise calls for retraining
+                detected = detected or (adwin.drift_detected and adwin.estimation > before)
             if detected:
                 roster = Roster([_new_agent(stream, cfg, derive_seed(cfg["seed"], 3, t, k)) for k in range(K)], d)
                 opt = _adam(roster.parameters(), cfg)
