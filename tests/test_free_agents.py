@@ -67,12 +67,16 @@ def test_rewards_follow_the_papers_form_on_a_hand_made_window():
     mix = (gate.unsqueeze(-1) * probs).sum(1)
     cfg = {"alpha": 1.0, "beta": 0.2, "gamma": 0.1, "delta": 0.5}
     r0, r1 = fa.rewards(probs, gate, mix, y, "accuracy", cfg)
-    # agent 0 predicts 0,0,1,0: 3/4 right; the mixture predicts 0,1,1,0 (all right); agent 0 is the
-    # gate's top pick on windows 0, 2, 3; it gives the wrong class 0.95 on example 1
-    assert r0["score"] == 0.75 and r0["synergy"] == 0.75 and r0["efficiency"] == 0.75 and r0["penalty"] == 0.25
-    assert r0["reward"] == pytest.approx(0.75 + 0.2 * 0.75 + 0.1 * 0.75 - 0.5 * 0.25)
-    assert r1["score"] == 0.75 and r1["efficiency"] == 0.25 and r1["penalty"] == 0.0
-    assert fa.rewards(probs, gate, mix, y, "recall", cfg)[0]["score"] == 0.5  # one of the two frauds
+    # agent 0 predicts 0,0,1,0 (examples 0, 2, 3 right) with gate weights 0.8, 0.3, 0.6, 0.9; the
+    # mixture gets all four right; agent 0 is the gate's top pick on examples 0, 2, 3; it gives the
+    # wrong class 0.95 on example 1 (weight 0.3)
+    assert r0["score"] == pytest.approx(2.3 / 2.6) and r0["synergy"] == pytest.approx(2.3 / 2.6)
+    assert r0["efficiency"] == 0.75 and r0["penalty"] == pytest.approx(0.3 / 2.6)
+    assert r0["reward"] == pytest.approx(2.3 / 2.6 * 1.2 + 0.1 * 0.75 - 0.5 * 0.3 / 2.6)
+    # agent 1 predicts 0,1,1,1 (a tie goes to class 0): weights 0.2, 0.7, 0.4, 0.1
+    assert r1["score"] == pytest.approx(1.3 / 1.4) and r1["efficiency"] == 0.25 and r1["penalty"] == 0.0
+    # recall: the frauds are examples 1 and 2 (weights 0.3, 0.6); agent 0 catches the second
+    assert fa.rewards(probs, gate, mix, y, "recall", cfg)[0]["score"] == pytest.approx(0.6 / 0.9)
 
 
 def test_slot_reward_of_the_incumbent_is_its_reward(tmp_path):

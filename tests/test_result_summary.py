@@ -44,3 +44,12 @@ def test_result_summary_refuses_bad_arguments(argv, match, tmp_path, capsys):
     assert match in capsys.readouterr().err
     assert result_summary.main([str(tmp_path), "--group", "mode", "--metrics", "robust_acc"]) == 2
     assert "has no result.json" in capsys.readouterr().err
+
+
+def test_nan_values_are_left_out_and_counted():
+    from gatezoo.train.result_summary import _stats
+
+    assert _stats([1.0, 3.0]) == "2 ± 1.4"
+    assert _stats([1.0, float("nan"), 3.0]) == "2 ± 1.4 (1 of 3 NaN)"
+    assert _stats([float("nan")] * 2) == "NaN (2 of 2 NaN)"
+    assert _stats([5.0, float("nan")]) == "5 (1 of 2 NaN)"

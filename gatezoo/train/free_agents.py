@@ -31,10 +31,11 @@ fraud stream).
 
     R = alpha * score + beta * synergy + gamma * efficiency - delta * penalty
 
-``score``: the agent's own recall / accuracy on the window; ``synergy``: the share of the window
-that the roster gets right and the agent agrees with; ``efficiency``: the share of the window the
-gate sends mostly to this agent; ``penalty``: the share the agent gets confidently wrong
-(probability of a wrong class > 0.9). Default weights alpha 1, beta 0.2, gamma 0.1, delta 0.5.
+``score``: the agent's own recall / accuracy; ``synergy``: the share that the roster gets right
+and the agent agrees with; ``penalty``: the share the agent gets confidently wrong (probability
+of a wrong class > 0.9) -- each over the window's examples weighted by the gate's probability of
+the agent (an agent answers for what the gate gives it); ``efficiency``: the share of the window
+the gate sends mostly to this agent. Default weights alpha 1, beta 0.2, gamma 0.1, delta 0.5.
 
 **Free agency** (``method: rlfa``). A pool of ``free_agents`` agents trains every window on the
 last ``recent`` windows only (one of them is re-initialised every ``recent`` windows, so the
@@ -280,29 +281,36 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Mapping, classe
             opt.step()
 
 
-def score(pred: torch.Tensor, y: torch.Tensor, metric: str) -> float:
-    """Recall of class 1 (NaN without positives) or accuracy."""
+def score(pred: torch.Tensor, y: torch.Tensor, metric: str, weight: torch.Tensor | None = None) -> float:
+    """Recall of class 1 (NaN without positives) or accuracy, each example counted with its
+    ``weight`` (all 1 when None)."""
+    w = torch.ones(len(y)) if weight is None else weight.float()
+    hit = (pred == y).float()
     if metric == "recall":
-        pos = y == 1
-        return float((pred[pos] == 1).float().mean()) if pos.any() else math.nan
-    return float((pred == y).float().mean())
+        w = w * (y == 1).float()
+    total = float(w.sum())
+    return float((w * hit).sum()) / total if total > 0 else math.nan
 
 
 def rewards(probs: torch.Tensor, gate: torch.Tensor, mix: torch.Tensor, y: torch.Tensor, metric: str,
             cfg: Mapping) -> list[dict]:
-    """Each agent's reward parts and ``R`` on a window (see the module docstring)."""
+    """Each agent's reward parts and ``R`` on a window (see the module docstring). Score, synergy
+    and penalty count each example with the gate's probability of the agent: an agent answers
+    for what the gate gives it."""
     right = mix.argmax(-1) == y
     top = gate.argmax(-1)
     out = []
     for k in range(probs.shape[1]):
+        g = gate[:, k].float()
+        share = g / g.sum().clamp_min(1e-12)
         pred = probs[:, k].argmax(-1)
-        s = score(pred, y, metric)
+        s = score(pred, y, metric, g)
         s = 0.0 if math.isnan(s) else s
-        synergy = float(((pred == y) & right).float().mean())
+        synergy = float((share * ((pred == y) & right).float()).sum())
         efficiency = float((top == k).float().mean())
         wrong = probs[:, k].clone()
         wrong[torch.arange(len(y)), y] = 0
-        penalty = float((wrong.max(-1).values > 0.9).float().mean())
+        penalty = float((share * (wrong.max(-1).values > 0.9).float()).sum())
         r = cfg["alpha"] * s + cfg["beta"] * synergy + cfg["gamma"] * efficiency - cfg["delta"] * penalty
         out.append({"score": s, "synergy": synergy, "efficiency": efficiency, "penalty": penalty, "reward": r})
     return out

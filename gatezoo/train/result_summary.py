@@ -3,7 +3,8 @@
 ``python -m gatezoo.train.result_summary RUN_DIR [RUN_DIR ...] --group KEY [KEY ...] --metrics
 NAME [NAME ...] [--baseline LABEL] [--out CSV]`` reads each run's ``result.json``, labels it by
 the values of the ``--group`` keys (``model``, ``mode``, ``search``...), prints a Markdown table
-of every metric as mean ± sd over the runs of each label (their seeds) and, with ``--baseline``,
+of every metric as mean ± sd over the runs of each label (their seeds; NaN values are left out
+of both and counted beside them) and, with ``--baseline``,
 each label's difference to that label paired by seed. ``--out`` writes one CSV row per run and
 a bar chart beside it (same name, ``.png``). It trains nothing.
 
@@ -42,10 +43,19 @@ def label_of(result: Mapping, group: Sequence[str]) -> str:
     return " ".join(str(result[k]) for k in group)
 
 
+def _finite(values: Sequence[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
 def _stats(values: Sequence[float]) -> str:
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return f"{mean:.4g} ± {sd:.2g}" if len(values) > 1 else f"{mean:.4g}"
+    """``mean ± sd`` of the values that are not NaN, and how many are NaN (a run that never got
+    there: a recovery that did not happen, say)."""
+    finite = _finite(values)
+    nans = f" ({len(values) - len(finite)} of {len(values)} NaN)" if len(finite) < len(values) else ""
+    if not finite:
+        return "NaN" + nans
+    mean = statistics.fmean(finite)
+    return (f"{mean:.4g} ± {statistics.stdev(finite):.2g}" if len(finite) > 1 else f"{mean:.4g}") + nans
 
 
 def summarize(results: Sequence[Mapping], group: Sequence[str], metrics: Sequence[str],
@@ -98,9 +108,11 @@ def plot(summary: Sequence[Mapping], metrics: Sequence[str], path: Path, title: 
                              (4.2 * len(metrics), 4.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for i, s in enumerate(summary):
-            vals = s["values"][m]
-            ax.bar(i, statistics.fmean(vals), 0.7, yerr=statistics.stdev(vals) if len(vals) > 1 else 0, capsize=3)
-            ax.plot([i] * len(vals), vals, "k.", ms=5, zorder=3)
+            vals = _finite(s["values"][m])
+            if vals:
+                ax.bar(i, statistics.fmean(vals), 0.7, yerr=statistics.stdev(vals) if len(vals) > 1 else 0,
+                       capsize=3)
+                ax.plot([i] * len(vals), vals, "k.", ms=5, zorder=3)
         ax.set_xticks(range(len(summary)), [s["label"] for s in summary], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(m)
         ax.grid(axis="y", alpha=0.3)
