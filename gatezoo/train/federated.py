@@ -81,7 +81,7 @@ from safetensors.torch import save_file
 from gatezoo.models.fedmoe import FedMoE, MLPClassifier, dense_hidden_for
 
 from .core.checkpoint import atomic_path, write_text
-from .core.config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, parse_overrides
+from .core.config import KEYS, ConfigError, Key, command_parser, dump_config, parse_command
 from .core.loop import write_metrics
 from .core.runs import new_run_dir
 from .data.images import DataFormatError, DataNotFoundError, derive_seed, load_dataset
@@ -850,22 +850,18 @@ def run(cfg: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (``--config``; every key of :data:`FEDERATED_KEYS` as ``--key value``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gatezoo.train.federated",
-        description="FedJETs (a federated mixture of experts whose gate reads a common expert) against FedAvg and "
+    return command_parser(
+        "python -m gatezoo.train.federated",
+        "FedJETs (a federated mixture of experts whose gate reads a common expert) against FedAvg and "
         "FedProx, on Flower's simulation runtime; zero-shot accuracy on unseen clients.",
-        epilog=keys_help(FEDERATED_KEYS) + "\n\nexit status: 0 on success, 2 on a bad config or missing data.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", metavar="YAML", help="config file (omitted keys take their defaults)")
-    return parser
+        FEDERATED_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
     try:
-        cfg = load_config(config_source(args.config, None), parse_overrides(rest, FEDERATED_KEYS),
-                          keys=FEDERATED_KEYS)
+        cfg = parse_command(parser, argv, FEDERATED_KEYS)
         result = run(cfg)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -80,7 +80,7 @@ from torch import nn
 from gatezoo.blocks import MoEFeedForward
 
 from .core.checkpoint import write_text
-from .core.config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, parse_overrides
+from .core.config import KEYS, ConfigError, Key, command_parser, dump_config, parse_command
 from .core.loop import write_metrics
 from .core.runs import new_run_dir
 from .data.images import DataFormatError, DataNotFoundError, derive_seed, load_dataset
@@ -551,22 +551,18 @@ def run(cfg: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (``--config``; every key of :data:`FREE_AGENT_KEYS` as ``--key value``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gatezoo.train.free_agents",
-        description="RLFA free agents (release, probation, replacement of under-performing MoE agents) on a "
+    return command_parser(
+        "python -m gatezoo.train.free_agents",
+        "RLFA free agents (release, probation, replacement of under-performing MoE agents) on a "
         "drifting stream, against a static roster and ADWIN-triggered retraining.",
-        epilog=keys_help(FREE_AGENT_KEYS) + "\n\nexit status: 0 on success, 2 on a bad config or missing data.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", metavar="YAML", help="config file (omitted keys take their defaults)")
-    return parser
+        FREE_AGENT_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
     try:
-        cfg = load_config(config_source(args.config, None), parse_overrides(rest, FREE_AGENT_KEYS),
-                          keys=FREE_AGENT_KEYS)
+        cfg = parse_command(parser, argv, FREE_AGENT_KEYS)
         result = run(cfg)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -68,7 +68,7 @@ from gatezoo.eval.plots import pyplot, save_figure
 
 from .classify import data_model_args, data_spec, evaluate_model
 from .core.checkpoint import save_checkpoint, write_text
-from .core.config import KEYS, ConfigError, Key, config_source, dump_config, keys_help, load_config, parse_overrides
+from .core.config import KEYS, ConfigError, Key, command_parser, dump_config, parse_command
 from .core.factory import build_model, count_params
 from .core.loop import write_metrics
 from .core.runs import model_error, new_run_dir, resolve_device
@@ -512,21 +512,18 @@ def _search(cfg: dict, data: _Data, device: torch.device, first: _Trainer, run_d
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (``--config``; every key of :data:`SELFTUNE_KEYS` as ``--key value``)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m gatezoo.train.selftune",
-        description="Self-Tuning Networks (hyper-gated layers, alternating weight and hyperparameter steps) on an "
+    return command_parser(
+        "python -m gatezoo.train.selftune",
+        "Self-Tuning Networks (hyper-gated layers, alternating weight and hyperparameter steps) on an "
         "image classifier, or an Optuna search (TPE, random) of the same hyperparameters, or the untuned default.",
-        epilog=keys_help(SELFTUNE_KEYS) + "\n\nexit status: 0 on success, 2 on a bad config or missing data.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", metavar="YAML", help="config file (omitted keys take their defaults)")
-    return parser
+        SELFTUNE_KEYS)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args, rest = build_parser().parse_known_args(argv)
+    parser = build_parser()
     try:
-        cfg = load_config(config_source(args.config, None), parse_overrides(rest, SELFTUNE_KEYS), keys=SELFTUNE_KEYS)
+        cfg = parse_command(parser, argv, SELFTUNE_KEYS)
         result = run(cfg)
     except (ConfigError, DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)

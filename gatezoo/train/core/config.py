@@ -398,3 +398,23 @@ def check_warmup_option(cfg: Mapping, given: Iterable[str]) -> list[str]:
         return [f"--warmup_epochs does nothing while warmup_steps is set ({cfg['warmup_steps']}); add "
                 f"--warmup_steps null to use it"]
     return []
+
+
+def command_parser(prog: str, description: str, keys: Mapping[str, Key]):
+    """The parser of a command whose config is ``--config YAML`` plus every key of ``keys`` as
+    ``--key value`` (parsed by :func:`parse_command`): the keys listed in its help."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description,
+        epilog=keys_help(keys) + "\n\nexit status: 0 on success, 2 on a bad config or missing data.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", metavar="YAML", help="config file (omitted keys take their defaults)")
+    return parser
+
+
+def parse_command(parser, argv: Sequence[str] | None, keys: Mapping[str, Key]) -> dict:
+    """The validated config of a :func:`command_parser` command line: the ``--config`` file's
+    keys, then the ``--key value`` overrides (ConfigError naming every problem)."""
+    args, rest = parser.parse_known_args(argv)
+    return load_config(config_source(args.config, None), parse_overrides(rest, keys), keys=keys)
