@@ -738,11 +738,15 @@ def server_run(grid, cfg: Mapping, run_dir: Path) -> dict:
             log.extend(rows if rnd else [])
         if rnd and log:
             log[-1]["test_acc"] = acc
-        if cfg["progress"]:
-            print(f"round {rnd}/{rounds}: test accuracy {acc:.4f}", file=sys.stderr, flush=True)
+        bar.set_postfix(test_acc=f"{acc:.4f}")
+        if rnd:
+            bar.update(1)
 
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
-                            train_config=train_config, evaluate_fn=evaluate)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=rounds, disable=not cfg["progress"], desc=f"{variant(cfg)} rounds", unit="round") as bar:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=rounds,
+                                train_config=train_config, evaluate_fn=evaluate)
     model.load_state_dict(result.arrays.to_torch_state_dict() if len(result.arrays) else model.state_dict())
     if cfg["method"] != "fedjets":
         for row in log:
