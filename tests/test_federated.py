@@ -298,17 +298,18 @@ def test_the_apps_run_on_a_superlink_and_two_supernode_processes(ten_class_npz, 
                 ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(_free_port()),
                  "--node-config", f"partition-id={i} num-partitions=2"], env=env, cwd=tmp_path,
                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"supernode{i}.log", "w"), start_new_session=True))
-        deadline = time.monotonic() + 240
-        submitted = False
+        deadline = time.monotonic() + 420
+        submitted, tries = False, []
         while time.monotonic() < deadline and not list(runs.glob("*/result.json")):
-            if not submitted:
+            if not submitted and len(tries) < 5:
                 r = subprocess.run(["flwr", "run", str(app), "here"], env=env, cwd=tmp_path, capture_output=True,
-                                   text=True)
+                                   text=True, timeout=120)
+                tries.append(f"flwr run -> {r.returncode}: {r.stdout[-1500:]} {r.stderr[-1500:]}")
                 submitted = r.returncode == 0
             time.sleep(2)
         results = list(runs.glob("*/result.json"))
-        logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
-        assert results, f"no result within 240 s; logs:\n{logs}"
+        logs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))
+        assert results, f"no result within 420 s; {len(tries)} submission(s): {tries[-3:]}; logs:\n{logs}"
     finally:
         for p in procs:
             try:
@@ -335,8 +336,7 @@ def test_write_app_gives_a_flower_app_with_the_run_config(tmp_path):
     assert conf["rounds"] == 7 and conf["anchors"] is False and conf["method"] == "fedjets" and "name" not in conf
     assert doc["project"]["dependencies"] == []  # the runtime installs nothing
     assert type(federated_app.client_app).__name__ == "ClientApp"
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        federated_app.nothing  # noqa: B018
+    assert type(federated_app.server_app).__name__ == "ServerApp"
     with pytest.raises(ConfigError, match="rounds"):
         federated_app.write_app(tmp_path / "bad", [("rounds", 0)])
 

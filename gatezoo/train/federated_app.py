@@ -28,7 +28,7 @@ from .core.config import ConfigError, load_config, parse_overrides
 from .core.runs import new_run_dir
 from .federated import FEDERATED_KEYS, make_client_app, server_run
 
-__all__ = ["write_app"]  # and server_app, client_app: built on first use (module __getattr__)
+__all__ = ["client_app", "server_app", "write_app"]
 
 
 def _server():
@@ -50,23 +50,13 @@ def _server():
     return app
 
 
-_APPS: dict = {}
-
-
-def __getattr__(name: str):
-    """``server_app`` (the config from the run config, then
-    :func:`gatezoo.train.federated.server_run`) and ``client_app``
-    (:func:`gatezoo.train.federated.client_step` on every train and query message), built on
-    first use so that the module imports without Flower."""
-    if name not in ("server_app", "client_app"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name not in _APPS:
-        try:
-            import flwr  # noqa: F401
-        except ImportError as e:
-            raise ImportError(f"the Flower apps need Flower: pip install 'gatezoo[federated]' ({e})") from e
-        _APPS[name] = _server() if name == "server_app" else make_client_app()
-    return _APPS[name]
+try:  # the module imports without Flower; the apps need it
+    server_app = _server()
+    """The ServerApp: the config from the run config, then :func:`gatezoo.train.federated.server_run`."""
+    client_app = make_client_app()
+    """The ClientApp: :func:`gatezoo.train.federated.client_step` on every train and query message."""
+except ImportError:  # pip install 'gatezoo[federated]'
+    server_app = client_app = None
 
 
 def _toml(value) -> str:
