@@ -579,7 +579,7 @@ def make_fedjets_strategy(cfg: Mapping, log: list[dict]):
             return ConfigRecord({"cfg": json.dumps(self.cfg), "task": task, "server-round": rnd, **extra})
 
         def configure_train(self, server_round, arrays, config, grid):
-            state = arrays.to_torch_state_dict()
+            state = self.state = arrays.to_torch_state_dict()  # the round's global arrays, for aggregate_train
             if server_round <= self.common_rounds:
                 nodes = self._sample(grid)
                 common = ArrayRecord({k: v for k, v in state.items() if k.startswith("common.")})
@@ -600,7 +600,6 @@ def make_fedjets_strategy(cfg: Mapping, log: list[dict]):
                 part = ArrayRecord({k: v for k, v in state.items() if k.startswith(keep)})
                 out.append(Message(content=RecordDict({"arrays": part, "config": self._config(
                     "moe", server_round, selected=chosen)}), message_type=MessageType.TRAIN, dst_node_id=node))
-            self.state = state
             return out
 
         def aggregate_train(self, server_round, replies):
@@ -612,12 +611,11 @@ def make_fedjets_strategy(cfg: Mapping, log: list[dict]):
                     r.metadata.src_node_id, float(r.content["metrics"]["train-loss"])) for r in replies]
             weight = sum(w for _, w, _, _ in got)
             loss = sum(lo * w for _, w, _, lo in got) / weight
+            new = dict(self.state)
             if server_round <= self.common_rounds:
-                state = _average([(s, w) for s, w, _, _ in got])
+                new.update(_average([(s, w) for s, w, _, _ in got]))
                 phase, counts = "common", []
-                new = {**self._last_full, **state}
             else:
-                new = dict(self.state)
                 new.update(_average([({k: v for k, v in s.items() if k.startswith("gate.")}, w)
                                      for s, w, _, _ in got]))
                 counts = [0] * self.cfg["experts"]
@@ -630,7 +628,6 @@ def make_fedjets_strategy(cfg: Mapping, log: list[dict]):
                 phase = "moe"
             log.append({"round": server_round, "phase": phase, "train_loss": loss,
                         "expert_clients": " ".join(map(str, counts)), "test_acc": math.nan})
-            self._last_full = new
             return ArrayRecord(new), MetricRecord({"train-loss": loss})
 
         def configure_evaluate(self, server_round, arrays, config, grid):
@@ -638,10 +635,6 @@ def make_fedjets_strategy(cfg: Mapping, log: list[dict]):
 
         def aggregate_evaluate(self, server_round, replies):
             return None
-
-        def start(self, grid, initial_arrays, num_rounds=3, **kwargs):
-            self._last_full = initial_arrays.to_torch_state_dict()
-            return super().start(grid, initial_arrays, num_rounds=num_rounds, **kwargs)
 
     return FedJETs()
 
@@ -732,10 +725,9 @@ def server_run(grid, cfg: Mapping, run_dir: Path) -> dict:
         net = build_moe(cfg) if cfg["method"] == "fedjets" else build_dense(cfg)
         net.load_state_dict(arrays.to_torch_state_dict())
         acc = accuracy(net, fed, fed.test_images, fed.test_labels)
-        if cfg["method"] != "fedjets":
-            rows = [{"round": rnd, "phase": "dense", "train_loss": math.nan, "expert_clients": "",
-                     "test_acc": math.nan}]
-            log.extend(rows if rnd else [])
+        if cfg["method"] != "fedjets" and rnd:
+            log.append({"round": rnd, "phase": "dense", "train_loss": math.nan, "expert_clients": "",
+                        "test_acc": math.nan})
         if rnd and log:
             log[-1]["test_acc"] = acc
         bar.set_postfix(test_acc=f"{acc:.4f}")

@@ -340,7 +340,6 @@ class _Slot:
     candidate: Agent | None = None
     candidate_opt: torch.optim.Optimizer | None = None
     trial: list[tuple[float, float]] = field(default_factory=list)  # (incumbent, candidate) rewards
-    since: int = 0  # windows since the slot's last change (the reference needs `memory` of them)
 
 
 def _new_agent(stream: Stream, cfg: Mapping, seed: int) -> Agent:
@@ -411,7 +410,7 @@ def run_stream(cfg: Mapping, stream: Stream, progress: bool = False) -> tuple[li
                             opt = _adam(roster.parameters(), cfg)
                             here.append({"window": t, "slot": k, "event": "replace", "incumbent": inc,
                                          "candidate": new})
-                            slot.history, slot.since = [], 0
+                            slot.history = []
                         else:
                             here.append({"window": t, "slot": k, "event": "keep", "incumbent": inc,
                                          "candidate": new})
@@ -433,7 +432,6 @@ def run_stream(cfg: Mapping, stream: Stream, progress: bool = False) -> tuple[li
                                  "candidate": cand[j]})
                 else:
                     slot.history.append(r)
-                slot.since += 1
         if adwin is not None:
             detected = False
             for e in (pred != y).tolist():
