@@ -265,6 +265,8 @@ class _MoEModule(nn.Module):
         state["aux_loss"] = None
         if "_pending" in state:
             state["_pending"] = None
+        if state.get("_offload") is not None:  # a cache with its fetch thread stays with the original
+            state["_offload"] = None
         return state
 
     def _tokens(self, x, task_ids):
@@ -403,6 +405,8 @@ class MoEFeedForward(_MoEModule):
         self.drop1, self.drop2 = Dropout(drop), Dropout(drop)
         # pre-gating (see link_pregated): the next layer, the routing handed over, the event log
         object.__setattr__(self, "_pregate_next", None)
+        # expert offloading (gatezoo.models.offload): the cache that serves this layer's experts
+        object.__setattr__(self, "_offload", None)
         self._pending: RoutingResult | None = None
         self._events: list | None = None
         self._layer_index = 0
@@ -441,16 +445,24 @@ class MoEFeedForward(_MoEModule):
             r = pending
         else:
             r = self._route(xf, task_ids)
+        plan = make_plan(r.indices, self.num_experts, capacity=self.capacity(n), keep=r.keep)
+        offload = getattr(self, "_offload", None)
+        if offload is not None:  # reserve this layer's cached experts before the next one's prefetch
+            offload.claim(self, plan)
         nxt = self._pregate_next
         if nxt is not None:  # pre-gating: the next layer's router runs on this layer's input, now
             nxt._pending = nxt._route(xf, task_ids)
-        plan = make_plan(r.indices, self.num_experts, capacity=self.capacity(n), keep=r.keep)
+            if getattr(nxt, "_offload", None) is not None:  # and its experts can be fetched ahead
+                nxt._offload.prefetch(nxt, nxt._pending)
         self._after_routing(r, plan)
         self._log("experts", self._layer_index)
         y = self._experts(xf, r.weights, plan)
         return self.drop2(y).reshape(*lead, self.out_features)
 
     def _experts(self, xf: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        offload = getattr(self, "_offload", None)
+        if offload is not None:
+            return offload.run(self, xf, weights, plan)
         n = xf.shape[0]
         if plan.order.numel() == 0:
             return _no_rows(n, self.out_features, xf, weights)

@@ -197,3 +197,22 @@ def plot_moe(rows: list[Row], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gatezoo.eval.bench_moe --offload [options]``: the expert-offloading benchmark
+    (:mod:`gatezoo.eval.bench_offload`; ``--offload --help`` lists its options). The MoE layer
+    benchmark itself runs as ``python -m gatezoo.eval.bench --op moe``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--offload" not in argv:
+        print("error: this command runs the expert-offloading benchmark: pass --offload (see --offload --help); the "
+              "MoE layer benchmark is python -m gatezoo.eval.bench --op moe", file=sys.stderr)
+        return 2
+    argv.remove("--offload")
+    from .bench_offload import main as offload_main
+
+    return offload_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

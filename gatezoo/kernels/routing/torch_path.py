@@ -266,6 +266,42 @@ def _project(inp: torch.Tensor, weights, biases, experts, rows, out: torch.Tenso
             torch.addmm(biases[e], i, weights[e], out=o)
 
 
+def ffn_blocks_forward(x, w1s, w2s, b1s, b2s, ws, token, blocks, spec, glu: bool, alpha, out, *,
+                       keep: bool = False) -> list[torch.Tensor]:
+    """The forward loop of :class:`ExpertFFNFunction` over ``blocks`` (from :func:`expert_blocks`):
+    for each block, gather its tokens' rows of ``x``, both projections of its experts with the
+    activation between, the sorted combine weights ``ws`` and an ``index_add`` into ``out``
+    (N, d_out), in the accumulation dtype. ``w1s``, ``w2s`` (and ``b1s``, ``b2s`` or None) are
+    indexed by expert id, so any sequence holding the blocks' experts serves (the expert
+    offloading of :mod:`gatezoo.models.offload` passes its cache slots). Returns the
+    pre-activations of the blocks when ``keep`` (for backward), else an empty list. Calling it
+    on consecutive runs of the blocks adds the same terms in the same order as one call."""
+    d, acc = x.shape[1], out.dtype
+    hs: list[torch.Tensor] = []
+    bufs, act_scratch = Scratch(x.dtype, x.device), Scratch(acc, x.device)
+    for lo, hi, experts, rows in blocks:
+        w1 = w1s[experts[0]]
+        width, hid, d_out = w1.shape[1], w2s[experts[0]].shape[0], w2s[experts[0]].shape[1]
+        tok, m = token[lo:hi], hi - lo
+        xs = torch.index_select(x, 0, tok, out=bufs.get("x", m, d))
+        if keep:
+            h = torch.empty((m, width), dtype=x.dtype, device=x.device)
+            hs.append(h)
+        else:  # nothing will call backward: h can live in the scratch too
+            h = bufs.get("h", m, width)
+        _project(xs, w1s, b1s, experts, rows, h)
+        a = bufs.get("a", m, hid)
+        if glu:
+            _forward_chunks(h[:, :hid], h[:, hid:], a, spec, alpha, act_scratch)
+        else:
+            _forward_chunks(h, None, a, spec, alpha, act_scratch)
+        y = bufs.get("y", m, d_out)
+        _project(a, w2s, b2s, experts, rows, y)
+        yw = y.mul_(ws[lo:hi, None]) if acc == x.dtype else y.to(acc).mul_(ws[lo:hi, None])
+        out.index_add_(0, tok, yw)
+    return hs
+
+
 class ExpertFFNFunction(torch.autograd.Function):
     """The experts' feed-forward (:func:`~.naive.expert_ffn_composed`) fused on blocks of rows.
 
@@ -288,35 +324,15 @@ class ExpertFFNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w2, weights, alpha, b1, b2, plan: DispatchPlan, spec, glu: bool):
         bounds = plan.offsets.tolist()
-        n, d = x.shape
-        width, hid, d_out = w1.shape[2], w2.shape[1], w2.shape[2]
+        n, width, d_out = x.shape[0], w1.shape[2], w2.shape[2]
         acc = _compute_dtype(x.dtype)  # where sums over tokens accumulate
         al = None if alpha is None else float(alpha)
         ws = weights.to(acc).reshape(-1).index_select(0, plan.order)
         out = torch.zeros((n, d_out), dtype=acc, device=x.device)
         blocks = expert_blocks(bounds, width)
-        w1s, w2s = w1.unbind(0), w2.unbind(0)
         b1s, b2s = (None if b is None else b.unbind(0) for b in (b1, b2))
-        hs, keep = [], any(ctx.needs_input_grad)
-        bufs, act_scratch = Scratch(x.dtype, x.device), Scratch(acc, x.device)
-        for lo, hi, experts, rows in blocks:
-            tok, m = plan.token[lo:hi], hi - lo
-            xs = torch.index_select(x, 0, tok, out=bufs.get("x", m, d))
-            if keep:
-                h = torch.empty((m, width), dtype=x.dtype, device=x.device)
-                hs.append(h)
-            else:  # nothing will call backward: h can live in the scratch too
-                h = bufs.get("h", m, width)
-            _project(xs, w1s, b1s, experts, rows, h)
-            a = bufs.get("a", m, hid)
-            if glu:
-                _forward_chunks(h[:, :hid], h[:, hid:], a, spec, al, act_scratch)
-            else:
-                _forward_chunks(h, None, a, spec, al, act_scratch)
-            y = bufs.get("y", m, d_out)
-            _project(a, w2s, b2s, experts, rows, y)
-            yw = y.mul_(ws[lo:hi, None]) if acc == x.dtype else y.to(acc).mul_(ws[lo:hi, None])
-            out.index_add_(0, tok, yw)
+        hs = ffn_blocks_forward(x, w1.unbind(0), w2.unbind(0), b1s, b2s, ws, plan.token, blocks, spec, glu, al, out,
+                                keep=any(ctx.needs_input_grad))
         ctx.plan, ctx.spec, ctx.glu, ctx.alpha, ctx.blocks = plan, spec, glu, al, blocks
         ctx.alpha_like = None if alpha is None else (alpha.dtype, alpha.shape)
         ctx.save_for_backward(x, w1, w2, weights, alpha, b1, b2, *hs)
