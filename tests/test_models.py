@@ -17,8 +17,11 @@ MT_PRESETS = ["transformer_mt_tiny", "transformer_mt_tiny_moe", "transformer_mt_
 CNN_PRESETS = ["cnn_small", "cnn_small_moe"]
 
 
+TABULAR_PRESETS = [f"tabular_{m}{e}" for m in ("mlp", "moe", "ggmoe", "grkan_moe") for e in ("", "_ple")]
+
+
 def test_registry_lists_the_presets():
-    assert list_models() == sorted(PRESETS + MT_PRESETS + CNN_PRESETS)
+    assert list_models() == sorted(PRESETS + MT_PRESETS + CNN_PRESETS + TABULAR_PRESETS)
 
 
 @pytest.mark.parametrize("name", CNN_PRESETS)

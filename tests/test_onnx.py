@@ -34,6 +34,9 @@ def _tiny(name: str, **over):
         model = create_model(name, vocab_size=40, dim=16, enc_layers=1, dec_layers=1, heads=2, ffn_hidden=32,
                              max_len=12, **over)
         return model.eval(), (torch.randint(4, 40, (2, 5)), torch.randint(4, 40, (2, 4)))
+    if name.startswith("tabular"):
+        model = create_model(name, num_features=5, num_outputs=3, width=8, bins=4, emb_dim=2, **over).eval()
+        return model, (torch.randn(2, 5),)
     if name.startswith("cnn"):
         return create_model(name, width=4, depths=[1, 1], img_size=8, **over).eval(), (torch.randn(2, 1, 8, 8),)
     args = {"dim": 16, "depth": 1, "img_size": 8, "patch_size": 4, **over}

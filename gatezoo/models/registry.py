@@ -10,6 +10,7 @@ from torch import nn
 from gatezoo.blocks.checks import ArgumentTypeError
 
 from .cnn import CNNConfig, ResNetCNN
+from .tabular import TabularConfig, TabularMLP, TabularMoE
 from .translation import EncoderDecoder, TranslationConfig
 from .vision import MixerConfig, MLPMixer, NiNformer, NiNformerConfig, VisionTransformer, ViTConfig
 
@@ -33,6 +34,16 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], type, dict]] = {
     "transformer_mt_tiny": (EncoderDecoder, TranslationConfig, {}),
     "transformer_mt_tiny_rela": (EncoderDecoder, TranslationConfig, {"attention": "rela"}),
     "transformer_mt_tiny_moe": (EncoderDecoder, TranslationConfig, {"ffn": "moe"}),  # 8 SwiGLU experts, top-2
+    # tabular (pass num_features=, num_outputs=): an MLP and dense mixtures of 4 MLP experts under the
+    # softmax, Gumbel-softmax (GG MoE) and GRKAN (KAMoE) gates; _ple: piecewise-linear feature embedding
+    "tabular_mlp": (TabularMLP, TabularConfig, {}),
+    "tabular_mlp_ple": (TabularMLP, TabularConfig, {"embedding": "ple"}),
+    "tabular_moe": (TabularMoE, TabularConfig, {"gate": "softmax"}),
+    "tabular_moe_ple": (TabularMoE, TabularConfig, {"gate": "softmax", "embedding": "ple"}),
+    "tabular_ggmoe": (TabularMoE, TabularConfig, {"gate": "gumbel"}),
+    "tabular_ggmoe_ple": (TabularMoE, TabularConfig, {"gate": "gumbel", "embedding": "ple"}),
+    "tabular_grkan_moe": (TabularMoE, TabularConfig, {"gate": "grkan"}),
+    "tabular_grkan_moe_ple": (TabularMoE, TabularConfig, {"gate": "grkan", "embedding": "ple"}),
 }
 
 
