@@ -76,7 +76,7 @@ def test_a_cache_smaller_than_a_block_computes_it_in_parts(saved, policy, kw):
         out = [model(x) for x in xs]
     assert off.stats.split_blocks > 0  # 9 tokens need more than 2 experts in a layer
     for x, a, b in zip(xs, out, ref):
-        if x.shape[0] == 1:  # one token, two experts: its blocks fit, bit for bit
+        if x.shape[0] == 1 or not kw:  # one token's two experts fit; a float32 GLU's activation runs by rows
             assert torch.equal(a, b)
         else:  # the activation of a part may round differently in the last bit
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -89,9 +89,10 @@ def test_bf16_experts_offload_bit_for_bit(saved):
     with torch.no_grad():
         ref = [stack(x) for x in xs]
     model = copy.deepcopy(stack)
-    off = offload_experts(model, saved(stack), cache_experts=3, policy="prefetch")
+    off = offload_experts(model, saved(stack), cache_experts=5, policy="prefetch")
     with torch.no_grad():
         assert all(torch.equal(model(x), r) for x, r in zip(xs, ref))
+    assert off.stats.split_blocks == 0
     off.close()
 
 
