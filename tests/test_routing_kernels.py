@@ -289,6 +289,22 @@ def test_unpermute_matches_float64(dtype, k):
         assert torch.all(got[backend][2][plan.position < 0] == 0)
 
 
+def test_unpermute_sums_float64_in_float64():
+    # the torch path sums float32 inputs in float32, float64 ones in float64 (a reference's precision)
+    n, d, k = 11, 7, 3
+    plan = _plan_with_drops(n, 5, k)
+    y = torch.randn(plan.order.numel(), d, dtype=torch.float64)
+    w = torch.rand(n, k, dtype=torch.float64)
+    ins = [y.clone().requires_grad_(), w.clone().requires_grad_()]
+    ref_in = [y.clone().requires_grad_(), w.clone().requires_grad_()]
+    out = unpermute(*ins, plan, backend="torch")
+    ref = unpermute_composed(*ref_in, plan)
+    assert out.dtype == torch.float64
+    g = torch.randn(n, d, dtype=torch.float64)
+    for a, b in zip((out, *_grads(out, ins, g)), (ref, *_grads(ref, ref_in, g))):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unpermute_when_everything_is_dropped(backend):
     plan = make_plan(torch.tensor([[0, 1], [1, 0]]), 2, capacity=0)

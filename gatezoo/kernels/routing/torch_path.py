@@ -140,20 +140,22 @@ def permute_torch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return x.index_select(0, plan.token)
 
 
-def _sorted_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """The weight of every sorted row, float32 (M',)."""
-    return weights.float().reshape(-1).index_select(0, plan.order)
+def _sorted_weights(weights: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight of every sorted row, in ``dtype`` (M',)."""
+    return weights.to(dtype).reshape(-1).index_select(0, plan.order)
 
 
 class UnpermuteFunction(torch.autograd.Function):
-    """``out[n] = sum_j w[n, j] y[position[n, j]]`` over the kept assignments, float32 sums."""
+    """``out[n] = sum_j w[n, j] y[position[n, j]]`` over the kept assignments, summed in float32
+    (float64 for float64 ``y``)."""
 
     @staticmethod
     def forward(ctx, y, weights, plan: DispatchPlan):
         n, d = plan.position.shape[0], y.shape[1]
-        ws = _sorted_weights(weights, plan)
-        out = torch.zeros((n, d), dtype=torch.float32, device=y.device)
-        out.index_add_(0, plan.token, y.float() * ws[:, None])
+        acc = _compute_dtype(y.dtype)
+        ws = _sorted_weights(weights, plan, acc)
+        out = torch.zeros((n, d), dtype=acc, device=y.device)
+        out.index_add_(0, plan.token, y.to(acc) * ws[:, None])
         ctx.plan = plan
         ctx.save_for_backward(y, weights)
         return out.to(y.dtype)
@@ -164,13 +166,14 @@ class UnpermuteFunction(torch.autograd.Function):
         plan = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composition instead
             return composed_grads(ctx, unpermute_composed, (y, weights, plan), dout)
-        g = dout.index_select(0, plan.token).float()  # (M', d): each sorted row's token's dout
+        acc = _compute_dtype(y.dtype)
+        g = dout.index_select(0, plan.token).to(acc)  # (M', d): each sorted row's token's dout
         dy = dw = None
         if ctx.needs_input_grad[0]:
-            dy = (g * _sorted_weights(weights, plan)[:, None]).to(y.dtype)
+            dy = (g * _sorted_weights(weights, plan, acc)[:, None]).to(y.dtype)
         if ctx.needs_input_grad[1]:
-            flat = torch.zeros(weights.numel(), dtype=torch.float32, device=weights.device)
-            flat.index_copy_(0, plan.order, (g * y.float()).sum(-1))
+            flat = torch.zeros(weights.numel(), dtype=acc, device=weights.device)
+            flat.index_copy_(0, plan.order, (g * y.to(acc)).sum(-1))
             dw = flat.view(weights.shape).to(weights.dtype)
         return dy, dw, None
 
