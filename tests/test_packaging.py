@@ -17,7 +17,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard libr
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 OPTIONAL = ("sentencepiece", "sacrebleu", "matplotlib", "PIL", "timm", "x_transformers", "ctranslate2", "flwr", "ray",
-            "river")
+            "river", "peft")
 
 
 def _requirement_name(req: str) -> str:
@@ -37,7 +37,7 @@ def test_every_optional_library_is_in_an_extra():
     extras = PYPROJECT["project"]["optional-dependencies"]
     listed = {_requirement_name(r) for reqs in extras.values() for r in reqs}
     for name in ("sentencepiece", "sacrebleu", "matplotlib", "pillow", "timm", "x-transformers", "ctranslate2",
-                 "flash-attn", "xformers", "flwr", "river"):
+                 "flash-attn", "xformers", "flwr", "river", "peft", "scikit-learn"):
         assert name in listed, f"{name} is in no extra"
 
 

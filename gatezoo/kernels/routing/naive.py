@@ -221,12 +221,13 @@ def permute_composed(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 def unpermute_composed(y: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """``out[n] = sum_j weights[n, j] * y[position[n, j]]`` over the kept assignments; out (N, d)
-    in ``y``'s dtype (the products are taken in float32)."""
+    in ``y``'s dtype (the products are taken in float32, float64 for float64 ``y``)."""
     kept = plan.position >= 0
+    acc = torch.promote_types(y.dtype, torch.float32)
     # a zero row after y's rows stands in for the dropped assignments (y may have no rows at all)
-    padded = torch.cat([y.float(), y.new_zeros((1, y.shape[1]), dtype=torch.float32)])
+    padded = torch.cat([y.to(acc), y.new_zeros((1, y.shape[1]), dtype=acc)])
     rows = padded[torch.where(kept, plan.position, y.shape[0])]  # (N, k, d)
-    w = torch.where(kept, weights.float(), torch.zeros((), device=weights.device))
+    w = torch.where(kept, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))
     return (w[..., None] * rows).sum(1).to(y.dtype)
 
 
