@@ -43,9 +43,10 @@ import torch
 from tqdm import tqdm
 
 from gatezoo.models import create_model
-from gatezoo.models.offload import TIERS, moe_layers_of, offload_experts, save_experts
+from gatezoo.models.offload import TIERS, expert_bytes, moe_layers_of, offload_experts, save_experts
 
 from .benchcore import device_name
+from .decode import greedy_search, pad_ids
 from .plots import pyplot
 
 OFFLOAD_MODEL = "transformer_mt_tiny_moe"
@@ -133,8 +134,6 @@ def load_model_and_sentences(args):
     except ImportError as e:
         raise ImportError("--run needs sentencepiece (the 'mt' extra: pip install 'gatezoo[mt]')") from e
     sp = sentencepiece.SentencePieceProcessor(model_file=str(Path(args.run) / "spm.model"))
-    from gatezoo.eval.decode import pad_ids
-
     ids = sp.encode(lines, out_type=int)  # no <s> / </s>: the encoder reads the ids alone
     return model.eval(), [pad_ids([x]) for x in ids], f"{Path(args.run).name}:{args.checkpoint}"
 
@@ -163,50 +162,38 @@ def _load_run_model(run: Path, checkpoint: str):
     return model
 
 
-def _recording(model):
-    """Run ``model``'s greedy translations with every encoder output and step logits kept."""
-    from gatezoo.eval.decode import greedy_search
+def _record(model, sents) -> tuple[list, list[torch.Tensor]]:
+    """``model``'s greedy translations of ``sents``, and every encoder output and step's logits."""
+    seen = []
+    enc, step = model.encode, model.decode_step
 
-    def run(sents):
-        seen = []
-        enc, step = model.encode, model.decode_step
+    def encode(*a, **k):
+        out = enc(*a, **k)
+        seen.append(out.states.clone())
+        return out
 
-        def encode(*a, **k):
-            out = enc(*a, **k)
-            seen.append(out.states.clone())
-            return out
+    def decode_step(*a, **k):
+        logits, cache = step(*a, **k)
+        seen.append(logits.clone())
+        return logits, cache
 
-        def decode_step(*a, **k):
-            logits, cache = step(*a, **k)
-            seen.append(logits.clone())
-            return logits, cache
-
-        model.encode, model.decode_step = encode, decode_step
-        try:
-            outs = [greedy_search(model, s) for s in sents]
-        finally:
-            del model.encode, model.decode_step
-        return outs, seen
-
-    return run
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a, b)
+    model.encode, model.decode_step = encode, decode_step
+    try:
+        outs = [greedy_search(model, s) for s in sents]
+    finally:
+        del model.encode, model.decode_step
+    return outs, seen
 
 
 def bench_offload(args, command: str) -> list[dict]:
     """Rows of the offloading benchmark (see the module docstring)."""
-    from gatezoo.eval.decode import greedy_search
-
     torch.set_num_threads(args.threads)
     model, sents, weights = load_model_and_sentences(args)
     layers = moe_layers_of(model)
     total = sum(layer.num_experts for _, layer in layers)
-    per_expert = sum(getattr(layers[0][1], p)[0].numel() * getattr(layers[0][1], p).element_size()
-                     for p in ("w1", "w2", "b1", "b2") if getattr(layers[0][1], p) is not None)
-    tmp = tempfile.mkdtemp(prefix="gatezoo-experts-")
-    path = os.path.join(tmp, "experts.safetensors")
+    per_expert = expert_bytes(layers[0][1])
+    tmp = tempfile.TemporaryDirectory(prefix="gatezoo-experts-")
+    path = os.path.join(tmp.name, "experts.safetensors")
     save_experts(model, path)
     configs = {"resident": (model, None)}
     for frac in args.cache:
@@ -218,16 +205,16 @@ def bench_offload(args, command: str) -> list[dict]:
             configs[f"{policy}@{slots}"] = (m, off)
     try:
         with torch.no_grad():
-            ref_out, ref_seen = _recording(model)(sents)
+            ref_out, ref_seen = _record(model, sents)
             tokens = sum(len(o[0]) + 1 for o in ref_out)  # + EOS: one decoder step per output token and EOS
             identical = {"resident": True}
             for name, (m, off) in configs.items():
                 if off is None:
                     continue
                 off.clear()
-                out, seen = _recording(m)(sents)
+                out, seen = _record(m, sents)
                 identical[name] = out == ref_out and len(seen) == len(ref_seen) and all(
-                    _same(a, b) for a, b in zip(seen, ref_seen))
+                    torch.equal(a, b) for a, b in zip(seen, ref_seen))
             times = {name: [] for name in configs}
             stats = {}
             names = list(configs)
@@ -249,8 +236,7 @@ def bench_offload(args, command: str) -> list[dict]:
         for _, off in configs.values():
             if off is not None:
                 off.close()
-        os.remove(path)
-        os.rmdir(tmp)
+        tmp.cleanup()
     machine = device_name(torch.device("cpu"))
     rows = []
     for name, ts in times.items():

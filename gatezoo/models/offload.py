@@ -243,6 +243,8 @@ class ExpertOffload:
         self._check(model, path, entries, meta)
         first = self.layers[0]
         self.num_experts = first.num_experts
+        self.expert_bytes = expert_bytes(first)
+        """Bytes of one expert."""
         self.policy, self.tier, self.cache_experts = policy, tier, cache_experts
         self.path = path
         self._names = [[[f"{i:03d}.{e:04d}.{p}" for p in _parts(layer)] for e in range(layer.num_experts)]
@@ -260,7 +262,6 @@ class ExpertOffload:
         self._demand: set = set()  # keys being fetched for the layer that runs now
         self._thread = (ThreadPoolExecutor(1, thread_name_prefix="gatezoo-expert-fetch") if policy == "prefetch"
                         else None)
-        self.stats = OffloadStats()
         self.reset_stats()
         for i, layer in enumerate(self.layers):
             for p in _parts(layer):  # the experts leave the model: empty parameters of the dtype
@@ -278,7 +279,8 @@ class ExpertOffload:
         if names != mine:
             raise ValueError(f"path {path!r} holds the experts of layers {names}, but the model's MoE layers are "
                              f"{mine}")
-        first = self.layers[0]
+        first = {p: tuple(t.shape) for p, t in _parts(self.layers[0]).items()}
+        dtype = self.layers[0].w1.dtype
         for i, layer in enumerate(self.layers):
             if layer.training:
                 raise ValueError(f"offloaded experts run inference only: call model.eval() first (layer {mine[i]!r} "
@@ -290,10 +292,10 @@ class ExpertOffload:
                 raise ValueError(f"offloading needs the model on the CPU (layer {mine[i]!r} is on {layer.w1.device}); "
                                  "the CUDA version is not built")
             shapes = {p: tuple(t.shape) for p, t in _parts(layer).items()}
-            if shapes != {p: tuple(t.shape) for p, t in _parts(first).items()} or layer.w1.dtype != first.w1.dtype:
+            if shapes != first or layer.w1.dtype != dtype:
                 raise ValueError(f"every MoE layer must have the same expert shapes and dtype to share the cache; "
-                                 f"layer {mine[i]!r} has {shapes} ({layer.w1.dtype}), layer {mine[0]!r} "
-                                 f"{ {p: tuple(t.shape) for p, t in _parts(first).items()} } ({first.w1.dtype})")
+                                 f"layer {mine[i]!r} has {shapes} ({layer.w1.dtype}), layer {mine[0]!r} {first} "
+                                 f"({dtype})")
             if getattr(layer, "_offload", None) is not None:
                 raise ValueError(f"layer {mine[i]!r} is offloaded already (close that ExpertOffload first)")
             for e in range(layer.num_experts):
@@ -304,11 +306,6 @@ class ExpertOffload:
                                          f"{tuple(t.shape[1:])} and dtype {t.dtype}; was it saved from this model?")
 
     # --- the cache ---------------------------------------------------------------------------
-
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes of one expert."""
-        return sum(v.numel() // self.cache_experts * v.element_size() for v in self._pool.values())
 
     def reset_stats(self) -> None:
         """Zero the counters (the cache's contents stay)."""
@@ -327,9 +324,8 @@ class ExpertOffload:
         self._free = list(range(self.cache_experts - 1, -1, -1))
 
     def _fetch(self, key, slot: int) -> int:
-        i, e = key
-        dsts = [self._slot_views[n.rsplit(".", 1)[1]][slot] for n in self._names[i][e]]
-        return self._source.read(self._names[i][e], dsts)
+        i, e = key  # the names of an expert's parts are in the pool's order of parts
+        return self._source.read(self._names[i][e], [views[slot] for views in self._slot_views.values()])
 
     def _victim(self, protect) -> int | None:
         """A slot to fill: a free one, else the least recently used expert's that is not
@@ -343,11 +339,15 @@ class ExpertOffload:
                 return slot
         return None
 
-    def _start(self, key, slot: int) -> None:
-        """Fetch ``key`` into ``slot`` on the fetch thread."""
+    def _place(self, key, slot: int) -> None:
+        """Record ``key`` as fetched into ``slot`` (its fetch about to start)."""
         self._lru[key] = slot
         self.stats.fetches += 1
         self.stats.per_layer_fetches[key[0]] += 1
+
+    def _start(self, key, slot: int) -> None:
+        """Fetch ``key`` into ``slot`` on the fetch thread."""
+        self._place(key, slot)
         self._loading[key] = self._thread.submit(self._fetch, key, slot)
 
     def prefetch(self, layer: MoEFeedForward, routing) -> None:
@@ -422,13 +422,11 @@ class ExpertOffload:
         if slot is None:
             st.uses -= 1
             return None
+        self._place(key, slot)
         t0 = time.perf_counter()
         st.fetched_bytes += self._fetch(key, slot)
         st.wait_s += time.perf_counter() - t0
-        st.fetches += 1
         st.fetched_at_use += 1
-        st.per_layer_fetches[key[0]] += 1
-        self._lru[key] = slot
         return slot
 
     def _make_room(self, i: int) -> None:
