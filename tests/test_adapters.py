@@ -13,6 +13,7 @@ from gatezoo.blocks import MoLELinear
 from gatezoo.models import create_model
 from gatezoo.train import adapters
 from gatezoo.train.core.config import load_config
+from gatezoo.train.core.factory import count_params
 
 TINY_VIT = {"dim": 16, "depth": 2, "heads": 2, "img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 3}
 TARGETS = ["q", "kv", "proj", "fc1", "fc2"]
@@ -100,7 +101,7 @@ def test_wrapping_replaces_the_targets_freezes_the_rest_and_counts_by_hand(metho
     expected = {"head": head, "full": sum(p.numel() for p in model.parameters()), "lora": 5 * sum_io + head,
                 "mole_topk": 3 * 2 * sum_io + 3 * sum_in + head,
                 "adamole": 3 * 2 * sum_io + 3 * sum_in + (sum_in + layers) + head}[method]
-    assert adapters.trainable_count(model) == expected
+    assert count_params(model) == expected
     modules = dict(model.named_modules())
     if method in ("mole_topk", "adamole"):
         wrapped = sorted(n for n, m in modules.items() if isinstance(m, MoLELinear))

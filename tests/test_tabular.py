@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from gatezoo.models import create_model, list_models
-from gatezoo.models.tabular import PiecewiseLinearEmbedding, TabularConfig, parameter_count, quantile_edges
+from gatezoo.models.tabular import PiecewiseLinearEmbedding, TabularConfig, quantile_edges
 from gatezoo.train import tabular
+from gatezoo.train.core.factory import count_params
 from gatezoo.train.data.images import write_idx
 
 TABULAR = ["tabular_ggmoe", "tabular_ggmoe_ple", "tabular_grkan_moe", "tabular_grkan_moe_ple", "tabular_mlp",
@@ -42,14 +43,14 @@ def test_parameter_counts_by_hand():
     emb = 3 * 3 * 2 + 3 * 2  # one (3 bins -> 2) linear map per feature
     stem_ple = 3 * 2 * 4 + 4
     assert 2 * (4 * 2) + 2 * (2 * 4) == 2 * (4 * 4)  # matched budget: the experts' weights = the hidden layers'
-    count = lambda name: parameter_count(create_model(name, **TINY))  # noqa: E731
+    count = lambda name: count_params(create_model(name, **TINY))  # noqa: E731
     assert count("tabular_mlp") == stem + hidden + head == 66
     assert count("tabular_mlp_ple") == emb + stem_ple + hidden + head
     assert count("tabular_moe") == stem + experts + 4 * 2 + head  # softmax gate W_g, no bias
     assert count("tabular_ggmoe") == stem + experts + 4 * 2 + 2 + head  # Gumbel gate with an intercept
     assert count("tabular_ggmoe_ple") == emb + stem_ple + experts + 4 * 2 + 2 + head
     grkan = create_model("tabular_grkan_moe", **TINY)
-    assert count("tabular_grkan_moe") == stem + experts + parameter_count(grkan.moe.router) + head
+    assert count("tabular_grkan_moe") == stem + experts + count_params(grkan.moe.router) + head
 
 
 def _ple_by_hand(x: np.ndarray, edges: list[np.ndarray], weight: np.ndarray, bias: np.ndarray) -> np.ndarray:

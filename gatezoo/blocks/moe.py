@@ -518,7 +518,9 @@ class MoLELinear(_MoEModule):
         balance_coef, z_loss_coef: as in :class:`MoEFeedForward`, default 0 (AdaMoLE uses none).
 
     ``A`` (E, in, r) starts like LoRA's A (``U(-1/sqrt(in), 1/sqrt(in))``), ``B`` (E, r, out) at
-    zero, so the layer starts as its base. :meth:`from_linear` wraps an existing ``nn.Linear``.
+    zero, so the layer starts as its base. :meth:`from_linear` wraps an existing ``nn.Linear``;
+    ``weight`` and ``bias`` are the base layer's, so modules that read them from the layer it
+    replaces keep working.
     """
 
     def __init__(self, in_features: int, out_features: int, *, num_experts: int = 4, rank: int = 8,
@@ -563,6 +565,17 @@ class MoLELinear(_MoEModule):
         if freeze:
             linear.requires_grad_(False)
         return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for code that reads it from the linear layer this one replaced
+        (as peft's LoRA layers show theirs)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None without one)."""
+        return self.base.bias
 
     def forward(self, x: torch.Tensor, task_ids=None) -> torch.Tensor:
         xf, lead, task_ids = self._tokens(x, task_ids)

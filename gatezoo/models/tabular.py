@@ -45,7 +45,7 @@ from gatezoo.blocks import MoEFeedForward
 from gatezoo.blocks.checks import ArgumentTypeError, check_float_tensor, check_int, check_probability, check_str
 
 __all__ = ["EMBEDDINGS", "GATES", "PiecewiseLinearEmbedding", "TabularConfig", "TabularMLP", "TabularMoE",
-           "parameter_count", "quantile_edges"]
+           "quantile_edges"]
 
 EMBEDDINGS = ("none", "ple")
 """The feature embeddings of :class:`TabularConfig` (``embedding``)."""
@@ -265,8 +265,3 @@ class TabularMoE(_Tabular):
     def aux_loss(self) -> torch.Tensor | None:
         """The MoE layer's auxiliary loss of the last forward."""
         return self.moe.aux_loss
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Trainable parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

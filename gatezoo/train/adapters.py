@@ -250,20 +250,6 @@ class FineTuning(ImageClassification):
 # --- the adapters ----------------------------------------------------------------------------------
 
 
-class AdapterMoLE(MoLELinear):
-    """:class:`~gatezoo.blocks.MoLELinear` that also shows its base layer's ``weight`` and ``bias``,
-    as peft's LoRA layers do, for modules that read them from their linear layers (the attention
-    blocks check the input's dtype against ``q.weight``)."""
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-
 def target_linears(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """The full names of the ``nn.Linear`` layers of ``model`` whose last name is in ``targets``
     (never ``head``); ConfigError naming the linear layers there are when none matches."""
@@ -280,11 +266,6 @@ def freeze_except(model: nn.Module, trainable) -> None:
     """``requires_grad`` on the parameters whose full name ``trainable(name)`` accepts, off elsewhere."""
     for name, p in model.named_parameters():
         p.requires_grad_(bool(trainable(name)))
-
-
-def trainable_count(model: nn.Module) -> int:
-    """The number of trainable parameters (``requires_grad``)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _is_head(name: str) -> bool:
@@ -307,12 +288,12 @@ def add_lora(model: nn.Module, names: Sequence[str], rank: int, alpha: float) ->
 
 def add_mole(model: nn.Module, names: Sequence[str], *, num_experts: int, rank: int, alpha: float, router: str,
              router_args: dict | None = None) -> nn.Module:
-    """Each linear layer ``names`` of ``model`` replaced in place by an :class:`AdapterMoLE` around
+    """Each linear layer ``names`` of ``model`` replaced in place by an :class:`~gatezoo.blocks.MoLELinear` around
     it (base frozen); only the experts, the routers and the head stay trainable."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = AdapterMoLE.from_linear(getattr(parent, child), freeze_base=True, num_experts=num_experts, rank=rank,
+        layer = MoLELinear.from_linear(getattr(parent, child), freeze_base=True, num_experts=num_experts, rank=rank,
                                         alpha=alpha, router=router, router_args=router_args)
         setattr(parent, child, layer)
     freeze_except(model, lambda n: ".lora_" in n or ".router." in n or _is_head(n))
@@ -444,7 +425,7 @@ def finetune(cfg: Mapping, tasks: Tasks, pretrained: nn.Module, model_args: dict
         model = prepare(model, method, cfg).to(device)
         optimizer = build_optimizer(model, cfg["full_lr"] if method == "full" else cfg["lr"], cfg["weight_decay"])
         scheduler = _schedule(optimizer, per_epoch, cfg["epochs"], cfg["warmup_epochs"])
-        trainees.append(Trainee(method, model, optimizer, scheduler, params=trainable_count(model)))
+        trainees.append(Trainee(method, model, optimizer, scheduler, params=count_params(model)))
     fit(task, trainees, epochs=cfg["epochs"], device=device, max_steps=cfg["max_steps"], progress=cfg["progress"],
         title=f"fine-tuning, seed {seed}")
     counts = {t.spec: t.params for t in trainees}

@@ -55,10 +55,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatezoo.models import create_model
-from gatezoo.models.tabular import parameter_count
 
 from .core.checkpoint import write_text
 from .core.config import KEYS, ConfigError, Key, command_parser, dump_config, parse_command
+from .core.factory import count_params
 from .core.loop import write_metrics
 from .core.runs import new_run_dir
 from .data.images import DataFormatError, DataNotFoundError, derive_seed, load_dataset
@@ -282,7 +282,7 @@ def train_network(name: str, table: Table, cfg: Mapping, seed: int) -> dict:
             break
     model.load_state_dict(stop.best_state)
     metric, _ = evaluate(model, table.x_test, table.y_test, table)
-    return {"metric": metric, "params": parameter_count(model), "best_epoch": stop.best_epoch + 1,
+    return {"metric": metric, "params": count_params(model), "best_epoch": stop.best_epoch + 1,
             "epochs_run": epochs}
 
 
